@@ -1,0 +1,151 @@
+//! The admin listener: liveness, readiness, Prometheus metrics, and the token status and
+//! actions an operator needs. It reveals no token or secret.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{Encoder, TextEncoder};
+use serde_json::{Value, json};
+
+use crate::server::Shared;
+use crate::token::Credential;
+
+pub struct AdminApp {
+    pub shared: Arc<Shared>,
+}
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+fn reply_json(status: StatusCode, body: Value) -> Response<Vec<u8>> {
+    reply(status, "application/json", body.to_string().into_bytes())
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// What `/tokens` says about one credential.
+pub fn credential_status(c: &Credential) -> Value {
+    let now = Instant::now();
+    let status = c.status_snapshot();
+    let token = c.latest();
+    let state = match (&token, status.fatal) {
+        (_, true) => "fatal",
+        (Some(t), _) if t.is_usable(now) => "valid",
+        (Some(_), _) => "expired",
+        (None, _) => "pending",
+    };
+    let mut v = json!({
+        "name": c.name(),
+        "dialect": c.config().dialect_name,
+        "state": state,
+        "last_refresh": status.last_success.map(rfc3339),
+        "last_error": status.last_error,
+        "last_error_class": status.last_error_class,
+        "last_error_at": status.last_error_at.map(rfc3339),
+        "consecutive_failures": status.consecutive_failures,
+        "next_attempt_in_s": status.not_before.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+        "persist_error": status.persist_error,
+    });
+    if let Some(t) = token {
+        v["token"] = json!({
+            "generation": t.generation,
+            "obtained_via": t.kind.as_str(),
+            "issued_at": rfc3339(t.issued_wall),
+            "expires_at": rfc3339(t.expires_wall()),
+            "expires_in_s": t.expires_at.saturating_duration_since(now).as_secs(),
+            "refresh_in_s": t.refresh_at.saturating_duration_since(now).as_secs(),
+        });
+    }
+    v
+}
+
+impl AdminApp {
+    fn metrics(&self) -> Response<Vec<u8>> {
+        for c in self.shared.credentials().iter() {
+            c.update_gauges();
+        }
+        let mut out = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.shared.registry.gather(), &mut out) {
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot encode metrics: {e}").into_bytes());
+        }
+        reply(StatusCode::OK, encoder.format_type(), out)
+    }
+
+    fn readyz(&self) -> Response<Vec<u8>> {
+        let creds = self.shared.credentials();
+        let waiting: Vec<&str> = creds.iter().filter(|c| !c.is_ready()).map(|c| c.name()).collect();
+        if waiting.is_empty() {
+            reply_json(StatusCode::OK, json!({"status": "ready"}))
+        } else {
+            reply_json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "not_ready", "waiting_for": waiting}))
+        }
+    }
+
+    async fn action(&self, name: &str, action: &str) -> Response<Vec<u8>> {
+        let Some(c) = self.shared.credential(name) else {
+            return reply_json(StatusCode::NOT_FOUND, json!({"error": "unknown_credential", "credential": name}));
+        };
+        match action {
+            "refresh" => match c.force_refresh().await {
+                Ok(t) => reply_json(StatusCode::OK, json!({
+                    "credential": name,
+                    "generation": t.generation,
+                    "expires_at": rfc3339(t.expires_wall()),
+                })),
+                Err(u) => reply_json(StatusCode::BAD_GATEWAY, json!({
+                    "error": "refresh_failed", "credential": name, "reason": u.reason,
+                })),
+            },
+            "invalidate" => {
+                let dropped = c.invalidate(None);
+                reply_json(StatusCode::OK, json!({"credential": name, "invalidated": dropped}))
+            }
+            _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+        }
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        match (&method, segments.as_slice()) {
+            (&Method::GET, ["healthz"]) => reply_json(StatusCode::OK, json!({"status": "ok"})),
+            (&Method::GET, ["readyz"]) => self.readyz(),
+            (&Method::GET, ["metrics"]) => self.metrics(),
+            (&Method::GET, ["tokens"]) => {
+                let list: Vec<Value> = self.shared.credentials().iter().map(|c| credential_status(c)).collect();
+                reply_json(StatusCode::OK, json!({"credentials": list}))
+            }
+            (&Method::GET, ["tokens", name]) => match self.shared.credential(name) {
+                Some(c) => reply_json(StatusCode::OK, credential_status(&c)),
+                None => reply_json(StatusCode::NOT_FOUND, json!({"error": "unknown_credential"})),
+            },
+            (&Method::POST, ["tokens", name, action]) => {
+                let name = name.to_string();
+                let action = action.to_string();
+                self.action(&name, &action).await
+            }
+            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => {
+                reply_json(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
+            }
+            _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! The command line: `run`, `check`, `token` and `dev`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LogFormat};
+use crate::token::metrics::TokenMetrics;
+use crate::token::{Credential, FileStore, TokenStore};
+
+#[derive(Parser)]
+#[command(name = "tokenward", version, about = "A reverse-proxy auth sidecar: injects fresh provider tokens into upstream requests")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Serve until SIGTERM or SIGINT, then drain requests in flight.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print what it would do (exit 2 on any error).
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Do not read secret files or environment variables (for configs meant for another machine).
+        #[arg(long)]
+        skip_secrets: bool,
+    },
+    /// Obtain one token for credential NAME and print its expiry and source.
+    Token {
+        name: String,
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Also print the token itself, alone on the last line of standard output.
+        #[arg(long)]
+        show: bool,
+    },
+    /// Run a self-contained demo: provider, echo upstream and tokenward, all on loopback.
+    Dev {
+        /// Run only one demo component (for docker-compose stand-ins).
+        #[arg(long, value_enum)]
+        component: Option<Component>,
+        /// Listen address of the component given with --component.
+        #[arg(long, requires = "component")]
+        listen: Option<SocketAddr>,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        proxy_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        echo_listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8082")]
+        provider_listen: SocketAddr,
+        /// Lifetime of the demo provider's tokens.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        token_lifetime: Duration,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Component {
+    Provider,
+    Echo,
+}
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(config.log_format, &config.log_level);
+            match crate::server::run(config, Vec::new()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "tokenward cannot start");
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Check { config, skip_secrets } => check(&config, skip_secrets),
+        Command::Token { name, config, show } => token(&name, &config, show),
+        Command::Dev { component, listen, proxy_listen, admin_listen, echo_listen, provider_listen, token_lifetime } => {
+            crate::telemetry::init(LogFormat::Text, "info");
+            let result = match component {
+                Some(c) => dev_component(c, listen, token_lifetime),
+                None => dev(proxy_listen, admin_listen, echo_listen, provider_listen, token_lifetime),
+            };
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let mut problems = Vec::new();
+    println!("{}: OK", path.display());
+    println!("admin     http://{} (/healthz /readyz /metrics /tokens)", config.admin_listen);
+    println!("state     {} (rotated refresh tokens)", config.state_dir.display());
+    println!("server    {} threads per listener, {}s grace period", config.threads, config.grace_period.as_secs());
+    for r in &config.routes {
+        let mut matcher = String::new();
+        if let Some(h) = &r.host {
+            matcher.push_str(&format!(" host {h}"));
+        }
+        if let Some(p) = &r.path_prefix {
+            matcher.push_str(&format!(" path {p}*"));
+        }
+        println!("route     {}: {}{} -> {} with credential {}", r.name, r.listen, matcher, r.upstream, r.credential);
+    }
+    for c in &config.credentials {
+        let t = &c.timing;
+        println!("credential {}: {}", c.name, c.dialect.describe());
+        println!(
+            "           sends `{}: {}{{token}}{}`; refreshes at {:.0}% of the lifetime, stops serving {} before expiry",
+            c.presentation.header,
+            c.presentation.prefix,
+            c.presentation.suffix,
+            t.refresh_at * 100.0,
+            humantime::format_duration(t.expiry_margin)
+        );
+        for (key, source) in c.dialect.secret_sources() {
+            if skip_secrets {
+                println!("           secret {key}: {source:?} (not read: --skip-secrets)");
+                continue;
+            }
+            match source.resolve() {
+                Ok(_) => println!("           secret {key}: {source:?} (readable)"),
+                Err(e) => problems.push(format!(
+                    "config error: {}: `credentials.{}.{key}`: {e}",
+                    path.display(),
+                    c.name
+                )),
+            }
+        }
+    }
+    if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
+fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::telemetry::init(config.log_format, "warn");
+    let Some(cred) = config.credentials.iter().find(|c| c.name == name).cloned() else {
+        let known: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
+        eprintln!("error: no credential named {name:?} in {} (known: {})", path.display(), known.join(", "));
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start a runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(async move {
+        let store: Arc<dyn TokenStore> = match FileStore::open(&config.state_dir) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                eprintln!("error: state.dir: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let registry = prometheus::Registry::new();
+        let metrics = match TokenMetrics::register(&registry) {
+            Ok(m) => m.for_credential(name),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let credential = match Credential::new(cred, store.clone(), metrics) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: credential {name:?}: {e}");
+                return ExitCode::from(EXIT_FAILURE);
+            }
+        };
+        let started = Instant::now();
+        match credential.force_refresh().await {
+            Ok(t) => {
+                println!("credential  {name}");
+                println!("obtained    via {} in {} ms", t.kind.as_str(), started.elapsed().as_millis());
+                println!("expires     {} (in {}s)", humantime::format_rfc3339_seconds(t.expires_wall()), t.lifetime.as_secs());
+                println!("refresh     in {}s", t.refresh_at.saturating_duration_since(Instant::now()).as_secs());
+                println!("state       {}", store.describe());
+                if let Some(e) = credential.status_snapshot().persist_error {
+                    eprintln!("warning: the rotated refresh token could not be saved: {e}");
+                }
+                if show {
+                    println!("{}", t.value().expose());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(u) => {
+                eprintln!("error: credential {name:?}: {}", u.reason);
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+    })
+}
+
+fn dev_component(component: Component, listen: Option<SocketAddr>, lifetime: Duration) -> anyhow::Result<()> {
+    let (service, default) = match component {
+        Component::Provider => (crate::dev::provider_service(listen.unwrap_or(([127, 0, 0, 1], 8082).into()), lifetime), "provider"),
+        Component::Echo => (crate::dev::echo_service(listen.unwrap_or(([127, 0, 0, 1], 8081).into())), "echo"),
+    };
+    tracing::info!(component = default, "starting demo component");
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, pingora::server::configuration::ServerConf::default());
+    server.bootstrap();
+    server.add_boxed_service(service);
+    server.run(pingora::server::RunArgs::default());
+    Ok(())
+}
+
+fn dev(proxy: SocketAddr, admin: SocketAddr, echo: SocketAddr, provider: SocketAddr, lifetime: Duration) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("tokenward-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("tokenward.toml");
+    std::fs::write(&path, crate::dev::demo_config(proxy, admin, echo, provider, &dir.join("state")))?;
+    let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    eprintln!("{}", crate::dev::banner(proxy, admin, provider));
+    eprintln!("(demo config written to {})\n", path.display());
+    crate::server::run(
+        config,
+        vec![crate::dev::provider_service(provider, lifetime), crate::dev::echo_service(echo)],
+    )
+}

@@ -1,0 +1,120 @@
+//! The configuration file as written by people: serde structs only, no validation.
+
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerFile,
+    #[serde(default)]
+    pub log: LogFile,
+    #[serde(default)]
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub state: StateFile,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+    #[serde(default)]
+    pub credentials: BTreeMap<String, figment::value::Dict>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub threads: Option<usize>,
+    pub grace_period: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateFile {
+    pub dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub name: String,
+    pub listen: String,
+    pub upstream: String,
+    pub credential: String,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    /// PEM bundle of CAs that sign the upstream's certificate, replacing the system roots.
+    pub ca_file: Option<String>,
+    /// `true` (default) offers HTTP/2 by ALPN to https upstreams.
+    pub http2: Option<bool>,
+    pub connect_timeout: Option<HumanDuration>,
+    pub read_timeout: Option<HumanDuration>,
+}
+
+/// Keys every credential accepts whatever its dialect: how the token is presented upstream and
+/// when it is refreshed. Everything else in a credential table belongs to its dialect.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommonCredentialFile {
+    pub dialect: String,
+    pub header: Option<String>,
+    pub format: Option<String>,
+    pub default_lifetime: Option<HumanDuration>,
+    pub refresh_at: Option<f64>,
+    pub expiry_margin: Option<HumanDuration>,
+    pub min_refresh_interval: Option<HumanDuration>,
+    pub max_backoff: Option<HumanDuration>,
+    pub probe_interval: Option<HumanDuration>,
+    pub timeout: Option<HumanDuration>,
+}
+
+impl CommonCredentialFile {
+    pub const KEYS: &'static [&'static str] = &[
+        "dialect",
+        "header",
+        "format",
+        "default_lifetime",
+        "refresh_at",
+        "expiry_margin",
+        "min_refresh_interval",
+        "max_backoff",
+        "probe_interval",
+        "timeout",
+    ];
+}
+
+/// A duration written as `"30s"`, `"5m"`, `"1h 30m"` or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Seconds(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("expected a duration like \"30s\" or a number of seconds"))?
+        {
+            Raw::Seconds(s) => Ok(HumanDuration(Duration::from_secs(s))),
+            Raw::Text(t) => humantime::parse_duration(t.trim())
+                .map(HumanDuration)
+                .map_err(|e| serde::de::Error::custom(format!("invalid duration {t:?}: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! Configuration: loads the file (TOML or YAML) under `TOKENWARD_…` environment overrides and
+//! validates it into the settings the proxy runs on. Every error names the file, key and reason.
+
+pub mod file;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml, Yaml};
+use http::header::HeaderName;
+
+use crate::dialect::{self, Dialect};
+use file::{CommonCredentialFile, FileConfig, HumanDuration, RouteFile};
+
+pub const ENV_PREFIX: &str = "TOKENWARD_";
+const ENV_SECTIONS: &[&str] = &["server", "log", "admin", "state", "credentials"];
+
+/// One problem found in a configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: `{}`: {}", self.file, self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found in a configuration, so that one run of `check` shows them all.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "config error: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: PathBuf,
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub admin_listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub routes: Vec<RouteConfig>,
+    pub credentials: Vec<CredentialConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub upstream: Upstream,
+    pub credential: String,
+    /// Lower-case host name without port; matched against the client's Host.
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub http2: bool,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// Where a route's requests go: parsed once from `upstream = "https://host:port/base"`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prepended to every request path ("" when the URL has none).
+    pub base_path: String,
+    /// The Host header upstream: the host, with the port when it is not the scheme's default.
+    pub authority: String,
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, self.base_path)
+    }
+}
+
+/// When a credential's token is refreshed; see `token::timing` for how these combine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    pub default_lifetime: Duration,
+    pub refresh_at: f64,
+    pub expiry_margin: Duration,
+    pub min_refresh_interval: Duration,
+    pub max_backoff: Duration,
+    pub probe_interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            default_lifetime: Duration::from_secs(300),
+            refresh_at: 0.75,
+            expiry_margin: Duration::from_secs(30),
+            min_refresh_interval: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(60),
+            probe_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How a token is written into the upstream request: `header: format` with `{token}` replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Presentation {
+    pub header: HeaderName,
+    pub prefix: String,
+    pub suffix: String,
+}
+
+impl Presentation {
+    pub fn parse(header: &str, format: &str) -> Result<Self, String> {
+        let header = HeaderName::from_bytes(header.as_bytes())
+            .map_err(|_| format!("{header:?} is not a valid header name"))?;
+        let (prefix, suffix) = format
+            .split_once("{token}")
+            .ok_or_else(|| format!("{format:?} has no {{token}} placeholder"))?;
+        if suffix.contains("{token}") {
+            return Err(format!("{format:?} has more than one {{token}} placeholder"));
+        }
+        if format.chars().any(|c| c.is_control()) {
+            return Err("format contains a control character".into());
+        }
+        Ok(Presentation { header, prefix: prefix.into(), suffix: suffix.into() })
+    }
+
+    pub fn render(&self, token: &str) -> String {
+        let mut out = String::with_capacity(self.prefix.len() + token.len() + self.suffix.len());
+        out.push_str(&self.prefix);
+        out.push_str(token);
+        out.push_str(&self.suffix);
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct CredentialConfig {
+    pub name: String,
+    pub dialect_name: String,
+    pub dialect: Arc<dyn Dialect>,
+    pub presentation: Presentation,
+    pub timing: Timing,
+    /// Changes whenever any setting of this credential changes: a reload keeps the token of a
+    /// credential whose fingerprint is unchanged.
+    pub fingerprint: String,
+}
+
+impl fmt::Debug for CredentialConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CredentialConfig")
+            .field("name", &self.name)
+            .field("dialect", &self.dialect_name)
+            .field("presentation", &self.presentation)
+            .field("timing", &self.timing)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Loads and validates `path`, with environment overrides from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(path, Env::prefixed(ENV_PREFIX))
+    }
+
+    fn load_with_env(path: &Path, env: Env) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        let one = |key: &str, reason: String| {
+            ConfigErrors(vec![ConfigError { file: file.clone(), key: key.into(), reason }])
+        };
+        if !path.is_file() {
+            return Err(one("", "cannot read the file: not found or not a regular file".into()));
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let figment = match ext.as_str() {
+            "toml" => Figment::from(Toml::file_exact(path)),
+            "yaml" | "yml" => Figment::from(Yaml::file_exact(path)),
+            _ => return Err(one("", "unknown file type: use .toml, .yaml or .yml".into())),
+        };
+        // Only keys under known sections come from the environment, so that variables such as
+        // `TOKENWARD_CLIENT_SECRET` (referenced by `{ env = … }`) are not mistaken for config.
+        let env = env.split("__").filter(|key| {
+            let first = key.as_str().split('.').next().unwrap_or("");
+            ENV_SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
+        });
+        let figment = figment.merge(env);
+        let raw: FileConfig = figment.extract().map_err(|e| figment_errors(&file, e))?;
+        validate(path, raw)
+    }
+}
+
+fn figment_errors(file: &str, errors: figment::Error) -> ConfigErrors {
+    ConfigErrors(
+        errors
+            .into_iter()
+            .map(|e| {
+                let source = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                    Some(figment::Source::File(p)) => p.display().to_string(),
+                    Some(_) | None => match &e.metadata {
+                        Some(m) if m.name.contains("environment") => "environment".to_string(),
+                        _ => file.to_string(),
+                    },
+                };
+                ConfigError { file: source, key: e.path.join("."), reason: e.kind.to_string() }
+            })
+            .collect(),
+    )
+}
+
+struct Collector {
+    file: String,
+    errors: Vec<ConfigError>,
+}
+
+impl Collector {
+    fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.errors.push(ConfigError { file: self.file.clone(), key: key.into(), reason: reason.into() });
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
+    let mut c = Collector { file: path.display().to_string(), errors: Vec::new() };
+    let dur = |d: Option<HumanDuration>, default: u64| d.map(|d| d.0).unwrap_or(Duration::from_secs(default));
+
+    let threads = raw.server.threads.unwrap_or(2);
+    if threads == 0 || threads > 256 {
+        c.push("server.threads", "must be between 1 and 256");
+    }
+    let grace_period = dur(raw.server.grace_period, 10);
+    let log_format = match raw.log.format.as_deref().unwrap_or("text") {
+        "text" => LogFormat::Text,
+        "json" => LogFormat::Json,
+        other => {
+            c.push("log.format", format!("{other:?} is not one of text, json"));
+            LogFormat::Text
+        }
+    };
+    let log_level = raw.log.level.unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        c.push("log.level", format!("{log_level:?} is not a valid level or filter"));
+    }
+    let admin_listen = parse_listen(&mut c, "admin.listen", raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"));
+    let state_dir = PathBuf::from(raw.state.dir.unwrap_or_else(|| "./state".into()));
+
+    let mut credentials = Vec::new();
+    for (name, dict) in raw.credentials {
+        let key = format!("credentials.{name}");
+        if !valid_name(&name) {
+            c.push(&key, "credential names use letters, digits, '-' and '_' (at most 64)");
+            continue;
+        }
+        if let Some(cred) = validate_credential(&mut c, &key, &name, dict) {
+            credentials.push(cred);
+        }
+    }
+
+    let known: BTreeSet<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
+    let mut routes = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, route) in raw.routes.into_iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if !valid_name(&route.name) {
+            c.push(format!("{key}.name"), "route names use letters, digits, '-' and '_' (at most 64)");
+        } else if !names.insert(route.name.clone()) {
+            c.push(format!("{key}.name"), format!("route {:?} is defined twice", route.name));
+        }
+        if !known.contains(route.credential.as_str()) {
+            c.push(format!("{key}.credential"), format!("no credential named {:?} is defined", route.credential));
+        }
+        if let Some(r) = validate_route(&mut c, &key, route) {
+            routes.push(r);
+        }
+    }
+    check_route_overlap(&mut c, &routes);
+    if routes.is_empty() && c.errors.is_empty() {
+        c.push("routes", "at least one route is needed");
+    }
+    for r in &routes {
+        if r.listen == admin_listen {
+            c.push("admin.listen", format!("same address as route {:?}", r.name));
+        }
+    }
+
+    if !c.errors.is_empty() {
+        return Err(ConfigErrors(c.errors));
+    }
+    Ok(Config {
+        source: path.to_path_buf(),
+        threads,
+        grace_period,
+        log_format,
+        log_level,
+        admin_listen,
+        state_dir,
+        routes,
+        credentials,
+    })
+}
+
+fn parse_listen(c: &mut Collector, key: &str, value: &str) -> SocketAddr {
+    value.parse().unwrap_or_else(|_| {
+        c.push(key, format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteConfig> {
+    let listen = parse_listen(c, &format!("{key}.listen"), &raw.listen);
+    let upstream = match parse_upstream(&raw.upstream) {
+        Ok(u) => Some(u),
+        Err(reason) => {
+            c.push(format!("{key}.upstream"), reason);
+            None
+        }
+    };
+    let host = raw.host.map(|h| h.trim().to_ascii_lowercase());
+    if let Some(h) = &host {
+        if h.is_empty() || h.contains(['/', ' ', ':']) {
+            c.push(format!("{key}.host"), format!("{h:?} is not a host name (no port, no path)"));
+        }
+    }
+    if let Some(p) = &raw.path_prefix {
+        if !p.starts_with('/') {
+            c.push(format!("{key}.path_prefix"), format!("{p:?} must start with '/'"));
+        }
+    }
+    let ca_file = raw.ca_file.map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
+            c.push(format!("{key}.ca_file"), reason);
+        }
+    }
+    Some(RouteConfig {
+        name: raw.name,
+        listen,
+        upstream: upstream?,
+        credential: raw.credential,
+        host,
+        path_prefix: raw.path_prefix,
+        ca_file,
+        http2: raw.http2.unwrap_or(true),
+        connect_timeout: raw.connect_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
+        read_timeout: raw.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+    })
+}
+
+/// Two routes on one listener that match exactly the same requests would make one unreachable.
+fn check_route_overlap(c: &mut Collector, routes: &[RouteConfig]) {
+    let mut seen: BTreeMap<(SocketAddr, Option<String>, Option<String>), &str> = BTreeMap::new();
+    for r in routes {
+        let k = (r.listen, r.host.clone(), r.path_prefix.clone());
+        if let Some(other) = seen.insert(k, &r.name) {
+            c.push(
+                format!("routes.{}", r.name),
+                format!("matches exactly the same requests as route {other:?} (same listen, host and path_prefix)"),
+            );
+        }
+    }
+}
+
+pub fn parse_upstream(raw: &str) -> Result<Upstream, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    let tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Err(format!("scheme {other:?} is not http or https")),
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials in the upstream URL are not allowed; use a credential".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("the upstream URL takes no query or fragment".into());
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        None => return Err(format!("{raw:?} has no host")),
+    };
+    let port = url.port_or_known_default().ok_or("no port")?;
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    let base_path = url.path().trim_end_matches('/').to_string();
+    Ok(Upstream { tls, host, port, base_path, authority })
+}
+
+fn validate_credential(
+    c: &mut Collector,
+    key: &str,
+    name: &str,
+    mut dict: figment::value::Dict,
+) -> Option<CredentialConfig> {
+    let fingerprint = {
+        use sha2::{Digest, Sha256};
+        let canonical = serde_json::to_string(&dict).unwrap_or_default();
+        let digest = Sha256::digest(canonical.as_bytes());
+        digest[..12].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut common = figment::value::Dict::new();
+    for k in CommonCredentialFile::KEYS {
+        if let Some(v) = dict.remove(*k) {
+            common.insert((*k).to_string(), v);
+        }
+    }
+    let common: CommonCredentialFile = match figment::value::Value::from(common).deserialize() {
+        Ok(v) => v,
+        Err(e) => {
+            for e in e {
+                let sub = e.path.join(".");
+                let k = if sub.is_empty() { key.to_string() } else { format!("{key}.{sub}") };
+                let reason = if e.path.is_empty() && e.kind.to_string().contains("dialect") {
+                    format!("`dialect` is required; one of: {}", dialect::NAMES.join(", "))
+                } else {
+                    e.kind.to_string()
+                };
+                c.push(k, reason);
+            }
+            return None;
+        }
+    };
+    let built = match dialect::build(&common.dialect, name, dict) {
+        Ok(d) => d,
+        Err(errs) => {
+            for (sub, reason) in errs {
+                let k = if sub.is_empty() { key.to_string() } else { format!("{key}.{sub}") };
+                c.push(k, reason);
+            }
+            return None;
+        }
+    };
+    let defaults = Timing::default();
+    let timing = Timing {
+        default_lifetime: common.default_lifetime.map(|d| d.0).unwrap_or(defaults.default_lifetime),
+        refresh_at: common.refresh_at.unwrap_or(defaults.refresh_at),
+        expiry_margin: common.expiry_margin.map(|d| d.0).unwrap_or(defaults.expiry_margin),
+        min_refresh_interval: common.min_refresh_interval.map(|d| d.0).unwrap_or(defaults.min_refresh_interval),
+        max_backoff: common.max_backoff.map(|d| d.0).unwrap_or(defaults.max_backoff),
+        probe_interval: common.probe_interval.map(|d| d.0).unwrap_or(defaults.probe_interval),
+        timeout: common.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
+    };
+    if !(timing.refresh_at > 0.0 && timing.refresh_at < 1.0) {
+        c.push(format!("{key}.refresh_at"), "must be a fraction of the lifetime between 0 and 1 (e.g. 0.75)");
+    }
+    if timing.default_lifetime < Duration::from_secs(1) {
+        c.push(format!("{key}.default_lifetime"), "must be at least 1s");
+    }
+    if timing.timeout < Duration::from_millis(100) || timing.timeout > Duration::from_secs(300) {
+        c.push(format!("{key}.timeout"), "must be between 100ms and 300s");
+    }
+    if timing.probe_interval < Duration::from_millis(100) {
+        c.push(format!("{key}.probe_interval"), "must be at least 100ms");
+    }
+    if timing.max_backoff < timing.probe_interval {
+        c.push(format!("{key}.max_backoff"), "must not be shorter than probe_interval");
+    }
+    let header = common.header.as_deref().unwrap_or("Authorization");
+    let format = common.format.clone().unwrap_or_else(|| built.default_format().to_string());
+    let presentation = match Presentation::parse(header, &format) {
+        Ok(p) => p,
+        Err(reason) => {
+            let k = if reason.contains("header name") { "header" } else { "format" };
+            c.push(format!("{key}.{k}"), reason);
+            return None;
+        }
+    };
+    Some(CredentialConfig {
+        name: name.to_string(),
+        dialect_name: common.dialect,
+        dialect: built,
+        presentation,
+        timing,
+        fingerprint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(ext: &str, text: &str) -> Result<Config, ConfigErrors> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("c.{ext}"));
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env(&path, Env::prefixed("TOKENWARD_UNIT_TEST_NONE_"))
+    }
+
+    const GOOD: &str = r#"
+[[routes]]
+name = "orders"
+listen = "127.0.0.1:8080"
+upstream = "https://orders.example.com/api/"
+credential = "orders"
+
+[credentials.orders]
+dialect = "oauth2"
+token_url = "https://idp.example.com/oauth2/token"
+client_id = "tokenward"
+client_secret = "s3cret"
+"#;
+
+    #[test]
+    fn accepts_the_minimal_example_with_defaults() {
+        let cfg = load_str("toml", GOOD).unwrap();
+        assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(cfg.routes[0].upstream.authority, "orders.example.com");
+        assert_eq!(cfg.routes[0].upstream.base_path, "/api");
+        assert!(cfg.routes[0].upstream.tls);
+        assert_eq!(cfg.credentials[0].presentation.render("abc"), "Bearer abc");
+        assert_eq!(cfg.credentials[0].timing, Timing::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_file_and_key() {
+        let err = load_str("toml", &format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("c.toml"), "{text}");
+        assert!(text.contains("lisen"), "{text}");
+        let err = load_str("toml", &GOOD.replace("client_id =", "client_idd =")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("credentials.orders"), "{text}");
+        assert!(text.contains("client_idd"), "{text}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_reported() {
+        let bad = GOOD
+            .replace("listen = \"127.0.0.1:8080\"", "listen = \"localhost\"")
+            .replace("credential = \"orders\"", "credential = \"nope\"")
+            .replace("https://orders", "ftp://orders");
+        let err = load_str("toml", &bad).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"routes[0].listen"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].credential"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].upstream"), "{keys:?}");
+    }
+
+    #[test]
+    fn yaml_works_too() {
+        let yaml = r#"
+routes:
+  - name: a
+    listen: 127.0.0.1:8080
+    upstream: http://127.0.0.1:9000
+    credential: a
+credentials:
+  a:
+    dialect: oauth2
+    token_url: http://127.0.0.1:9001/token
+    client_id: x
+    client_secret: { env: SOME_VAR }
+    refresh_at: 0.5
+    expiry_margin: 10s
+"#;
+        let cfg = load_str("yaml", yaml).unwrap();
+        assert_eq!(cfg.credentials[0].timing.refresh_at, 0.5);
+        assert_eq!(cfg.credentials[0].timing.expiry_margin, Duration::from_secs(10));
+        assert_eq!(cfg.routes[0].upstream.authority, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn bad_format_and_refresh_at_are_rejected() {
+        let bad = format!("{GOOD}format = \"Bearer\"\nrefresh_at = 1.5\n");
+        let err = load_str("toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("credentials.orders.refresh_at"), "{err}");
+        assert!(err.contains("credentials.orders.format"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_ignores_other_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, GOOD).unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("TWTEST_ADMIN__LISTEN", "127.0.0.1:7777");
+            jail.set_env("TWTEST_CREDENTIALS__ORDERS__SCOPE", "orders.write");
+            jail.set_env("TWTEST_CLIENT_SECRET", "not-config");
+            let cfg = Config::load_with_env(&path, Env::prefixed("TWTEST_")).unwrap();
+            assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:7777");
+            assert!(cfg.credentials[0].dialect.describe().contains("orders.write"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn upstream_urls() {
+        let u = parse_upstream("http://[::1]:8080").unwrap();
+        assert_eq!(u.authority, "[::1]:8080");
+        assert!(parse_upstream("https://user:pw@x").is_err());
+        assert!(parse_upstream("https://x/?a=b").is_err());
+        assert_eq!(parse_upstream("https://x:443").unwrap().authority, "x");
+    }
+}

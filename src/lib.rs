@@ -1,0 +1,13 @@
+//! tokenward: a reverse-proxy auth sidecar that injects fresh provider tokens into upstream requests.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod dev;
+pub mod dialect;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,59 @@
+//! The proxy's per-route request metrics, with label children resolved once per route so the
+//! request path only increments.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+#[derive(Clone)]
+pub struct RouteMetrics {
+    requests: [IntCounter; 6],
+    duration: [Histogram; 6],
+}
+
+impl ProxyMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = ProxyMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("tokenward_requests_total", "Requests handled, by route and response status class."),
+                &["route", "status_class"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tokenward_request_duration_seconds",
+                    "Time from request to the end of the response, by route and status class.",
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["route", "status_class"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.duration.clone()))?;
+        Ok(m)
+    }
+
+    pub fn for_route(&self, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[route, c])),
+            duration: STATUS_CLASSES.map(|c| self.duration.with_label_values(&[route, c])),
+        }
+    }
+}
+
+impl RouteMetrics {
+    /// `status` 0 means no response was written (the client went away first).
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let i = match status {
+            100..=599 => (status / 100 - 1) as usize,
+            _ => 5,
+        };
+        self.requests[i].inc();
+        self.duration[i].observe(seconds);
+    }
+}

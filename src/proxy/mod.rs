@@ -1,0 +1,158 @@
+//! The proxy: one pingora `ProxyHttp` per listener, kept thin — route and token in
+//! `request_filter`, the peer in `upstream_peer`, the token in `upstream_request_filter`,
+//! metrics in `logging`.
+
+pub mod metrics;
+pub mod respond;
+pub mod routing;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use serde_json::json;
+use tracing::warn;
+
+use crate::token::Token;
+use routing::{Route, RouteTable};
+
+/// Counts requests in flight so shutdown can wait for them to finish.
+#[derive(Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub struct TokenwardProxy {
+    pub listener: SocketAddr,
+    pub table: Arc<ArcSwap<RouteTable>>,
+    pub in_flight: Arc<InFlight>,
+}
+
+pub struct RequestCtx {
+    started: Instant,
+    route: Option<Arc<Route>>,
+    token: Option<Arc<Token>>,
+    _in_flight: InFlightGuard,
+}
+
+#[async_trait]
+impl ProxyHttp for TokenwardProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        self.in_flight.0.fetch_add(1, Ordering::AcqRel);
+        RequestCtx { started: Instant::now(), route: None, token: None, _in_flight: InFlightGuard(self.in_flight.clone()) }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let route = {
+            let req = session.req_header();
+            let host = routing::request_host(req);
+            self.table.load().find(self.listener, host.as_deref(), req.uri.path()).cloned()
+        };
+        let Some(route) = route else {
+            respond::json(session, 404, json!({"error": "no_route", "message": "no route matches this request's host and path"}), None).await?;
+            return Ok(true);
+        };
+        match route.credential.token().await {
+            Ok(token) => ctx.token = Some(token),
+            Err(unavailable) => {
+                let body = json!({
+                    "error": "token_unavailable",
+                    "route": &*route.name,
+                    "credential": &*unavailable.credential,
+                    "reason": unavailable.reason,
+                    "retry_after": unavailable.retry_after.as_secs(),
+                });
+                ctx.route = Some(route);
+                respond::json(session, 503, body, Some(unavailable.retry_after)).await?;
+                return Ok(true);
+            }
+        }
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let route = ctx.route.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
+        let addr = route.upstream.address().ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, format!("upstream host {} is not resolved", route.upstream.host))
+        })?;
+        Ok(Box::new(route.upstream.peer(addr)))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Both are set together in request_filter; a request never leaves without its token.
+        let (Some(route), Some(token)) = (ctx.route.as_ref(), ctx.token.as_ref()) else {
+            return Error::e_explain(ErrorType::InternalError, "no token for this request");
+        };
+        upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+        let (name, value) = token.header();
+        upstream_request.insert_header(name.clone(), value.clone())?;
+        // An absolute-form target names another host: send only its path, to our upstream.
+        if upstream_request.uri.authority().is_some() || !route.upstream.base_path.is_empty() {
+            let pq = upstream_request.uri.path_and_query().map_or("/", |p| p.as_str());
+            let target = format!("{}{}", route.upstream.base_path, pq);
+            let uri = target
+                .parse::<http::Uri>()
+                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "request target cannot be rewritten"))?;
+            upstream_request.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
+            let error = if code == 502 { "upstream_unavailable" } else { "proxy_error" };
+            let body = json!({"error": error, "route": route, "reason": e.etype().as_str()});
+            if let Err(write_err) = respond::json(session, code, body, None).await {
+                warn!(route, error = %write_err, "cannot write the error response");
+            }
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let Some(route) = ctx.route.as_ref() else { return };
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        route.metrics.observe(status, ctx.started.elapsed().as_secs_f64());
+        if let Some(e) = e {
+            warn!(route = %route.name, credential = %route.credential.name(), status, error = %e.etype().as_str(), "request failed");
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! The route table: which route (and so which upstream and credential) a request belongs to,
+//! by listener, then Host, then path prefix.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::metrics::RouteMetrics;
+use super::upstream::UpstreamTarget;
+use crate::config::RouteConfig;
+use crate::token::Credential;
+
+pub struct Route {
+    pub name: Arc<str>,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub credential: Arc<Credential>,
+    pub upstream: UpstreamTarget,
+    pub metrics: RouteMetrics,
+}
+
+impl Route {
+    pub fn new(config: &RouteConfig, credential: Arc<Credential>, metrics: RouteMetrics) -> Result<Self, String> {
+        Ok(Route {
+            name: Arc::from(config.name.as_str()),
+            host: config.host.clone(),
+            path_prefix: config.path_prefix.as_ref().map(|p| p.trim_end_matches('/').to_string()),
+            credential,
+            upstream: UpstreamTarget::new(config).map_err(|e| format!("route {:?}: {e}", config.name))?,
+            metrics,
+        })
+    }
+
+    fn matches(&self, host: Option<&str>, path: &str) -> bool {
+        if let Some(want) = &self.host {
+            if host != Some(want.as_str()) {
+                return false;
+            }
+        }
+        match &self.path_prefix {
+            None => true,
+            Some(p) if p.is_empty() => true,
+            // Segment-aware: "/v1" matches "/v1" and "/v1/x", not "/v10".
+            Some(p) => path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')),
+        }
+    }
+
+    fn specificity(&self) -> (bool, usize) {
+        (self.host.is_some(), self.path_prefix.as_ref().map_or(0, |p| p.len()))
+    }
+}
+
+#[derive(Default)]
+pub struct RouteTable {
+    by_listener: HashMap<SocketAddr, Vec<Arc<Route>>>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<(SocketAddr, Arc<Route>)>) -> Self {
+        let mut by_listener: HashMap<SocketAddr, Vec<Arc<Route>>> = HashMap::new();
+        for (listen, route) in routes {
+            by_listener.entry(listen).or_default().push(route);
+        }
+        for routes in by_listener.values_mut() {
+            // Most specific first: a Host match beats none, a longer prefix beats a shorter one.
+            routes.sort_by(|a, b| b.specificity().cmp(&a.specificity()));
+        }
+        RouteTable { by_listener }
+    }
+
+    /// `host` is the request's host name, lower-case and without port.
+    pub fn find(&self, listener: SocketAddr, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.by_listener.get(&listener)?.iter().find(|r| r.matches(host, path))
+    }
+
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_listener.values().flatten()
+    }
+
+    pub fn listeners(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.by_listener.keys()
+    }
+}
+
+/// The host a request names: the authority of an absolute-form URI, else the Host header,
+/// lower-cased and without port.
+pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
+    let raw = match req.uri.authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
+            match h.rsplit_once(':') {
+                // Keep IPv6 literals ("[::1]:80" → "[::1]") intact.
+                Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) && !host.ends_with(':') => host.to_string(),
+                _ => h.to_string(),
+            }
+        }
+    };
+    Some(raw.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_host_strips_port_and_case() {
+        let mut req = pingora::http::RequestHeader::build("GET", b"/x", None).unwrap();
+        req.insert_header("Host", "API.Example.com:8080").unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
+        req.insert_header("Host", "[::1]:80").unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
+        let req = pingora::http::RequestHeader::build("GET", b"http://Evil.example/x", None).unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("evil.example"));
+    }
+}

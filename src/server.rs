@@ -1,0 +1,227 @@
+//! Assembles and runs the pingora server: a proxy service per listener, the admin service, and
+//! the background services (token refresher, upstream resolver, drain on shutdown).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use arc_swap::{ArcSwap, Guard};
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::ServiceWithDependents;
+use pingora::services::background::{BackgroundService, background_service};
+use pingora::services::listening::Service;
+use prometheus::Registry;
+use tracing::{info, warn};
+
+use crate::admin::AdminApp;
+use crate::config::Config;
+use crate::proxy::metrics::ProxyMetrics;
+use crate::proxy::routing::{Route, RouteTable};
+use crate::proxy::upstream::RESOLVE_INTERVAL;
+use crate::proxy::{InFlight, TokenwardProxy};
+use crate::token::metrics::TokenMetrics;
+use crate::token::refresher::Refresher;
+use crate::token::{Credential, FileStore, TokenStore};
+
+/// What the proxy, admin and background services share.
+pub struct Shared {
+    credentials: ArcSwap<Vec<Arc<Credential>>>,
+    pub routes: Arc<ArcSwap<RouteTable>>,
+    pub registry: Registry,
+    pub in_flight: Arc<InFlight>,
+    pub store: Arc<dyn TokenStore>,
+}
+
+impl Shared {
+    pub fn build(config: &Config) -> anyhow::Result<Arc<Shared>> {
+        let registry = Registry::new();
+        register_build_info(&registry)?;
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        let token_metrics = TokenMetrics::register(&registry)?;
+        let proxy_metrics = ProxyMetrics::register(&registry)?;
+        let store: Arc<dyn TokenStore> = Arc::new(
+            FileStore::open(&config.state_dir).map_err(|e| anyhow!("state.dir: {e}"))?,
+        );
+        let mut by_name = BTreeMap::new();
+        for c in &config.credentials {
+            let credential = Credential::new(c.clone(), store.clone(), token_metrics.for_credential(&c.name))
+                .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?;
+            by_name.insert(c.name.clone(), Arc::new(credential));
+        }
+        let mut routes = Vec::new();
+        for r in &config.routes {
+            let credential = by_name
+                .get(&r.credential)
+                .cloned()
+                .ok_or_else(|| anyhow!("route {:?}: unknown credential {:?}", r.name, r.credential))?;
+            let route = Route::new(r, credential, proxy_metrics.for_route(&r.name)).map_err(|e| anyhow!(e))?;
+            routes.push((r.listen, Arc::new(route)));
+        }
+        Ok(Arc::new(Shared {
+            credentials: ArcSwap::from_pointee(by_name.into_values().collect()),
+            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(routes))),
+            registry,
+            in_flight: Arc::new(InFlight::default()),
+            store,
+        }))
+    }
+
+    pub fn credentials(&self) -> Guard<Arc<Vec<Arc<Credential>>>> {
+        self.credentials.load()
+    }
+
+    pub fn credential(&self, name: &str) -> Option<Arc<Credential>> {
+        self.credentials.load().iter().find(|c| c.name() == name).cloned()
+    }
+}
+
+fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new("tokenward_build_info", "Always 1; labelled with the running version."),
+        &["version"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    registry.register(Box::new(info))
+}
+
+/// SIGTERM and SIGINT both drain gracefully: a sidecar is stopped by either, and neither should
+/// cut requests in flight.
+struct TermOrInt;
+
+#[async_trait]
+impl ShutdownSignalWatch for TermOrInt {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => info!("SIGTERM received; draining"),
+                    _ = int.recv() => info!("SIGINT received; draining"),
+                }
+            }
+            _ => {
+                warn!("cannot install signal handlers; shutting down");
+            }
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Re-resolves upstream host names so DNS changes are followed.
+struct Resolver {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for Resolver {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let table = self.shared.routes.load_full();
+            for route in table.routes().filter(|r| r.upstream.needs_resolution()) {
+                let before = route.upstream.address();
+                match route.upstream.resolve().await {
+                    Ok(addr) if before != Some(addr) => info!(route = %route.name, %addr, "upstream resolved"),
+                    Ok(_) => {}
+                    Err(e) => warn!(route = %route.name, error = %e, "cannot resolve upstream; keeping the last address"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RESOLVE_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// After the shutdown signal, waits for requests in flight and for any provider call that may
+/// be rotating a refresh token, then exits — at the latest when the grace period ends.
+struct Drain {
+    shared: Arc<Shared>,
+    grace: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                return;
+            }
+        }
+        let deadline = Instant::now() + self.grace;
+        // Let listeners close and keep-alive clients see the shutdown before counting.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while self.shared.in_flight.count() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.shared.in_flight.count();
+        for c in self.shared.credentials().iter() {
+            let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), c.quiesce()).await;
+        }
+        info!(requests_cut = left, "drained; exiting");
+        std::process::exit(0);
+    }
+}
+
+/// Fails early, with the address, when a listener cannot be bound.
+fn check_bindable(addrs: &[SocketAddr]) -> anyhow::Result<()> {
+    for addr in addrs {
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    }
+    Ok(())
+}
+
+/// Runs tokenward until SIGTERM/SIGINT. `extra` services (the demo's provider and upstream) run
+/// in the same server.
+pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow::Result<()> {
+    let shared = Shared::build(&config)?;
+    let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
+    listeners.sort();
+    listeners.dedup();
+    let mut all = listeners.clone();
+    all.push(config.admin_listen);
+    check_bindable(&all)?;
+
+    let conf = ServerConf {
+        threads: config.threads,
+        work_stealing: true,
+        grace_period_seconds: Some(config.grace_period.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let conf = server.configuration.clone();
+
+    for addr in &listeners {
+        let proxy = TokenwardProxy { listener: *addr, table: shared.routes.clone(), in_flight: shared.in_flight.clone() };
+        let mut service = pingora::proxy::http_proxy_service_with_name(&conf, proxy, &format!("proxy {addr}"));
+        service.add_tcp(&addr.to_string());
+        server.add_service(service);
+    }
+    let mut admin = Service::new("admin".to_string(), HttpServer::new_app(AdminApp { shared: shared.clone() }));
+    admin.add_tcp(&config.admin_listen.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service("token refresher", Refresher { credentials: shared.credentials().to_vec() }));
+    server.add_service(background_service("upstream resolver", Resolver { shared: shared.clone() }));
+    server.add_service(background_service("drain", Drain { shared: shared.clone(), grace: config.grace_period }));
+    for service in extra {
+        server.add_boxed_service(service);
+    }
+    info!(
+        routes = config.routes.len(),
+        credentials = config.credentials.len(),
+        admin = %config.admin_listen,
+        state = %shared.store.describe(),
+        "tokenward starting"
+    );
+    server.run(RunArgs { shutdown_signal: Box::new(TermOrInt) });
+    Ok(())
+}

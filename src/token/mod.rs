@@ -1,0 +1,13 @@
+//! Tokens: the token model and its schedule, the refresh-token store, and the per-credential
+//! engine that keeps one valid token through a lock-free read path and a single-flight refresh.
+
+pub mod credential;
+pub mod jwt;
+pub mod metrics;
+pub mod model;
+pub mod refresher;
+pub mod store;
+
+pub use credential::{Credential, Unavailable};
+pub use model::Token;
+pub use store::{FileStore, RefreshState, TokenStore};

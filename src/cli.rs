@@ -13,7 +13,11 @@ use crate::token::metrics::TokenMetrics;
 use crate::token::{Credential, FileStore, TokenStore};
 
 #[derive(Parser)]
-#[command(name = "tokenward", version, about = "A reverse-proxy auth sidecar: injects fresh provider tokens into upstream requests")]
+#[command(
+    name = "tokenward",
+    version,
+    about = "A reverse-proxy auth sidecar: injects fresh provider tokens into upstream requests"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -98,13 +102,30 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Check { config, skip_secrets } => check(&config, skip_secrets),
+        Command::Check {
+            config,
+            skip_secrets,
+        } => check(&config, skip_secrets),
         Command::Token { name, config, show } => token(&name, &config, show),
-        Command::Dev { component, listen, proxy_listen, admin_listen, echo_listen, provider_listen, token_lifetime } => {
+        Command::Dev {
+            component,
+            listen,
+            proxy_listen,
+            admin_listen,
+            echo_listen,
+            provider_listen,
+            token_lifetime,
+        } => {
             crate::telemetry::init(LogFormat::Text, "info");
             let result = match component {
                 Some(c) => dev_component(c, listen, token_lifetime),
-                None => dev(proxy_listen, admin_listen, echo_listen, provider_listen, token_lifetime),
+                None => dev(
+                    proxy_listen,
+                    admin_listen,
+                    echo_listen,
+                    provider_listen,
+                    token_lifetime,
+                ),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,
@@ -124,9 +145,19 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
     };
     let mut problems = Vec::new();
     println!("{}: OK", path.display());
-    println!("admin     http://{} (/healthz /readyz /metrics /tokens)", config.admin_listen);
-    println!("state     {} (rotated refresh tokens)", config.state_dir.display());
-    println!("server    {} threads per listener, {}s grace period", config.threads, config.grace_period.as_secs());
+    println!(
+        "admin     http://{} (/healthz /readyz /metrics /tokens)",
+        config.admin_listen
+    );
+    println!(
+        "state     {} (rotated refresh tokens)",
+        config.state_dir.display()
+    );
+    println!(
+        "server    {} threads per listener, {}s grace period",
+        config.threads,
+        config.grace_period.as_secs()
+    );
     for r in &config.routes {
         let mut matcher = String::new();
         if let Some(h) = &r.host {
@@ -135,7 +166,10 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         if let Some(p) = &r.path_prefix {
             matcher.push_str(&format!(" path {p}*"));
         }
-        println!("route     {}: {}{} -> {} with credential {}", r.name, r.listen, matcher, r.upstream, r.credential);
+        println!(
+            "route     {}: {}{} -> {} with credential {}",
+            r.name, r.listen, matcher, r.upstream, r.credential
+        );
     }
     for c in &config.credentials {
         let t = &c.timing;
@@ -181,10 +215,17 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
     crate::telemetry::init(config.log_format, "warn");
     let Some(cred) = config.credentials.iter().find(|c| c.name == name).cloned() else {
         let known: Vec<&str> = config.credentials.iter().map(|c| c.name.as_str()).collect();
-        eprintln!("error: no credential named {name:?} in {} (known: {})", path.display(), known.join(", "));
+        eprintln!(
+            "error: no credential named {name:?} in {} (known: {})",
+            path.display(),
+            known.join(", ")
+        );
         return ExitCode::from(EXIT_CONFIG);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start a runtime: {e}");
@@ -218,9 +259,22 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
         match credential.force_refresh().await {
             Ok(t) => {
                 println!("credential  {name}");
-                println!("obtained    via {} in {} ms", t.kind.as_str(), started.elapsed().as_millis());
-                println!("expires     {} (in {}s)", humantime::format_rfc3339_seconds(t.expires_wall()), t.lifetime.as_secs());
-                println!("refresh     in {}s", t.refresh_at.saturating_duration_since(Instant::now()).as_secs());
+                println!(
+                    "obtained    via {} in {} ms",
+                    t.kind.as_str(),
+                    started.elapsed().as_millis()
+                );
+                println!(
+                    "expires     {} (in {}s)",
+                    humantime::format_rfc3339_seconds(t.expires_wall()),
+                    t.lifetime.as_secs()
+                );
+                println!(
+                    "refresh     in {}s",
+                    t.refresh_at
+                        .saturating_duration_since(Instant::now())
+                        .as_secs()
+                );
                 println!("state       {}", store.describe());
                 if let Some(e) = credential.status_snapshot().persist_error {
                     eprintln!("warning: the rotated refresh token could not be saved: {e}");
@@ -238,29 +292,54 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
     })
 }
 
-fn dev_component(component: Component, listen: Option<SocketAddr>, lifetime: Duration) -> anyhow::Result<()> {
+fn dev_component(
+    component: Component,
+    listen: Option<SocketAddr>,
+    lifetime: Duration,
+) -> anyhow::Result<()> {
     let (service, default) = match component {
-        Component::Provider => (crate::dev::provider_service(listen.unwrap_or(([127, 0, 0, 1], 8082).into()), lifetime), "provider"),
-        Component::Echo => (crate::dev::echo_service(listen.unwrap_or(([127, 0, 0, 1], 8081).into())), "echo"),
+        Component::Provider => (
+            crate::dev::provider_service(listen.unwrap_or(([127, 0, 0, 1], 8082).into()), lifetime),
+            "provider",
+        ),
+        Component::Echo => (
+            crate::dev::echo_service(listen.unwrap_or(([127, 0, 0, 1], 8081).into())),
+            "echo",
+        ),
     };
     tracing::info!(component = default, "starting demo component");
-    let mut server = pingora::server::Server::new_with_opt_and_conf(None, pingora::server::configuration::ServerConf::default());
+    let mut server = pingora::server::Server::new_with_opt_and_conf(
+        None,
+        pingora::server::configuration::ServerConf::default(),
+    );
     server.bootstrap();
     server.add_boxed_service(service);
     server.run(pingora::server::RunArgs::default());
     Ok(())
 }
 
-fn dev(proxy: SocketAddr, admin: SocketAddr, echo: SocketAddr, provider: SocketAddr, lifetime: Duration) -> anyhow::Result<()> {
+fn dev(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    echo: SocketAddr,
+    provider: SocketAddr,
+    lifetime: Duration,
+) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tokenward-dev-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("tokenward.toml");
-    std::fs::write(&path, crate::dev::demo_config(proxy, admin, echo, provider, &dir.join("state")))?;
+    std::fs::write(
+        &path,
+        crate::dev::demo_config(proxy, admin, echo, provider, &dir.join("state")),
+    )?;
     let config = Config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     eprintln!("{}", crate::dev::banner(proxy, admin, provider));
     eprintln!("(demo config written to {})\n", path.display());
     crate::server::run(
         config,
-        vec![crate::dev::provider_service(provider, lifetime), crate::dev::echo_service(echo)],
+        vec![
+            crate::dev::provider_service(provider, lifetime),
+            crate::dev::echo_service(echo),
+        ],
     )
 }

@@ -1,7 +1,7 @@
 //! Secret values that redact themselves, and the three places a configured secret can come from.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -189,9 +189,13 @@ mod tests {
 
     #[test]
     fn missing_sources_name_what_is_missing() {
-        let err = SecretSource::Env("TOKENWARD_TEST_UNSET_VAR".into()).resolve().unwrap_err();
+        let err = SecretSource::Env("TOKENWARD_TEST_UNSET_VAR".into())
+            .resolve()
+            .unwrap_err();
         assert!(err.to_string().contains("TOKENWARD_TEST_UNSET_VAR"));
-        let err = SecretSource::File("/nonexistent/x".into()).resolve().unwrap_err();
+        let err = SecretSource::File("/nonexistent/x".into())
+            .resolve()
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/x"));
     }
 
@@ -209,6 +213,8 @@ mod tests {
         assert!(matches!(w.s, SecretSource::Env(_)));
         assert!(serde_json::from_str::<W>(r#"{"s":{"vault":"x"}}"#).is_err());
         assert!(serde_json::from_str::<W>(r#"{"s":{"file":"a","env":"b"}}"#).is_err());
-        assert!(serde_json::from_str::<W>(r#"{"s":7}"#).is_err());
+        let w: W = serde_json::from_str(r#"{"s":7}"#).unwrap();
+        assert!(matches!(w.s, SecretSource::Literal(ref v) if v.expose() == "7"));
+        assert!(serde_json::from_str::<W>(r#"{"s":[1]}"#).is_err());
     }
 }

@@ -42,25 +42,30 @@ impl Shared {
         let registry = Registry::new();
         register_build_info(&registry)?;
         #[cfg(target_os = "linux")]
-        registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let token_metrics = TokenMetrics::register(&registry)?;
         let proxy_metrics = ProxyMetrics::register(&registry)?;
-        let store: Arc<dyn TokenStore> = Arc::new(
-            FileStore::open(&config.state_dir).map_err(|e| anyhow!("state.dir: {e}"))?,
-        );
+        let store: Arc<dyn TokenStore> =
+            Arc::new(FileStore::open(&config.state_dir).map_err(|e| anyhow!("state.dir: {e}"))?);
         let mut by_name = BTreeMap::new();
         for c in &config.credentials {
-            let credential = Credential::new(c.clone(), store.clone(), token_metrics.for_credential(&c.name))
-                .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?;
+            let credential = Credential::new(
+                c.clone(),
+                store.clone(),
+                token_metrics.for_credential(&c.name),
+            )
+            .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?;
             by_name.insert(c.name.clone(), Arc::new(credential));
         }
         let mut routes = Vec::new();
         for r in &config.routes {
-            let credential = by_name
-                .get(&r.credential)
-                .cloned()
-                .ok_or_else(|| anyhow!("route {:?}: unknown credential {:?}", r.name, r.credential))?;
-            let route = Route::new(r, credential, proxy_metrics.for_route(&r.name)).map_err(|e| anyhow!(e))?;
+            let credential = by_name.get(&r.credential).cloned().ok_or_else(|| {
+                anyhow!("route {:?}: unknown credential {:?}", r.name, r.credential)
+            })?;
+            let route = Route::new(r, credential, proxy_metrics.for_route(&r.name))
+                .map_err(|e| anyhow!(e))?;
             routes.push((r.listen, Arc::new(route)));
         }
         Ok(Arc::new(Shared {
@@ -77,13 +82,20 @@ impl Shared {
     }
 
     pub fn credential(&self, name: &str) -> Option<Arc<Credential>> {
-        self.credentials.load().iter().find(|c| c.name() == name).cloned()
+        self.credentials
+            .load()
+            .iter()
+            .find(|c| c.name() == name)
+            .cloned()
     }
 }
 
 fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
     let info = prometheus::IntGaugeVec::new(
-        prometheus::Opts::new("tokenward_build_info", "Always 1; labelled with the running version."),
+        prometheus::Opts::new(
+            "tokenward_build_info",
+            "Always 1; labelled with the running version.",
+        ),
         &["version"],
     )?;
     info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -98,7 +110,10 @@ struct TermOrInt;
 impl ShutdownSignalWatch for TermOrInt {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => info!("SIGTERM received; draining"),
@@ -126,9 +141,13 @@ impl BackgroundService for Resolver {
             for route in table.routes().filter(|r| r.upstream.needs_resolution()) {
                 let before = route.upstream.address();
                 match route.upstream.resolve().await {
-                    Ok(addr) if before != Some(addr) => info!(route = %route.name, %addr, "upstream resolved"),
+                    Ok(addr) if before != Some(addr) => {
+                        info!(route = %route.name, %addr, "upstream resolved")
+                    }
                     Ok(_) => {}
-                    Err(e) => warn!(route = %route.name, error = %e, "cannot resolve upstream; keeping the last address"),
+                    Err(e) => {
+                        warn!(route = %route.name, error = %e, "cannot resolve upstream; keeping the last address")
+                    }
                 }
             }
             tokio::select! {
@@ -162,7 +181,11 @@ impl BackgroundService for Drain {
         }
         let left = self.shared.in_flight.count();
         for c in self.shared.credentials().iter() {
-            let _ = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), c.quiesce()).await;
+            let _ = tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                c.quiesce(),
+            )
+            .await;
         }
         info!(requests_cut = left, "drained; exiting");
         std::process::exit(0);
@@ -180,6 +203,10 @@ fn check_bindable(addrs: &[SocketAddr]) -> anyhow::Result<()> {
 /// Runs tokenward until SIGTERM/SIGINT. `extra` services (the demo's provider and upstream) run
 /// in the same server.
 pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow::Result<()> {
+    // Each proxied request holds two sockets: take the hard limit rather than the default 1024.
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        warn!(error = %e, "cannot raise the open-file limit");
+    }
     let shared = Shared::build(&config)?;
     let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
     listeners.sort();
@@ -200,18 +227,44 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     let conf = server.configuration.clone();
 
     for addr in &listeners {
-        let proxy = TokenwardProxy { listener: *addr, table: shared.routes.clone(), in_flight: shared.in_flight.clone() };
-        let mut service = pingora::proxy::http_proxy_service_with_name(&conf, proxy, &format!("proxy {addr}"));
+        let proxy = TokenwardProxy {
+            listener: *addr,
+            table: shared.routes.clone(),
+            in_flight: shared.in_flight.clone(),
+        };
+        let mut service =
+            pingora::proxy::http_proxy_service_with_name(&conf, proxy, &format!("proxy {addr}"));
         service.add_tcp(&addr.to_string());
         server.add_service(service);
     }
-    let mut admin = Service::new("admin".to_string(), HttpServer::new_app(AdminApp { shared: shared.clone() }));
+    let mut admin = Service::new(
+        "admin".to_string(),
+        HttpServer::new_app(AdminApp {
+            shared: shared.clone(),
+        }),
+    );
     admin.add_tcp(&config.admin_listen.to_string());
     server.add_service(admin);
 
-    server.add_service(background_service("token refresher", Refresher { credentials: shared.credentials().to_vec() }));
-    server.add_service(background_service("upstream resolver", Resolver { shared: shared.clone() }));
-    server.add_service(background_service("drain", Drain { shared: shared.clone(), grace: config.grace_period }));
+    server.add_service(background_service(
+        "token refresher",
+        Refresher {
+            credentials: shared.credentials().to_vec(),
+        },
+    ));
+    server.add_service(background_service(
+        "upstream resolver",
+        Resolver {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "drain",
+        Drain {
+            shared: shared.clone(),
+            grace: config.grace_period,
+        },
+    ));
     for service in extra {
         server.add_boxed_service(service);
     }
@@ -222,6 +275,8 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
         state = %shared.store.describe(),
         "tokenward starting"
     );
-    server.run(RunArgs { shutdown_signal: Box::new(TermOrInt) });
+    server.run(RunArgs {
+        shutdown_signal: Box::new(TermOrInt),
+    });
     Ok(())
 }

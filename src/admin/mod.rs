@@ -80,39 +80,62 @@ impl AdminApp {
         let mut out = Vec::new();
         let encoder = TextEncoder::new();
         if let Err(e) = encoder.encode(&self.shared.registry.gather(), &mut out) {
-            return reply(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", format!("cannot encode metrics: {e}").into_bytes());
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("cannot encode metrics: {e}").into_bytes(),
+            );
         }
         reply(StatusCode::OK, encoder.format_type(), out)
     }
 
     fn readyz(&self) -> Response<Vec<u8>> {
         let creds = self.shared.credentials();
-        let waiting: Vec<&str> = creds.iter().filter(|c| !c.is_ready()).map(|c| c.name()).collect();
+        let waiting: Vec<&str> = creds
+            .iter()
+            .filter(|c| !c.is_ready())
+            .map(|c| c.name())
+            .collect();
         if waiting.is_empty() {
             reply_json(StatusCode::OK, json!({"status": "ready"}))
         } else {
-            reply_json(StatusCode::SERVICE_UNAVAILABLE, json!({"status": "not_ready", "waiting_for": waiting}))
+            reply_json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "not_ready", "waiting_for": waiting}),
+            )
         }
     }
 
     async fn action(&self, name: &str, action: &str) -> Response<Vec<u8>> {
         let Some(c) = self.shared.credential(name) else {
-            return reply_json(StatusCode::NOT_FOUND, json!({"error": "unknown_credential", "credential": name}));
+            return reply_json(
+                StatusCode::NOT_FOUND,
+                json!({"error": "unknown_credential", "credential": name}),
+            );
         };
         match action {
             "refresh" => match c.force_refresh().await {
-                Ok(t) => reply_json(StatusCode::OK, json!({
-                    "credential": name,
-                    "generation": t.generation,
-                    "expires_at": rfc3339(t.expires_wall()),
-                })),
-                Err(u) => reply_json(StatusCode::BAD_GATEWAY, json!({
-                    "error": "refresh_failed", "credential": name, "reason": u.reason,
-                })),
+                Ok(t) => reply_json(
+                    StatusCode::OK,
+                    json!({
+                        "credential": name,
+                        "generation": t.generation,
+                        "expires_at": rfc3339(t.expires_wall()),
+                    }),
+                ),
+                Err(u) => reply_json(
+                    StatusCode::BAD_GATEWAY,
+                    json!({
+                        "error": "refresh_failed", "credential": name, "reason": u.reason,
+                    }),
+                ),
             },
             "invalidate" => {
                 let dropped = c.invalidate(None);
-                reply_json(StatusCode::OK, json!({"credential": name, "invalidated": dropped}))
+                reply_json(
+                    StatusCode::OK,
+                    json!({"credential": name, "invalidated": dropped}),
+                )
             }
             _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
@@ -130,21 +153,30 @@ impl ServeHttp for AdminApp {
             (&Method::GET, ["readyz"]) => self.readyz(),
             (&Method::GET, ["metrics"]) => self.metrics(),
             (&Method::GET, ["tokens"]) => {
-                let list: Vec<Value> = self.shared.credentials().iter().map(|c| credential_status(c)).collect();
+                let list: Vec<Value> = self
+                    .shared
+                    .credentials()
+                    .iter()
+                    .map(|c| credential_status(c))
+                    .collect();
                 reply_json(StatusCode::OK, json!({"credentials": list}))
             }
             (&Method::GET, ["tokens", name]) => match self.shared.credential(name) {
                 Some(c) => reply_json(StatusCode::OK, credential_status(&c)),
-                None => reply_json(StatusCode::NOT_FOUND, json!({"error": "unknown_credential"})),
+                None => reply_json(
+                    StatusCode::NOT_FOUND,
+                    json!({"error": "unknown_credential"}),
+                ),
             },
             (&Method::POST, ["tokens", name, action]) => {
                 let name = name.to_string();
                 let action = action.to_string();
                 self.action(&name, &action).await
             }
-            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => {
-                reply_json(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed"}))
-            }
+            (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => reply_json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                json!({"error": "method_not_allowed"}),
+            ),
             _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
     }

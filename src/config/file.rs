@@ -108,9 +108,9 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Seconds(u64),
             Text(String),
         }
-        match Raw::deserialize(deserializer)
-            .map_err(|_| serde::de::Error::custom("expected a duration like \"30s\" or a number of seconds"))?
-        {
+        match Raw::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("expected a duration like \"30s\" or a number of seconds")
+        })? {
             Raw::Seconds(s) => Ok(HumanDuration(Duration::from_secs(s))),
             Raw::Text(t) => humantime::parse_duration(t.trim())
                 .map(HumanDuration)

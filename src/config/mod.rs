@@ -151,12 +151,18 @@ impl Presentation {
             .split_once("{token}")
             .ok_or_else(|| format!("{format:?} has no {{token}} placeholder"))?;
         if suffix.contains("{token}") {
-            return Err(format!("{format:?} has more than one {{token}} placeholder"));
+            return Err(format!(
+                "{format:?} has more than one {{token}} placeholder"
+            ));
         }
         if format.chars().any(|c| c.is_control()) {
             return Err("format contains a control character".into());
         }
-        Ok(Presentation { header, prefix: prefix.into(), suffix: suffix.into() })
+        Ok(Presentation {
+            header,
+            prefix: prefix.into(),
+            suffix: suffix.into(),
+        })
     }
 
     pub fn render(&self, token: &str) -> String {
@@ -200,16 +206,32 @@ impl Config {
     fn load_with_env(path: &Path, env: Env) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
         let one = |key: &str, reason: String| {
-            ConfigErrors(vec![ConfigError { file: file.clone(), key: key.into(), reason }])
+            ConfigErrors(vec![ConfigError {
+                file: file.clone(),
+                key: key.into(),
+                reason,
+            }])
         };
         if !path.is_file() {
-            return Err(one("", "cannot read the file: not found or not a regular file".into()));
+            return Err(one(
+                "",
+                "cannot read the file: not found or not a regular file".into(),
+            ));
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let figment = match ext.as_str() {
             "toml" => Figment::from(Toml::file_exact(path)),
             "yaml" | "yml" => Figment::from(Yaml::file_exact(path)),
-            _ => return Err(one("", "unknown file type: use .toml, .yaml or .yml".into())),
+            _ => {
+                return Err(one(
+                    "",
+                    "unknown file type: use .toml, .yaml or .yml".into(),
+                ));
+            }
         };
         // Only keys under known sections come from the environment, so that variables such as
         // `TOKENWARD_CLIENT_SECRET` (referenced by `{ env = … }`) are not mistaken for config.
@@ -235,7 +257,11 @@ fn figment_errors(file: &str, errors: figment::Error) -> ConfigErrors {
                         _ => file.to_string(),
                     },
                 };
-                ConfigError { file: source, key: e.path.join("."), reason: e.kind.to_string() }
+                ConfigError {
+                    file: source,
+                    key: e.path.join("."),
+                    reason: e.kind.to_string(),
+                }
             })
             .collect(),
     )
@@ -248,19 +274,30 @@ struct Collector {
 
 impl Collector {
     fn push(&mut self, key: impl Into<String>, reason: impl Into<String>) {
-        self.errors.push(ConfigError { file: self.file.clone(), key: key.into(), reason: reason.into() });
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            key: key.into(),
+            reason: reason.into(),
+        });
     }
 }
 
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
-    let mut c = Collector { file: path.display().to_string(), errors: Vec::new() };
-    let dur = |d: Option<HumanDuration>, default: u64| d.map(|d| d.0).unwrap_or(Duration::from_secs(default));
+    let mut c = Collector {
+        file: path.display().to_string(),
+        errors: Vec::new(),
+    };
+    let dur = |d: Option<HumanDuration>, default: u64| {
+        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+    };
 
     let threads = raw.server.threads.unwrap_or(2);
     if threads == 0 || threads > 256 {
@@ -277,16 +314,26 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     };
     let log_level = raw.log.level.unwrap_or_else(|| "info".into());
     if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-        c.push("log.level", format!("{log_level:?} is not a valid level or filter"));
+        c.push(
+            "log.level",
+            format!("{log_level:?} is not a valid level or filter"),
+        );
     }
-    let admin_listen = parse_listen(&mut c, "admin.listen", raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"));
+    let admin_listen = parse_listen(
+        &mut c,
+        "admin.listen",
+        raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
+    );
     let state_dir = PathBuf::from(raw.state.dir.unwrap_or_else(|| "./state".into()));
 
     let mut credentials = Vec::new();
     for (name, dict) in raw.credentials {
         let key = format!("credentials.{name}");
         if !valid_name(&name) {
-            c.push(&key, "credential names use letters, digits, '-' and '_' (at most 64)");
+            c.push(
+                &key,
+                "credential names use letters, digits, '-' and '_' (at most 64)",
+            );
             continue;
         }
         if let Some(cred) = validate_credential(&mut c, &key, &name, dict) {
@@ -300,12 +347,21 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     for (i, route) in raw.routes.into_iter().enumerate() {
         let key = format!("routes[{i}]");
         if !valid_name(&route.name) {
-            c.push(format!("{key}.name"), "route names use letters, digits, '-' and '_' (at most 64)");
+            c.push(
+                format!("{key}.name"),
+                "route names use letters, digits, '-' and '_' (at most 64)",
+            );
         } else if !names.insert(route.name.clone()) {
-            c.push(format!("{key}.name"), format!("route {:?} is defined twice", route.name));
+            c.push(
+                format!("{key}.name"),
+                format!("route {:?} is defined twice", route.name),
+            );
         }
         if !known.contains(route.credential.as_str()) {
-            c.push(format!("{key}.credential"), format!("no credential named {:?} is defined", route.credential));
+            c.push(
+                format!("{key}.credential"),
+                format!("no credential named {:?} is defined", route.credential),
+            );
         }
         if let Some(r) = validate_route(&mut c, &key, route) {
             routes.push(r);
@@ -317,7 +373,10 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     }
     for r in &routes {
         if r.listen == admin_listen {
-            c.push("admin.listen", format!("same address as route {:?}", r.name));
+            c.push(
+                "admin.listen",
+                format!("same address as route {:?}", r.name),
+            );
         }
     }
 
@@ -339,7 +398,10 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
 
 fn parse_listen(c: &mut Collector, key: &str, value: &str) -> SocketAddr {
     value.parse().unwrap_or_else(|_| {
-        c.push(key, format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)"));
+        c.push(
+            key,
+            format!("{value:?} is not an IP:port address (e.g. 127.0.0.1:8080)"),
+        );
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }
@@ -356,12 +418,18 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
     let host = raw.host.map(|h| h.trim().to_ascii_lowercase());
     if let Some(h) = &host {
         if h.is_empty() || h.contains(['/', ' ', ':']) {
-            c.push(format!("{key}.host"), format!("{h:?} is not a host name (no port, no path)"));
+            c.push(
+                format!("{key}.host"),
+                format!("{h:?} is not a host name (no port, no path)"),
+            );
         }
     }
     if let Some(p) = &raw.path_prefix {
         if !p.starts_with('/') {
-            c.push(format!("{key}.path_prefix"), format!("{p:?} must start with '/'"));
+            c.push(
+                format!("{key}.path_prefix"),
+                format!("{p:?} must start with '/'"),
+            );
         }
     }
     let ca_file = raw.ca_file.map(PathBuf::from);
@@ -379,8 +447,14 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         path_prefix: raw.path_prefix,
         ca_file,
         http2: raw.http2.unwrap_or(true),
-        connect_timeout: raw.connect_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(5)),
-        read_timeout: raw.read_timeout.map(|d| d.0).unwrap_or(Duration::from_secs(60)),
+        connect_timeout: raw
+            .connect_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5)),
+        read_timeout: raw
+            .read_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(60)),
     })
 }
 
@@ -423,7 +497,13 @@ pub fn parse_upstream(raw: &str) -> Result<Upstream, String> {
         None => host.clone(),
     };
     let base_path = url.path().trim_end_matches('/').to_string();
-    Ok(Upstream { tls, host, port, base_path, authority })
+    Ok(Upstream {
+        tls,
+        host,
+        port,
+        base_path,
+        authority,
+    })
 }
 
 fn validate_credential(
@@ -436,7 +516,10 @@ fn validate_credential(
         use sha2::{Digest, Sha256};
         let canonical = serde_json::to_string(&dict).unwrap_or_default();
         let digest = Sha256::digest(canonical.as_bytes());
-        digest[..12].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     let mut common = figment::value::Dict::new();
     for k in CommonCredentialFile::KEYS {
@@ -449,9 +532,16 @@ fn validate_credential(
         Err(e) => {
             for e in e {
                 let sub = e.path.join(".");
-                let k = if sub.is_empty() { key.to_string() } else { format!("{key}.{sub}") };
+                let k = if sub.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{key}.{sub}")
+                };
                 let reason = if e.path.is_empty() && e.kind.to_string().contains("dialect") {
-                    format!("`dialect` is required; one of: {}", dialect::NAMES.join(", "))
+                    format!(
+                        "`dialect` is required; one of: {}",
+                        dialect::NAMES.join(", ")
+                    )
                 } else {
                     e.kind.to_string()
                 };
@@ -464,7 +554,11 @@ fn validate_credential(
         Ok(d) => d,
         Err(errs) => {
             for (sub, reason) in errs {
-                let k = if sub.is_empty() { key.to_string() } else { format!("{key}.{sub}") };
+                let k = if sub.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{key}.{sub}")
+                };
                 c.push(k, reason);
             }
             return None;
@@ -472,16 +566,34 @@ fn validate_credential(
     };
     let defaults = Timing::default();
     let timing = Timing {
-        default_lifetime: common.default_lifetime.map(|d| d.0).unwrap_or(defaults.default_lifetime),
+        default_lifetime: common
+            .default_lifetime
+            .map(|d| d.0)
+            .unwrap_or(defaults.default_lifetime),
         refresh_at: common.refresh_at.unwrap_or(defaults.refresh_at),
-        expiry_margin: common.expiry_margin.map(|d| d.0).unwrap_or(defaults.expiry_margin),
-        min_refresh_interval: common.min_refresh_interval.map(|d| d.0).unwrap_or(defaults.min_refresh_interval),
-        max_backoff: common.max_backoff.map(|d| d.0).unwrap_or(defaults.max_backoff),
-        probe_interval: common.probe_interval.map(|d| d.0).unwrap_or(defaults.probe_interval),
+        expiry_margin: common
+            .expiry_margin
+            .map(|d| d.0)
+            .unwrap_or(defaults.expiry_margin),
+        min_refresh_interval: common
+            .min_refresh_interval
+            .map(|d| d.0)
+            .unwrap_or(defaults.min_refresh_interval),
+        max_backoff: common
+            .max_backoff
+            .map(|d| d.0)
+            .unwrap_or(defaults.max_backoff),
+        probe_interval: common
+            .probe_interval
+            .map(|d| d.0)
+            .unwrap_or(defaults.probe_interval),
         timeout: common.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
     };
     if !(timing.refresh_at > 0.0 && timing.refresh_at < 1.0) {
-        c.push(format!("{key}.refresh_at"), "must be a fraction of the lifetime between 0 and 1 (e.g. 0.75)");
+        c.push(
+            format!("{key}.refresh_at"),
+            "must be a fraction of the lifetime between 0 and 1 (e.g. 0.75)",
+        );
     }
     if timing.default_lifetime < Duration::from_secs(1) {
         c.push(format!("{key}.default_lifetime"), "must be at least 1s");
@@ -493,14 +605,24 @@ fn validate_credential(
         c.push(format!("{key}.probe_interval"), "must be at least 100ms");
     }
     if timing.max_backoff < timing.probe_interval {
-        c.push(format!("{key}.max_backoff"), "must not be shorter than probe_interval");
+        c.push(
+            format!("{key}.max_backoff"),
+            "must not be shorter than probe_interval",
+        );
     }
     let header = common.header.as_deref().unwrap_or("Authorization");
-    let format = common.format.clone().unwrap_or_else(|| built.default_format().to_string());
+    let format = common
+        .format
+        .clone()
+        .unwrap_or_else(|| built.default_format().to_string());
     let presentation = match Presentation::parse(header, &format) {
         Ok(p) => p,
         Err(reason) => {
-            let k = if reason.contains("header name") { "header" } else { "format" };
+            let k = if reason.contains("header name") {
+                "header"
+            } else {
+                "format"
+            };
             c.push(format!("{key}.{k}"), reason);
             return None;
         }
@@ -553,7 +675,11 @@ client_secret = "s3cret"
 
     #[test]
     fn unknown_keys_are_errors_naming_file_and_key() {
-        let err = load_str("toml", &format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n")).unwrap_err();
+        let err = load_str(
+            "toml",
+            &format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:1\"\nlisen = 1\n"),
+        )
+        .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("c.toml"), "{text}");
         assert!(text.contains("lisen"), "{text}");
@@ -595,7 +721,10 @@ credentials:
 "#;
         let cfg = load_str("yaml", yaml).unwrap();
         assert_eq!(cfg.credentials[0].timing.refresh_at, 0.5);
-        assert_eq!(cfg.credentials[0].timing.expiry_margin, Duration::from_secs(10));
+        assert_eq!(
+            cfg.credentials[0].timing.expiry_margin,
+            Duration::from_secs(10)
+        );
         assert_eq!(cfg.routes[0].upstream.authority, "127.0.0.1:9000");
     }
 
@@ -618,7 +747,12 @@ credentials:
             jail.set_env("TWTEST_CLIENT_SECRET", "not-config");
             let cfg = Config::load_with_env(&path, Env::prefixed("TWTEST_")).unwrap();
             assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:7777");
-            assert!(cfg.credentials[0].dialect.describe().contains("orders.write"));
+            assert!(
+                cfg.credentials[0]
+                    .dialect
+                    .describe()
+                    .contains("orders.write")
+            );
             Ok(())
         });
     }

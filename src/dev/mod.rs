@@ -57,12 +57,20 @@ impl DemoProvider {
         use rand::RngCore;
         let mut key = vec![0u8; 32];
         rand::rng().fill_bytes(&mut key);
-        DemoProvider { key, lifetime, issued: AtomicU64::new(0) }
+        DemoProvider {
+            key,
+            lifetime,
+            issued: AtomicU64::new(0),
+        }
     }
 
     fn client_ok(&self, session: &ServerSession, form: &[(String, String)]) -> bool {
         let get = |k: &str| form.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        if let Some(auth) = session.req_header().headers.get(http::header::AUTHORIZATION) {
+        if let Some(auth) = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+        {
             let decoded = auth
                 .to_str()
                 .ok()
@@ -78,8 +86,13 @@ impl DemoProvider {
 #[async_trait]
 impl ServeHttp for DemoProvider {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        if session.req_header().method != http::Method::POST || session.req_header().uri.path() != "/oauth2/token" {
-            return reply(StatusCode::NOT_FOUND, json!({"error": "not_found", "hint": "POST /oauth2/token"}));
+        if session.req_header().method != http::Method::POST
+            || session.req_header().uri.path() != "/oauth2/token"
+        {
+            return reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "not_found", "hint": "POST /oauth2/token"}),
+            );
         }
         let Some(body) = read_body(session).await else {
             return reply(StatusCode::BAD_REQUEST, json!({"error": "invalid_request"}));
@@ -88,11 +101,20 @@ impl ServeHttp for DemoProvider {
         if !self.client_ok(session, &form) {
             return reply(StatusCode::UNAUTHORIZED, json!({"error": "invalid_client"}));
         }
-        if !form.iter().any(|(k, v)| k == "grant_type" && v == "client_credentials") {
-            return reply(StatusCode::BAD_REQUEST, json!({"error": "unsupported_grant_type"}));
+        if !form
+            .iter()
+            .any(|(k, v)| k == "grant_type" && v == "client_credentials")
+        {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "unsupported_grant_type"}),
+            );
         }
         let n = self.issued.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let claims = json!({"sub": DEMO_CLIENT_ID, "iat": now, "exp": now + self.lifetime.as_secs(), "n": n});
         let token = match jsonwebtoken::encode(
             &jsonwebtoken::Header::default(),
@@ -100,10 +122,23 @@ impl ServeHttp for DemoProvider {
             &jsonwebtoken::EncodingKey::from_secret(&self.key),
         ) {
             Ok(t) => t,
-            Err(_) => return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "server_error"})),
+            Err(_) => {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    json!({"error": "server_error"}),
+                );
+            }
         };
-        info!(component = "demo-provider", token_number = n, lifetime_s = self.lifetime.as_secs(), "issued a token");
-        reply(StatusCode::OK, json!({"access_token": token, "token_type": "Bearer", "expires_in": self.lifetime.as_secs()}))
+        info!(
+            component = "demo-provider",
+            token_number = n,
+            lifetime_s = self.lifetime.as_secs(),
+            "issued a token"
+        );
+        reply(
+            StatusCode::OK,
+            json!({"access_token": token, "token_type": "Bearer", "expires_in": self.lifetime.as_secs()}),
+        )
     }
 }
 
@@ -117,17 +152,28 @@ impl ServeHttp for Echo {
         let headers: serde_json::Map<String, serde_json::Value> = req
             .headers
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), json!(String::from_utf8_lossy(v.as_bytes()))))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    json!(String::from_utf8_lossy(v.as_bytes())),
+                )
+            })
             .collect();
         let method = req.method.to_string();
         let path = req.uri.to_string();
         let body_len = read_body(session).await.map(|b| b.len());
-        reply(StatusCode::OK, json!({"method": method, "path": path, "headers": headers, "body_bytes": body_len}))
+        reply(
+            StatusCode::OK,
+            json!({"method": method, "path": path, "headers": headers, "body_bytes": body_len}),
+        )
     }
 }
 
 pub fn provider_service(listen: SocketAddr, lifetime: Duration) -> Box<dyn ServiceWithDependents> {
-    let mut s = Service::new("demo provider".into(), HttpServer::new_app(DemoProvider::new(lifetime)));
+    let mut s = Service::new(
+        "demo provider".into(),
+        HttpServer::new_app(DemoProvider::new(lifetime)),
+    );
     s.add_tcp(&listen.to_string());
     Box::new(s)
 }
@@ -140,7 +186,13 @@ pub fn echo_service(listen: SocketAddr) -> Box<dyn ServiceWithDependents> {
 
 /// The configuration `tokenward dev` runs: an ordinary config file, so the demo exercises the
 /// same loading and validation as production.
-pub fn demo_config(proxy: SocketAddr, admin: SocketAddr, echo: SocketAddr, provider: SocketAddr, state: &std::path::Path) -> String {
+pub fn demo_config(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    echo: SocketAddr,
+    provider: SocketAddr,
+    state: &std::path::Path,
+) -> String {
     format!(
         r#"# Written by `tokenward dev`.
 [log]

@@ -40,7 +40,10 @@ impl ProviderClient {
     }
 
     /// Sends `request` and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<ProviderResponse, DialectError> {
+    pub async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<ProviderResponse, DialectError> {
         let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status().as_u16();
         let retry_after = response
@@ -56,7 +59,11 @@ impl ProviderClient {
             }
         }
         let mut body = BytesMut::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport_error(e))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(e))?
+        {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(DialectError::transient(format!(
                     "provider answered HTTP {status} with a body over the {MAX_RESPONSE_BYTES}-byte bound"
@@ -64,13 +71,20 @@ impl ProviderClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(ProviderResponse { status, retry_after, body: body.freeze() })
+        Ok(ProviderResponse {
+            status,
+            retry_after,
+            body: body.freeze(),
+        })
     }
 
     fn transport_error(&self, e: reqwest::Error) -> DialectError {
         let e = e.without_url();
         let what = if e.is_timeout() {
-            format!("provider did not answer within {}", humantime::format_duration(self.timeout))
+            format!(
+                "provider did not answer within {}",
+                humantime::format_duration(self.timeout)
+            )
         } else if e.is_connect() {
             format!("cannot connect to provider: {}", root_cause(&e))
         } else {
@@ -96,7 +110,11 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs).min(CAP));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO).min(CAP))
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(CAP),
+    )
 }
 
 impl ProviderResponse {
@@ -123,7 +141,9 @@ impl ProviderResponse {
     /// The class of an HTTP-level failure that carries no more specific error code.
     pub fn status_class(&self) -> ErrorClass {
         match self.status {
-            408 | 425 | 429 | 500..=599 => ErrorClass::Transient { retry_after: self.retry_after },
+            408 | 425 | 429 | 500..=599 => ErrorClass::Transient {
+                retry_after: self.retry_after,
+            },
             _ => ErrorClass::Fatal,
         }
     }
@@ -145,15 +165,23 @@ impl ClassifyName for serde_json::Error {
 }
 
 /// Reads a string field that must be present, naming the field when it is not.
-pub fn required_str<'a>(value: &'a serde_json::Value, pointer: &str, what: &str) -> Result<&'a str, DialectError> {
+pub fn required_str<'a>(
+    value: &'a serde_json::Value,
+    pointer: &str,
+    what: &str,
+) -> Result<&'a str, DialectError> {
     match value.pointer(pointer) {
         Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(serde_json::Value::String(_)) => Err(DialectError::transient(format!("provider answer has an empty `{what}`"))),
+        Some(serde_json::Value::String(_)) => Err(DialectError::transient(format!(
+            "provider answer has an empty `{what}`"
+        ))),
         Some(other) => Err(DialectError::transient(format!(
             "provider answer has `{what}` of the wrong type ({})",
             json_type(other)
         ))),
-        None => Err(DialectError::transient(format!("provider answer has no `{what}`"))),
+        None => Err(DialectError::transient(format!(
+            "provider answer has no `{what}`"
+        ))),
     }
 }
 
@@ -183,10 +211,20 @@ mod tests {
 
     #[test]
     fn json_errors_say_what_came_instead() {
-        let r = |b: &'static [u8]| ProviderResponse { status: 200, retry_after: None, body: Bytes::from_static(b) };
+        let r = |b: &'static [u8]| ProviderResponse {
+            status: 200,
+            retry_after: None,
+            body: Bytes::from_static(b),
+        };
         assert!(r(b"<html>").json().unwrap_err().message.contains("HTML"));
         assert!(r(b"\xff\xfe").json().unwrap_err().message.contains("UTF-8"));
-        assert!(r(b"{\"a\":").json().unwrap_err().message.contains("truncated"));
+        assert!(
+            r(b"{\"a\":")
+                .json()
+                .unwrap_err()
+                .message
+                .contains("truncated")
+        );
         assert!(r(b"").json().unwrap_err().message.contains("empty"));
     }
 

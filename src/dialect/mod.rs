@@ -23,7 +23,9 @@ pub fn build(
     keys: figment::value::Dict,
 ) -> Result<Arc<dyn Dialect>, Vec<(String, String)>> {
     match kind {
-        "oauth2" => oauth2::OAuth2::from_keys(credential, keys).map(|d| Arc::new(d) as Arc<dyn Dialect>),
+        "oauth2" => {
+            oauth2::OAuth2::from_keys(credential, keys).map(|d| Arc::new(d) as Arc<dyn Dialect>)
+        }
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),
@@ -32,10 +34,16 @@ pub fn build(
 }
 
 /// Deserializes a dialect's own keys, turning figment's errors into `(key, reason)` pairs.
-pub fn parse_keys<T: serde::de::DeserializeOwned>(keys: figment::value::Dict) -> Result<T, Vec<(String, String)>> {
+pub fn parse_keys<T: serde::de::DeserializeOwned>(
+    keys: figment::value::Dict,
+) -> Result<T, Vec<(String, String)>> {
     figment::value::Value::from(keys)
         .deserialize()
-        .map_err(|e| e.into_iter().map(|e| (e.path.join("."), e.kind.to_string())).collect())
+        .map_err(|e| {
+            e.into_iter()
+                .map(|e| (e.path.join("."), e.kind.to_string()))
+                .collect()
+        })
 }
 
 /// What the engine holds when it asks for a token.
@@ -114,13 +122,22 @@ pub struct DialectError {
 
 impl DialectError {
     pub fn transient(message: impl Into<String>) -> Self {
-        DialectError { class: ErrorClass::Transient { retry_after: None }, message: message.into() }
+        DialectError {
+            class: ErrorClass::Transient { retry_after: None },
+            message: message.into(),
+        }
     }
     pub fn relogin(message: impl Into<String>) -> Self {
-        DialectError { class: ErrorClass::Relogin, message: message.into() }
+        DialectError {
+            class: ErrorClass::Relogin,
+            message: message.into(),
+        }
     }
     pub fn fatal(message: impl Into<String>) -> Self {
-        DialectError { class: ErrorClass::Fatal, message: message.into() }
+        DialectError {
+            class: ErrorClass::Fatal,
+            message: message.into(),
+        }
     }
 }
 

@@ -8,8 +8,10 @@ use async_trait::async_trait;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::http::{required_str, ProviderResponse};
-use super::{parse_keys, Dialect, DialectError, ErrorClass, Expiry, Grant, GrantKind, Held, ProviderClient};
+use super::http::{ProviderResponse, required_str};
+use super::{
+    Dialect, DialectError, ErrorClass, Expiry, Grant, GrantKind, Held, ProviderClient, parse_keys,
+};
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -88,7 +90,10 @@ const RESERVED: &[&str] = &[
 ];
 
 impl OAuth2 {
-    pub fn from_keys(_credential: &str, keys: figment::value::Dict) -> Result<Self, Vec<(String, String)>> {
+    pub fn from_keys(
+        _credential: &str,
+        keys: figment::value::Dict,
+    ) -> Result<Self, Vec<(String, String)>> {
         let k: Keys = parse_keys(keys)?;
         let mut errors = Vec::new();
         let mut err = |key: &str, reason: &str| errors.push((key.to_string(), reason.to_string()));
@@ -100,32 +105,60 @@ impl OAuth2 {
             err("client_id", "must not be empty");
         }
         match k.client_auth {
-            ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost if k.client_secret.is_none() => {
-                err("client_secret", "is required by this client_auth (or set client_auth = \"none\")")
+            ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost
+                if k.client_secret.is_none() =>
+            {
+                err(
+                    "client_secret",
+                    "is required by this client_auth (or set client_auth = \"none\")",
+                )
             }
-            ClientAuth::PrivateKeyJwt if k.private_key.is_none() => {
-                err("private_key", "is required by client_auth = \"private_key_jwt\"")
-            }
+            ClientAuth::PrivateKeyJwt if k.private_key.is_none() => err(
+                "private_key",
+                "is required by client_auth = \"private_key_jwt\"",
+            ),
             _ => {}
         }
         match k.grant {
-            GrantType::RefreshToken if k.refresh_token.is_none() => {
-                err("refresh_token", "grant = \"refresh_token\" needs the bootstrap refresh token")
-            }
-            GrantType::Password if k.username.is_none() || k.password.is_none() => {
-                err("username", "grant = \"password\" needs username and password")
-            }
+            GrantType::RefreshToken if k.refresh_token.is_none() => err(
+                "refresh_token",
+                "grant = \"refresh_token\" needs the bootstrap refresh token",
+            ),
+            GrantType::Password if k.username.is_none() || k.password.is_none() => err(
+                "username",
+                "grant = \"password\" needs username and password",
+            ),
             _ => {}
         }
         for name in k.extra_params.keys() {
             if RESERVED.contains(&name.as_str()) {
-                err(&format!("extra_params.{name}"), "is set by tokenward itself and cannot be overridden");
+                err(
+                    &format!("extra_params.{name}"),
+                    "is set by tokenward itself and cannot be overridden",
+                );
             }
         }
-        let alg = match k.private_key_alg.as_deref().unwrap_or("RS256").parse::<jsonwebtoken::Algorithm>() {
-            Ok(a) if !matches!(a, jsonwebtoken::Algorithm::HS256 | jsonwebtoken::Algorithm::HS384 | jsonwebtoken::Algorithm::HS512) => a,
+        let alg = match k
+            .private_key_alg
+            .as_deref()
+            .unwrap_or("RS256")
+            .parse::<jsonwebtoken::Algorithm>()
+        {
+            Ok(a)
+                if !matches!(
+                    a,
+                    jsonwebtoken::Algorithm::HS256
+                        | jsonwebtoken::Algorithm::HS384
+                        | jsonwebtoken::Algorithm::HS512
+                ) =>
+            {
+                a
+            }
             _ => {
-                err("private_key_alg", "must be an asymmetric JWS algorithm (RS256, PS256, ES256, EdDSA, …)");
+                err(
+                    "private_key_alg",
+                    "must be an asymmetric JWS algorithm (RS256, PS256, ES256, EdDSA, …)",
+                );
                 jsonwebtoken::Algorithm::RS256
             }
         };
@@ -133,7 +166,11 @@ impl OAuth2 {
             return Err(errors);
         }
         let mut params = Vec::new();
-        for (name, value) in [("scope", &k.scope), ("audience", &k.audience), ("resource", &k.resource)] {
+        for (name, value) in [
+            ("scope", &k.scope),
+            ("audience", &k.audience),
+            ("resource", &k.resource),
+        ] {
             if let Some(v) = value {
                 params.push((name.to_string(), v.clone()));
             }
@@ -155,7 +192,9 @@ impl OAuth2 {
     }
 
     fn secret(source: &SecretSource, key: &str) -> Result<Secret, DialectError> {
-        source.resolve().map_err(|e| DialectError::fatal(format!("`{key}`: {e}")))
+        source
+            .resolve()
+            .map_err(|e| DialectError::fatal(format!("`{key}`: {e}")))
     }
 
     fn client_assertion(&self) -> Result<String, DialectError> {
@@ -167,11 +206,20 @@ impl OAuth2 {
             jsonwebtoken::Algorithm::ES256 | jsonwebtoken::Algorithm::ES384 => {
                 jsonwebtoken::EncodingKey::from_ec_pem(pem.expose().as_bytes())
             }
-            jsonwebtoken::Algorithm::EdDSA => jsonwebtoken::EncodingKey::from_ed_pem(pem.expose().as_bytes()),
+            jsonwebtoken::Algorithm::EdDSA => {
+                jsonwebtoken::EncodingKey::from_ed_pem(pem.expose().as_bytes())
+            }
             _ => jsonwebtoken::EncodingKey::from_rsa_pem(pem.expose().as_bytes()),
         }
-        .map_err(|_| DialectError::fatal(format!("`private_key` is not a PEM key usable with {alg:?}")))?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        .map_err(|_| {
+            DialectError::fatal(format!(
+                "`private_key` is not a PEM key usable with {alg:?}"
+            ))
+        })?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let claims = serde_json::json!({
             "iss": self.client_id,
             "sub": self.client_id,
@@ -187,7 +235,10 @@ impl OAuth2 {
     }
 
     /// The form and the Authorization header for one token request.
-    fn build_form(&self, held: &Held) -> Result<(Vec<(String, String)>, Option<String>, GrantKind), DialectError> {
+    fn build_form(
+        &self,
+        held: &Held,
+    ) -> Result<(Vec<(String, String)>, Option<String>, GrantKind), DialectError> {
         let mut form: Vec<(String, String)> = Vec::new();
         let kind = if let Some(refresh) = &held.refresh_token {
             form.push(("grant_type".into(), "refresh_token".into()));
@@ -200,11 +251,16 @@ impl OAuth2 {
                 }
                 GrantType::Password => {
                     let (Some(user), Some(pw)) = (&self.username, &self.password) else {
-                        return Err(DialectError::fatal("grant = \"password\" needs username and password"));
+                        return Err(DialectError::fatal(
+                            "grant = \"password\" needs username and password",
+                        ));
                     };
                     form.push(("grant_type".into(), "password".into()));
                     form.push(("username".into(), user.clone()));
-                    form.push(("password".into(), Self::secret(pw, "password")?.expose().to_string()));
+                    form.push((
+                        "password".into(),
+                        Self::secret(pw, "password")?.expose().to_string(),
+                    ));
                 }
                 GrantType::RefreshToken => {
                     return Err(DialectError::fatal(
@@ -218,13 +274,26 @@ impl OAuth2 {
         let mut authorization = None;
         match self.client_auth {
             ClientAuth::ClientSecretBasic => {
-                let secret = Self::secret(self.client_secret.as_ref().ok_or_else(missing_secret)?, "client_secret")?;
+                let secret = Self::secret(
+                    self.client_secret.as_ref().ok_or_else(missing_secret)?,
+                    "client_secret",
+                )?;
                 // RFC 6749 §2.3.1: both parts are form-urlencoded before joining.
-                let pair = format!("{}:{}", form_encode(&self.client_id), form_encode(secret.expose()));
-                authorization = Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(pair)));
+                let pair = format!(
+                    "{}:{}",
+                    form_encode(&self.client_id),
+                    form_encode(secret.expose())
+                );
+                authorization = Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(pair)
+                ));
             }
             ClientAuth::ClientSecretPost => {
-                let secret = Self::secret(self.client_secret.as_ref().ok_or_else(missing_secret)?, "client_secret")?;
+                let secret = Self::secret(
+                    self.client_secret.as_ref().ok_or_else(missing_secret)?,
+                    "client_secret",
+                )?;
                 form.push(("client_id".into(), self.client_id.clone()));
                 form.push(("client_secret".into(), secret.expose().to_string()));
             }
@@ -262,7 +331,9 @@ fn error_code(body: &serde_json::Value) -> Option<&str> {
     let code = body.get("error")?.as_str()?;
     let plausible = !code.is_empty()
         && code.len() <= 64
-        && code.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+        && code
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
     plausible.then_some(code)
 }
 
@@ -270,18 +341,28 @@ fn error_code(body: &serde_json::Value) -> Option<&str> {
 pub fn parse_success(response: &ProviderResponse, kind: GrantKind) -> Result<Grant, DialectError> {
     let body = response.json()?;
     if !body.is_object() {
-        return Err(DialectError::transient("token endpoint answered JSON that is not an object"));
+        return Err(DialectError::transient(
+            "token endpoint answered JSON that is not an object",
+        ));
     }
     let access = required_str(&body, "/access_token", "access_token")?;
     let expires = match body.get("expires_in") {
         None | Some(serde_json::Value::Null) => Expiry::Unknown,
         Some(serde_json::Value::Number(n)) => match n.as_f64() {
             Some(s) if s.is_finite() && s >= 0.0 => Expiry::In(Duration::from_secs_f64(s.min(1e9))),
-            _ => return Err(DialectError::transient("token endpoint answered a negative `expires_in`")),
+            _ => {
+                return Err(DialectError::transient(
+                    "token endpoint answered a negative `expires_in`",
+                ));
+            }
         },
         Some(serde_json::Value::String(s)) => match s.trim().parse::<u64>() {
             Ok(secs) => Expiry::In(Duration::from_secs(secs)),
-            Err(_) => return Err(DialectError::transient("token endpoint answered a non-numeric `expires_in`")),
+            Err(_) => {
+                return Err(DialectError::transient(
+                    "token endpoint answered a non-numeric `expires_in`",
+                ));
+            }
         },
         Some(other) => {
             return Err(DialectError::transient(format!(
@@ -294,7 +375,12 @@ pub fn parse_success(response: &ProviderResponse, kind: GrantKind) -> Result<Gra
         Some(serde_json::Value::String(s)) if !s.is_empty() => Some(Secret::new(s.clone())),
         _ => None,
     };
-    Ok(Grant { kind, access_token: Secret::new(access), expires, refresh_token })
+    Ok(Grant {
+        kind,
+        access_token: Secret::new(access),
+        expires,
+        refresh_token,
+    })
 }
 
 /// Classifies an error response (RFC 6749 §5.2).
@@ -307,10 +393,14 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
         None => format!("token endpoint answered HTTP {status}"),
     };
     let class = match (code, kind) {
-        _ if matches!(response.status_class(), ErrorClass::Transient { .. }) => response.status_class(),
+        _ if matches!(response.status_class(), ErrorClass::Transient { .. }) => {
+            response.status_class()
+        }
         (Some("invalid_grant"), GrantKind::Refresh) => ErrorClass::Relogin,
         (Some("temporarily_unavailable" | "server_error" | "slow_down"), _) => {
-            ErrorClass::Transient { retry_after: response.retry_after }
+            ErrorClass::Transient {
+                retry_after: response.retry_after,
+            }
         }
         _ => ErrorClass::Fatal,
     };
@@ -336,12 +426,20 @@ impl Dialect for OAuth2 {
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::None => "none",
         };
-        let params: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let params: Vec<String> = self
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         format!(
             "oauth2 {grant} at {} as client {:?} ({auth}){}",
             self.token_url,
             self.client_id,
-            if params.is_empty() { String::new() } else { format!(" with {}", params.join(" ")) }
+            if params.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", params.join(" "))
+            }
         )
     }
 
@@ -371,8 +469,15 @@ impl Dialect for OAuth2 {
         let mut request = client
             .request(reqwest::Method::POST, &self.token_url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .header(reqwest::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(form_urlencoded::Serializer::new(String::new()).extend_pairs(form.iter()).finish());
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(form.iter())
+                    .finish(),
+            );
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
@@ -402,7 +507,11 @@ mod tests {
     }
 
     fn resp(status: u16, body: &str) -> ProviderResponse {
-        ProviderResponse { status, retry_after: None, body: Bytes::from(body.to_string()) }
+        ProviderResponse {
+            status,
+            retry_after: None,
+            body: Bytes::from(body.to_string()),
+        }
     }
 
     #[test]
@@ -419,8 +528,15 @@ mod tests {
 
     #[test]
     fn refresh_uses_the_held_refresh_token_without_scope() {
-        let d = dialect(&[("client_auth", "client_secret_post".into()), ("scope", "s".into())]).unwrap();
-        let held = Held { access_token: None, refresh_token: Some(Secret::new("rt1")) };
+        let d = dialect(&[
+            ("client_auth", "client_secret_post".into()),
+            ("scope", "s".into()),
+        ])
+        .unwrap();
+        let held = Held {
+            access_token: None,
+            refresh_token: Some(Secret::new("rt1")),
+        };
         let (form, auth, kind) = d.build_form(&held).unwrap();
         assert_eq!(kind, GrantKind::Refresh);
         assert!(auth.is_none());
@@ -431,11 +547,14 @@ mod tests {
 
     #[test]
     fn config_errors_name_keys() {
-        let errs = dialect(&[("grant", "refresh_token".into()), ("extra_params", {
-            let mut m = figment::value::Dict::new();
-            m.insert("grant_type".into(), "x".into());
-            m.into()
-        })])
+        let errs = dialect(&[
+            ("grant", "refresh_token".into()),
+            ("extra_params", {
+                let mut m = figment::value::Dict::new();
+                m.insert("grant_type".into(), "x".into());
+                m.into()
+            }),
+        ])
         .err()
         .unwrap();
         let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
@@ -447,12 +566,23 @@ mod tests {
 
     #[test]
     fn parses_success_variants() {
-        let g = parse_success(&resp(200, r#"{"access_token":"a","expires_in":"60","refresh_token":"r"}"#), GrantKind::Login).unwrap();
+        let g = parse_success(
+            &resp(
+                200,
+                r#"{"access_token":"a","expires_in":"60","refresh_token":"r"}"#,
+            ),
+            GrantKind::Login,
+        )
+        .unwrap();
         assert_eq!(g.expires, Expiry::In(Duration::from_secs(60)));
         assert_eq!(g.refresh_token.unwrap().expose(), "r");
         let g = parse_success(&resp(200, r#"{"access_token":"a"}"#), GrantKind::Login).unwrap();
         assert_eq!(g.expires, Expiry::Unknown);
-        let e = parse_success(&resp(200, r#"{"access_token":"a","expires_in":true}"#), GrantKind::Login).unwrap_err();
+        let e = parse_success(
+            &resp(200, r#"{"access_token":"a","expires_in":true}"#),
+            GrantKind::Login,
+        )
+        .unwrap_err();
         assert!(e.message.contains("expires_in"));
         let e = parse_success(&resp(200, r#"{"token":"a"}"#), GrantKind::Login).unwrap_err();
         assert!(e.message.contains("access_token"));
@@ -462,13 +592,45 @@ mod tests {
     #[test]
     fn classifies_failures() {
         let f = |s, b, k| parse_failure(&resp(s, b), k).class;
-        assert_eq!(f(400, r#"{"error":"invalid_grant"}"#, GrantKind::Refresh), ErrorClass::Relogin);
-        assert_eq!(f(400, r#"{"error":"invalid_grant"}"#, GrantKind::Login), ErrorClass::Fatal);
-        assert_eq!(f(401, r#"{"error":"invalid_client"}"#, GrantKind::Login), ErrorClass::Fatal);
-        assert!(matches!(f(503, "", GrantKind::Login), ErrorClass::Transient { .. }));
-        assert!(matches!(f(429, r#"{"error":"invalid_client"}"#, GrantKind::Login), ErrorClass::Transient { .. }));
-        assert!(matches!(f(400, r#"{"error":"temporarily_unavailable"}"#, GrantKind::Login), ErrorClass::Transient { .. }));
-        let msg = parse_failure(&resp(400, r#"{"error":"bad code with spaces","error_description":"secret-ish"}"#), GrantKind::Login).message;
-        assert!(!msg.contains("secret-ish") && !msg.contains("spaces"), "{msg}");
+        assert_eq!(
+            f(400, r#"{"error":"invalid_grant"}"#, GrantKind::Refresh),
+            ErrorClass::Relogin
+        );
+        assert_eq!(
+            f(400, r#"{"error":"invalid_grant"}"#, GrantKind::Login),
+            ErrorClass::Fatal
+        );
+        assert_eq!(
+            f(401, r#"{"error":"invalid_client"}"#, GrantKind::Login),
+            ErrorClass::Fatal
+        );
+        assert!(matches!(
+            f(503, "", GrantKind::Login),
+            ErrorClass::Transient { .. }
+        ));
+        assert!(matches!(
+            f(429, r#"{"error":"invalid_client"}"#, GrantKind::Login),
+            ErrorClass::Transient { .. }
+        ));
+        assert!(matches!(
+            f(
+                400,
+                r#"{"error":"temporarily_unavailable"}"#,
+                GrantKind::Login
+            ),
+            ErrorClass::Transient { .. }
+        ));
+        let msg = parse_failure(
+            &resp(
+                400,
+                r#"{"error":"bad code with spaces","error_description":"secret-ish"}"#,
+            ),
+            GrantKind::Login,
+        )
+        .message;
+        assert!(
+            !msg.contains("secret-ish") && !msg.contains("spaces"),
+            "{msg}"
+        );
     }
 }

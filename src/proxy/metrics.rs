@@ -1,7 +1,9 @@
 //! The proxy's per-route request metrics, with label children resolved once per route so the
 //! request path only increments.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+};
 
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
@@ -21,7 +23,10 @@ impl ProxyMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = ProxyMetrics {
             requests: IntCounterVec::new(
-                Opts::new("tokenward_requests_total", "Requests handled, by route and response status class."),
+                Opts::new(
+                    "tokenward_requests_total",
+                    "Requests handled, by route and response status class.",
+                ),
                 &["route", "status_class"],
             )?,
             duration: HistogramVec::new(
@@ -29,7 +34,10 @@ impl ProxyMetrics {
                     "tokenward_request_duration_seconds",
                     "Time from request to the end of the response, by route and status class.",
                 )
-                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ]),
                 &["route", "status_class"],
             )?,
         };

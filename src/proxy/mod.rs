@@ -59,14 +59,22 @@ impl ProxyHttp for TokenwardProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         self.in_flight.0.fetch_add(1, Ordering::AcqRel);
-        RequestCtx { started: Instant::now(), route: None, token: None, _in_flight: InFlightGuard(self.in_flight.clone()) }
+        RequestCtx {
+            started: Instant::now(),
+            route: None,
+            token: None,
+            _in_flight: InFlightGuard(self.in_flight.clone()),
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let route = {
             let req = session.req_header();
             let host = routing::request_host(req);
-            self.table.load().find(self.listener, host.as_deref(), req.uri.path()).cloned()
+            self.table
+                .load()
+                .find(self.listener, host.as_deref(), req.uri.path())
+                .cloned()
         };
         let Some(route) = route else {
             respond::json(session, 404, json!({"error": "no_route", "message": "no route matches this request's host and path"}), None).await?;
@@ -91,10 +99,20 @@ impl ProxyHttp for TokenwardProxy {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
-        let route = ctx.route.as_ref().ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
         let addr = route.upstream.address().ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, format!("upstream host {} is not resolved", route.upstream.host))
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream host {} is not resolved", route.upstream.host),
+            )
         })?;
         Ok(Box::new(route.upstream.peer(addr)))
     }
@@ -113,18 +131,31 @@ impl ProxyHttp for TokenwardProxy {
         let (name, value) = token.header();
         upstream_request.insert_header(name.clone(), value.clone())?;
         // An absolute-form target names another host: send only its path, to our upstream.
-        if upstream_request.uri.authority().is_some() || !route.upstream.base_path.is_empty() {
-            let pq = upstream_request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let absolute = !upstream_request.raw_path().starts_with(b"/")
+            || upstream_request.uri.authority().is_some();
+        if absolute || !route.upstream.base_path.is_empty() {
+            let pq = upstream_request
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str());
             let target = format!("{}{}", route.upstream.base_path, pq);
-            let uri = target
-                .parse::<http::Uri>()
-                .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "request target cannot be rewritten"))?;
+            let uri = target.parse::<http::Uri>().map_err(|_| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "request target cannot be rewritten",
+                )
+            })?;
             upstream_request.set_uri(uri);
         }
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
@@ -138,19 +169,30 @@ impl ProxyHttp for TokenwardProxy {
         };
         if code > 0 && session.response_written().is_none() {
             let route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
-            let error = if code == 502 { "upstream_unavailable" } else { "proxy_error" };
+            let error = if code == 502 {
+                "upstream_unavailable"
+            } else {
+                "proxy_error"
+            };
             let body = json!({"error": error, "route": route, "reason": e.etype().as_str()});
             if let Err(write_err) = respond::json(session, code, body, None).await {
                 warn!(route, error = %write_err, "cannot write the error response");
             }
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let Some(route) = ctx.route.as_ref() else { return };
+        let Some(route) = ctx.route.as_ref() else {
+            return;
+        };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        route.metrics.observe(status, ctx.started.elapsed().as_secs_f64());
+        route
+            .metrics
+            .observe(status, ctx.started.elapsed().as_secs_f64());
         if let Some(e) = e {
             warn!(route = %route.name, credential = %route.credential.name(), status, error = %e.etype().as_str(), "request failed");
         }

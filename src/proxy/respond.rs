@@ -8,16 +8,26 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-pub async fn json(session: &mut Session, status: u16, body: serde_json::Value, retry_after: Option<Duration>) -> Result<()> {
+pub async fn json(
+    session: &mut Session,
+    status: u16,
+    body: serde_json::Value,
+    retry_after: Option<Duration>,
+) -> Result<()> {
     let body = Bytes::from(body.to_string());
     let mut header = ResponseHeader::build(status, Some(5))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
     header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
     if let Some(after) = retry_after {
-        header.insert_header(http::header::RETRY_AFTER, after.as_secs().max(1).to_string())?;
+        header.insert_header(
+            http::header::RETRY_AFTER,
+            after.as_secs().max(1).to_string(),
+        )?;
     }
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
 }

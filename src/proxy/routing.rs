@@ -20,13 +20,21 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn new(config: &RouteConfig, credential: Arc<Credential>, metrics: RouteMetrics) -> Result<Self, String> {
+    pub fn new(
+        config: &RouteConfig,
+        credential: Arc<Credential>,
+        metrics: RouteMetrics,
+    ) -> Result<Self, String> {
         Ok(Route {
             name: Arc::from(config.name.as_str()),
             host: config.host.clone(),
-            path_prefix: config.path_prefix.as_ref().map(|p| p.trim_end_matches('/').to_string()),
+            path_prefix: config
+                .path_prefix
+                .as_ref()
+                .map(|p| p.trim_end_matches('/').to_string()),
             credential,
-            upstream: UpstreamTarget::new(config).map_err(|e| format!("route {:?}: {e}", config.name))?,
+            upstream: UpstreamTarget::new(config)
+                .map_err(|e| format!("route {:?}: {e}", config.name))?,
             metrics,
         })
     }
@@ -41,12 +49,17 @@ impl Route {
             None => true,
             Some(p) if p.is_empty() => true,
             // Segment-aware: "/v1" matches "/v1" and "/v1/x", not "/v10".
-            Some(p) => path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')),
+            Some(p) => path.strip_prefix(p.as_str()).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with('/') || rest.starts_with('?')
+            }),
         }
     }
 
     fn specificity(&self) -> (bool, usize) {
-        (self.host.is_some(), self.path_prefix.as_ref().map_or(0, |p| p.len()))
+        (
+            self.host.is_some(),
+            self.path_prefix.as_ref().map_or(0, |p| p.len()),
+        )
     }
 }
 
@@ -69,8 +82,16 @@ impl RouteTable {
     }
 
     /// `host` is the request's host name, lower-case and without port.
-    pub fn find(&self, listener: SocketAddr, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.by_listener.get(&listener)?.iter().find(|r| r.matches(host, path))
+    pub fn find(
+        &self,
+        listener: SocketAddr,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<&Arc<Route>> {
+        self.by_listener
+            .get(&listener)?
+            .iter()
+            .find(|r| r.matches(host, path))
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
@@ -82,16 +103,36 @@ impl RouteTable {
     }
 }
 
-/// The host a request names: the authority of an absolute-form URI, else the Host header,
-/// lower-cased and without port.
+/// The authority of an absolute-form request target (`GET http://host/path`), which pingora
+/// keeps only in the raw target.
+pub fn absolute_form_authority(req: &pingora::http::RequestHeader) -> Option<http::uri::Authority> {
+    let raw = req.raw_path();
+    if raw.starts_with(b"/") || raw == b"*" {
+        return None;
+    }
+    let uri: http::Uri = std::str::from_utf8(raw).ok()?.parse().ok()?;
+    uri.authority().cloned()
+}
+
+/// The host a request names: the authority of an absolute-form target (RFC 9112 §3.2.2 says it
+/// overrides Host), else the Host header; lower-cased and without port.
 pub fn request_host(req: &pingora::http::RequestHeader) -> Option<String> {
-    let raw = match req.uri.authority() {
+    let raw = match req
+        .uri
+        .authority()
+        .cloned()
+        .or_else(|| absolute_form_authority(req))
+    {
         Some(a) => a.host().to_string(),
         None => {
             let h = req.headers.get(http::header::HOST)?.to_str().ok()?;
             match h.rsplit_once(':') {
                 // Keep IPv6 literals ("[::1]:80" → "[::1]") intact.
-                Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) && !host.ends_with(':') => host.to_string(),
+                Some((host, port))
+                    if port.chars().all(|c| c.is_ascii_digit()) && !host.ends_with(':') =>
+                {
+                    host.to_string()
+                }
                 _ => h.to_string(),
             }
         }
@@ -110,7 +151,8 @@ mod tests {
         assert_eq!(request_host(&req).as_deref(), Some("api.example.com"));
         req.insert_header("Host", "[::1]:80").unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
-        let req = pingora::http::RequestHeader::build("GET", b"http://Evil.example/x", None).unwrap();
+        let req =
+            pingora::http::RequestHeader::build("GET", b"http://Evil.example/x", None).unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("evil.example"));
     }
 }

@@ -43,9 +43,12 @@ pub fn load_ca_bundle(path: &Path) -> Result<Vec<Vec<u8>>, String> {
     }
     let mut roots = rustls::RootCertStore::empty();
     for der in &ders {
-        roots
-            .add(der.clone())
-            .map_err(|e| format!("CA bundle {} holds an unusable certificate: {e}", path.display()))?;
+        roots.add(der.clone()).map_err(|e| {
+            format!(
+                "CA bundle {} holds an unusable certificate: {e}",
+                path.display()
+            )
+        })?;
     }
     Ok(ders.into_iter().map(|d| d.to_vec()).collect())
 }
@@ -64,9 +67,14 @@ impl UpstreamTarget {
             }
             None => None,
         };
-        let host_header = HeaderValue::from_str(&u.authority).map_err(|_| format!("invalid upstream host {:?}", u.authority))?;
+        let host_header = HeaderValue::from_str(&u.authority)
+            .map_err(|_| format!("invalid upstream host {:?}", u.authority))?;
         // An IP literal needs no resolver: set it now so the first request does not wait.
-        let literal = u.host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok();
+        let literal = u
+            .host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .ok();
         Ok(UpstreamTarget {
             tls: u.tls,
             host: u.host.trim_matches(['[', ']']).to_string(),

@@ -78,7 +78,11 @@ impl Credential {
             client,
             store,
             current: ArcSwapOption::empty(),
-            flight: tokio::sync::Mutex::new(Flight { loaded: false, refresh: None, origin: None }),
+            flight: tokio::sync::Mutex::new(Flight {
+                loaded: false,
+                refresh: None,
+                origin: None,
+            }),
             attempts: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
@@ -180,7 +184,9 @@ impl Credential {
     /// a late report about an old token cannot evict a newer one.
     pub fn invalidate(&self, generation: Option<u64>) -> bool {
         let current = self.current.load_full();
-        let Some(token) = current.as_ref() else { return false };
+        let Some(token) = current.as_ref() else {
+            return false;
+        };
         if generation.is_some_and(|g| g != token.generation) {
             return false;
         }
@@ -210,7 +216,10 @@ impl Credential {
                 .map(|t| t.saturating_duration_since(Instant::now()))
                 .unwrap_or(Duration::from_secs(1))
         };
-        let reason = s.last_error.clone().unwrap_or_else(|| "no token has been obtained yet".into());
+        let reason = s
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "no token has been obtained yet".into());
         Unavailable {
             credential: self.name.clone(),
             reason,
@@ -254,14 +263,23 @@ impl Credential {
     pub fn update_gauges(&self) {
         let now = Instant::now();
         let (expiry, valid) = match self.current.load().as_ref() {
-            Some(t) => (t.expires_at.saturating_duration_since(now).as_secs_f64(), t.is_usable(now)),
+            Some(t) => (
+                t.expires_at.saturating_duration_since(now).as_secs_f64(),
+                t.is_usable(now),
+            ),
             None => (0.0, false),
         };
         self.metrics.expiry_seconds.set(expiry);
         self.metrics.valid.set(if valid { 1.0 } else { 0.0 });
         let s = self.status();
         self.metrics.fatal.set(if s.fatal { 1.0 } else { 0.0 });
-        self.metrics.breaker_open.set(if s.not_before.is_some_and(|t| now < t) { 1.0 } else { 0.0 });
+        self.metrics
+            .breaker_open
+            .set(if s.not_before.is_some_and(|t| now < t) {
+                1.0
+            } else {
+                0.0
+            });
     }
 
     /// Which refresh token to use: the newest of the chain, unless the operator has provided a
@@ -274,7 +292,9 @@ impl Credential {
                     flight.origin = state.origin;
                 }
                 Ok(None) => {}
-                Err(e) => error!(credential = %self.name, error = %e, "cannot read stored refresh token; starting from the configured one"),
+                Err(e) => {
+                    error!(credential = %self.name, error = %e, "cannot read stored refresh token; starting from the configured one")
+                }
             }
             flight.loaded = true;
         }
@@ -293,14 +313,19 @@ impl Credential {
                 Err(e) if flight.refresh.is_none() => {
                     return Err(DialectError::fatal(format!("`refresh_token`: {e}")));
                 }
-                Err(e) => warn!(credential = %self.name, error = %e, "cannot read the bootstrap refresh token; continuing the stored chain"),
+                Err(e) => {
+                    warn!(credential = %self.name, error = %e, "cannot read the bootstrap refresh token; continuing the stored chain")
+                }
             }
         }
         Ok(())
     }
 
     async fn persist(&self, flight: &Flight) {
-        let state = RefreshState { refresh_token: flight.refresh.clone(), origin: flight.origin.clone() };
+        let state = RefreshState {
+            refresh_token: flight.refresh.clone(),
+            origin: flight.origin.clone(),
+        };
         let result = self.store.save(&self.name, &state).await;
         let mut s = self.status();
         match result {
@@ -326,14 +351,19 @@ impl Credential {
             let started = Instant::now();
             // The client has its own timeout; this one also bounds a dialect that makes several calls.
             let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
-            let result = match tokio::time::timeout(limit, self.config.dialect.obtain(&held, &self.client)).await {
-                Ok(r) => r,
-                Err(_) => Err(DialectError::transient(format!(
-                    "provider did not answer within {}",
-                    humantime::format_duration(limit)
-                ))),
-            };
-            self.metrics.duration.observe(started.elapsed().as_secs_f64());
+            let result =
+                match tokio::time::timeout(limit, self.config.dialect.obtain(&held, &self.client))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(DialectError::transient(format!(
+                        "provider did not answer within {}",
+                        humantime::format_duration(limit)
+                    ))),
+                };
+            self.metrics
+                .duration
+                .observe(started.elapsed().as_secs_f64());
             let grant = match result {
                 Ok(g) => g,
                 Err(e) if e.class == ErrorClass::Relogin && !relogged => {
@@ -355,12 +385,19 @@ impl Credential {
             }
             let kind = grant.kind;
             let generation = self.attempts.load(Ordering::Acquire) + 1;
-            let token = match Token::from_grant(grant, &self.config.presentation, &self.config.timing, generation) {
+            let token = match Token::from_grant(
+                grant,
+                &self.config.presentation,
+                &self.config.timing,
+                generation,
+            ) {
                 Ok(t) => Arc::new(t),
                 Err(reason) => return Err(self.record_failure(DialectError::transient(reason))),
             };
             let previous = self.current.swap(Some(token.clone()));
-            let same = previous.as_ref().is_some_and(|p| p.value() == token.value());
+            let same = previous
+                .as_ref()
+                .is_some_and(|p| p.value() == token.value());
             self.attempts.fetch_add(1, Ordering::AcqRel);
             {
                 let mut s = self.status();
@@ -405,7 +442,11 @@ impl Credential {
             if let Some(retry_after) = retry_after {
                 // Without a usable token a returning provider must be noticed quickly; with
                 // one there is time, and a struggling provider deserves the space.
-                let cap = if has_token { self.config.timing.max_backoff } else { self.config.timing.probe_interval };
+                let cap = if has_token {
+                    self.config.timing.max_backoff
+                } else {
+                    self.config.timing.probe_interval
+                };
                 s.not_before = Some(now + backoff(s.consecutive_failures, cap, retry_after));
             }
         }
@@ -421,7 +462,9 @@ impl Credential {
 
 /// Exponential back-off with full jitter; a provider's `Retry-After` is a floor.
 pub fn backoff(failures: u32, cap: Duration, retry_after: Option<Duration>) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16)).min(cap);
+    let exp = BACKOFF_BASE
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(cap);
     let jittered = exp.mul_f64(rand::rng().random::<f64>()).max(BACKOFF_FLOOR);
     match retry_after {
         Some(r) => jittered.max(r),
@@ -440,6 +483,9 @@ mod tests {
             assert!(d >= BACKOFF_FLOOR && d <= Duration::from_secs(2), "{d:?}");
         }
         assert!(backoff(1, Duration::from_secs(60), None) <= BACKOFF_BASE);
-        assert_eq!(backoff(1, Duration::from_secs(1), Some(Duration::from_secs(7))), Duration::from_secs(7));
+        assert_eq!(
+            backoff(1, Duration::from_secs(1), Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
     }
 }

@@ -1,6 +1,9 @@
 //! The token engine's metrics, registered on the registry the server hands it.
 
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
+    Registry,
+};
 
 pub const OUTCOMES: [&str; 4] = ["success", "transient_error", "relogin", "fatal_error"];
 
@@ -31,28 +34,48 @@ impl TokenMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = TokenMetrics {
             refreshes: IntCounterVec::new(
-                Opts::new("tokenward_token_refreshes_total", "Provider calls for a token, by outcome."),
+                Opts::new(
+                    "tokenward_token_refreshes_total",
+                    "Provider calls for a token, by outcome.",
+                ),
                 &["credential", "outcome"],
             )?,
             duration: HistogramVec::new(
-                HistogramOpts::new("tokenward_token_refresh_duration_seconds", "Time taken by provider calls.")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                HistogramOpts::new(
+                    "tokenward_token_refresh_duration_seconds",
+                    "Time taken by provider calls.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
                 &["credential"],
             )?,
             expiry: GaugeVec::new(
-                Opts::new("tokenward_token_expiry_seconds", "Seconds until the current token expires (0 when none)."),
+                Opts::new(
+                    "tokenward_token_expiry_seconds",
+                    "Seconds until the current token expires (0 when none).",
+                ),
                 &["credential"],
             )?,
             valid: GaugeVec::new(
-                Opts::new("tokenward_token_valid", "1 when the credential holds a token that is being served."),
+                Opts::new(
+                    "tokenward_token_valid",
+                    "1 when the credential holds a token that is being served.",
+                ),
                 &["credential"],
             )?,
             fatal: GaugeVec::new(
-                Opts::new("tokenward_credential_fatal", "1 when the provider rejected the credential and retries stopped."),
+                Opts::new(
+                    "tokenward_credential_fatal",
+                    "1 when the provider rejected the credential and retries stopped.",
+                ),
                 &["credential"],
             )?,
             breaker: GaugeVec::new(
-                Opts::new("tokenward_breaker_open", "1 while provider calls are held back after failures."),
+                Opts::new(
+                    "tokenward_breaker_open",
+                    "1 while provider calls are held back after failures.",
+                ),
                 &["credential"],
             )?,
             coalesced: IntCounterVec::new(

@@ -87,8 +87,15 @@ pub fn schedule(timing: &Timing, lifetime: Duration, issued_at: Instant, jitter:
     let margin = timing.expiry_margin.min(lifetime / 10);
     let usable = lifetime - margin;
     let factor = timing.refresh_at * (1.0 - 0.1 * jitter.clamp(0.0, 1.0));
-    let soft = lifetime.mul_f64(factor).max(timing.min_refresh_interval).min(usable);
-    Schedule { refresh_at: issued_at + soft, usable_until: issued_at + usable, expires_at: issued_at + lifetime }
+    let soft = lifetime
+        .mul_f64(factor)
+        .max(timing.min_refresh_interval)
+        .min(usable);
+    Schedule {
+        refresh_at: issued_at + soft,
+        usable_until: issued_at + usable,
+        expires_at: issued_at + lifetime,
+    }
 }
 
 impl Token {
@@ -103,8 +110,12 @@ impl Token {
         let jwt_exp = super::jwt::expiry(grant.access_token.expose());
         let lifetime = lifetime(grant.expires, jwt_exp, timing.default_lifetime, issued_wall)?;
         let s = schedule(timing, lifetime, issued_at, rand::rng().random::<f64>());
-        let mut presented = HeaderValue::from_str(&presentation.render(grant.access_token.expose()))
-            .map_err(|_| "provider issued a token that cannot be written into an HTTP header".to_string())?;
+        let mut presented = HeaderValue::from_str(
+            &presentation.render(grant.access_token.expose()),
+        )
+        .map_err(|_| {
+            "provider issued a token that cannot be written into an HTTP header".to_string()
+        })?;
         presented.set_sensitive(true);
         Ok(Token {
             value: grant.access_token,
@@ -151,19 +162,42 @@ mod tests {
     #[test]
     fn lifetime_prefers_the_earlier_of_body_and_jwt() {
         let now = T0 + secs(1000);
-        assert_eq!(lifetime(Expiry::In(secs(3600)), Some(now + secs(60)), secs(5), now).unwrap(), secs(60));
-        assert_eq!(lifetime(Expiry::In(secs(30)), Some(now + secs(60)), secs(5), now).unwrap(), secs(30));
-        assert_eq!(lifetime(Expiry::At(now + secs(90)), None, secs(5), now).unwrap(), secs(90));
-        assert_eq!(lifetime(Expiry::Unknown, Some(now + secs(70)), secs(5), now).unwrap(), secs(70));
-        assert_eq!(lifetime(Expiry::Unknown, None, secs(300), now).unwrap(), secs(300));
+        assert_eq!(
+            lifetime(Expiry::In(secs(3600)), Some(now + secs(60)), secs(5), now).unwrap(),
+            secs(60)
+        );
+        assert_eq!(
+            lifetime(Expiry::In(secs(30)), Some(now + secs(60)), secs(5), now).unwrap(),
+            secs(30)
+        );
+        assert_eq!(
+            lifetime(Expiry::At(now + secs(90)), None, secs(5), now).unwrap(),
+            secs(90)
+        );
+        assert_eq!(
+            lifetime(Expiry::Unknown, Some(now + secs(70)), secs(5), now).unwrap(),
+            secs(70)
+        );
+        assert_eq!(
+            lifetime(Expiry::Unknown, None, secs(300), now).unwrap(),
+            secs(300)
+        );
     }
 
     #[test]
     fn lifetime_rejects_past_and_absurd_expiry() {
         let now = T0 + secs(1000);
-        assert!(lifetime(Expiry::At(now - secs(1)), None, secs(5), now).unwrap_err().contains("already expired"));
+        assert!(
+            lifetime(Expiry::At(now - secs(1)), None, secs(5), now)
+                .unwrap_err()
+                .contains("already expired")
+        );
         assert!(lifetime(Expiry::In(secs(0)), None, secs(5), now).is_err());
-        assert!(lifetime(Expiry::In(secs(10 * 365 * 86400)), None, secs(5), now).unwrap_err().contains("bound"));
+        assert!(
+            lifetime(Expiry::In(secs(10 * 365 * 86400)), None, secs(5), now)
+                .unwrap_err()
+                .contains("bound")
+        );
     }
 
     #[test]
@@ -188,7 +222,8 @@ mod tests {
         let s = schedule(&t, secs(4), now, 0.0);
         // min interval 5s > usable lifetime: refresh at the hard threshold, never before.
         assert_eq!(s.refresh_at, s.usable_until);
-        let s = schedule(&t, secs(8), now, 0.0);
+        // 75 % of 6s is 4.5s: held back to the 5s minimum, still before the 5.4s hard threshold.
+        let s = schedule(&t, secs(6), now, 0.0);
         assert_eq!(s.refresh_at - now, secs(5));
     }
 }

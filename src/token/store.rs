@@ -24,7 +24,11 @@ pub struct RefreshState {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot {action} {path}: {reason}")]
-    Io { action: &'static str, path: PathBuf, reason: String },
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
     #[error("state file {path} is not valid: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
@@ -57,7 +61,11 @@ struct OnDisk {
 impl FileStore {
     /// Opens `dir`, creating it (mode 0700) if needed.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let io = |action, e: std::io::Error| StoreError::Io { action, path: dir.to_path_buf(), reason: e.to_string() };
+        let io = |action, e: std::io::Error| StoreError::Io {
+            action,
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        };
         if !dir.exists() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -67,9 +75,15 @@ impl FileStore {
         }
         let meta = std::fs::metadata(dir).map_err(|e| io("read state directory", e))?;
         if !meta.is_dir() {
-            return Err(StoreError::Io { action: "use", path: dir.to_path_buf(), reason: "not a directory".into() });
+            return Err(StoreError::Io {
+                action: "use",
+                path: dir.to_path_buf(),
+                reason: "not a directory".into(),
+            });
         }
-        Ok(FileStore { dir: Arc::new(dir.to_path_buf()) })
+        Ok(FileStore {
+            dir: Arc::new(dir.to_path_buf()),
+        })
     }
 
     pub fn path_for(&self, credential: &str) -> PathBuf {
@@ -80,18 +94,36 @@ impl FileStore {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::Io { action: "read", path: path.into(), reason: e.to_string() }),
+            Err(e) => {
+                return Err(StoreError::Io {
+                    action: "read",
+                    path: path.into(),
+                    reason: e.to_string(),
+                });
+            }
         };
-        let disk: OnDisk = serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Corrupt { path: path.into(), reason: format!("{} at line {}", e.classify_str(), e.line()) })?;
+        let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: path.into(),
+            reason: format!("{} at line {}", e.classify_str(), e.line()),
+        })?;
         if disk.version != 1 {
-            return Err(StoreError::Corrupt { path: path.into(), reason: format!("unknown version {}", disk.version) });
+            return Err(StoreError::Corrupt {
+                path: path.into(),
+                reason: format!("unknown version {}", disk.version),
+            });
         }
-        Ok(Some(RefreshState { refresh_token: disk.refresh_token.map(Secret::new), origin: disk.origin }))
+        Ok(Some(RefreshState {
+            refresh_token: disk.refresh_token.map(Secret::new),
+            origin: disk.origin,
+        }))
     }
 
     fn save_sync(dir: &Path, path: &Path, state: &RefreshState) -> Result<(), StoreError> {
-        let io = |action, e: std::io::Error| StoreError::Io { action, path: path.into(), reason: e.to_string() };
+        let io = |action, e: std::io::Error| StoreError::Io {
+            action,
+            path: path.into(),
+            reason: e.to_string(),
+        };
         let disk = OnDisk {
             version: 1,
             refresh_token: state.refresh_token.as_ref().map(|s| s.expose().to_string()),
@@ -101,11 +133,17 @@ impl FileStore {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
-        let bytes = serde_json::to_vec(&disk).map_err(|e| io("encode", std::io::Error::other(e.to_string())))?;
+        let bytes = serde_json::to_vec(&disk)
+            .map_err(|e| io("encode", std::io::Error::other(e.to_string())))?;
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
         let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode_0600().open(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode_0600()
+                .open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             drop(f);
@@ -167,7 +205,11 @@ impl TokenStore for FileStore {
         let path = self.path_for(credential);
         tokio::task::spawn_blocking(move || Self::load_sync(&path))
             .await
-            .map_err(|e| StoreError::Io { action: "read", path: self.path_for(credential), reason: e.to_string() })?
+            .map_err(|e| StoreError::Io {
+                action: "read",
+                path: self.path_for(credential),
+                reason: e.to_string(),
+            })?
     }
 
     async fn save(&self, credential: &str, state: &RefreshState) -> Result<(), StoreError> {
@@ -176,7 +218,11 @@ impl TokenStore for FileStore {
         let state = state.clone();
         tokio::task::spawn_blocking(move || Self::save_sync(&dir, &path, &state))
             .await
-            .map_err(|e| StoreError::Io { action: "write", path: self.path_for(credential), reason: e.to_string() })?
+            .map_err(|e| StoreError::Io {
+                action: "write",
+                path: self.path_for(credential),
+                reason: e.to_string(),
+            })?
     }
 }
 
@@ -190,17 +236,34 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(&dir.path().join("state")).unwrap();
         assert_eq!(store.load("c").await.unwrap(), None);
-        let state = RefreshState { refresh_token: Some(Secret::new("rt-1")), origin: Some("ab".into()) };
+        let state = RefreshState {
+            refresh_token: Some(Secret::new("rt-1")),
+            origin: Some("ab".into()),
+        };
         store.save("c", &state).await.unwrap();
         assert_eq!(store.load("c").await.unwrap(), Some(state));
-        let mode = std::fs::metadata(store.path_for("c")).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(store.path_for("c"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = std::fs::metadata(dir.path().join("state")).unwrap().permissions().mode() & 0o777;
+        let dmode = std::fs::metadata(dir.path().join("state"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700);
-        let second = RefreshState { refresh_token: Some(Secret::new("rt-2")), origin: None };
+        let second = RefreshState {
+            refresh_token: Some(Secret::new("rt-2")),
+            origin: None,
+        };
         store.save("c", &second).await.unwrap();
         assert_eq!(store.load("c").await.unwrap(), Some(second));
-        let names: Vec<_> = std::fs::read_dir(dir.path().join("state")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 
@@ -208,7 +271,11 @@ mod tests {
     async fn corrupt_state_is_reported_without_its_contents() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        std::fs::write(store.path_for("c"), b"{\"version\":1,\"refresh_token\":\"leak-me").unwrap();
+        std::fs::write(
+            store.path_for("c"),
+            b"{\"version\":1,\"refresh_token\":\"leak-me",
+        )
+        .unwrap();
         let err = store.load("c").await.unwrap_err().to_string();
         assert!(err.contains("c.json") && err.contains("truncated"), "{err}");
         assert!(!err.contains("leak-me"));

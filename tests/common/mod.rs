@@ -1,0 +1,559 @@
+//! Test harness: a fake OAuth 2.0 provider and a fake upstream (in-process, on loopback), and
+//! the real `tokenward` binary run against them with its logs captured.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{Value, json};
+
+pub const CLIENT_ID: &str = "tw-client";
+pub const CLIENT_SECRET: &str = "client-secret-7f3a9c";
+
+pub fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    addr
+}
+
+/// How the fake provider answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mode {
+    Ok,
+    Status(u16),
+    /// HTTP 200 with a body that is not a token response.
+    Garbage(&'static str),
+}
+
+#[derive(Clone, Debug)]
+pub struct Call {
+    pub grant_type: String,
+    pub refresh_token: Option<String>,
+    pub at: Instant,
+    pub outcome: u16,
+}
+
+pub struct ProviderState {
+    mode: Mutex<Mode>,
+    lifetime: Mutex<u64>,
+    delay: Mutex<Duration>,
+    rotate: bool,
+    /// The one refresh token the provider accepts now (rotation revokes the previous one).
+    valid_refresh: Mutex<Option<String>>,
+    issued: Mutex<Vec<String>>,
+    calls: Mutex<Vec<Call>>,
+    counter: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct FakeProvider {
+    pub addr: SocketAddr,
+    pub state: Arc<ProviderState>,
+}
+
+impl FakeProvider {
+    /// `rotate`: every response carries a new refresh token and revokes the previous one.
+    pub async fn start(lifetime_s: u64, rotate: bool, bootstrap_refresh: Option<&str>) -> Self {
+        let state = Arc::new(ProviderState {
+            mode: Mutex::new(Mode::Ok),
+            lifetime: Mutex::new(lifetime_s),
+            delay: Mutex::new(Duration::ZERO),
+            rotate,
+            valid_refresh: Mutex::new(bootstrap_refresh.map(String::from)),
+            issued: Mutex::new(bootstrap_refresh.map(String::from).into_iter().collect()),
+            calls: Mutex::new(Vec::new()),
+            counter: AtomicUsize::new(0),
+        });
+        let router = Router::new()
+            .route("/token", post(token_endpoint))
+            .with_state(state.clone());
+        FakeProvider {
+            addr: serve(router).await,
+            state,
+        }
+    }
+
+    pub fn token_url(&self) -> String {
+        format!("http://{}/token", self.addr)
+    }
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+    pub fn set_lifetime(&self, s: u64) {
+        *self.state.lifetime.lock().unwrap() = s;
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.calls.lock().unwrap().clone()
+    }
+    pub fn call_count(&self) -> usize {
+        self.state.calls.lock().unwrap().len()
+    }
+    pub fn successful_calls(&self) -> usize {
+        self.calls().iter().filter(|c| c.outcome == 200).count()
+    }
+    /// Every token and refresh token this provider issued or accepted.
+    pub fn issued(&self) -> Vec<String> {
+        self.state.issued.lock().unwrap().clone()
+    }
+    pub fn valid_refresh(&self) -> Option<String> {
+        self.state.valid_refresh.lock().unwrap().clone()
+    }
+}
+
+fn basic_ok(headers: &HeaderMap) -> bool {
+    let want =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(&format!("Basic {want}"))
+}
+
+async fn token_endpoint(
+    State(s): State<Arc<ProviderState>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    let delay = *s.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let grant_type = form.get("grant_type").cloned().unwrap_or_default();
+    let refresh_token = form.get("refresh_token").cloned();
+    let record = |outcome: u16| {
+        s.calls.lock().unwrap().push(Call {
+            grant_type: grant_type.clone(),
+            refresh_token: refresh_token.clone(),
+            at: Instant::now(),
+            outcome,
+        });
+    };
+    let mode = s.mode.lock().unwrap().clone();
+    match mode {
+        Mode::Ok => {}
+        Mode::Status(code) => {
+            record(code);
+            let status = StatusCode::from_u16(code).unwrap();
+            return (
+                status,
+                [("retry-after", "0")],
+                Json(json!({"error": "temporarily_unavailable"})),
+            )
+                .into_response();
+        }
+        Mode::Garbage(body) => {
+            record(200);
+            return (StatusCode::OK, body.to_string()).into_response();
+        }
+    }
+    if !basic_ok(&headers) {
+        record(401);
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
+    match grant_type.as_str() {
+        "client_credentials" => {}
+        "refresh_token" => {
+            let valid = s.valid_refresh.lock().unwrap().clone();
+            if valid.is_none() || refresh_token != valid {
+                record(400);
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": "invalid_grant"})),
+                )
+                    .into_response();
+            }
+        }
+        _ => {
+            record(400);
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "unsupported_grant_type"})),
+            )
+                .into_response();
+        }
+    }
+    let n = s.counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let access = format!("at-{n}-{}", rand_hex());
+    let mut body = json!({"access_token": access, "token_type": "Bearer", "expires_in": *s.lifetime.lock().unwrap()});
+    let mut issued = vec![access];
+    if s.rotate {
+        let rt = format!("rt-{n}-{}", rand_hex());
+        *s.valid_refresh.lock().unwrap() = Some(rt.clone());
+        body["refresh_token"] = json!(rt);
+        issued.push(rt);
+    }
+    s.issued.lock().unwrap().extend(issued);
+    record(200);
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+pub fn rand_hex() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// What the fake upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub path: String,
+    pub version: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct FakeUpstream {
+    pub addr: Option<SocketAddr>,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn upstream_handler(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> Response {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let version = format!("{:?}", req.version());
+    let headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).to_string(),
+            )
+        })
+        .collect();
+    let entry = Seen {
+        path: path.clone(),
+        version: version.clone(),
+        headers: headers.clone(),
+    };
+    seen.lock().unwrap().push(entry);
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let body_len = axum::body::to_bytes(req.into_body(), 16 << 20)
+        .await
+        .map(|b| b.len())
+        .unwrap_or(0);
+    let map: serde_json::Map<String, Value> =
+        headers.into_iter().map(|(k, v)| (k, json!(v))).collect();
+    Json(json!({"path": path, "version": version, "headers": map, "body_bytes": body_len}))
+        .into_response()
+}
+
+impl FakeUpstream {
+    pub fn router(&self) -> Router {
+        Router::new()
+            .fallback(any(upstream_handler))
+            .with_state(self.seen.clone())
+    }
+
+    pub async fn start() -> Self {
+        let mut u = FakeUpstream::default();
+        u.addr = Some(serve(u.router()).await);
+        u
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr.unwrap()
+    }
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// The tokenward binary under test.
+pub struct Tokenward {
+    child: Option<Child>,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokenward")
+}
+
+/// A config with one route on `proxy` to `upstream` and one credential named `api` whose
+/// dialect keys are `credential` (TOML lines).
+pub fn config(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    upstream: &str,
+    state: &std::path::Path,
+    credential: &str,
+) -> String {
+    format!(
+        r#"[log]
+format = "json"
+level = "debug"
+[admin]
+listen = "{admin}"
+[state]
+dir = "{state}"
+[server]
+threads = 2
+grace_period = "5s"
+[[routes]]
+name = "api"
+listen = "{proxy}"
+upstream = "{upstream}"
+credential = "api"
+[credentials.api]
+{credential}
+"#,
+        state = state.display()
+    )
+}
+
+pub fn oauth2_keys(provider: &FakeProvider, extra: &str) -> String {
+    format!(
+        "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\n{extra}\n",
+        provider.token_url()
+    )
+}
+
+impl Tokenward {
+    /// Starts tokenward with one route to `upstream` and credential keys `credential`.
+    pub fn start(upstream: &str, credential: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (proxy, admin) = (free_port(), free_port());
+        let config_path = dir.path().join("tokenward.toml");
+        std::fs::write(
+            &config_path,
+            config(
+                proxy,
+                admin,
+                upstream,
+                &dir.path().join("state"),
+                credential,
+            ),
+        )
+        .unwrap();
+        Self::start_with(dir, config_path, proxy, admin)
+    }
+
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        let mut tw = Tokenward {
+            child: None,
+            proxy,
+            admin,
+            dir,
+            config_path,
+            log: Arc::new(Mutex::new(String::new())),
+        };
+        tw.spawn();
+        tw
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(bin())
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tokenward");
+        for mut pipe in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
+            let log = self.log.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Waits until the admin listener answers /healthz.
+    pub async fn wait_healthy(&self) {
+        self.wait_admin("/healthz").await
+    }
+
+    /// Waits until /readyz says every credential holds a token.
+    pub async fn wait_ready(&self) {
+        self.wait_admin("/readyz").await
+    }
+
+    async fn wait_admin(&self, path: &str) {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(self.admin_url(path)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("tokenward {path} not OK within 20s; logs:\n{}", self.logs());
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "tokenward did not exit within {within:?}; logs:\n{}",
+            self.logs()
+        );
+    }
+
+    pub fn kill9_and_restart(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        self.spawn();
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        reqwest::get(self.admin_url(path))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Fails when any of `secrets` appears in the captured logs, `/tokens` or `/metrics`.
+    pub async fn assert_no_leaks(&self, secrets: &[String]) {
+        let tokens = reqwest::get(self.admin_url("/tokens"))
+            .await
+            .map(|r| r)
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let metrics = reqwest::get(self.admin_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let logs = self.logs();
+        for s in secrets.iter().filter(|s| s.len() >= 6) {
+            assert!(
+                !logs.contains(s.as_str()),
+                "secret {s:?} appears in the logs:\n{logs}"
+            );
+            assert!(
+                !tokens.contains(s.as_str()),
+                "secret {s:?} appears in /tokens: {tokens}"
+            );
+            assert!(
+                !metrics.contains(s.as_str()),
+                "secret {s:?} appears in /metrics"
+            );
+        }
+        if let Ok(dir) = std::env::var("TOKENWARD_TEST_LOG_DIR") {
+            let _ = std::fs::create_dir_all(&dir);
+            let name = format!("{dir}/{}-{}.log", std::process::id(), rand_hex());
+            let _ = std::fs::write(name, format!("{logs}\n{tokens}\n{metrics}"));
+        }
+    }
+}
+
+impl Drop for Tokenward {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads one metric sample's value from Prometheus text.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}

@@ -1,1 +1,91 @@
-fn main() {}
+//! Criterion benchmarks of the request path's own work: route lookup, the lock-free token read,
+//! and the header a token is presented in. Run: `cargo bench --bench hot_path`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use criterion::{Criterion, black_box, criterion_group, criterion_main};
+use tokenward::config::{Config, CredentialConfig, Presentation, Timing};
+use tokenward::dialect::{Dialect, DialectError, Expiry, Grant, GrantKind, Held, ProviderClient};
+use tokenward::proxy::metrics::ProxyMetrics;
+use tokenward::proxy::routing::{Route, RouteTable};
+use tokenward::secret::{Secret, SecretSource};
+use tokenward::token::metrics::TokenMetrics;
+use tokenward::token::{Credential, FileStore};
+
+/// A provider that answers at once, so the benchmark measures tokenward and nothing else.
+struct Instant;
+
+#[async_trait]
+impl Dialect for Instant {
+    fn describe(&self) -> String {
+        "bench".into()
+    }
+    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
+        Vec::new()
+    }
+    async fn obtain(&self, _held: &Held, _client: &ProviderClient) -> Result<Grant, DialectError> {
+        Ok(Grant {
+            kind: GrantKind::Login,
+            access_token: Secret::new("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJiZW5jaCJ9.c2lnbmF0dXJl"),
+            expires: Expiry::In(Duration::from_secs(3600)),
+            refresh_token: None,
+        })
+    }
+}
+
+fn setup() -> (RouteTable, Arc<Credential>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let mut routes = String::new();
+    for i in 0..8 {
+        routes.push_str(&format!(
+            "[[routes]]\nname = \"r{i}\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000\"\ncredential = \"c\"\npath_prefix = \"/svc{i}\"\n"
+        ));
+    }
+    routes.push_str("[credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"http://127.0.0.1:1/t\"\nclient_id = \"x\"\nclient_secret = \"y\"\n");
+    std::fs::write(&path, routes).unwrap();
+    let config = Config::load(&path).unwrap();
+    let registry = prometheus::Registry::new();
+    let token_metrics = TokenMetrics::register(&registry).unwrap();
+    let proxy_metrics = ProxyMetrics::register(&registry).unwrap();
+    let cred_config = CredentialConfig {
+        dialect: Arc::new(Instant),
+        presentation: Presentation::parse("Authorization", "Bearer {token}").unwrap(),
+        timing: Timing::default(),
+        ..config.credentials[0].clone()
+    };
+    let store = Arc::new(FileStore::open(&dir.path().join("state")).unwrap());
+    let credential = Arc::new(Credential::new(cred_config, store, token_metrics.for_credential("c")).unwrap());
+    tokio::runtime::Runtime::new().unwrap().block_on(credential.force_refresh()).unwrap();
+    let table = RouteTable::new(
+        config
+            .routes
+            .iter()
+            .map(|r| (r.listen, Arc::new(Route::new(r, credential.clone(), proxy_metrics.for_route(&r.name)).unwrap())))
+            .collect(),
+    );
+    (table, credential, dir)
+}
+
+fn hot_path(c: &mut Criterion) {
+    let (table, credential, _dir) = setup();
+    let listener = "127.0.0.1:8080".parse().unwrap();
+    c.bench_function("route_lookup_8_routes", |b| {
+        b.iter(|| black_box(table.find(listener, Some("api.internal"), black_box("/svc7/orders/42"))))
+    });
+    c.bench_function("token_current_lock_free", |b| b.iter(|| black_box(credential.current())));
+    c.bench_function("token_header_clone", |b| {
+        let token = credential.current().unwrap();
+        b.iter(|| {
+            let (name, value) = token.header();
+            black_box((name.clone(), value.clone()))
+        })
+    });
+    let p = Presentation::parse("Authorization", "Bearer {token}").unwrap();
+    c.bench_function("presentation_render", |b| b.iter(|| black_box(p.render(black_box("eyJhbGciOiJIUzI1NiJ9.e30.sig")))));
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);

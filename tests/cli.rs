@@ -1,0 +1,288 @@
+//! Black-box tests of the command line: `check` on every shipped config and on broken ones,
+//! `token`, and the `dev` demo.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn tokenward(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run tokenward")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+fn shipped_configs() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("toml" | "yaml" | "yml")
+            ) {
+                out.push(p);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    walk(&root.join("config"), &mut out);
+    let compose = root.join("deploy/compose/tokenward.toml");
+    if compose.exists() {
+        out.push(compose);
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn check_passes_on_every_shipped_config() {
+    let configs = shipped_configs();
+    assert!(configs.len() >= 4, "{configs:?}");
+    for path in configs {
+        let out = tokenward(&[
+            "check",
+            "--skip-secrets",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}:\n{stdout}\n{stderr}",
+            path.display()
+        );
+        assert!(stdout.contains(": OK"), "{stdout}");
+        assert!(stdout.contains("route "), "{stdout}");
+    }
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
+
+const VALID: &str = r#"
+[[routes]]
+name = "a"
+listen = "127.0.0.1:18080"
+upstream = "http://127.0.0.1:19000"
+credential = "a"
+[credentials.a]
+dialect = "oauth2"
+token_url = "http://127.0.0.1:19001/token"
+client_id = "x"
+client_secret = "inline-secret-value"
+"#;
+
+#[test]
+fn check_rejects_bad_configs_naming_file_key_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "typo.toml",
+            &VALID.replace("client_id", "clientid"),
+            &["credentials.a", "clientid"],
+        ),
+        (
+            "listen.toml",
+            &VALID.replace("127.0.0.1:18080", "not-an-address"),
+            &["routes[0].listen", "not an IP:port"],
+        ),
+        (
+            "dialect.toml",
+            &VALID.replace("\"oauth2\"", "\"oauth3\""),
+            &["credentials.a.dialect", "unknown dialect", "oauth2"],
+        ),
+        (
+            "missing.toml",
+            &VALID.replace("credential = \"a\"\n[", "credential = \"b\"\n["),
+            &["routes[0].credential", "no credential named \"b\""],
+        ),
+        (
+            "scheme.toml",
+            &VALID.replace("http://127.0.0.1:19000", "ftp://x"),
+            &["routes[0].upstream", "scheme"],
+        ),
+        ("syntax.toml", "[[routes]\nname=", &["syntax.toml"]),
+        (
+            "grant.toml",
+            &format!("{VALID}grant = \"refresh_token\"\n"),
+            &["credentials.a.refresh_token", "bootstrap"],
+        ),
+        (
+            "duration.toml",
+            &format!("{VALID}expiry_margin = \"soon\"\n"),
+            &["credentials.a.expiry_margin", "duration"],
+        ),
+    ];
+    for (name, body, wants) in cases {
+        let path = write(dir.path(), name, body);
+        let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+        assert!(
+            stderr.contains(name),
+            "{name}: error does not name the file: {stderr}"
+        );
+        for want in *wants {
+            assert!(
+                stderr.contains(want),
+                "{name}: missing {want:?} in: {stderr}"
+            );
+        }
+        assert!(
+            !stderr.contains("inline-secret-value"),
+            "{name}: secret in error: {stderr}"
+        );
+    }
+    let out = tokenward(&[
+        "check",
+        "--config",
+        dir.path().join("absent.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("absent.toml"));
+}
+
+#[test]
+fn check_reads_secrets_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = VALID.replace(
+        "\"inline-secret-value\"",
+        "{ file = \"/nonexistent/tokenward/secret\" }",
+    );
+    let path = write(dir.path(), "secret.toml", &body);
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("credentials.a.client_secret")
+            && stderr.contains("/nonexistent/tokenward/secret"),
+        "{stderr}"
+    );
+    let out = tokenward(&[
+        "check",
+        "--skip-secrets",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_command_prints_expiry_and_only_shows_the_token_when_asked() {
+    let provider = FakeProvider::start(600, true, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let body = config(
+        free_port(),
+        free_port(),
+        "http://127.0.0.1:1",
+        &dir.path().join("state"),
+        &oauth2_keys(&provider, ""),
+    );
+    let path = write(dir.path(), "t.toml", &body);
+    let p = path.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || tokenward(&["token", "api", "--config", &p]))
+        .await
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("expires") && stdout.contains("via login"),
+        "{stdout}"
+    );
+    for secret in provider.issued() {
+        assert!(
+            !stdout.contains(&secret) && !stderr.contains(&secret),
+            "token printed without --show"
+        );
+    }
+    // The rotated refresh token it received was persisted, like `run` would.
+    let state = std::fs::read_to_string(dir.path().join("state/api.json")).unwrap();
+    assert!(state.contains(provider.valid_refresh().unwrap().as_str()));
+
+    let p = path.to_str().unwrap().to_string();
+    let out =
+        tokio::task::spawn_blocking(move || tokenward(&["token", "api", "--config", &p, "--show"]))
+            .await
+            .unwrap();
+    let (stdout, _) = text(&out);
+    let last = stdout.lines().last().unwrap();
+    assert!(
+        provider.issued().iter().any(|t| t == last),
+        "--show prints the token last: {stdout}"
+    );
+
+    let p = path.to_str().unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || tokenward(&["token", "nope", "--config", &p]))
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("no credential named \"nope\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_injects_and_then_refreshes_a_token() {
+    let (proxy, admin, echo, provider) = (free_port(), free_port(), free_port(), free_port());
+    let mut child = Command::new(bin())
+        .args(["dev", "--token-lifetime", "4s"])
+        .args([
+            "--proxy-listen",
+            &proxy.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args([
+            "--echo-listen",
+            &echo.to_string(),
+            "--provider-listen",
+            &provider.to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 2 && started.elapsed() < Duration::from_secs(15) {
+        if let Ok(r) = client.get(format!("http://{proxy}/hello")).send().await {
+            if r.status() == 200 {
+                let body: serde_json::Value = r.json().await.unwrap();
+                let auth = body["headers"]["authorization"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                assert!(auth.starts_with("Bearer ey"), "{body}");
+                seen.insert(auth);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        seen.len(),
+        2,
+        "dev mode should show a token and its refresh within seconds"
+    );
+}

@@ -57,13 +57,25 @@ fn setup() -> (RouteTable, Arc<Credential>, tempfile::TempDir) {
         ..config.credentials[0].clone()
     };
     let store = Arc::new(FileStore::open(&dir.path().join("state")).unwrap());
-    let credential = Arc::new(Credential::new(cred_config, store, token_metrics.for_credential("c")).unwrap());
-    tokio::runtime::Runtime::new().unwrap().block_on(credential.force_refresh()).unwrap();
+    let credential =
+        Arc::new(Credential::new(cred_config, store, token_metrics.for_credential("c")).unwrap());
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(credential.force_refresh())
+        .unwrap();
     let table = RouteTable::new(
         config
             .routes
             .iter()
-            .map(|r| (r.listen, Arc::new(Route::new(r, credential.clone(), proxy_metrics.for_route(&r.name)).unwrap())))
+            .map(|r| {
+                (
+                    r.listen,
+                    Arc::new(
+                        Route::new(r, credential.clone(), proxy_metrics.for_route(&r.name))
+                            .unwrap(),
+                    ),
+                )
+            })
             .collect(),
     );
     (table, credential, dir)
@@ -73,9 +85,13 @@ fn hot_path(c: &mut Criterion) {
     let (table, credential, _dir) = setup();
     let listener = "127.0.0.1:8080".parse().unwrap();
     c.bench_function("route_lookup_8_routes", |b| {
-        b.iter(|| black_box(table.find(listener, Some("api.internal"), black_box("/svc7/orders/42"))))
+        b.iter(|| {
+            black_box(table.find(listener, Some("api.internal"), black_box("/svc7/orders/42")))
+        })
     });
-    c.bench_function("token_current_lock_free", |b| b.iter(|| black_box(credential.current())));
+    c.bench_function("token_current_lock_free", |b| {
+        b.iter(|| black_box(credential.current()))
+    });
     c.bench_function("token_header_clone", |b| {
         let token = credential.current().unwrap();
         b.iter(|| {
@@ -84,7 +100,9 @@ fn hot_path(c: &mut Criterion) {
         })
     });
     let p = Presentation::parse("Authorization", "Bearer {token}").unwrap();
-    c.bench_function("presentation_render", |b| b.iter(|| black_box(p.render(black_box("eyJhbGciOiJIUzI1NiJ9.e30.sig")))));
+    c.bench_function("presentation_render", |b| {
+        b.iter(|| black_box(p.render(black_box("eyJhbGciOiJIUzI1NiJ9.e30.sig"))))
+    });
 }
 
 criterion_group!(benches, hot_path);

@@ -308,13 +308,18 @@ fn dev_component(
         ),
     };
     tracing::info!(component = default, "starting demo component");
-    let mut server = pingora::server::Server::new_with_opt_and_conf(
-        None,
-        pingora::server::configuration::ServerConf::default(),
-    );
+    // A stand-in has nothing to drain: stop within a second of SIGTERM.
+    let conf = pingora::server::configuration::ServerConf {
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     server.add_boxed_service(service);
-    server.run(pingora::server::RunArgs::default());
+    server.run(pingora::server::RunArgs {
+        shutdown_signal: Box::new(crate::server::TermOrInt),
+    });
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! waiters cause one provider call. Background refresh, back-off, the circuit breaker and
 //! refresh-token rotation all happen under that same guard.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -62,6 +62,7 @@ pub struct Credential {
     attempts: AtomicU64,
     status: Mutex<Status>,
     wake: tokio::sync::Notify,
+    retired: AtomicBool,
     metrics: CredentialMetrics,
 }
 
@@ -86,6 +87,7 @@ impl Credential {
             attempts: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
+            retired: AtomicBool::new(false),
             metrics,
         })
     }
@@ -248,6 +250,16 @@ impl Credential {
     /// before the process exits.
     pub async fn quiesce(&self) {
         drop(self.flight.lock().await);
+    }
+
+    /// Marks this credential as replaced by a reload: its refresher stops.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Wakes the background refresher so it recomputes its schedule.

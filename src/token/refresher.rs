@@ -1,22 +1,39 @@
 //! The background refresher: one task per credential that wakes at the soft threshold (or when a
-//! back-off ends) and refreshes under the credential's single-flight guard.
+//! back-off ends) and refreshes under the credential's single-flight guard. A reload that adds
+//! credentials hands them over through a channel; replaced ones retire and their task ends.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use tokio::sync::{Mutex, mpsc};
 
 use super::Credential;
 
 pub struct Refresher {
-    pub credentials: Vec<Arc<Credential>>,
+    initial: Vec<Arc<Credential>>,
+    added: Mutex<mpsc::UnboundedReceiver<Arc<Credential>>>,
 }
 
-/// Keeps one credential's token fresh until shutdown.
+impl Refresher {
+    /// The refresher, and the sender a reload uses to hand it new credentials.
+    pub fn new(initial: Vec<Arc<Credential>>) -> (Self, mpsc::UnboundedSender<Arc<Credential>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Refresher {
+                initial,
+                added: Mutex::new(rx),
+            },
+            tx,
+        )
+    }
+}
+
+/// Keeps one credential's token fresh until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
     loop {
-        if *shutdown.borrow() {
+        if *shutdown.borrow() || credential.is_retired() {
             return;
         }
         let wake = credential.next_wake();
@@ -31,14 +48,21 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
 
 #[async_trait]
 impl BackgroundService for Refresher {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let tasks: Vec<_> = self
-            .credentials
-            .iter()
-            .map(|c| tokio::spawn(keep_fresh(c.clone(), shutdown.clone())))
-            .collect();
-        for t in tasks {
-            let _ = t.await;
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in &self.initial {
+            tasks.spawn(keep_fresh(c.clone(), shutdown.clone()));
         }
+        let mut added = self.added.lock().await;
+        loop {
+            tokio::select! {
+                Some(c) = added.recv() => {
+                    tasks.spawn(keep_fresh(c, shutdown.clone()));
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        while tasks.join_next().await.is_some() {}
     }
 }

@@ -16,6 +16,7 @@ use pingora::services::ServiceWithDependents;
 use pingora::services::background::{BackgroundService, background_service};
 use pingora::services::listening::Service;
 use prometheus::Registry;
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::admin::AdminApp;
@@ -28,17 +29,32 @@ use crate::token::metrics::TokenMetrics;
 use crate::token::refresher::Refresher;
 use crate::token::{Credential, FileStore, TokenStore};
 
-/// What the proxy, admin and background services share.
+mod reload;
+
+/// What the proxy, admin and background services share. Readers load each part lock-free;
+/// only a reload writes.
 pub struct Shared {
     credentials: ArcSwap<Vec<Arc<Credential>>>,
     pub routes: Arc<ArcSwap<RouteTable>>,
+    pub config: ArcSwap<Config>,
     pub registry: Registry,
     pub in_flight: Arc<InFlight>,
     pub store: Arc<dyn TokenStore>,
+    token_metrics: TokenMetrics,
+    proxy_metrics: ProxyMetrics,
+    /// Hands credentials added by a reload to the background refresher.
+    refresher: mpsc::UnboundedSender<Arc<Credential>>,
+}
+
+/// Credentials and routes built from one config.
+struct Assembly {
+    credentials: Vec<Arc<Credential>>,
+    created: Vec<Arc<Credential>>,
+    routes: RouteTable,
 }
 
 impl Shared {
-    pub fn build(config: &Config) -> anyhow::Result<Arc<Shared>> {
+    pub fn build(config: &Config) -> anyhow::Result<(Arc<Shared>, Refresher)> {
         let registry = Registry::new();
         register_build_info(&registry)?;
         #[cfg(target_os = "linux")]
@@ -49,32 +65,20 @@ impl Shared {
         let proxy_metrics = ProxyMetrics::register(&registry)?;
         let store: Arc<dyn TokenStore> =
             Arc::new(FileStore::open(&config.state_dir).map_err(|e| anyhow!("state.dir: {e}"))?);
-        let mut by_name = BTreeMap::new();
-        for c in &config.credentials {
-            let credential = Credential::new(
-                c.clone(),
-                store.clone(),
-                token_metrics.for_credential(&c.name),
-            )
-            .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?;
-            by_name.insert(c.name.clone(), Arc::new(credential));
-        }
-        let mut routes = Vec::new();
-        for r in &config.routes {
-            let credential = by_name.get(&r.credential).cloned().ok_or_else(|| {
-                anyhow!("route {:?}: unknown credential {:?}", r.name, r.credential)
-            })?;
-            let route = Route::new(r, credential, proxy_metrics.for_route(&r.name))
-                .map_err(|e| anyhow!(e))?;
-            routes.push((r.listen, Arc::new(route)));
-        }
-        Ok(Arc::new(Shared {
-            credentials: ArcSwap::from_pointee(by_name.into_values().collect()),
-            routes: Arc::new(ArcSwap::from_pointee(RouteTable::new(routes))),
+        let assembly = assemble(config, &[], &store, &token_metrics, &proxy_metrics)?;
+        let (refresher, tx) = Refresher::new(assembly.credentials.clone());
+        let shared = Shared {
+            credentials: ArcSwap::from_pointee(assembly.credentials),
+            routes: Arc::new(ArcSwap::from_pointee(assembly.routes)),
+            config: ArcSwap::from_pointee(config.clone()),
             registry,
             in_flight: Arc::new(InFlight::default()),
             store,
-        }))
+            token_metrics,
+            proxy_metrics,
+            refresher: tx,
+        };
+        Ok((Arc::new(shared), refresher))
     }
 
     pub fn credentials(&self) -> Guard<Arc<Vec<Arc<Credential>>>> {
@@ -88,6 +92,56 @@ impl Shared {
             .find(|c| c.name() == name)
             .cloned()
     }
+}
+
+/// Builds the credentials and route table of `config`, reusing each credential of `keep` whose
+/// settings are unchanged so it keeps its token.
+fn assemble(
+    config: &Config,
+    keep: &[Arc<Credential>],
+    store: &Arc<dyn TokenStore>,
+    token_metrics: &TokenMetrics,
+    proxy_metrics: &ProxyMetrics,
+) -> anyhow::Result<Assembly> {
+    let mut by_name = BTreeMap::new();
+    let mut created = Vec::new();
+    for c in &config.credentials {
+        let reused = keep
+            .iter()
+            .find(|old| old.name() == c.name && old.config().fingerprint == c.fingerprint)
+            .cloned();
+        let credential = match reused {
+            Some(old) => old,
+            None => {
+                let fresh = Arc::new(
+                    Credential::new(
+                        c.clone(),
+                        store.clone(),
+                        token_metrics.for_credential(&c.name),
+                    )
+                    .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?,
+                );
+                created.push(fresh.clone());
+                fresh
+            }
+        };
+        by_name.insert(c.name.clone(), credential);
+    }
+    let mut routes = Vec::new();
+    for r in &config.routes {
+        let credential = by_name
+            .get(&r.credential)
+            .cloned()
+            .ok_or_else(|| anyhow!("route {:?}: unknown credential {:?}", r.name, r.credential))?;
+        let route =
+            Route::new(r, credential, proxy_metrics.for_route(&r.name)).map_err(|e| anyhow!(e))?;
+        routes.push((r.listen, Arc::new(route)));
+    }
+    Ok(Assembly {
+        credentials: by_name.into_values().collect(),
+        created,
+        routes: RouteTable::new(routes),
+    })
 }
 
 fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
@@ -104,7 +158,7 @@ fn register_build_info(registry: &Registry) -> prometheus::Result<()> {
 
 /// SIGTERM and SIGINT both drain gracefully: a sidecar is stopped by either, and neither should
 /// cut requests in flight.
-struct TermOrInt;
+pub struct TermOrInt;
 
 #[async_trait]
 impl ShutdownSignalWatch for TermOrInt {
@@ -207,7 +261,7 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         warn!(error = %e, "cannot raise the open-file limit");
     }
-    let shared = Shared::build(&config)?;
+    let (shared, refresher) = Shared::build(&config)?;
     let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
     listeners.sort();
     listeners.dedup();
@@ -246,11 +300,10 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     admin.add_tcp(&config.admin_listen.to_string());
     server.add_service(admin);
 
+    server.add_service(background_service("token refresher", refresher));
     server.add_service(background_service(
-        "token refresher",
-        Refresher {
-            credentials: shared.credentials().to_vec(),
-        },
+        "config reloader",
+        reload::Reloader::new(shared.clone()),
     ));
     server.add_service(background_service(
         "upstream resolver",

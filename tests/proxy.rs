@@ -250,3 +250,87 @@ mod tls {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_token_is_replaced_once_and_the_request_replayed() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, "min_refresh_interval = \"1s\""),
+    );
+    tw.wait_ready().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The upstream revokes the first token long before its expiry.
+    upstream.revoke(format!("Bearer {}", provider.issued()[0]));
+
+    let client = reqwest::Client::new();
+    let posts: Vec<_> = (0..20)
+        .map(|i| {
+            let c = client.clone();
+            let url = tw.url(&format!("/orders/{i}"));
+            tokio::spawn(
+                async move { c.post(url).body(format!("order-{i}")).send().await.unwrap() },
+            )
+        })
+        .collect();
+    for (i, p) in posts.into_iter().enumerate() {
+        let r = p.await.unwrap();
+        assert_eq!(r.status(), 200, "request {i} was not replayed");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(
+            body["body_bytes"],
+            format!("order-{i}").len(),
+            "the replay carried the body"
+        );
+    }
+    assert_eq!(
+        provider.successful_calls(),
+        2,
+        "20 rejections caused one new token: {:?}",
+        provider.calls()
+    );
+    let fresh = format!("Bearer {}", provider.issued()[1]);
+    assert_eq!(
+        upstream.seen().last().unwrap().all("authorization"),
+        vec![fresh.as_str()]
+    );
+
+    // A body beyond the replay buffer cannot be sent twice: the 401 passes through, and the
+    // token is still renewed for the next request.
+    upstream.revoke(fresh);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let big = vec![b'x'; 200 * 1024];
+    let r = client
+        .post(tw.url("/upload"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        client.get(tw.url("/next")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(provider.successful_calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_that_rejects_every_token_cannot_make_tokenward_spin() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, "min_refresh_interval = \"2s\""),
+    );
+    tw.wait_ready().await;
+    upstream.revoke(format!("Bearer {}", provider.issued()[0]));
+    for _ in 0..30 {
+        assert_eq!(reqwest::get(tw.url("/x")).await.unwrap().status(), 401);
+    }
+    assert_eq!(
+        provider.call_count(),
+        1,
+        "a young token is not dropped on every 401"
+    );
+}

@@ -62,6 +62,8 @@ pub struct RouteFile {
     pub http2: Option<bool>,
     pub connect_timeout: Option<HumanDuration>,
     pub read_timeout: Option<HumanDuration>,
+    /// Upstream statuses that mean "this token was rejected" (default [401]; [] turns it off).
+    pub reauth_statuses: Option<Vec<u16>>,
 }
 
 /// Keys every credential accepts whatever its dialect: how the token is presented upstream and

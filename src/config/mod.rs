@@ -88,6 +88,7 @@ pub struct RouteConfig {
     pub http2: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub reauth_statuses: Vec<u16>,
 }
 
 /// Where a route's requests go: parsed once from `upstream = "https://host:port/base"`.
@@ -432,6 +433,13 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             );
         }
     }
+    let reauth_statuses = raw.reauth_statuses.unwrap_or_else(|| vec![401]);
+    if let Some(bad) = reauth_statuses.iter().find(|s| !(400..=499).contains(*s)) {
+        c.push(
+            format!("{key}.reauth_statuses"),
+            format!("{bad} is not a 4xx status"),
+        );
+    }
     let ca_file = raw.ca_file.map(PathBuf::from);
     if let Some(ca) = &ca_file {
         if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
@@ -455,6 +463,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             .read_timeout
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(60)),
+        reauth_statuses,
     })
 }
 

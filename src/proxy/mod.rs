@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::token::Token;
 use routing::{Route, RouteTable};
@@ -50,8 +50,13 @@ pub struct RequestCtx {
     started: Instant,
     route: Option<Arc<Route>>,
     token: Option<Arc<Token>>,
+    /// Set once the request has been replayed after the upstream rejected its token.
+    replayed: bool,
     _in_flight: InFlightGuard,
 }
+
+/// Marks the error that asks pingora to replay a request with a new token.
+const TOKEN_REJECTED: ErrorType = ErrorType::Custom("TokenRejected");
 
 #[async_trait]
 impl ProxyHttp for TokenwardProxy {
@@ -63,6 +68,7 @@ impl ProxyHttp for TokenwardProxy {
             started: Instant::now(),
             route: None,
             token: None,
+            replayed: false,
             _in_flight: InFlightGuard(self.in_flight.clone()),
         }
     }
@@ -94,6 +100,10 @@ impl ProxyHttp for TokenwardProxy {
                 respond::json(session, 503, body, Some(unavailable.retry_after)).await?;
                 return Ok(true);
             }
+        }
+        if !route.reauth_statuses.is_empty() {
+            // Keeps the first 64 KiB of the body so a rejected request can be sent again.
+            session.as_mut().enable_retry_buffering();
         }
         ctx.route = Some(route);
         Ok(false)
@@ -148,6 +158,65 @@ impl ProxyHttp for TokenwardProxy {
             upstream_request.set_uri(uri);
         }
         Ok(())
+    }
+
+    /// An upstream that rejects the token: drop it (only if it is still the current one), get a
+    /// new one through the single flight, and replay the request once when its body allows.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = response.status.as_u16();
+        let (Some(route), Some(token)) = (ctx.route.as_ref(), ctx.token.as_ref()) else {
+            return Ok(());
+        };
+        if !route.reauth_statuses.contains(&status) {
+            return Ok(());
+        }
+        let renewable = route.credential.reject(token.generation);
+        if !renewable || ctx.replayed || session.as_ref().retry_buffer_truncated() {
+            return Ok(());
+        }
+        match route.credential.token().await {
+            Ok(fresh) if fresh.generation != token.generation => {
+                info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
+                ctx.token = Some(fresh);
+                ctx.replayed = true;
+                let mut e = Error::explain(
+                    TOKEN_REJECTED,
+                    format!("upstream answered {status} to the token"),
+                );
+                e.set_retry(true);
+                Err(e)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        _ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if e.etype() == &TOKEN_REJECTED {
+            // The upstream refused the request at authentication, so it did not act on it:
+            // replaying is safe whatever the method, as long as the whole body was kept.
+            let replayable = !session.as_ref().retry_buffer_truncated();
+            e.set_retry(replayable);
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn fail_to_proxy(

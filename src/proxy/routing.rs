@@ -16,6 +16,9 @@ pub struct Route {
     pub path_prefix: Option<String>,
     pub credential: Arc<Credential>,
     pub upstream: UpstreamTarget,
+    /// Upstream statuses that mean the token was rejected: it is invalidated and the request
+    /// replayed once with a new one.
+    pub reauth_statuses: Box<[u16]>,
     pub metrics: RouteMetrics,
 }
 
@@ -35,6 +38,7 @@ impl Route {
             credential,
             upstream: UpstreamTarget::new(config)
                 .map_err(|e| format!("route {:?}: {e}", config.name))?,
+            reauth_statuses: config.reauth_statuses.clone().into_boxed_slice(),
             metrics,
         })
     }

@@ -204,6 +204,23 @@ impl Credential {
         swapped
     }
 
+    /// The upstream rejected token `generation`. Drops it if it is still current and older than
+    /// `min_refresh_interval` (an upstream that rejects every token must not make us spin), and
+    /// says whether a request that saw the rejection can expect a different token now.
+    pub fn reject(&self, generation: u64) -> bool {
+        let Some(current) = self.current.load_full() else {
+            return true;
+        };
+        if current.generation != generation {
+            return true;
+        }
+        if current.issued_at.elapsed() < self.config.timing.min_refresh_interval {
+            return false;
+        }
+        warn!(credential = %self.name, generation, "upstream rejected the token; obtaining a new one");
+        self.invalidate(Some(generation))
+    }
+
     fn held_back(&self, now: Instant) -> bool {
         let s = self.status();
         s.fatal || s.not_before.is_some_and(|t| now < t)

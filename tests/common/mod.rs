@@ -243,9 +243,12 @@ impl Seen {
 pub struct FakeUpstream {
     pub addr: Option<SocketAddr>,
     pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// Authorization values this upstream answers 401 to (a token revoked before its expiry).
+    pub revoked: Arc<Mutex<Vec<String>>>,
 }
 
-async fn upstream_handler(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Request) -> Response {
+async fn upstream_handler(State(up): State<FakeUpstream>, req: Request) -> Response {
+    let seen = up.seen.clone();
     let path = req
         .uri()
         .path_and_query()
@@ -268,6 +271,20 @@ async fn upstream_handler(State(seen): State<Arc<Mutex<Vec<Seen>>>>, req: Reques
         headers: headers.clone(),
     };
     seen.lock().unwrap().push(entry);
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    if up.revoked.lock().unwrap().contains(&auth) {
+        let _ = axum::body::to_bytes(req.into_body(), 16 << 20).await;
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_token"})),
+        )
+            .into_response();
+    }
     if let Some(ms) = path
         .strip_prefix("/slow/")
         .and_then(|s| s.parse::<u64>().ok())
@@ -288,7 +305,7 @@ impl FakeUpstream {
     pub fn router(&self) -> Router {
         Router::new()
             .fallback(any(upstream_handler))
-            .with_state(self.seen.clone())
+            .with_state(self.clone())
     }
 
     pub async fn start() -> Self {
@@ -299,6 +316,9 @@ impl FakeUpstream {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr.unwrap()
+    }
+    pub fn revoke(&self, authorization: String) {
+        self.revoked.lock().unwrap().push(authorization);
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()

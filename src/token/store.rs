@@ -81,6 +81,17 @@ impl FileStore {
                 reason: "not a directory".into(),
             });
         }
+        // A crash between writing a temporary file and renaming it leaves the temporary behind;
+        // the state file itself is intact, so the leftovers are only litter.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with('.') && name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         Ok(FileStore {
             dir: Arc::new(dir.to_path_buf()),
         })

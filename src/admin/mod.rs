@@ -32,6 +32,11 @@ fn reply_json(status: StatusCode, body: Value) -> Response<Vec<u8>> {
     reply(status, "application/json", body.to_string().into_bytes())
 }
 
+/// Seconds with millisecond precision: enough for operators and for tests of short tokens.
+fn secs_ms(d: std::time::Duration) -> f64 {
+    (d.as_millis() as f64) / 1000.0
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -56,7 +61,7 @@ pub fn credential_status(c: &Credential) -> Value {
         "last_error_class": status.last_error_class,
         "last_error_at": status.last_error_at.map(rfc3339),
         "consecutive_failures": status.consecutive_failures,
-        "next_attempt_in_s": status.not_before.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+        "next_attempt_in_s": status.not_before.map(|t| secs_ms(t.saturating_duration_since(now))),
         "persist_error": status.persist_error,
     });
     if let Some(t) = token {
@@ -65,8 +70,8 @@ pub fn credential_status(c: &Credential) -> Value {
             "obtained_via": t.kind.as_str(),
             "issued_at": rfc3339(t.issued_wall),
             "expires_at": rfc3339(t.expires_wall()),
-            "expires_in_s": t.expires_at.saturating_duration_since(now).as_secs(),
-            "refresh_in_s": t.refresh_at.saturating_duration_since(now).as_secs(),
+            "expires_in_s": secs_ms(t.expires_at.saturating_duration_since(now)),
+            "refresh_in_s": secs_ms(t.refresh_at.saturating_duration_since(now)),
         });
     }
     v

@@ -489,15 +489,19 @@ impl Credential {
     }
 }
 
-/// Exponential back-off with full jitter; a provider's `Retry-After` is a floor.
+/// Exponential back-off with full jitter while it grows; once it reaches `cap` the breaker is
+/// open and the provider gets one probe per `cap` (less a little jitter), however many requests
+/// come. A provider's `Retry-After` is a floor.
 pub fn backoff(failures: u32, cap: Duration, retry_after: Option<Duration>) -> Duration {
-    let exp = BACKOFF_BASE
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(cap);
-    let jittered = exp.mul_f64(rand::rng().random::<f64>()).max(BACKOFF_FLOOR);
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let delay = if exp >= cap {
+        cap.mul_f64(rand::rng().random_range(0.9..=1.0))
+    } else {
+        exp.mul_f64(rand::rng().random::<f64>()).max(BACKOFF_FLOOR)
+    };
     match retry_after {
-        Some(r) => jittered.max(r),
-        None => jittered,
+        Some(r) => delay.max(r),
+        None => delay,
     }
 }
 
@@ -510,6 +514,11 @@ mod tests {
         for failures in 1..40 {
             let d = backoff(failures, Duration::from_secs(2), None);
             assert!(d >= BACKOFF_FLOOR && d <= Duration::from_secs(2), "{d:?}");
+        }
+        // Open breaker: one probe per interval, not a random burst.
+        for _ in 0..100 {
+            let d = backoff(10, Duration::from_secs(2), None);
+            assert!(d >= Duration::from_millis(1800), "{d:?}");
         }
         assert!(backoff(1, Duration::from_secs(60), None) <= BACKOFF_BASE);
         assert_eq!(

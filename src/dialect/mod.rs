@@ -1,8 +1,16 @@
 //! Provider dialects: each knows how to obtain a token from one kind of provider. The token
 //! engine drives every dialect through the same [`Dialect`] trait and never knows which it has.
 
+pub mod babelbird;
+pub mod cloudreve;
+pub mod custom;
+pub mod enos_apim;
 pub mod http;
 pub mod oauth2;
+pub mod quectel_accesskey;
+pub mod quectel_enduser;
+pub mod template;
+pub mod vendor;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,7 +21,15 @@ use crate::secret::{Secret, SecretSource};
 pub use http::ProviderClient;
 
 /// Config names of every dialect, for error messages.
-pub const NAMES: &[&str] = &["oauth2"];
+pub const NAMES: &[&str] = &[
+    "oauth2",
+    "quectel-enduser",
+    "enos-apim",
+    "quectel-accesskey",
+    "babelbird",
+    "cloudreve",
+    "custom",
+];
 
 /// Builds the dialect named by `dialect = "…"` from the rest of the credential's keys.
 /// Errors are `(key, reason)` pairs relative to the credential's table.
@@ -22,10 +38,19 @@ pub fn build(
     credential: &str,
     keys: figment::value::Dict,
 ) -> Result<Arc<dyn Dialect>, Vec<(String, String)>> {
+    fn boxed<D: Dialect + 'static>(
+        d: Result<D, Vec<(String, String)>>,
+    ) -> Result<Arc<dyn Dialect>, Vec<(String, String)>> {
+        d.map(|d| Arc::new(d) as Arc<dyn Dialect>)
+    }
     match kind {
-        "oauth2" => {
-            oauth2::OAuth2::from_keys(credential, keys).map(|d| Arc::new(d) as Arc<dyn Dialect>)
-        }
+        "oauth2" => boxed(oauth2::OAuth2::from_keys(credential, keys)),
+        "quectel-enduser" => boxed(quectel_enduser::QuectelEnduser::from_keys(keys)),
+        "enos-apim" => boxed(enos_apim::EnosApim::from_keys(keys)),
+        "quectel-accesskey" => boxed(quectel_accesskey::QuectelAccessKey::from_keys(keys)),
+        "babelbird" => boxed(babelbird::BabelBird::from_keys(keys)),
+        "cloudreve" => boxed(cloudreve::Cloudreve::from_keys(keys)),
+        "custom" => boxed(custom::Custom::from_keys(keys)),
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),
@@ -160,6 +185,35 @@ pub trait Dialect: Send + Sync {
         None
     }
 
+    /// A per-request hook for providers that want each upstream request signed (EnOS APIM). The
+    /// proxy buffers the request body up to the signer's bound for these credentials only, and
+    /// sends the signer's headers in place of the credential's `header`.
+    fn request_signer(&self) -> Option<Arc<dyn RequestSigner>> {
+        None
+    }
+
     /// Obtains a token: a refresh when `held.refresh_token` is set, otherwise a login.
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError>;
+}
+
+/// The per-request part of the request that a [`RequestSigner`] sees.
+pub struct SignInput<'a> {
+    /// The raw query string (without `?`), if any.
+    pub query: Option<&'a str>,
+    /// The whole request body exactly as it is sent upstream.
+    pub body: &'a [u8],
+}
+
+/// Computes the headers of one upstream request from the current token, its query and its body.
+pub trait RequestSigner: Send + Sync {
+    /// The largest request body this signer buffers; larger requests are answered 413.
+    fn max_body_bytes(&self) -> usize;
+
+    /// The headers to send upstream (they replace the credential's presentation header). The
+    /// error names what is missing (e.g. an unreadable secret), never a value.
+    fn sign(
+        &self,
+        token: &Secret,
+        input: &SignInput<'_>,
+    ) -> Result<Vec<(::http::HeaderName, ::http::HeaderValue)>, String>;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit tests, black-box tests of the binary against fake
-# providers and upstreams (and a real Prometheus), and offline validation of every deployment
-# artifact. Installs whatever a fresh machine lacks first.
+# providers and upstreams (and a real Prometheus), a bounded run of every fuzz target, and
+# offline validation of every deployment artifact. Installs whatever a fresh machine lacks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,4 +10,5 @@ cargo fmt --all -- --check
 # Benches and every test target build in the dev profile, so a broken benchmark fails here too.
 cargo build --all-targets --locked
 cargo nextest run --locked --no-fail-fast
+scripts/fuzz.sh
 scripts/validate-deploy.sh

@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod dialect;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proxy;
 pub mod secret;
 pub mod server;

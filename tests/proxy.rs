@@ -334,3 +334,104 @@ async fn an_upstream_that_rejects_every_token_cannot_make_tokenward_spin() {
         "a young token is not dropped on every 401"
     );
 }
+
+/// An upstream that accepts an HTTP/1.1 Upgrade and then echoes bytes, as a WebSocket server does
+/// after its handshake.
+async fn upgrade_echo_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let head = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = head.clone();
+    tokio::spawn(async move {
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
+        let mut buf = vec![0u8; 8192];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        *seen.lock().unwrap() = String::from_utf8_lossy(&got).to_string();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+        for _ in 0..3 {
+            let n = s.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    (addr, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn websocket_upgrades_pass_with_the_token() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = FakeProvider::start(300, false, None).await;
+    let (addr, head) = upgrade_echo_upstream().await;
+    let tw = Tokenward::start(&format!("http://{addr}"), &oauth2_keys(&provider, ""));
+    tw.wait_ready().await;
+    let mut s = tokio::net::TcpStream::connect(tw.proxy).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    for msg in [&b"hello"[..], b"frames both ways"] {
+        s.write_all(msg).await.unwrap();
+        let mut got = Vec::new();
+        while got.len() < msg.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "upgraded stream closed");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, msg);
+    }
+    let head = head.lock().unwrap().to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("authorization: bearer {}", provider.issued()[0])),
+        "{head}"
+    );
+    assert!(head.contains("upgrade: websocket"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_bodies_stream_both_ways() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, ""),
+    );
+    tw.wait_ready().await;
+    let client = reqwest::Client::new();
+    let upload = vec![7u8; 12 << 20];
+    let r = client
+        .put(tw.url("/upload"))
+        .body(upload)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["body_bytes"], 12 << 20);
+    let r = client.get(tw.url("/bytes/9000000")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().len(), 9_000_000);
+}

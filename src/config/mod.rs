@@ -244,6 +244,19 @@ impl Config {
         let raw: FileConfig = figment.extract().map_err(|e| figment_errors(&file, e))?;
         validate(path, raw)
     }
+
+    /// Parses and validates config text with no environment overrides; `name` stands for the
+    /// file in errors. For tools and fuzzing: it touches no file.
+    pub fn parse(name: &Path, text: &str, yaml: bool) -> Result<Config, ConfigErrors> {
+        let figment = if yaml {
+            Figment::from(Yaml::string(text))
+        } else {
+            Figment::from(Toml::string(text))
+        };
+        let file = name.display().to_string();
+        let raw: FileConfig = figment.extract().map_err(|e| figment_errors(&file, e))?;
+        validate(name, raw)
+    }
 }
 
 fn figment_errors(file: &str, errors: figment::Error) -> ConfigErrors {

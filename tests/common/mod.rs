@@ -285,6 +285,12 @@ async fn upstream_handler(State(up): State<FakeUpstream>, req: Request) -> Respo
         )
             .into_response();
     }
+    if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        return (StatusCode::OK, vec![b'b'; n.min(64 << 20)]).into_response();
+    }
     if let Some(ms) = path
         .strip_prefix("/slow/")
         .and_then(|s| s.parse::<u64>().ok())

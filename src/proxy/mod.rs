@@ -5,6 +5,7 @@
 pub mod metrics;
 pub mod respond;
 pub mod routing;
+pub mod signing;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
@@ -52,6 +54,8 @@ pub struct RequestCtx {
     token: Option<Arc<Token>>,
     /// Set once the request has been replayed after the upstream rejected its token.
     replayed: bool,
+    /// For credentials that sign each request: the signer and the whole buffered body.
+    signed: Option<signing::Signed>,
     _in_flight: InFlightGuard,
 }
 
@@ -69,6 +73,7 @@ impl ProxyHttp for TokenwardProxy {
             route: None,
             token: None,
             replayed: false,
+            signed: None,
             _in_flight: InFlightGuard(self.in_flight.clone()),
         }
     }
@@ -101,7 +106,19 @@ impl ProxyHttp for TokenwardProxy {
                 return Ok(true);
             }
         }
-        if !route.reauth_statuses.is_empty() {
+        if let Some(signer) = route.credential.config().dialect.request_signer() {
+            // The signature covers the body, so the whole body is read before any header goes
+            // upstream (and kept, so a rejected request can be replayed too).
+            match signing::buffer_body(session, signer).await? {
+                Ok(signed) => ctx.signed = Some(signed),
+                Err(refusal) => {
+                    let (status, body) = refusal.response(&route.name);
+                    ctx.route = Some(route);
+                    respond::json(session, status, body, None).await?;
+                    return Ok(true);
+                }
+            }
+        } else if !route.reauth_statuses.is_empty() {
             // Keeps the first 64 KiB of the body so a rejected request can be sent again.
             session.as_mut().enable_retry_buffering();
         }
@@ -138,8 +155,13 @@ impl ProxyHttp for TokenwardProxy {
             return Error::e_explain(ErrorType::InternalError, "no token for this request");
         };
         upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
-        let (name, value) = token.header();
-        upstream_request.insert_header(name.clone(), value.clone())?;
+        match &ctx.signed {
+            Some(signed) => signed.apply(token, upstream_request)?,
+            None => {
+                let (name, value) = token.header();
+                upstream_request.insert_header(name.clone(), value.clone())?;
+            }
+        }
         // An absolute-form target names another host: send only its path, to our upstream.
         let absolute = !upstream_request.raw_path().starts_with(b"/")
             || upstream_request.uri.authority().is_some();
@@ -156,6 +178,21 @@ impl ProxyHttp for TokenwardProxy {
                 )
             })?;
             upstream_request.set_uri(uri);
+        }
+        Ok(())
+    }
+
+    /// For signed requests the body was read in `request_filter`; pingora then replays what it
+    /// kept of it here (see `signing`), and the whole buffered body is sent in its place.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(signed) = &ctx.signed {
+            signed.substitute(body, end_of_stream);
         }
         Ok(())
     }

@@ -1,0 +1,187 @@
+//! Requests whose credential signs each request over its query and body (EnOS APIM).
+//!
+//! The signature goes into headers, and headers go upstream before the body, so the body is read
+//! whole in `request_filter`, up to the signer's bound (larger ones get a 413 without being read).
+//!
+//! How the buffered body reaches the upstream, in pingora 0.9: once the downstream body is read,
+//! pingora does not read it again; it sends whatever its *retry buffer* holds (at most 64 KiB;
+//! a larger body truncates it and nothing is sent) through `request_body_filter`, and when the
+//! body is empty it calls the filter with `None`. So the retry buffer is switched on only for
+//! the last ≤ 64 KiB of the body — from the start for small bodies, once the bytes left to read
+//! (known from Content-Length) fit for larger ones — and `request_body_filter` replaces that
+//! tail with the whole buffered body. The same happens when a rejected request is replayed. A
+//! chunked body (no Content-Length) larger than 64 KiB cannot be placed that way and gets a 411.
+//! The upstream request carries `Content-Length` = the buffered length and no
+//! `Transfer-Encoding`, and no `Expect` (the body is already here).
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use serde_json::json;
+
+use crate::dialect::{RequestSigner, SignInput};
+use crate::token::Token;
+
+/// pingora's retry buffer (`BODY_BUF_LIMIT` in pingora-core 0.9): what it replays by itself.
+pub const RETRY_BUFFER: usize = 64 * 1024;
+
+/// A signed request's signer and its whole body.
+pub struct Signed {
+    signer: Arc<dyn RequestSigner>,
+    body: Bytes,
+    /// The client sent a body (Content-Length or chunked), even an empty one.
+    had_body: bool,
+}
+
+/// Why a signed request is refused before it goes upstream.
+pub enum Refusal {
+    TooLarge {
+        limit: usize,
+    },
+    LengthRequired,
+    /// The body arrived in a way that left nothing for pingora to replay (not seen in practice).
+    NotStaged,
+}
+
+impl Refusal {
+    pub fn response(&self, route: &str) -> (u16, serde_json::Value) {
+        match self {
+            Refusal::TooLarge { limit } => (
+                413,
+                json!({
+                    "error": "body_too_large",
+                    "route": route,
+                    "limit_bytes": limit,
+                    "message": format!("this route signs each request over its body, which is buffered up to {limit} bytes; this body is larger"),
+                }),
+            ),
+            Refusal::NotStaged => (
+                500,
+                json!({
+                    "error": "proxy_error",
+                    "route": route,
+                    "message": "the request body could not be staged for signing",
+                }),
+            ),
+            Refusal::LengthRequired => (
+                411,
+                json!({
+                    "error": "length_required",
+                    "route": route,
+                    "message": format!("this route signs each request over its body; a body over {RETRY_BUFFER} bytes needs a Content-Length"),
+                }),
+            ),
+        }
+    }
+}
+
+fn content_length(session: &Session) -> Option<usize> {
+    session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Reads the whole request body, bounded by the signer's limit.
+pub async fn buffer_body(
+    session: &mut Session,
+    signer: Arc<dyn RequestSigner>,
+) -> Result<std::result::Result<Signed, Refusal>> {
+    let limit = signer.max_body_bytes();
+    let declared = content_length(session);
+    if declared.is_some_and(|n| n > limit) {
+        return Ok(Err(Refusal::TooLarge { limit }));
+    }
+    let headers = &session.req_header().headers;
+    let had_body = declared.is_some() || headers.contains_key(http::header::TRANSFER_ENCODING);
+    let expects_continue = headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let downstream = session.as_mut();
+    if downstream.is_body_empty() {
+        return Ok(Ok(Signed {
+            signer,
+            body: Bytes::new(),
+            had_body,
+        }));
+    }
+    if expects_continue {
+        downstream.write_continue_response().await?;
+    }
+    let mut buf = BytesMut::new();
+    let mut buffering = false;
+    loop {
+        // Only the tail goes into pingora's retry buffer (see the module docs).
+        let left = declared.map(|n| n.saturating_sub(buf.len()));
+        if !buffering && left.is_none_or(|l| l <= RETRY_BUFFER) {
+            downstream.enable_retry_buffering();
+            buffering = true;
+        }
+        match downstream.read_request_body().await? {
+            Some(chunk) => {
+                if buf.len() + chunk.len() > limit {
+                    return Ok(Err(Refusal::TooLarge { limit }));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            None => break,
+        }
+    }
+    if !buf.is_empty() && downstream.get_retry_buffer().is_none() {
+        // Nothing pingora would replay, so the body could not be sent: refuse rather than hang.
+        return Ok(Err(if declared.is_none() {
+            Refusal::LengthRequired
+        } else {
+            Refusal::NotStaged
+        }));
+    }
+    Ok(Ok(Signed {
+        signer,
+        body: buf.freeze(),
+        had_body,
+    }))
+}
+
+impl Signed {
+    /// Writes the signer's headers (in place of the credential's presentation header) and
+    /// frames the body as it will be sent.
+    pub fn apply(&self, token: &Token, request: &mut RequestHeader) -> Result<()> {
+        let headers = self
+            .signer
+            .sign(
+                token.value(),
+                &SignInput {
+                    query: request.uri.query(),
+                    body: &self.body,
+                },
+            )
+            .map_err(|reason| {
+                Error::explain(
+                    ErrorType::InternalError,
+                    format!("cannot sign the request: {reason}"),
+                )
+            })?;
+        for (name, value) in headers {
+            request.insert_header(name, value)?;
+        }
+        request.remove_header(&http::header::EXPECT);
+        if self.had_body || !self.body.is_empty() {
+            request.remove_header(&http::header::TRANSFER_ENCODING);
+            request.insert_header(http::header::CONTENT_LENGTH, self.body.len().to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Replaces what pingora replays from its retry buffer with the whole body.
+    pub fn substitute(&self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        *body = if end_of_stream {
+            (!self.body.is_empty()).then(|| self.body.clone())
+        } else {
+            Some(Bytes::new())
+        };
+    }
+}

@@ -276,6 +276,51 @@ async fn enos_apim_signs_every_request_over_query_and_body() {
         "{seen:?}"
     );
     assert_eq!(seen.len(), 4);
+    // A chunked body over the 64 KiB pingora keeps for replays cannot be staged: a clear 411.
+    let mut chunked = b"POST /api/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 30_000).as_bytes());
+        chunked.extend_from_slice(&vec![b'c'; 30_000]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let reply = raw_http(tw.proxy, &chunked).await;
+    assert!(reply.starts_with("HTTP/1.1 411"), "{reply}");
+    assert!(reply.contains("length_required"), "{reply}");
+    no_leaks(&tw, &v, &[ENOS_SECRET]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enos_apim_replays_a_rejected_signed_request_with_its_whole_body_and_a_new_signature() {
+    let v = enos(300).await;
+    let (up, seen) = enos_upstream(v.clone()).await;
+    let keys = format!(
+        "dialect = \"enos-apim\"\nbase_url = \"{}\"\napp_key = \"{ENOS_KEY}\"\napp_secret = \"{ENOS_SECRET}\"\n{FAST}",
+        v.base_url()
+    );
+    let tw = Tokenward::start(&format!("http://{up}"), &keys);
+    tw.wait_ready().await;
+    // Older than min_refresh_interval, so a rejection may replace it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The gateway forgets the token: the upstream answers 401, tokenward gets a new token
+    // (refresh refused with 1203, then get) and replays the request, body and all.
+    v.forget_access();
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+    let r = reqwest::Client::new()
+        .post(tw.url("/api/replay?x=1"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let reply: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(reply["body_sha256"], sha256_hex(&body));
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(!seen[0].signature_ok && seen[1].signature_ok);
+    assert_ne!(seen[0].token, seen[1].token);
+    assert!(seen.iter().all(|s| s.body_len == 100_000));
+    assert_eq!(v.count("login"), 2);
     no_leaks(&tw, &v, &[ENOS_SECRET]).await;
 }
 

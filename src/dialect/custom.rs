@@ -332,7 +332,7 @@ impl Request {
             for s in t.secret_names() {
                 if !secrets.contains_key(&s) {
                     errors.push((
-                        format!("{name}"),
+                        name.to_string(),
                         format!("uses secret.{s}, which is not in `secrets`"),
                     ));
                 }

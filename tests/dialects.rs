@@ -508,14 +508,14 @@ async fn babelbird_session(custom: bool) -> (Vec<String>, Vec<String>) {
     // The operator writes a new bootstrap token: tokenward notices the file and starts a new chain.
     let boot2 = format!("rt-boot2-{}", rand_hex());
     v.accept_refresh(&boot2);
-    let calls = v.calls().len();
+    let generation = token_status(&tw).await["token"]["generation"].as_u64();
     secret_file(dir.path(), "babelbird_refresh_token", &boot2);
-    wait_until(
-        "a refresh from the new bootstrap",
-        Duration::from_secs(5),
-        || v.calls().len() > calls,
-    )
-    .await;
+    // The provider having seen the call is not enough: wait until tokenward serves its answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while token_status(&tw).await["token"]["generation"].as_u64() == generation {
+        assert!(Instant::now() < deadline, "no token from the new bootstrap");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     tw.wait_ready().await;
     through(&tw, "/four").await;
     // An invalid client secret (picked up from its file) is fatal at once.

@@ -276,7 +276,12 @@ async fn a_rejected_token_is_replaced_once_and_the_request_replayed() {
         .collect();
     for (i, p) in posts.into_iter().enumerate() {
         let r = p.await.unwrap();
-        assert_eq!(r.status(), 200, "request {i} was not replayed");
+        assert_eq!(
+            r.status(),
+            200,
+            "request {i} was not replayed; logs:\n{}",
+            tw.logs()
+        );
         let body: serde_json::Value = r.json().await.unwrap();
         assert_eq!(
             body["body_bytes"],

@@ -217,8 +217,12 @@ impl Credential {
         if current.issued_at.elapsed() < self.config.timing.min_refresh_interval {
             return false;
         }
-        warn!(credential = %self.name, generation, "upstream rejected the token; obtaining a new one");
-        self.invalidate(Some(generation))
+        // Losing the compare-and-swap to a concurrent rejection of the same token is fine: either
+        // way the token is gone and a new one is on its way.
+        if self.invalidate(Some(generation)) {
+            warn!(credential = %self.name, generation, "upstream rejected the token; obtaining a new one");
+        }
+        true
     }
 
     fn held_back(&self, now: Instant) -> bool {

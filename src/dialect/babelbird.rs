@@ -58,7 +58,7 @@ impl BabelBird {
 }
 
 /// A successful answer: HTTP 2xx with `access_token`.
-fn parse_success(body: &Value) -> Result<Grant, DialectError> {
+pub(crate) fn parse_success(body: &Value) -> Result<Grant, DialectError> {
     Ok(Grant {
         kind: GrantKind::Refresh,
         access_token: vendor::token_at(body, "/access_token", "access_token")?,
@@ -74,7 +74,7 @@ fn parse_success(body: &Value) -> Result<Grant, DialectError> {
 
 /// An OAuth2-style error (`error` / `error_description`): `invalid_grant` means the refresh token
 /// is dead; anything else that is not a server-side hiccup is fatal.
-fn parse_failure(response: &ProviderResponse) -> DialectError {
+pub(crate) fn parse_failure(response: &ProviderResponse) -> DialectError {
     if let Some(e) = vendor::transient_status(response) {
         return e;
     }

@@ -67,7 +67,7 @@ impl Cloudreve {
 }
 
 /// The pair is under `data.token` after a login and directly under `data` after a refresh.
-fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
+pub(crate) fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
     let base = match kind {
         GrantKind::Login => "/data/token",
         GrantKind::Refresh => "/data",

@@ -137,7 +137,7 @@ impl EnosApim {
     }
 }
 
-fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
+pub(crate) fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
     Ok(Grant {
         kind,
         access_token: vendor::token_at(body, "/data/accessToken", "data.accessToken")?,

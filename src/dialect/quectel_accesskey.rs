@@ -130,7 +130,7 @@ impl QuectelAccessKey {
 /// The token and its lifetime. The docs disagree on the lifetime (2 h vs 86400 s) and on the
 /// field (`expires_in` number, `expire_in` string): when the token is a JWT its `exp` decides
 /// (the engine reads it), otherwise whichever field is present.
-fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
+pub(crate) fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
     let access_token = vendor::token_at(body, "/access_token", "access_token")?;
     let expires = if crate::token::jwt::expiry(access_token.expose()).is_some() {
         Expiry::Unknown

@@ -195,7 +195,7 @@ impl QuectelEnduser {
 }
 
 /// Reads the token pair from a successful answer (login and refresh alike).
-fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
+pub(crate) fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, DialectError> {
     let access_token = vendor::token_at(body, "/data/accessToken/token", "data.accessToken.token")?;
     let expires = vendor::parse_expiry(
         body,

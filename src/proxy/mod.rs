@@ -94,6 +94,13 @@ impl ProxyHttp for TokenwardProxy {
         match route.credential.token().await {
             Ok(token) => ctx.token = Some(token),
             Err(unavailable) => {
+                warn!(
+                    route = %route.name,
+                    credential = %unavailable.credential,
+                    reason = %unavailable.reason,
+                    retry_after_s = unavailable.retry_after.as_secs(),
+                    "request refused: no valid token"
+                );
                 let body = json!({
                     "error": "token_unavailable",
                     "route": &*route.name,

@@ -289,12 +289,7 @@ async fn outage_longer_than_several_lifetimes_under_steady_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_clients_cannot_reach_another_host_or_the_token() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, ""),
-    );
+    let (provider, upstream, tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     let proxy = tw.proxy;
     let raw = move |request: Vec<u8>| {

@@ -152,12 +152,7 @@ async fn a_rotated_secret_file_is_picked_up_without_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn admin_refresh_and_invalidate() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, ""),
-    );
+    let (provider, upstream, tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     let client = reqwest::Client::new();
 
@@ -233,12 +228,7 @@ async fn admin_refresh_and_invalidate() {
 async fn a_real_prometheus_scrapes_tokenward() {
     let prometheus =
         which("prometheus").expect("the prometheus binary (scripts/install-deps.sh installs it)");
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, ""),
-    );
+    let (_provider, _upstream, tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     reqwest::get(tw.url("/warm")).await.unwrap();
 

@@ -115,12 +115,7 @@ async fn unreachable_upstream_gives_a_json_502() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_drains_requests_in_flight() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let mut tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, ""),
-    );
+    let (_provider, _upstream, mut tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     let slow = tokio::spawn(reqwest::get(tw.url("/slow/1500")));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -253,12 +248,7 @@ mod tls {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rejected_token_is_replaced_once_and_the_request_replayed() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, "min_refresh_interval = \"1s\""),
-    );
+    let (provider, upstream, tw) = oauth2_setup(300, "min_refresh_interval = \"1s\"").await;
     tw.wait_ready().await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // The upstream revokes the first token long before its expiry.
@@ -322,12 +312,7 @@ async fn a_rejected_token_is_replaced_once_and_the_request_replayed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_that_rejects_every_token_cannot_make_tokenward_spin() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, "min_refresh_interval = \"2s\""),
-    );
+    let (provider, upstream, tw) = oauth2_setup(300, "min_refresh_interval = \"2s\"").await;
     tw.wait_ready().await;
     upstream.revoke(format!("Bearer {}", provider.issued()[0]));
     for _ in 0..30 {
@@ -418,12 +403,7 @@ async fn websocket_upgrades_pass_with_the_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn large_bodies_stream_both_ways() {
-    let provider = FakeProvider::start(300, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(&provider, ""),
-    );
+    let (_provider, _upstream, tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     let client = reqwest::Client::new();
     let upload = vec![7u8; 12 << 20];

@@ -384,6 +384,18 @@ pub fn oauth2_keys(provider: &FakeProvider, extra: &str) -> String {
     )
 }
 
+/// The common setup: a fake provider issuing `lifetime_s` tokens, a fake upstream, and
+/// tokenward in front of it with an `oauth2` credential plus the `extra` TOML lines.
+pub async fn oauth2_setup(lifetime_s: u64, extra: &str) -> (FakeProvider, FakeUpstream, Tokenward) {
+    let provider = FakeProvider::start(lifetime_s, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, extra),
+    );
+    (provider, upstream, tw)
+}
+
 impl Tokenward {
     /// Starts tokenward with one route to `upstream` and credential keys `credential`.
     pub fn start(upstream: &str, credential: &str) -> Self {

@@ -51,10 +51,26 @@ fn shipped_configs() -> Vec<PathBuf> {
     out
 }
 
+/// The tokenward.toml embedded in the Kubernetes ConfigMap, written out so `check` can read it.
+fn configmap_config(dir: &Path) -> PathBuf {
+    use figment::providers::Format;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data: std::collections::BTreeMap<String, String> = figment::Figment::from(
+        figment::providers::Yaml::file_exact(root.join("deploy/kubernetes/configmap.yaml")),
+    )
+    .extract_inner("data")
+    .expect("deploy/kubernetes/configmap.yaml has a data section");
+    let path = dir.join("configmap-tokenward.toml");
+    std::fs::write(&path, &data["tokenward.toml"]).unwrap();
+    path
+}
+
 #[test]
 fn check_passes_on_every_shipped_config() {
-    let configs = shipped_configs();
-    assert!(configs.len() >= 4, "{configs:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut configs = shipped_configs();
+    configs.push(configmap_config(dir.path()));
+    assert!(configs.len() >= 10, "{configs:?}");
     for path in configs {
         let out = tokenward(&[
             "check",

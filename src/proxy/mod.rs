@@ -79,14 +79,11 @@ impl ProxyHttp for TokenwardProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let route = {
-            let req = session.req_header();
-            let host = routing::request_host(req);
-            self.table
-                .load()
-                .find(self.listener, host.as_deref(), req.uri.path())
-                .cloned()
-        };
+        let route = self
+            .table
+            .load()
+            .find_for(self.listener, session.req_header())
+            .cloned();
         let Some(route) = route else {
             respond::json(session, 404, json!({"error": "no_route", "message": "no route matches this request's host and path"}), None).await?;
             return Ok(true);

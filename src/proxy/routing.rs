@@ -85,17 +85,21 @@ impl RouteTable {
         RouteTable { by_listener }
     }
 
-    /// `host` is the request's host name, lower-case and without port.
-    pub fn find(
+    /// The route for a request on `listener`. The Host is only read (and lower-cased, which
+    /// allocates) when a route on that listener matches on it.
+    pub fn find_for(
         &self,
         listener: SocketAddr,
-        host: Option<&str>,
-        path: &str,
+        req: &pingora::http::RequestHeader,
     ) -> Option<&Arc<Route>> {
-        self.by_listener
-            .get(&listener)?
-            .iter()
-            .find(|r| r.matches(host, path))
+        let routes = self.by_listener.get(&listener)?;
+        let host = if routes.iter().any(|r| r.host.is_some()) {
+            request_host(req)
+        } else {
+            None
+        };
+        let path = req.uri.path();
+        routes.iter().find(|r| r.matches(host.as_deref(), path))
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {

@@ -93,7 +93,8 @@ impl RouteTable {
         req: &pingora::http::RequestHeader,
     ) -> Option<&Arc<Route>> {
         let routes = self.by_listener.get(&listener)?;
-        let host = if routes.iter().any(|r| r.host.is_some()) {
+        // Routes that match on Host sort first, so the first route says whether any does.
+        let host = if routes.first().is_some_and(|r| r.host.is_some()) {
             request_host(req)
         } else {
             None

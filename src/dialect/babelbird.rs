@@ -43,13 +43,18 @@ impl BabelBird {
         if k.client_id.contains(':') {
             errors.push(("client_id".into(), "must not contain ':'".into()));
         }
-        let refresh_path = k.refresh_path.unwrap_or_else(|| REFRESH_PATH.into());
-        vendor::check_path("refresh_path", &refresh_path, &mut errors);
+        let refresh_url = vendor::endpoint(
+            &k.base_url,
+            "refresh_path",
+            k.refresh_path,
+            REFRESH_PATH,
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(BabelBird {
-            refresh_url: vendor::join_url(&k.base_url, &refresh_path),
+            refresh_url,
             client_id: k.client_id,
             client_secret: k.client_secret,
             bootstrap: k.refresh_token,

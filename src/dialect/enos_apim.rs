@@ -69,10 +69,14 @@ impl EnosApim {
         let mut errors = Vec::new();
         vendor::check_base_url(&k.base_url, &mut errors);
         vendor::check_non_empty("app_key", &k.app_key, &mut errors);
-        let get_path = k.get_path.unwrap_or_else(|| GET_PATH.into());
-        let refresh_path = k.refresh_path.unwrap_or_else(|| REFRESH_PATH.into());
-        vendor::check_path("get_path", &get_path, &mut errors);
-        vendor::check_path("refresh_path", &refresh_path, &mut errors);
+        let get_url = vendor::endpoint(&k.base_url, "get_path", k.get_path, GET_PATH, &mut errors);
+        let refresh_url = vendor::endpoint(
+            &k.base_url,
+            "refresh_path",
+            k.refresh_path,
+            REFRESH_PATH,
+            &mut errors,
+        );
         let max_body = k.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY as u64);
         if max_body > MAX_MAX_BODY as u64 {
             errors.push((
@@ -84,8 +88,8 @@ impl EnosApim {
             return Err(errors);
         }
         Ok(EnosApim {
-            get_url: vendor::join_url(&k.base_url, &get_path),
-            refresh_url: vendor::join_url(&k.base_url, &refresh_path),
+            get_url,
+            refresh_url,
             app_key: k.app_key,
             signer: Arc::new(Signer {
                 app_secret: k.app_secret.clone(),

@@ -60,16 +60,26 @@ impl QuectelAccessKey {
         if k.access_key.contains(['&', '=']) {
             errors.push(("access_key".into(), "must not contain '&' or '='".into()));
         }
-        let login_path = k.login_path.unwrap_or_else(|| LOGIN_PATH.into());
-        let refresh_path = k.refresh_path.unwrap_or_else(|| REFRESH_PATH.into());
-        vendor::check_path("login_path", &login_path, &mut errors);
-        vendor::check_path("refresh_path", &refresh_path, &mut errors);
+        let login_url = vendor::endpoint(
+            &k.base_url,
+            "login_path",
+            k.login_path,
+            LOGIN_PATH,
+            &mut errors,
+        );
+        let refresh_url = vendor::endpoint(
+            &k.base_url,
+            "refresh_path",
+            k.refresh_path,
+            REFRESH_PATH,
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(errors);
         }
         Ok(QuectelAccessKey {
-            login_url: vendor::join_url(&k.base_url, &login_path),
-            refresh_url: vendor::join_url(&k.base_url, &refresh_path),
+            login_url,
+            refresh_url,
             access_key: k.access_key,
             access_secret: k.access_secret,
             scope: k.scope,

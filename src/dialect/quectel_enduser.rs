@@ -149,14 +149,24 @@ impl QuectelEnduser {
             Some(Account::Phone { .. }) => PHONE_LOGIN_PATH,
             _ => EMAIL_LOGIN_PATH,
         };
-        let login_path = k.login_path.unwrap_or_else(|| default_login.into());
-        let refresh_path = k.refresh_path.unwrap_or_else(|| REFRESH_PATH.into());
-        vendor::check_path("login_path", &login_path, &mut errors);
-        vendor::check_path("refresh_path", &refresh_path, &mut errors);
+        let login_url = vendor::endpoint(
+            &k.base_url,
+            "login_path",
+            k.login_path,
+            default_login,
+            &mut errors,
+        );
+        let refresh_url = vendor::endpoint(
+            &k.base_url,
+            "refresh_path",
+            k.refresh_path,
+            REFRESH_PATH,
+            &mut errors,
+        );
         match account {
             Some(account) if errors.is_empty() => Ok(QuectelEnduser {
-                login_url: vendor::join_url(&k.base_url, &login_path),
-                refresh_url: vendor::join_url(&k.base_url, &refresh_path),
+                login_url,
+                refresh_url,
                 account,
                 password: k.password,
                 user_domain: k.user_domain,

@@ -297,6 +297,20 @@ pub fn check_base_url(value: &str, errors: &mut Vec<(String, String)>) {
     }
 }
 
+/// The URL of one vendor endpoint: `base_url` joined with the configured `key` (a path) or the
+/// vendor's default path, which is checked like any configured one.
+pub fn endpoint(
+    base_url: &str,
+    key: &str,
+    configured: Option<String>,
+    default: &str,
+    errors: &mut Vec<(String, String)>,
+) -> String {
+    let path = configured.unwrap_or_else(|| default.to_string());
+    check_path(key, &path, errors);
+    join_url(base_url, &path)
+}
+
 /// Validates a `*_path` key.
 pub fn check_path(key: &str, value: &str, errors: &mut Vec<(String, String)>) {
     if !value.starts_with('/') || value.contains(['?', '#', ' ']) {

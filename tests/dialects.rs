@@ -417,9 +417,17 @@ async fn quectel_accesskey_same_token_within_window_is_success_without_spinning(
             .any(|c| c.kind == "refresh" && c.outcome == "ok")
     })
     .await;
-    let (status, now) = through(&tw, "/c").await;
-    assert_eq!(status, 200);
-    assert_ne!(now.unwrap(), first);
+    // Served once tokenward has read the provider's answer, a moment after the provider sent it.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, now) = through(&tw, "/c").await;
+        assert_eq!(status, 200);
+        if now.as_deref() != Some(first.as_str()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new token is not served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The key is disabled: refresh fails, the login fails too, and that is final.
     v.fail_refresh(Some("4030"));
     v.fail_login(Some("4030"));

@@ -102,6 +102,13 @@ impl CommonCredentialFile {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HumanDuration(pub Duration);
 
+impl HumanDuration {
+    /// The configured duration, or `default` when the key is absent.
+    pub fn or(value: Option<Self>, default: Duration) -> Duration {
+        value.map_or(default, |d| d.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]

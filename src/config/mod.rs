@@ -309,15 +309,11 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         file: path.display().to_string(),
         errors: Vec::new(),
     };
-    let dur = |d: Option<HumanDuration>, default: u64| {
-        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
-    };
-
     let threads = raw.server.threads.unwrap_or(2);
     if threads == 0 || threads > 256 {
         c.push("server.threads", "must be between 1 and 256");
     }
-    let grace_period = dur(raw.server.grace_period, 10);
+    let grace_period = HumanDuration::or(raw.server.grace_period, Duration::from_secs(10));
     let log_format = match raw.log.format.as_deref().unwrap_or("text") {
         "text" => LogFormat::Text,
         "json" => LogFormat::Json,
@@ -468,14 +464,8 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         path_prefix: raw.path_prefix,
         ca_file,
         http2: raw.http2.unwrap_or(true),
-        connect_timeout: raw
-            .connect_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(5)),
-        read_timeout: raw
-            .read_timeout
-            .map(|d| d.0)
-            .unwrap_or(Duration::from_secs(60)),
+        connect_timeout: HumanDuration::or(raw.connect_timeout, Duration::from_secs(5)),
+        read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
         reauth_statuses,
     })
 }
@@ -587,29 +577,15 @@ fn validate_credential(
         }
     };
     let defaults = Timing::default();
+    let or = HumanDuration::or;
     let timing = Timing {
-        default_lifetime: common
-            .default_lifetime
-            .map(|d| d.0)
-            .unwrap_or(defaults.default_lifetime),
+        default_lifetime: or(common.default_lifetime, defaults.default_lifetime),
         refresh_at: common.refresh_at.unwrap_or(defaults.refresh_at),
-        expiry_margin: common
-            .expiry_margin
-            .map(|d| d.0)
-            .unwrap_or(defaults.expiry_margin),
-        min_refresh_interval: common
-            .min_refresh_interval
-            .map(|d| d.0)
-            .unwrap_or(defaults.min_refresh_interval),
-        max_backoff: common
-            .max_backoff
-            .map(|d| d.0)
-            .unwrap_or(defaults.max_backoff),
-        probe_interval: common
-            .probe_interval
-            .map(|d| d.0)
-            .unwrap_or(defaults.probe_interval),
-        timeout: common.timeout.map(|d| d.0).unwrap_or(defaults.timeout),
+        expiry_margin: or(common.expiry_margin, defaults.expiry_margin),
+        min_refresh_interval: or(common.min_refresh_interval, defaults.min_refresh_interval),
+        max_backoff: or(common.max_backoff, defaults.max_backoff),
+        probe_interval: or(common.probe_interval, defaults.probe_interval),
+        timeout: or(common.timeout, defaults.timeout),
     };
     if !(timing.refresh_at > 0.0 && timing.refresh_at < 1.0) {
         c.push(

@@ -79,15 +79,11 @@ async fn a_thousand_concurrent_requests_on_a_cold_cache_cause_one_provider_call(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refreshes_ahead_of_expiry_without_making_requests_wait() {
-    let provider = FakeProvider::start(4, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(
-            &provider,
-            "min_refresh_interval = \"1s\"\nexpiry_margin = \"200ms\"",
-        ),
-    );
+    let (provider, _upstream, tw) = oauth2_setup(
+        4,
+        "min_refresh_interval = \"1s\"\nexpiry_margin = \"200ms\"",
+    )
+    .await;
     tw.wait_ready().await;
     // Every provider call now takes 600 ms: a request that waited for one would show it.
     provider.set_delay(Duration::from_millis(600));
@@ -150,15 +146,11 @@ async fn refreshes_ahead_of_expiry_without_making_requests_wait() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn provider_outage_serves_the_valid_token_then_503_json_then_recovers() {
-    let provider = FakeProvider::start(3, false, None).await;
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &oauth2_keys(
-            &provider,
-            "min_refresh_interval = \"1s\"\nexpiry_margin = \"1s\"\nprobe_interval = \"500ms\"",
-        ),
-    );
+    let (provider, upstream, tw) = oauth2_setup(
+        3,
+        "min_refresh_interval = \"1s\"\nexpiry_margin = \"1s\"\nprobe_interval = \"500ms\"",
+    )
+    .await;
     tw.wait_ready().await;
     let first_token_at = Instant::now();
     provider.set_mode(Mode::Status(503));

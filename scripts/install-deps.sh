@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with the Rust toolchain lacks to build and test tokenward:
-# cmake (pingora's zlib-ng), cargo-nextest, and the real servers the tests use (Prometheus).
+# cmake (pingora's zlib-ng), cargo-nextest, and the real servers the tests use (Prometheus, Redis).
 # Each step runs only when its tool is missing, so running this again is cheap.
 set -euo pipefail
 
@@ -11,6 +11,7 @@ as_root() {
 missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v prometheus >/dev/null || missing+=(prometheus)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use super::metrics::CredentialMetrics;
 use super::model::Token;
-use super::store::{RefreshState, TokenStore};
+use super::store::{ChainKey, ChainState, TokenStore};
 use crate::config::CredentialConfig;
 use crate::dialect::{DialectError, ErrorClass, Held, ProviderClient};
 use crate::secret::Secret;
@@ -37,6 +37,7 @@ struct Flight {
     loaded: bool,
     refresh: Option<Secret>,
     origin: Option<String>,
+    version: u64,
 }
 
 /// What the admin endpoints and the scheduler read; written only by the flight holder.
@@ -83,6 +84,7 @@ impl Credential {
                 loaded: false,
                 refresh: None,
                 origin: None,
+                version: 0,
             }),
             attempts: AtomicU64::new(0),
             status: Mutex::new(Status::default()),
@@ -319,10 +321,11 @@ impl Credential {
     /// bootstrap value this chain did not grow from, which starts a new chain.
     async fn prepare_chain(&self, flight: &mut Flight) -> Result<(), DialectError> {
         if !flight.loaded {
-            match self.store.load(&self.name).await {
-                Ok(Some(state)) => {
-                    flight.refresh = state.refresh_token;
-                    flight.origin = state.origin;
+            match self.store.load(&self.key()).await {
+                Ok(Some(stored)) => {
+                    flight.refresh = stored.state.refresh_token;
+                    flight.origin = stored.state.origin;
+                    flight.version = stored.version;
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -354,15 +357,29 @@ impl Credential {
         Ok(())
     }
 
-    async fn persist(&self, flight: &Flight) {
-        let state = RefreshState {
+    fn key(&self) -> ChainKey {
+        ChainKey {
+            name: self.name.to_string(),
+            identity: String::new(),
+        }
+    }
+
+    async fn persist(&self, flight: &mut Flight) {
+        let state = ChainState {
             refresh_token: flight.refresh.clone(),
             origin: flight.origin.clone(),
+            access: None,
         };
-        let result = self.store.save(&self.name, &state).await;
+        let result = self
+            .store
+            .save(&self.key(), None, flight.version, &state)
+            .await;
         let mut s = self.status();
         match result {
-            Ok(()) => s.persist_error = None,
+            Ok(v) => {
+                flight.version = v.unwrap_or(flight.version);
+                s.persist_error = None
+            }
             Err(e) => {
                 error!(credential = %self.name, error = %e, "cannot persist the refresh token; it is kept in memory and saved again at the next refresh");
                 s.persist_error = Some(e.to_string());
@@ -420,9 +437,11 @@ impl Credential {
             let generation = self.attempts.load(Ordering::Acquire) + 1;
             let token = match Token::from_grant(
                 grant,
+                super::model::SentAt::now(),
                 &self.config.presentation,
                 &self.config.timing,
                 generation,
+                false,
             ) {
                 Ok(t) => Arc::new(t),
                 Err(reason) => return Err(self.record_failure(DialectError::transient(reason))),

@@ -10,4 +10,4 @@ pub mod store;
 
 pub use credential::{Credential, Unavailable};
 pub use model::Token;
-pub use store::{FileStore, RefreshState, TokenStore};
+pub use store::{ChainKey, ChainState, FileStore, TokenStore};

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::{HeaderName, HeaderValue};
 use rand::Rng;
 
+use super::store::SharedAccess;
 use crate::config::{Presentation, Timing};
 use crate::dialect::{Expiry, Grant, GrantKind};
 use crate::secret::Secret;
@@ -28,6 +29,26 @@ pub struct Token {
     /// Past here the token is no longer served and requests wait for a new one (the hard threshold).
     pub usable_until: Instant,
     pub expires_at: Instant,
+    /// Obtained because the upstream rejected the token before it: if the upstream rejects this
+    /// one too within `min_refresh_interval`, the upstream is at fault, not the token.
+    pub after_rejection: bool,
+}
+
+/// When a provider request was sent: a token's lifetime counts from here, not from when the
+/// answer arrived, so a slow provider cannot make a token look longer-lived than it is.
+#[derive(Debug, Clone, Copy)]
+pub struct SentAt {
+    pub instant: Instant,
+    pub wall: SystemTime,
+}
+
+impl SentAt {
+    pub fn now() -> Self {
+        SentAt {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Token {
@@ -101,35 +122,100 @@ pub fn schedule(timing: &Timing, lifetime: Duration, issued_at: Instant, jitter:
 impl Token {
     pub fn from_grant(
         grant: Grant,
+        sent: SentAt,
+        presentation: &Presentation,
+        timing: &Timing,
+        generation: u64,
+        after_rejection: bool,
+    ) -> Result<Token, String> {
+        let jwt_exp = super::jwt::expiry(grant.access_token.expose());
+        let lifetime = lifetime(grant.expires, jwt_exp, timing.default_lifetime, sent.wall)?;
+        Self::build(
+            grant.access_token,
+            grant.kind,
+            sent,
+            lifetime,
+            presentation,
+            timing,
+            generation,
+            after_rejection,
+        )
+    }
+
+    /// A token another process obtained and a shared store handed over, scheduled as if this
+    /// process had obtained it (with its own jitter).
+    pub fn from_shared(
+        shared: &SharedAccess,
         presentation: &Presentation,
         timing: &Timing,
         generation: u64,
     ) -> Result<Token, String> {
-        let issued_at = Instant::now();
-        let issued_wall = SystemTime::now();
-        let jwt_exp = super::jwt::expiry(grant.access_token.expose());
-        let lifetime = lifetime(grant.expires, jwt_exp, timing.default_lifetime, issued_wall)?;
-        let s = schedule(timing, lifetime, issued_at, rand::rng().random::<f64>());
-        let mut presented = HeaderValue::from_str(
-            &presentation.render(grant.access_token.expose()),
+        let now = SentAt::now();
+        let age = now
+            .wall
+            .duration_since(shared.issued_at)
+            .unwrap_or_default();
+        let lifetime = shared
+            .expires_at
+            .duration_since(shared.issued_at)
+            .map_err(|_| "the shared token expires before it was issued".to_string())?;
+        let sent = SentAt {
+            instant: now.instant.checked_sub(age).unwrap_or(now.instant),
+            wall: shared.issued_at,
+        };
+        Self::build(
+            shared.token.clone(),
+            shared.kind,
+            sent,
+            lifetime,
+            presentation,
+            timing,
+            generation,
+            false,
         )
-        .map_err(|_| {
-            "provider issued a token that cannot be written into an HTTP header".to_string()
-        })?;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        value: Secret,
+        kind: GrantKind,
+        sent: SentAt,
+        lifetime: Duration,
+        presentation: &Presentation,
+        timing: &Timing,
+        generation: u64,
+        after_rejection: bool,
+    ) -> Result<Token, String> {
+        let s = schedule(timing, lifetime, sent.instant, rand::rng().random::<f64>());
+        let mut presented =
+            HeaderValue::from_str(&presentation.render(value.expose())).map_err(|_| {
+                "provider issued a token that cannot be written into an HTTP header".to_string()
+            })?;
         presented.set_sensitive(true);
         Ok(Token {
-            value: grant.access_token,
+            value,
             header: presentation.header.clone(),
             presented,
-            kind: grant.kind,
+            kind,
             generation,
-            issued_at,
-            issued_wall,
+            issued_at: sent.instant,
+            issued_wall: sent.wall,
             lifetime,
             refresh_at: s.refresh_at,
             usable_until: s.usable_until,
             expires_at: s.expires_at,
+            after_rejection,
         })
+    }
+
+    /// What a shared store keeps of this token.
+    pub fn to_shared(&self) -> SharedAccess {
+        SharedAccess {
+            token: self.value.clone(),
+            kind: self.kind,
+            issued_at: self.issued_wall,
+            expires_at: self.expires_wall(),
+        }
     }
 
     pub fn value(&self) -> &Secret {

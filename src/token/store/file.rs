@@ -1,46 +1,21 @@
-//! Where the newest refresh token of each credential is kept, so a restart never loses a rotated
-//! one. The engine sees only [`TokenStore`]: a shared store for many replicas slots in beside
-//! [`FileStore`] without touching it.
+//! One host's chains: a JSON file per credential in `state.dir`, replaced atomically and
+//! readable by the owner only, with a lock file per chain so that two processes on one directory
+//! (a `run` and a `token`, or two `run`s) take turns rather than fork a chain.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use super::{ChainKey, ChainState, Lease, StoreError, Stored, TokenStore};
 use crate::secret::Secret;
 
-/// The refresh chain of one credential.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct RefreshState {
-    /// The newest refresh token; `None` after the provider rejected the chain.
-    pub refresh_token: Option<Secret>,
-    /// Fingerprint of the operator-provided bootstrap token this chain grew from: a new
-    /// bootstrap value (a different fingerprint) starts a new chain.
-    pub origin: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("cannot {action} {path}: {reason}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error("state file {path} is not valid: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-}
-
-#[async_trait]
-pub trait TokenStore: Send + Sync {
-    /// Where the state lives, for logs and `check`.
-    fn describe(&self) -> String;
-    async fn load(&self, credential: &str) -> Result<Option<RefreshState>, StoreError>;
-    /// Durably replaces the credential's state: when this returns `Ok`, a crash loses nothing.
-    async fn save(&self, credential: &str, state: &RefreshState) -> Result<(), StoreError>;
-}
+/// Temporary files older than this are a crash's leftovers, not a write in progress.
+const STALE_TEMP: Duration = Duration::from_secs(60);
 
 /// One JSON file per credential in a directory, replaced atomically (write, fsync, rename,
 /// fsync the directory) and readable by the owner only.
@@ -56,7 +31,13 @@ struct OnDisk {
     refresh_token: Option<String>,
     origin: Option<String>,
     saved_at_unix: u64,
+    /// Bumped by every write; a write names the one it replaces (files from before have none).
+    #[serde(default)]
+    chain_version: u64,
 }
+
+/// Makes every temporary file name unique, within a process and across processes.
+static WRITES: AtomicU64 = AtomicU64::new(0);
 
 impl FileStore {
     /// Opens `dir`, creating it (mode 0700) if needed.
@@ -82,12 +63,19 @@ impl FileStore {
             });
         }
         // A crash between writing a temporary file and renaming it leaves the temporary behind;
-        // the state file itself is intact, so the leftovers are only litter.
+        // the state file itself is intact, so the leftovers are only litter. Young ones may be
+        // another process's write in progress.
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with('.') && name.ends_with(".tmp") {
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_TEMP);
+                if name.starts_with('.') && name.ends_with(".tmp") && stale {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -101,7 +89,11 @@ impl FileStore {
         self.dir.join(format!("{credential}.json"))
     }
 
-    fn load_sync(path: &Path) -> Result<Option<RefreshState>, StoreError> {
+    fn lock_path(&self, credential: &str) -> PathBuf {
+        self.dir.join(format!(".{credential}.lock"))
+    }
+
+    fn load_sync(path: &Path) -> Result<Option<Stored>, StoreError> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -123,13 +115,28 @@ impl FileStore {
                 reason: format!("unknown version {}", disk.version),
             });
         }
-        Ok(Some(RefreshState {
-            refresh_token: disk.refresh_token.map(Secret::new),
-            origin: disk.origin,
+        Ok(Some(Stored {
+            version: disk.chain_version,
+            state: ChainState {
+                refresh_token: disk.refresh_token.map(Secret::new),
+                origin: disk.origin,
+                access: None,
+            },
         }))
     }
 
-    fn save_sync(dir: &Path, path: &Path, state: &RefreshState) -> Result<(), StoreError> {
+    /// Writes `state` as version `expected + 1` if the file is still at `expected`.
+    fn save_sync(
+        dir: &Path,
+        path: &Path,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        let found = Self::load_sync(path)?.map_or(0, |s| s.version);
+        if found != expected {
+            return Ok(None);
+        }
+        let version = expected + 1;
         let io = |action, e: std::io::Error| StoreError::Io {
             action,
             path: path.into(),
@@ -139,15 +146,20 @@ impl FileStore {
             version: 1,
             refresh_token: state.refresh_token.as_ref().map(|s| s.expose().to_string()),
             origin: state.origin.clone(),
-            saved_at_unix: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
+            saved_at_unix: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            chain_version: version,
         };
         let bytes = serde_json::to_vec(&disk)
             .map_err(|e| io("encode", std::io::Error::other(e.to_string())))?;
         let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-        let tmp = dir.join(format!(".{file_name}.{}.tmp", std::process::id()));
+        let tmp = dir.join(format!(
+            ".{file_name}.{}-{}.tmp",
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
@@ -165,7 +177,8 @@ impl FileStore {
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             io("write", e)
-        })
+        })?;
+        Ok(Some(version))
     }
 }
 
@@ -212,26 +225,65 @@ impl TokenStore for FileStore {
         format!("files in {}", self.dir.display())
     }
 
-    async fn load(&self, credential: &str) -> Result<Option<RefreshState>, StoreError> {
-        let path = self.path_for(credential);
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
+        let path = self.path_for(&key.name);
+        let shown = path.clone();
         tokio::task::spawn_blocking(move || Self::load_sync(&path))
             .await
             .map_err(|e| StoreError::Io {
                 action: "read",
-                path: self.path_for(credential),
+                path: shown,
                 reason: e.to_string(),
             })?
     }
 
-    async fn save(&self, credential: &str, state: &RefreshState) -> Result<(), StoreError> {
-        let path = self.path_for(credential);
+    /// An advisory `flock` on a lock file beside the state file: the kernel drops it when its
+    /// holder dies, so a crashed process never leaves a chain locked.
+    async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
+        let path = self.lock_path(&key.name);
+        let shown = path.clone();
+        let io = move |e: std::io::Error| StoreError::Io {
+            action: "lock",
+            path: shown.clone(),
+            reason: e.to_string(),
+        };
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode_0600()
+            .open(&path)
+            .map_err(&io)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Lease {
+                holder: format!("pid {}", std::process::id()),
+                _hold: Box::new(file),
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        }
+    }
+
+    async fn save(
+        &self,
+        key: &ChainKey,
+        _lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        let path = self.path_for(&key.name);
+        let shown = path.clone();
         let dir = self.dir.clone();
         let state = state.clone();
-        tokio::task::spawn_blocking(move || Self::save_sync(&dir, &path, &state))
+        tokio::task::spawn_blocking(move || Self::save_sync(&dir, &path, expected, &state))
             .await
             .map_err(|e| StoreError::Io {
                 action: "write",
-                path: self.path_for(credential),
+                path: shown,
                 reason: e.to_string(),
             })?
     }
@@ -242,17 +294,31 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    fn key(name: &str) -> ChainKey {
+        ChainKey {
+            name: name.into(),
+            identity: "id".into(),
+        }
+    }
+
+    fn state(refresh: &str, origin: Option<&str>) -> ChainState {
+        ChainState {
+            refresh_token: Some(Secret::new(refresh)),
+            origin: origin.map(String::from),
+            access: None,
+        }
+    }
+
     #[tokio::test]
     async fn round_trips_owner_only_and_leaves_no_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(&dir.path().join("state")).unwrap();
-        assert_eq!(store.load("c").await.unwrap(), None);
-        let state = RefreshState {
-            refresh_token: Some(Secret::new("rt-1")),
-            origin: Some("ab".into()),
-        };
-        store.save("c", &state).await.unwrap();
-        assert_eq!(store.load("c").await.unwrap(), Some(state));
+        let c = key("c");
+        assert_eq!(store.load(&c).await.unwrap(), None);
+        let first = state("rt-1", Some("ab"));
+        assert_eq!(store.save(&c, None, 0, &first).await.unwrap(), Some(1));
+        let loaded = store.load(&c).await.unwrap().unwrap();
+        assert_eq!((loaded.version, loaded.state), (1, first));
         let mode = std::fs::metadata(store.path_for("c"))
             .unwrap()
             .permissions()
@@ -265,17 +331,46 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(dmode, 0o700);
-        let second = RefreshState {
-            refresh_token: Some(Secret::new("rt-2")),
-            origin: None,
-        };
-        store.save("c", &second).await.unwrap();
-        assert_eq!(store.load("c").await.unwrap(), Some(second));
+        let second = state("rt-2", None);
+        assert_eq!(store.save(&c, None, 1, &second).await.unwrap(), Some(2));
+        assert_eq!(store.load(&c).await.unwrap().unwrap().state, second);
         let names: Vec<_> = std::fs::read_dir(dir.path().join("state"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn a_write_naming_an_old_version_is_fenced_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let c = key("c");
+        store.save(&c, None, 0, &state("rt-1", None)).await.unwrap();
+        store.save(&c, None, 1, &state("rt-2", None)).await.unwrap();
+        // A writer that read version 1 (and so spent rt-1) cannot overwrite rt-2.
+        assert_eq!(
+            store.save(&c, None, 1, &state("rt-x", None)).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            store.save(&c, None, 0, &state("rt-y", None)).await.unwrap(),
+            None
+        );
+        let now = store.load(&c).await.unwrap().unwrap();
+        assert_eq!((now.version, now.state), (2, state("rt-2", None)));
+    }
+
+    #[tokio::test]
+    async fn one_lease_per_chain_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let other = FileStore::open(dir.path()).unwrap();
+        let lease = store.try_lease(&key("c")).await.unwrap().expect("free");
+        assert!(other.try_lease(&key("c")).await.unwrap().is_none());
+        assert!(other.try_lease(&key("d")).await.unwrap().is_some());
+        drop(lease);
+        assert!(other.try_lease(&key("c")).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -287,7 +382,7 @@ mod tests {
             b"{\"version\":1,\"refresh_token\":\"leak-me",
         )
         .unwrap();
-        let err = store.load("c").await.unwrap_err().to_string();
+        let err = store.load(&key("c")).await.unwrap_err().to_string();
         assert!(err.contains("c.json") && err.contains("truncated"), "{err}");
         assert!(!err.contains("leak-me"));
     }

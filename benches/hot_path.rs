@@ -57,8 +57,9 @@ fn setup() -> (RouteTable, Arc<Credential>, tempfile::TempDir) {
         ..config.credentials[0].clone()
     };
     let store = Arc::new(FileStore::open(&dir.path().join("state")).unwrap());
-    let credential =
-        Arc::new(Credential::new(cred_config, store, token_metrics.for_credential("c")).unwrap());
+    let credential = Arc::new(
+        Credential::new(cred_config, store, None, token_metrics.for_credential("c")).unwrap(),
+    );
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(credential.force_refresh())

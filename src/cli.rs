@@ -222,7 +222,8 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
     {
@@ -248,8 +249,8 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
                 return ExitCode::from(EXIT_FAILURE);
             }
         };
-        let credential = match Credential::new(cred, store.clone(), metrics) {
-            Ok(c) => c,
+        let credential = match Credential::new(cred, store.clone(), None, metrics) {
+            Ok(c) => Arc::new(c),
             Err(e) => {
                 eprintln!("error: credential {name:?}: {e}");
                 return ExitCode::from(EXIT_FAILURE);

@@ -730,9 +730,14 @@ async fn cloudreve_two_factor_account_is_a_clear_fatal_error() {
     let r = reqwest::get(tw.url("/x")).await.unwrap();
     assert_eq!(r.status(), 503);
     let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "credentials_rejected", "{body}");
+    let status = tw.get_json("/tokens/api").await;
     assert!(
-        body["reason"].as_str().unwrap().contains("two-factor"),
-        "{body}"
+        status["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("two-factor"),
+        "{status}"
     );
     no_leaks(&tw, &v, &[CR_PASSWORD]).await;
 }

@@ -310,18 +310,60 @@ async fn a_rejected_token_is_replaced_once_and_the_request_replayed() {
     assert_eq!(provider.successful_calls(), 3);
 }
 
+/// An upstream that rejects every token: the first rejection drops the token and one new one is
+/// obtained; that one, rejected again within `min_refresh_interval`, is kept and the 401 passed
+/// on, so the upstream cannot make tokenward hammer the provider.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_that_rejects_every_token_cannot_make_tokenward_spin() {
     let (provider, upstream, tw) = oauth2_setup(300, "min_refresh_interval = \"2s\"").await;
     tw.wait_ready().await;
-    upstream.revoke(format!("Bearer {}", provider.issued()[0]));
+    upstream.reject_every_token();
     for _ in 0..30 {
         assert_eq!(reqwest::get(tw.url("/x")).await.unwrap().status(), 401);
     }
     assert_eq!(
         provider.call_count(),
-        1,
-        "a young token is not dropped on every 401"
+        2,
+        "one new token for the first rejection, none after: {:?}\n{}",
+        provider.calls(),
+        tw.logs()
+    );
+    let metrics = reqwest::get(tw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let kept = metric(
+        &metrics,
+        "tokenward_token_rejections_kept_total{credential=\"api\"}",
+    );
+    assert!(kept >= 30.0, "each later rejection is counted: {kept}");
+    assert!(
+        tw.logs()
+            .contains("keeping it and passing the rejection on")
+    );
+}
+
+/// A provider that revokes a token seconds after issuing it (key rotation, sessions revoked by
+/// an admin): the first 401 drops even a young token, and the request is replayed with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_young_token_revoked_by_the_provider_is_replaced_at_once() {
+    let (provider, upstream, tw) = oauth2_setup(300, "").await;
+    tw.wait_ready().await;
+    let client = reqwest::Client::new();
+    assert_eq!(client.get(tw.url("/a")).send().await.unwrap().status(), 200);
+    // Revoked while younger than the default 5 s min_refresh_interval.
+    upstream.revoke(format!("Bearer {}", provider.issued()[0]));
+    for i in 0..20 {
+        let r = client.get(tw.url(&format!("/b{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i} after the revocation");
+    }
+    assert_eq!(provider.successful_calls(), 2, "{:?}", provider.calls());
+    let fresh = format!("Bearer {}", provider.issued()[1]);
+    assert_eq!(
+        upstream.seen().last().unwrap().all("authorization"),
+        vec![fresh.as_str()]
     );
 }
 

@@ -185,7 +185,12 @@ async fn provider_outage_serves_the_valid_token_then_503_json_then_recovers() {
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "token_unavailable");
     assert_eq!(body["credential"], "api");
-    assert!(body["reason"].as_str().unwrap().contains("503"), "{body}");
+    assert_eq!(body["reason"], "provider_unavailable", "{body}");
+    let status = tw.get_json("/tokens/api").await;
+    assert!(
+        status["last_error"].as_str().unwrap().contains("503"),
+        "{status}"
+    );
     assert_eq!(
         upstream.seen().len(),
         before,

@@ -12,7 +12,7 @@ use prometheus::{Encoder, TextEncoder};
 use serde_json::{Value, json};
 
 use crate::server::Shared;
-use crate::token::Credential;
+use crate::token::{Credential, StoreMode};
 
 pub struct AdminApp {
     pub shared: Arc<Shared>,
@@ -63,6 +63,7 @@ pub fn credential_status(c: &Credential) -> Value {
         "consecutive_failures": status.consecutive_failures,
         "next_attempt_in_s": status.not_before.map(|t| secs_ms(t.saturating_duration_since(now))),
         "persist_error": status.persist_error,
+        "store_mode": c.store_mode().as_str(),
     });
     if let Some(t) = token {
         v["token"] = json!({
@@ -101,12 +102,22 @@ impl AdminApp {
             .filter(|c| !c.is_ready())
             .map(|c| c.name())
             .collect();
+        // Ready as long as every credential has a token, whatever the store does; a degraded
+        // store is reported so an operator sees which replicas refresh alone or not at all.
+        let degraded: serde_json::Map<String, Value> = creds
+            .iter()
+            .filter(|c| matches!(c.store_mode(), StoreMode::Local | StoreMode::Hold))
+            .map(|c| (c.name().to_string(), json!(c.store_mode().as_str())))
+            .collect();
         if waiting.is_empty() {
-            reply_json(StatusCode::OK, json!({"status": "ready"}))
+            reply_json(
+                StatusCode::OK,
+                json!({"status": "ready", "store_degraded": degraded}),
+            )
         } else {
             reply_json(
                 StatusCode::SERVICE_UNAVAILABLE,
-                json!({"status": "not_ready", "waiting_for": waiting}),
+                json!({"status": "not_ready", "waiting_for": waiting, "store_degraded": degraded}),
             )
         }
     }

@@ -94,15 +94,19 @@ impl ProxyHttp for TokenwardProxy {
                 warn!(
                     route = %route.name,
                     credential = %unavailable.credential,
+                    class = unavailable.class,
                     reason = %unavailable.reason,
                     retry_after_s = unavailable.retry_after.as_secs(),
                     "request refused: no valid token"
                 );
+                // The client learns the class only: the detail can name secret files,
+                // environment variables or the provider's own words (it is in the log and
+                // `/tokens` for operators).
                 let body = json!({
                     "error": "token_unavailable",
                     "route": &*route.name,
                     "credential": &*unavailable.credential,
-                    "reason": unavailable.reason,
+                    "reason": unavailable.class,
                     "retry_after": unavailable.retry_after.as_secs(),
                 });
                 ctx.route = Some(route);

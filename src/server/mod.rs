@@ -113,14 +113,16 @@ fn assemble(
         let credential = match reused {
             Some(old) => old,
             None => {
-                let fresh = Arc::new(
-                    Credential::new(
-                        c.clone(),
-                        store.clone(),
-                        token_metrics.for_credential(&c.name),
-                    )
-                    .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?,
-                );
+                // A changed credential continues its predecessor's chain: one chain, one writer.
+                let predecessor = keep.iter().find(|old| old.name() == c.name);
+                let fresh = Credential::new(
+                    c.clone(),
+                    store.clone(),
+                    predecessor.map(|p| p.chain()),
+                    token_metrics.for_credential(&c.name),
+                )
+                .map_err(|e| anyhow!("credential {:?}: {e}", c.name))?;
+                let fresh = Arc::new(fresh);
                 created.push(fresh.clone());
                 fresh
             }

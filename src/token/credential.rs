@@ -1,21 +1,25 @@
 //! The per-credential token engine. Requests read the current token lock-free; only when no
-//! usable token exists do they queue on a single-flight guard, so any number of concurrent
-//! waiters cause one provider call. Background refresh, back-off, the circuit breaker and
-//! refresh-token rotation all happen under that same guard.
+//! usable token exists do they join the one *flight* in progress — a spawned task that owns a
+//! provider exchange to its end, persisting a rotated refresh token before the token is used —
+//! and wait for it with their own deadline. One chain has one writer: in this process a chain
+//! lock shared by every generation of the credential (a reload hands it over), across processes
+//! and replicas the store's lease, with every write fenced on the version it read.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
+use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedMutexGuard, watch};
 use tracing::{error, info, warn};
 
 use super::metrics::CredentialMetrics;
-use super::model::Token;
-use super::store::{ChainKey, ChainState, TokenStore};
+use super::model::{SentAt, Token};
+use super::store::{ChainKey, ChainState, Lease, StoreError, Stored, TokenStore};
 use crate::config::CredentialConfig;
-use crate::dialect::{DialectError, ErrorClass, Held, ProviderClient};
+use crate::dialect::{DialectError, ErrorClass, Grant, Held, ProviderClient};
 use crate::secret::Secret;
 
 /// First back-off step; each further failure doubles it, up to the credential's cap.
@@ -23,24 +27,100 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_FLOOR: Duration = Duration::from_millis(50);
 /// What a client is told to wait when the credential has failed for good.
 const FATAL_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How often a flight that waits for another holder's lease looks at the store again.
+const LEASE_POLL: Duration = Duration::from_millis(100);
+/// How long a flight waits for another holder before it gives up (the holder's lease lapses
+/// well within this when it dies, and another process's exchange is bounded like ours).
+const LEASE_WAIT_EXTRA: Duration = Duration::from_secs(6);
 
-/// Why a request cannot get a token right now.
+/// Why a request cannot get a token right now. `class` is what a client may be told; `reason`
+/// (which may name files, variables or the provider's words) goes to the log and `/tokens`.
 #[derive(Debug, Clone)]
 pub struct Unavailable {
     pub credential: Arc<str>,
+    pub class: &'static str,
     pub reason: String,
     pub retry_after: Duration,
 }
 
-/// The refresh chain, guarded by the single-flight lock.
-struct Flight {
+/// How this credential's chain is kept, as `/tokens`, `/readyz` and the metrics report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum StoreMode {
+    /// One host's state directory.
+    File = 0,
+    /// The shared store answers: every replica refreshes through it.
+    Shared = 1,
+    /// The shared store is down; the chain rotates nothing, so this replica refreshes alone.
+    Local = 2,
+    /// The shared store is down and a refresh would rotate a token the others hold: the
+    /// current token is served until the store returns, with no refresh.
+    Hold = 3,
+}
+
+impl StoreMode {
+    pub const ALL: [StoreMode; 4] = [
+        StoreMode::File,
+        StoreMode::Shared,
+        StoreMode::Local,
+        StoreMode::Hold,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreMode::File => "file",
+            StoreMode::Shared => "shared",
+            StoreMode::Local => "local",
+            StoreMode::Hold => "hold",
+        }
+    }
+
+    fn from_u8(v: u8) -> StoreMode {
+        StoreMode::ALL
+            .into_iter()
+            .find(|m| *m as u8 == v)
+            .unwrap_or(StoreMode::File)
+    }
+}
+
+/// The refresh chain as this process knows it. Shared by every generation of a credential (a
+/// reload hands it over), and locked by whichever flight extends it.
+#[derive(Default)]
+pub struct Chain {
     loaded: bool,
     refresh: Option<Secret>,
     origin: Option<String>,
+    /// The store version this state was read at or written as (0: the store holds nothing).
     version: u64,
+    /// A rotated refresh token the store has not accepted yet (it was down): written back as
+    /// soon as it answers.
+    unsaved: bool,
 }
 
-/// What the admin endpoints and the scheduler read; written only by the flight holder.
+impl Chain {
+    fn adopt(&mut self, stored: &Stored) {
+        self.refresh = stored.state.refresh_token.clone();
+        self.origin = stored.state.origin.clone();
+        self.version = stored.version;
+        self.loaded = true;
+        self.unsaved = false;
+    }
+}
+
+/// What a flight was started for: it decides whether a token another process stored will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The soft threshold passed: a stored token that is not due yet will do.
+    Due,
+    /// No usable token: any usable stored token other than the one dropped will do.
+    Missing,
+    /// An operator or a changed secret asked for a provider call.
+    Forced,
+}
+
+type Outcome = Result<Arc<Token>, Unavailable>;
+
+/// What the admin endpoints and the scheduler read; written only by flights.
 #[derive(Debug, Clone, Default)]
 pub struct Status {
     pub last_success: Option<SystemTime>,
@@ -58,35 +138,68 @@ pub struct Credential {
     config: CredentialConfig,
     client: ProviderClient,
     store: Arc<dyn TokenStore>,
+    key: ChainKey,
     current: ArcSwapOption<Token>,
-    flight: tokio::sync::Mutex<Flight>,
-    attempts: AtomicU64,
+    /// The token last dropped for a rejection: a shared store's copy of it is not taken back.
+    dropped: ArcSwapOption<Token>,
+    chain: Arc<tokio::sync::Mutex<Chain>>,
+    /// The flight in progress (or the last one, finished).
+    flight: Mutex<Option<watch::Receiver<Option<Outcome>>>>,
+    generation: AtomicU64,
+    /// Set when a rejection dropped the token: the next one is obtained because of it.
+    rejected: AtomicBool,
+    mode: AtomicU8,
     status: Mutex<Status>,
     wake: tokio::sync::Notify,
     retired: AtomicBool,
     metrics: CredentialMetrics,
 }
 
+/// Identifies a chain to a shared store: what makes two replicas' credentials the same one
+/// (dialect, endpoints, client, scope — all in the dialect's description, which names no
+/// secret), hashed so that neither the description nor the credential's name is stored.
+pub fn chain_identity(config: &CredentialConfig) -> String {
+    let digest = Sha256::new()
+        .chain_update(b"tokenward chain v1\n")
+        .chain_update(config.dialect_name.as_bytes())
+        .chain_update(b"\n")
+        .chain_update(config.dialect.describe().as_bytes())
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Credential {
+    /// A credential whose chain is `chain` — a new one, or the one a reloaded predecessor of
+    /// the same name held, so the chain passes on rather than forks.
     pub fn new(
         config: CredentialConfig,
         store: Arc<dyn TokenStore>,
+        chain: Option<Arc<tokio::sync::Mutex<Chain>>>,
         metrics: CredentialMetrics,
     ) -> Result<Self, String> {
         let client = ProviderClient::new(config.timing.timeout)?;
+        let mode = if store.is_shared() {
+            StoreMode::Shared
+        } else {
+            StoreMode::File
+        };
+        metrics.set_mode(mode);
         Ok(Credential {
             name: Arc::from(config.name.as_str()),
+            key: ChainKey {
+                name: config.name.clone(),
+                identity: chain_identity(&config),
+            },
             config,
             client,
             store,
             current: ArcSwapOption::empty(),
-            flight: tokio::sync::Mutex::new(Flight {
-                loaded: false,
-                refresh: None,
-                origin: None,
-                version: 0,
-            }),
-            attempts: AtomicU64::new(0),
+            dropped: ArcSwapOption::empty(),
+            chain: chain.unwrap_or_default(),
+            flight: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            rejected: AtomicBool::new(false),
+            mode: AtomicU8::new(mode as u8),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
             retired: AtomicBool::new(false),
@@ -102,6 +215,11 @@ impl Credential {
         &self.config
     }
 
+    /// The chain, for the credential that replaces this one at a reload.
+    pub fn chain(&self) -> Arc<tokio::sync::Mutex<Chain>> {
+        self.chain.clone()
+    }
+
     fn status(&self) -> MutexGuard<'_, Status> {
         // A panic elsewhere while holding this lock leaves plain data behind: keep using it.
         self.status.lock().unwrap_or_else(|p| p.into_inner())
@@ -109,6 +227,28 @@ impl Credential {
 
     pub fn status_snapshot(&self) -> Status {
         self.status().clone()
+    }
+
+    pub fn store_mode(&self) -> StoreMode {
+        StoreMode::from_u8(self.mode.load(Ordering::Acquire))
+    }
+
+    fn set_mode(&self, mode: StoreMode) {
+        let before = self.mode.swap(mode as u8, Ordering::AcqRel);
+        if before != mode as u8 {
+            self.metrics.set_mode(mode);
+            match mode {
+                StoreMode::Shared | StoreMode::File => {
+                    info!(credential = %self.name, mode = mode.as_str(), "token store available again")
+                }
+                StoreMode::Local => {
+                    warn!(credential = %self.name, mode = mode.as_str(), "token store unavailable; refreshing locally (this chain rotates no token)")
+                }
+                StoreMode::Hold => {
+                    warn!(credential = %self.name, mode = mode.as_str(), "token store unavailable; serving the current token without refreshing (a refresh would rotate a token the other replicas hold)")
+                }
+            }
+        }
     }
 
     /// The token to serve now, if there is one: the request path's lock-free read.
@@ -129,59 +269,103 @@ impl Credential {
         self.current().is_some()
     }
 
+    /// How long a request waits for a flight before it is told to come back later.
+    fn wait_limit(&self) -> Duration {
+        self.config.timing.timeout * 2 + Duration::from_secs(1)
+    }
+
     /// A token for a request: the current one, or — when none is usable — a share of the one
-    /// provider call in flight.
-    pub async fn token(&self) -> Result<Arc<Token>, Unavailable> {
+    /// flight in progress, waited for no longer than [`Self::wait_limit`].
+    pub async fn token(self: &Arc<Self>) -> Outcome {
         if let Some(t) = self.current() {
             return Ok(t);
-        }
-        let seen = self.attempts.load(Ordering::Acquire);
-        let mut flight = self.flight.lock().await;
-        if let Some(t) = self.current() {
-            self.metrics.coalesced.inc();
-            return Ok(t);
-        }
-        if self.attempts.load(Ordering::Acquire) != seen {
-            // An attempt finished while we queued and it did not produce a usable token:
-            // share its failure rather than calling the provider once per waiter.
-            self.metrics.coalesced.inc();
-            return Err(self.unavailable());
         }
         if self.held_back(Instant::now()) {
             return Err(self.unavailable());
         }
-        self.attempt(&mut flight).await
+        let (rx, joined) = self.flight(Purpose::Missing);
+        if joined {
+            self.metrics.coalesced.inc();
+        }
+        self.wait(rx, self.wait_limit()).await
     }
 
-    /// Called by the background refresher when the soft threshold or a back-off ends.
-    pub async fn refresh_if_due(&self) {
-        let mut flight = self.flight.lock().await;
+    /// Called by the background refresher when the soft threshold or a back-off ends; returns
+    /// when the flight it started or joined ends.
+    pub async fn refresh_if_due(self: &Arc<Self>) {
         let now = Instant::now();
         if self.held_back(now) {
             return;
         }
-        if let Some(t) = self.current.load().as_ref() {
-            if now < t.refresh_at {
-                return;
-            }
+        if self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|t| now < t.refresh_at)
+        {
+            return;
         }
-        let _ = self.attempt(&mut flight).await;
+        let (mut rx, _) = self.flight(Purpose::Due);
+        let _ = rx.wait_for(Option::is_some).await;
     }
 
-    /// Forces one provider call now (an operator's request); clears a fatal state.
-    pub async fn force_refresh(&self) -> Result<Arc<Token>, Unavailable> {
-        let seen = self.attempts.load(Ordering::Acquire);
-        let mut flight = self.flight.lock().await;
-        if self.attempts.load(Ordering::Acquire) != seen {
-            // Someone refreshed while we waited: that is the refresh the operator asked for.
-            return self.current().ok_or_else(|| self.unavailable());
-        }
+    /// Forces one provider call now (an operator's request, a changed secret); clears a fatal
+    /// state. Waits no longer than a request would; the flight goes on regardless.
+    pub async fn force_refresh(self: &Arc<Self>) -> Outcome {
         {
             let mut s = self.status();
             s.fatal = false;
             s.not_before = None;
         }
-        self.attempt(&mut flight).await
+        let (rx, _) = self.flight(Purpose::Forced);
+        self.wait(rx, self.wait_limit()).await
+    }
+
+    /// The flight in progress, or a new one for `purpose`; `true` when joining one.
+    fn flight(self: &Arc<Self>, purpose: Purpose) -> (watch::Receiver<Option<Outcome>>, bool) {
+        let mut slot = self.flight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = slot.as_ref() {
+            // A finished flight has a value; a crashed one has lost its sender.
+            if rx.borrow().is_none() && rx.has_changed().is_ok() {
+                return (rx.clone(), true);
+            }
+        }
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        drop(slot);
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = me.run_flight(purpose).await;
+            tx.send_replace(Some(outcome));
+        });
+        (rx, false)
+    }
+
+    async fn wait(&self, mut rx: watch::Receiver<Option<Outcome>>, within: Duration) -> Outcome {
+        match tokio::time::timeout(within, rx.wait_for(Option::is_some)).await {
+            Ok(Ok(outcome)) => match outcome.as_ref() {
+                Some(o) => o.clone(),
+                None => Err(self.unavailable()),
+            },
+            Ok(Err(_)) => Err(Unavailable {
+                credential: self.name.clone(),
+                class: "provider_unavailable",
+                reason: "the token exchange ended abnormally".into(),
+                retry_after: Duration::from_secs(1),
+            }),
+            Err(_) => {
+                warn!(credential = %self.name, waited_ms = within.as_millis() as u64, "no token within the wait limit; the exchange goes on");
+                Err(Unavailable {
+                    credential: self.name.clone(),
+                    class: "provider_timeout",
+                    reason: format!(
+                        "no token within {}; the exchange goes on",
+                        humantime::format_duration(within)
+                    ),
+                    retry_after: Duration::from_secs(1),
+                })
+            }
+        }
     }
 
     /// Drops the current token if it is still generation `generation` (or any, when `None`):
@@ -200,15 +384,18 @@ impl Credential {
             _ => false,
         };
         if swapped {
+            self.dropped.store(Some(token.clone()));
             info!(credential = %self.name, generation = token.generation, "token invalidated");
             self.wake.notify_one();
         }
         swapped
     }
 
-    /// The upstream rejected token `generation`. Drops it if it is still current and older than
-    /// `min_refresh_interval` (an upstream that rejects every token must not make us spin), and
-    /// says whether a request that saw the rejection can expect a different token now.
+    /// The upstream rejected token `generation`. The first rejection of a token drops it and a
+    /// new one is obtained; only a token that was itself obtained because of a rejection less
+    /// than `min_refresh_interval` ago is kept (an upstream that rejects every token must not
+    /// make us hammer the provider). Says whether a request that saw the rejection can expect a
+    /// different token now.
     pub fn reject(&self, generation: u64) -> bool {
         let Some(current) = self.current.load_full() else {
             return true;
@@ -216,9 +403,14 @@ impl Credential {
         if current.generation != generation {
             return true;
         }
-        if current.issued_at.elapsed() < self.config.timing.min_refresh_interval {
+        if current.after_rejection
+            && current.issued_at.elapsed() < self.config.timing.min_refresh_interval
+        {
+            self.metrics.rejections_kept.inc();
+            warn!(credential = %self.name, generation, "upstream rejected a token obtained for its rejection of the previous one; keeping it and passing the rejection on (min_refresh_interval)");
             return false;
         }
+        self.rejected.store(true, Ordering::Release);
         // Losing the compare-and-swap to a concurrent rejection of the same token is fine: either
         // way the token is gone and a new one is on its way.
         if self.invalidate(Some(generation)) {
@@ -245,8 +437,16 @@ impl Credential {
             .last_error
             .clone()
             .unwrap_or_else(|| "no token has been obtained yet".into());
+        let class = match s.last_error_class {
+            None => "pending",
+            Some(_) if self.store_mode() == StoreMode::Hold => "store_unavailable",
+            Some("fatal_error") => "credentials_rejected",
+            Some("relogin") => "refresh_rejected",
+            Some(_) => "provider_unavailable",
+        };
         Unavailable {
             credential: self.name.clone(),
+            class,
             reason,
             retry_after: Duration::from_secs(retry_after.as_secs_f64().ceil().max(1.0) as u64),
         }
@@ -269,10 +469,10 @@ impl Credential {
         }
     }
 
-    /// Returns once no provider call is in flight, so a rotated refresh token is persisted
+    /// Returns once no flight is extending the chain, so a rotated refresh token is persisted
     /// before the process exits.
     pub async fn quiesce(&self) {
-        drop(self.flight.lock().await);
+        drop(self.chain.lock().await);
     }
 
     /// Marks this credential as replaced by a reload: its refresher stops.
@@ -317,149 +517,316 @@ impl Credential {
             });
     }
 
-    /// Which refresh token to use: the newest of the chain, unless the operator has provided a
-    /// bootstrap value this chain did not grow from, which starts a new chain.
-    async fn prepare_chain(&self, flight: &mut Flight) -> Result<(), DialectError> {
-        if !flight.loaded {
-            match self.store.load(&self.key()).await {
-                Ok(Some(stored)) => {
-                    flight.refresh = stored.state.refresh_token;
-                    flight.origin = stored.state.origin;
-                    flight.version = stored.version;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    error!(credential = %self.name, error = %e, "cannot read stored refresh token; starting from the configured one")
-                }
-            }
-            flight.loaded = true;
+    /// Brings this process and a shared store in line outside any refresh: adopts a newer
+    /// token another replica stored, writes back a rotated refresh token the store missed
+    /// while it was down, and repopulates a store that lost its data (a restart), all without
+    /// a provider call. Skipped while a flight holds the chain.
+    pub async fn sync_with_store(&self) {
+        if !self.store.is_shared() {
+            return;
         }
-        if let Some(source) = self.config.dialect.bootstrap_refresh_token() {
-            match source.resolve() {
-                Ok(bootstrap) => {
-                    let fp = bootstrap.fingerprint();
-                    if flight.origin.as_deref() != Some(fp.as_str()) {
-                        if flight.origin.is_some() {
-                            info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
-                        }
-                        flight.refresh = Some(bootstrap);
-                        flight.origin = Some(fp);
+        let Ok(mut chain) = self.chain.clone().try_lock_owned() else {
+            return;
+        };
+        match self.store.load(&self.key).await {
+            Err(e) => self.store_down(&chain, &e),
+            Ok(Some(stored)) if chain.unsaved && stored.version == chain.version => {
+                self.write_back(&mut chain, stored.version).await
+            }
+            Ok(Some(stored)) => {
+                self.set_mode(StoreMode::Shared);
+                if stored.version != chain.version {
+                    if chain.unsaved {
+                        error!(credential = %self.name, "the shared store moved on while it was unreachable; the rotated refresh token held here is dropped for the stored chain");
+                    }
+                    chain.adopt(&stored);
+                    let newer = match (&stored.state.access, self.current.load().as_ref()) {
+                        (Some(a), Some(t)) => a.token != *t.value() && a.issued_at > t.issued_wall,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    };
+                    if newer {
+                        let _ = self.adopt_stored(&stored, Purpose::Missing);
                     }
                 }
-                Err(e) if flight.refresh.is_none() => {
-                    return Err(DialectError::fatal(format!("`refresh_token`: {e}")));
-                }
-                Err(e) => {
-                    warn!(credential = %self.name, error = %e, "cannot read the bootstrap refresh token; continuing the stored chain")
-                }
             }
-        }
-        Ok(())
-    }
-
-    fn key(&self) -> ChainKey {
-        ChainKey {
-            name: self.name.to_string(),
-            identity: String::new(),
+            Ok(None) if chain.loaded || self.current.load().is_some() => {
+                self.write_back(&mut chain, 0).await
+            }
+            Ok(None) => self.set_mode(StoreMode::Shared),
         }
     }
 
-    async fn persist(&self, flight: &mut Flight) {
+    /// Writes this process's chain (and token) to the store over version `expected`.
+    async fn write_back(&self, chain: &mut OwnedMutexGuard<Chain>, expected: u64) {
         let state = ChainState {
-            refresh_token: flight.refresh.clone(),
-            origin: flight.origin.clone(),
-            access: None,
+            refresh_token: chain.refresh.clone(),
+            origin: chain.origin.clone(),
+            access: self.current.load().as_ref().map(|t| t.to_shared()),
         };
-        let result = self
-            .store
-            .save(&self.key(), None, flight.version, &state)
-            .await;
-        let mut s = self.status();
-        match result {
-            Ok(v) => {
-                flight.version = v.unwrap_or(flight.version);
-                s.persist_error = None
+        match self.store.save(&self.key, None, expected, &state).await {
+            Ok(Some(version)) => {
+                chain.version = version;
+                chain.unsaved = false;
+                chain.loaded = true;
+                self.set_mode(StoreMode::Shared);
+                info!(credential = %self.name, "wrote this replica's chain back to the shared store");
             }
-            Err(e) => {
-                error!(credential = %self.name, error = %e, "cannot persist the refresh token; it is kept in memory and saved again at the next refresh");
-                s.persist_error = Some(e.to_string());
+            // Another replica wrote first: the next sync adopts its state.
+            Ok(None) => self.set_mode(StoreMode::Shared),
+            Err(e) => self.store_down(chain, &e),
+        }
+    }
+
+    /// The store failed: say so, in the mode that says what this replica still does.
+    fn store_down(&self, chain: &Chain, e: &StoreError) {
+        let mode = if self.rotates(chain) {
+            StoreMode::Hold
+        } else {
+            StoreMode::Local
+        };
+        if self.store_mode() != mode {
+            warn!(credential = %self.name, error = %e, "token store failed");
+        }
+        self.set_mode(mode);
+    }
+
+    /// Whether the next provider call would rotate a refresh token other replicas hold.
+    fn rotates(&self, chain: &Chain) -> bool {
+        chain.refresh.is_some() || self.config.dialect.bootstrap_refresh_token().is_some()
+    }
+
+    /// A stored token installed as this process's current one, if it suits `purpose`.
+    fn adopt_stored(&self, stored: &Stored, purpose: Purpose) -> Option<Arc<Token>> {
+        let access = stored.state.access.as_ref()?;
+        if purpose == Purpose::Forced {
+            return None;
+        }
+        let held = self.current.load_full();
+        if held.as_ref().is_some_and(|t| *t.value() == access.token) {
+            // The stored token is the one held (and found due, or dropped): no news.
+            return None;
+        }
+        if self
+            .dropped
+            .load()
+            .as_ref()
+            .is_some_and(|t| *t.value() == access.token)
+        {
+            return None;
+        }
+        let generation = self.generation.load(Ordering::Acquire) + 1;
+        let token = Token::from_shared(
+            access,
+            &self.config.presentation,
+            &self.config.timing,
+            generation,
+        )
+        .ok()?;
+        let now = Instant::now();
+        let suits = match purpose {
+            Purpose::Due => now < token.refresh_at,
+            Purpose::Missing | Purpose::Forced => token.is_usable(now),
+        };
+        if !suits {
+            return None;
+        }
+        let token = Arc::new(token);
+        self.install(token.clone());
+        info!(credential = %self.name, generation, "adopted the token another replica obtained");
+        Some(token)
+    }
+
+    fn install(&self, token: Arc<Token>) {
+        self.generation.store(token.generation, Ordering::Release);
+        self.current.store(Some(token));
+        let mut s = self.status();
+        s.last_success = Some(SystemTime::now());
+        s.consecutive_failures = 0;
+        s.not_before = None;
+        s.fatal = false;
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    async fn run_flight(self: Arc<Self>, purpose: Purpose) -> Outcome {
+        let mut chain = self.chain.clone().lock_owned().await;
+        // Another flight (of this credential or of the one it replaced) may have done the work
+        // while this one queued for the chain.
+        let now = Instant::now();
+        match (purpose, self.current.load_full()) {
+            (Purpose::Missing, Some(t)) if t.is_usable(now) => return Ok(t),
+            (Purpose::Due, Some(t)) if now < t.refresh_at => return Ok(t),
+            _ => {}
+        }
+        match self.exchange(&mut chain, purpose).await {
+            Ok(t) => Ok(t),
+            Err(e) => Err(self.record_failure(e)),
+        }
+    }
+
+    /// Takes the chain's lease, adopting what another holder stores while waiting for it.
+    /// `Ok(Err(token))` when a stored token made the provider call unnecessary; `Ok(Ok(None))`
+    /// when the shared store is down and this chain may be refreshed without it.
+    async fn lease(
+        &self,
+        chain: &mut Chain,
+        purpose: Purpose,
+    ) -> Result<Result<Option<Lease>, Arc<Token>>, DialectError> {
+        let deadline = Instant::now() + self.config.timing.timeout * 2 + LEASE_WAIT_EXTRA;
+        let mut waited_at: Option<u64> = None;
+        loop {
+            match self.store.try_lease(&self.key).await {
+                Ok(Some(lease)) => {
+                    let event = match waited_at {
+                        None => "acquired",
+                        // The holder we waited for never wrote: it died or stalled past its lease.
+                        Some(v) if v == chain.version => "taken_over",
+                        Some(_) => "acquired",
+                    };
+                    self.metrics.lease(event).inc();
+                    if event == "taken_over" {
+                        warn!(credential = %self.name, "took over the refresh lease of a holder that did not finish");
+                    }
+                    return Ok(Ok(Some(lease)));
+                }
+                Ok(None) => {
+                    if waited_at.is_none() {
+                        self.metrics.lease("waited").inc();
+                        waited_at = Some(chain.version);
+                    }
+                    match self.store.load(&self.key).await {
+                        Ok(Some(stored)) => {
+                            if let Some(t) = self.adopt_stored(&stored, purpose) {
+                                chain.adopt(&stored);
+                                return Ok(Err(t));
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => return self.without_store(chain, e).map(Ok),
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(DialectError::transient(
+                            "another process is refreshing this credential and has not finished",
+                        ));
+                    }
+                    let jitter = rand::rng().random_range(0..50);
+                    tokio::time::sleep(LEASE_POLL + Duration::from_millis(jitter)).await;
+                }
+                Err(e) => return self.without_store(chain, e).map(Ok),
             }
         }
     }
 
-    /// One provider call (two when a dead refresh token calls for a login), under the flight lock.
-    async fn attempt(&self, flight: &mut Flight) -> Result<Arc<Token>, Unavailable> {
-        if let Err(e) = self.prepare_chain(flight).await {
-            return Err(self.record_failure(e));
+    /// The store failed before a refresh: go on alone only if that cannot fork the chain.
+    fn without_store(&self, chain: &Chain, e: StoreError) -> Result<Option<Lease>, DialectError> {
+        self.store_down(chain, &e);
+        if self.store.is_shared() && !self.rotates(chain) {
+            Ok(None)
+        } else if self.store.is_shared() {
+            Err(DialectError::transient(format!(
+                "{e}; not refreshing a rotating refresh token without it"
+            )))
+        } else {
+            Err(DialectError::transient(e.to_string()))
         }
+    }
+
+    /// One exchange under the chain lock: the lease, the store's newest state, the provider
+    /// call (two when a dead refresh token calls for a login), the fenced write, the new token.
+    async fn exchange(
+        &self,
+        chain: &mut OwnedMutexGuard<Chain>,
+        purpose: Purpose,
+    ) -> Result<Arc<Token>, DialectError> {
+        let lease = match self.lease(chain, purpose).await? {
+            Ok(lease) => lease,
+            Err(adopted) => return Ok(adopted),
+        };
+        if lease.is_some() {
+            // Re-read under the lease: another process may have extended the chain.
+            match self.store.load(&self.key).await {
+                Ok(Some(stored)) => {
+                    if let Some(t) = self.adopt_stored(&stored, purpose) {
+                        chain.adopt(&stored);
+                        return Ok(t);
+                    }
+                    if !(chain.unsaved && stored.version == chain.version) {
+                        chain.adopt(&stored);
+                    }
+                }
+                Ok(None) => {
+                    // Empty (first use, or a shared store that restarted): this process's chain,
+                    // if it has one, is the newest there is.
+                    chain.version = 0;
+                    chain.loaded = true;
+                }
+                // Degraded but allowed (the chain rotates nothing): carry on.
+                Err(e) => {
+                    self.without_store(chain, e)?;
+                }
+            }
+            if self.store.is_shared() && self.store_mode() != StoreMode::Shared {
+                self.set_mode(StoreMode::Shared);
+            }
+        }
+        self.prepare_chain(chain)?;
         let mut relogged = false;
         loop {
             let held = Held {
                 access_token: self.current.load().as_ref().map(|t| t.value().clone()),
-                refresh_token: flight.refresh.clone(),
+                refresh_token: chain.refresh.clone(),
             };
-            let started = Instant::now();
-            // The client has its own timeout; this one also bounds a dialect that makes several calls.
-            let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
-            let result =
-                match tokio::time::timeout(limit, self.config.dialect.obtain(&held, &self.client))
-                    .await
-                {
-                    Ok(r) => r,
-                    Err(_) => Err(DialectError::transient(format!(
-                        "provider did not answer within {}",
-                        humantime::format_duration(limit)
-                    ))),
-                };
+            let sent = SentAt::now();
+            let result = self.obtain(held).await;
             self.metrics
                 .duration
-                .observe(started.elapsed().as_secs_f64());
+                .observe(sent.instant.elapsed().as_secs_f64());
             let grant = match result {
                 Ok(g) => g,
                 Err(e) if e.class == ErrorClass::Relogin && !relogged => {
                     self.metrics.outcome("relogin").inc();
                     warn!(credential = %self.name, error = %e.message, "refresh token rejected; logging in again");
                     relogged = true;
-                    flight.refresh = None;
-                    self.persist(flight).await;
+                    chain.refresh = None;
+                    self.persist(chain, lease.as_ref(), None).await;
                     continue;
                 }
-                Err(e) => return Err(self.record_failure(e)),
+                Err(e) => return Err(e),
             };
+            let rotated = grant
+                .refresh_token
+                .as_ref()
+                .is_some_and(|new| chain.refresh.as_ref() != Some(new));
             if let Some(new) = &grant.refresh_token {
-                if flight.refresh.as_ref() != Some(new) {
-                    flight.refresh = Some(new.clone());
-                    // Persisted before it is used: the provider may have revoked the old one.
-                    self.persist(flight).await;
-                }
+                chain.refresh = Some(new.clone());
             }
             let kind = grant.kind;
-            let generation = self.attempts.load(Ordering::Acquire) + 1;
-            let token = match Token::from_grant(
+            let generation = self.generation.load(Ordering::Acquire) + 1;
+            let after_rejection = self.rejected.swap(false, Ordering::AcqRel);
+            let token = Token::from_grant(
                 grant,
-                super::model::SentAt::now(),
+                sent,
                 &self.config.presentation,
                 &self.config.timing,
                 generation,
-                false,
-            ) {
-                Ok(t) => Arc::new(t),
-                Err(reason) => return Err(self.record_failure(DialectError::transient(reason))),
-            };
-            let previous = self.current.swap(Some(token.clone()));
-            let same = previous
+                after_rejection,
+            )
+            .map(Arc::new)
+            .map_err(DialectError::transient);
+            if rotated || (self.store.is_shared() && token.is_ok()) {
+                // Persisted before it is used: the provider may have revoked the old one.
+                let access = token.as_ref().ok().map(|t| t.to_shared());
+                self.persist(chain, lease.as_ref(), access).await;
+            }
+            let token = token?;
+            let same = self
+                .current
+                .load()
                 .as_ref()
                 .is_some_and(|p| p.value() == token.value());
-            self.attempts.fetch_add(1, Ordering::AcqRel);
-            {
-                let mut s = self.status();
-                s.last_success = Some(SystemTime::now());
-                s.consecutive_failures = 0;
-                s.not_before = None;
-                s.fatal = false;
-            }
+            self.install(token.clone());
             self.metrics.outcome("success").inc();
-            self.wake.notify_one();
             info!(
                 credential = %self.name,
                 via = kind.as_str(),
@@ -471,10 +838,105 @@ impl Credential {
         }
     }
 
+    /// The dialect's exchange, on the blocking pool: a dialect may read secret files with
+    /// blocking calls, and a stalled read must not stall a runtime thread. It runs to its end
+    /// even if every waiter gave up, bounded only by its own limit.
+    async fn obtain(&self, held: Held) -> Result<Grant, DialectError> {
+        let dialect = self.config.dialect.clone();
+        let client = self.client.clone();
+        // The client bounds each call; this also bounds a dialect that makes several.
+        let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
+        let runtime = tokio::runtime::Handle::current();
+        let call = tokio::task::spawn_blocking(move || {
+            runtime.block_on(async move { dialect.obtain(&held, &client).await })
+        });
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(DialectError::transient(format!(
+                "the provider exchange failed: {join}"
+            ))),
+            Err(_) => Err(DialectError::transient(format!(
+                "the provider exchange did not finish within {}",
+                humantime::format_duration(limit)
+            ))),
+        }
+    }
+
+    /// Which refresh token to use: the newest of the chain, unless the operator has provided a
+    /// bootstrap value this chain did not grow from, which starts a new chain.
+    fn prepare_chain(&self, chain: &mut Chain) -> Result<(), DialectError> {
+        let Some(source) = self.config.dialect.bootstrap_refresh_token() else {
+            return Ok(());
+        };
+        match source.resolve() {
+            Ok(bootstrap) => {
+                let fp = bootstrap.fingerprint();
+                if chain.origin.as_deref() != Some(fp.as_str()) {
+                    if chain.origin.is_some() {
+                        info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
+                    }
+                    chain.refresh = Some(bootstrap);
+                    chain.origin = Some(fp);
+                }
+                Ok(())
+            }
+            Err(e) if chain.refresh.is_none() => {
+                Err(DialectError::fatal(format!("`refresh_token`: {e}")))
+            }
+            Err(e) => {
+                warn!(credential = %self.name, error = %e, "cannot read the bootstrap refresh token; continuing the stored chain");
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the chain (and, for a shared store, the new access token) fenced on the version
+    /// it was read at. A failed write keeps the chain in memory, to be written back later.
+    async fn persist(
+        &self,
+        chain: &mut Chain,
+        lease: Option<&Lease>,
+        access: Option<super::store::SharedAccess>,
+    ) {
+        let state = ChainState {
+            refresh_token: chain.refresh.clone(),
+            origin: chain.origin.clone(),
+            access,
+        };
+        let result = self
+            .store
+            .save(&self.key, lease, chain.version, &state)
+            .await;
+        let mut s = self.status();
+        match result {
+            Ok(Some(version)) => {
+                chain.version = version;
+                chain.unsaved = false;
+                chain.loaded = true;
+                s.persist_error = None;
+            }
+            Ok(None) => {
+                // Another writer extended the chain after this one read it (this process
+                // stalled past its lease): the stored chain wins; the next flight reads it.
+                error!(credential = %self.name, "the chain moved on in the store during this refresh; keeping the stored chain");
+                chain.loaded = false;
+                chain.unsaved = false;
+                s.persist_error = Some("fenced out by a newer write".into());
+            }
+            Err(e) => {
+                error!(credential = %self.name, error = %e, "cannot persist the refresh token; it is kept in memory and saved again as soon as the store answers");
+                chain.unsaved = true;
+                s.persist_error = Some(e.to_string());
+                drop(s);
+                self.store_down(chain, &e);
+            }
+        }
+    }
+
     fn record_failure(&self, e: DialectError) -> Unavailable {
         self.metrics.outcome(e.class.outcome()).inc();
         let now = Instant::now();
-        let has_token = self.current().is_some();
+        let held = self.current();
         {
             let mut s = self.status();
             s.last_error = Some(e.message.clone());
@@ -493,19 +955,24 @@ impl Credential {
             };
             if let Some(retry_after) = retry_after {
                 // Without a usable token a returning provider must be noticed quickly; with
-                // one there is time, and a struggling provider deserves the space.
-                let cap = if has_token {
+                // one there is time, and a struggling provider deserves the space — but never
+                // past the moment the token stops being served.
+                let cap = if held.is_some() {
                     self.config.timing.max_backoff
                 } else {
                     self.config.timing.probe_interval
                 };
-                s.not_before = Some(now + backoff(s.consecutive_failures, cap, retry_after));
+                let next = now + backoff(s.consecutive_failures, cap, retry_after);
+                s.not_before = Some(match &held {
+                    Some(t) => next.min(t.usable_until),
+                    None => next,
+                });
             }
         }
         if e.class == ErrorClass::Fatal {
             error!(credential = %self.name, class = e.class.outcome(), error = %e.message, "token refresh failed; not retrying until the configuration changes or an operator forces a refresh");
         } else {
-            warn!(credential = %self.name, class = e.class.outcome(), error = %e.message, serving_current = has_token, "token refresh failed");
+            warn!(credential = %self.name, class = e.class.outcome(), error = %e.message, serving_current = held.is_some(), "token refresh failed");
         }
         self.wake.notify_one();
         self.unavailable()

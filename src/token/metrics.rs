@@ -1,5 +1,6 @@
 //! The token engine's metrics, registered on the registry the server hands it.
 
+use super::credential::StoreMode;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
     Registry,
@@ -16,7 +17,12 @@ pub struct TokenMetrics {
     fatal: GaugeVec,
     breaker: GaugeVec,
     coalesced: IntCounterVec,
+    rejections_kept: IntCounterVec,
+    leases: IntCounterVec,
+    mode: GaugeVec,
 }
+
+pub const LEASE_EVENTS: [&str; 3] = ["acquired", "waited", "taken_over"];
 
 /// One credential's children of every family, resolved once so updates take no lookup.
 #[derive(Clone)]
@@ -28,6 +34,9 @@ pub struct CredentialMetrics {
     pub fatal: Gauge,
     pub breaker_open: Gauge,
     pub coalesced: IntCounter,
+    pub rejections_kept: IntCounter,
+    pub leases: [IntCounter; 3],
+    pub modes: [Gauge; 4],
 }
 
 impl TokenMetrics {
@@ -85,6 +94,27 @@ impl TokenMetrics {
                 ),
                 &["credential"],
             )?,
+            rejections_kept: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_token_rejections_kept_total",
+                    "Upstream rejections passed on without a refresh: the token was itself obtained for a rejection less than min_refresh_interval before.",
+                ),
+                &["credential"],
+            )?,
+            leases: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_store_leases_total",
+                    "Refresh leases: acquired at once, waited for (another holder was refreshing), or taken over from a holder that did not finish.",
+                ),
+                &["credential", "event"],
+            )?,
+            mode: GaugeVec::new(
+                Opts::new(
+                    "tokenward_store_mode",
+                    "1 for the store mode each credential is in: file, shared, local (shared store down, refreshing alone) or hold (shared store down, not refreshing).",
+                ),
+                &["credential", "mode"],
+            )?,
         };
         registry.register(Box::new(m.refreshes.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
@@ -93,6 +123,9 @@ impl TokenMetrics {
         registry.register(Box::new(m.fatal.clone()))?;
         registry.register(Box::new(m.breaker.clone()))?;
         registry.register(Box::new(m.coalesced.clone()))?;
+        registry.register(Box::new(m.rejections_kept.clone()))?;
+        registry.register(Box::new(m.leases.clone()))?;
+        registry.register(Box::new(m.mode.clone()))?;
         Ok(m)
     }
 
@@ -105,6 +138,9 @@ impl TokenMetrics {
             fatal: self.fatal.with_label_values(&[name]),
             breaker_open: self.breaker.with_label_values(&[name]),
             coalesced: self.coalesced.with_label_values(&[name]),
+            rejections_kept: self.rejections_kept.with_label_values(&[name]),
+            leases: LEASE_EVENTS.map(|e| self.leases.with_label_values(&[name, e])),
+            modes: StoreMode::ALL.map(|m| self.mode.with_label_values(&[name, m.as_str()])),
         }
     }
 
@@ -119,6 +155,13 @@ impl TokenMetrics {
         let _ = self.fatal.remove_label_values(&[name]);
         let _ = self.breaker.remove_label_values(&[name]);
         let _ = self.coalesced.remove_label_values(&[name]);
+        let _ = self.rejections_kept.remove_label_values(&[name]);
+        for e in LEASE_EVENTS {
+            let _ = self.leases.remove_label_values(&[name, e]);
+        }
+        for m in StoreMode::ALL {
+            let _ = self.mode.remove_label_values(&[name, m.as_str()]);
+        }
     }
 }
 
@@ -126,5 +169,16 @@ impl CredentialMetrics {
     pub fn outcome(&self, outcome: &str) -> &IntCounter {
         let i = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(1);
         &self.refreshes[i]
+    }
+
+    pub fn lease(&self, event: &str) -> &IntCounter {
+        let i = LEASE_EVENTS.iter().position(|e| *e == event).unwrap_or(0);
+        &self.leases[i]
+    }
+
+    pub fn set_mode(&self, mode: StoreMode) {
+        for (m, gauge) in StoreMode::ALL.iter().zip(&self.modes) {
+            gauge.set(if *m == mode { 1.0 } else { 0.0 });
+        }
     }
 }

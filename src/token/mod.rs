@@ -8,6 +8,6 @@ pub mod model;
 pub mod refresher;
 pub mod store;
 
-pub use credential::{Credential, Unavailable};
+pub use credential::{Chain, Credential, StoreMode, Unavailable};
 pub use model::Token;
 pub use store::{ChainKey, ChainState, FileStore, TokenStore};

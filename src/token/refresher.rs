@@ -1,5 +1,6 @@
 //! The background refresher: one task per credential that wakes at the soft threshold (or when a
-//! back-off ends) and refreshes under the credential's single-flight guard. A reload that adds
+//! back-off ends) and starts or joins the credential's flight; on a shared store it also keeps
+//! the credential in step with the store between refreshes. A reload that adds
 //! credentials hands them over through a channel; replaced ones retire and their task ends.
 
 use std::sync::Arc;
@@ -9,7 +10,10 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::sync::{Mutex, mpsc};
 
+use std::time::{Duration, Instant};
+
 use super::Credential;
+use super::credential::StoreMode;
 
 pub struct Refresher {
     initial: Vec<Arc<Credential>>,
@@ -30,18 +34,41 @@ impl Refresher {
     }
 }
 
+/// How often a credential on a shared store compares notes with it outside refreshes (adopting
+/// what other replicas stored, writing back what it missed); when the store is down, the
+/// credential's `probe_interval` instead.
+const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+
 /// Keeps one credential's token fresh until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
+    let mut next_sync = Instant::now() + STORE_SYNC_INTERVAL;
     loop {
         if *shutdown.borrow() || credential.is_retired() {
             return;
         }
+        let syncs = credential.store_mode() != StoreMode::File;
         let wake = credential.next_wake();
+        let at = if syncs { wake.min(next_sync) } else { wake };
         tokio::select! {
-            _ = tokio::time::sleep_until(wake.into()) => credential.refresh_if_due().await,
+            _ = tokio::time::sleep_until(at.into()) => {}
             // Something changed the schedule (a request-driven refresh, an invalidation): recompute.
-            _ = credential.woken() => {}
+            _ = credential.woken() => continue,
             _ = shutdown.changed() => return,
+        }
+        if syncs && Instant::now() >= next_sync {
+            credential.sync_with_store().await;
+            next_sync = Instant::now()
+                + match credential.store_mode() {
+                    StoreMode::Shared | StoreMode::File => STORE_SYNC_INTERVAL,
+                    StoreMode::Local | StoreMode::Hold => credential.config().timing.probe_interval,
+                };
+        }
+        let wake = credential.next_wake();
+        if Instant::now() >= wake {
+            tokio::select! {
+                _ = credential.refresh_if_due() => {}
+                _ = shutdown.changed() => return,
+            }
         }
     }
 }

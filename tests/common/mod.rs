@@ -245,6 +245,8 @@ pub struct FakeUpstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Authorization values this upstream answers 401 to (a token revoked before its expiry).
     pub revoked: Arc<Mutex<Vec<String>>>,
+    /// Answers 401 to every token (an upstream misconfigured to trust no issuer).
+    pub reject_all: Arc<std::sync::atomic::AtomicBool>,
 }
 
 async fn upstream_handler(State(up): State<FakeUpstream>, req: Request) -> Response {
@@ -277,7 +279,7 @@ async fn upstream_handler(State(up): State<FakeUpstream>, req: Request) -> Respo
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    if up.revoked.lock().unwrap().contains(&auth) {
+    if up.revoked.lock().unwrap().contains(&auth) || up.reject_all.load(Ordering::SeqCst) {
         let _ = axum::body::to_bytes(req.into_body(), 16 << 20).await;
         return (
             StatusCode::UNAUTHORIZED,
@@ -328,6 +330,9 @@ impl FakeUpstream {
     }
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
+    }
+    pub fn reject_every_token(&self) {
+        self.reject_all.store(true, Ordering::SeqCst);
     }
 }
 

@@ -72,7 +72,7 @@ impl Credential {
         store: Arc<dyn TokenStore>,
         metrics: CredentialMetrics,
     ) -> Result<Self, String> {
-        let client = ProviderClient::new(config.timing.timeout)?;
+        let client = ProviderClient::new(config.timing.timeout, &config.transport)?;
         Ok(Credential {
             name: Arc::from(config.name.as_str()),
             config,

@@ -93,6 +93,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 Err(code) => return code,
             };
             crate::telemetry::init(config.log_format, &config.log_level);
+            warn_at_start(&config);
             match crate::server::run(config, Vec::new()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -138,6 +139,23 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
+/// What an operator should know before traffic flows: plaintext HTTP off loopback, and admin
+/// actions that nobody can use.
+fn warn_at_start(config: &Config) {
+    for w in crate::config::transport::plaintext_warnings(config) {
+        tracing::warn!("{w}");
+    }
+    let access = crate::admin::action_access(config.admin_listen, config.admin_token.as_ref());
+    match access {
+        crate::admin::ActionAccess::Refused => {
+            tracing::warn!(admin = %config.admin_listen, "admin actions are {}", access.describe())
+        }
+        _ => {
+            tracing::info!(admin = %config.admin_listen, "admin actions are {}", access.describe())
+        }
+    }
+}
+
 fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -149,6 +167,19 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         "admin     http://{} (/healthz /readyz /metrics /tokens)",
         config.admin_listen
     );
+    let access = crate::admin::action_access(config.admin_listen, config.admin_token.as_ref());
+    println!(
+        "          actions (POST /tokens/NAME/refresh|invalidate) are {}",
+        access.describe()
+    );
+    if let (Some(source), false) = (&config.admin_token, skip_secrets) {
+        if let Err(e) = source.resolve() {
+            problems.push(format!(
+                "config error: {}: `admin.token`: {e}",
+                path.display()
+            ));
+        }
+    }
     println!(
         "state     {} (rotated refresh tokens)",
         config.state_dir.display()
@@ -182,6 +213,17 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             t.refresh_at * 100.0,
             humantime::format_duration(t.expiry_margin)
         );
+        println!(
+            "           reaches the provider {}{}",
+            match &c.transport.proxy {
+                Some(p) => format!("through proxy {p}"),
+                None => "directly (HTTP_PROXY, HTTPS_PROXY, NO_PROXY are ignored)".into(),
+            },
+            match &c.transport.ca_file {
+                Some(ca) => format!(", trusting only the CAs in {}", ca.display()),
+                None => String::new(),
+            }
+        );
         for (key, source) in c.dialect.secret_sources() {
             if skip_secrets {
                 println!("           secret {key}: {source:?} (not read: --skip-secrets)");
@@ -196,6 +238,9 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
                 )),
             }
         }
+    }
+    for w in crate::config::transport::plaintext_warnings(&config) {
+        eprintln!("warning: {w}");
     }
     if problems.is_empty() {
         ExitCode::SUCCESS

@@ -89,8 +89,10 @@ async fn sigkill_during_rotations_never_loses_the_newest_refresh_token() {
     let bootstrap = format!("rt-boot-{}", rand_hex());
     let (provider, chain) = start_provider(&bootstrap).await;
     let upstream = FakeUpstream::start().await;
+    // min_refresh_interval 0s lifts the admin rate limit on forced refreshes (one per interval),
+    // so each trial can force a burst of rotations for the kill to land in.
     let keys = format!(
-        "dialect = \"oauth2\"\ntoken_url = \"http://{provider}/token\"\ngrant = \"refresh_token\"\nclient_id = \"c\"\nclient_auth = \"none\"\nrefresh_token = \"{bootstrap}\"\nmin_refresh_interval = \"1s\"\n"
+        "dialect = \"oauth2\"\ntoken_url = \"http://{provider}/token\"\ngrant = \"refresh_token\"\nclient_id = \"c\"\nclient_auth = \"none\"\nrefresh_token = \"{bootstrap}\"\nmin_refresh_interval = \"0s\"\n"
     );
     let mut tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
     let state_file = tw.dir.path().join("state/api.json");

@@ -1,5 +1,8 @@
 //! The admin listener: liveness, readiness, Prometheus metrics, and the token status and
-//! actions an operator needs. It reveals no token or secret.
+//! actions an operator needs. It reveals no token or secret; its actions need a bearer token
+//! (or a loopback listener) and forced refreshes are rate-limited per credential.
+
+mod access;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -13,9 +16,11 @@ use serde_json::{Value, json};
 
 use crate::server::Shared;
 use crate::token::{Credential, StoreMode};
+pub use access::{ActionAccess, RefreshLimiter, action_access};
 
 pub struct AdminApp {
     pub shared: Arc<Shared>,
+    limiter: RefreshLimiter,
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -79,6 +84,13 @@ pub fn credential_status(c: &Credential) -> Value {
 }
 
 impl AdminApp {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        AdminApp {
+            shared,
+            limiter: RefreshLimiter::default(),
+        }
+    }
+
     fn metrics(&self) -> Response<Vec<u8>> {
         for c in self.shared.credentials().iter() {
             c.update_gauges();
@@ -129,6 +141,14 @@ impl AdminApp {
                 json!({"error": "unknown_credential", "credential": name}),
             );
         };
+        if action == "refresh" {
+            // A forced refresh clears the fatal state and the breaker: unthrottled, a caller could
+            // make tokenward retry a bad password until the vendor locks the account.
+            let interval = c.config().timing.min_refresh_interval;
+            if let Err(wait) = self.limiter.admit(name, interval, Instant::now()) {
+                return access::too_many(name, wait);
+            }
+        }
         match action {
             "refresh" => match c.force_refresh().await {
                 Ok(t) => reply_json(
@@ -185,6 +205,11 @@ impl ServeHttp for AdminApp {
                 ),
             },
             (&Method::POST, ["tokens", name, action]) => {
+                let config = self.shared.config.load_full();
+                let access = action_access(config.admin_listen, config.admin_token.as_ref());
+                if let Err(refused) = access::authorize(&access, session).await {
+                    return refused;
+                }
                 let name = name.to_string();
                 let action = action.to_string();
                 self.action(&name, &action).await

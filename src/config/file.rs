@@ -4,6 +4,8 @@ use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::secret::SecretSource;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -39,6 +41,8 @@ pub struct LogFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub listen: Option<String>,
+    /// Bearer token that POST /tokens/NAME/refresh|invalidate require.
+    pub token: Option<SecretSource>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +85,10 @@ pub struct CommonCredentialFile {
     pub max_backoff: Option<HumanDuration>,
     pub probe_interval: Option<HumanDuration>,
     pub timeout: Option<HumanDuration>,
+    /// The only forward proxy the provider client uses (the environment's proxy variables never are).
+    pub proxy: Option<String>,
+    /// PEM bundle of CAs that sign the token endpoint's certificate, replacing the built-in roots.
+    pub ca_file: Option<String>,
 }
 
 impl CommonCredentialFile {
@@ -95,6 +103,8 @@ impl CommonCredentialFile {
         "max_backoff",
         "probe_interval",
         "timeout",
+        "proxy",
+        "ca_file",
     ];
 }
 

@@ -2,6 +2,7 @@
 //! validates it into the settings the proxy runs on. Every error names the file, key and reason.
 
 pub mod file;
+pub mod transport;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -16,6 +17,7 @@ use http::header::HeaderName;
 
 use crate::dialect::{self, Dialect};
 use file::{CommonCredentialFile, FileConfig, HumanDuration, RouteFile};
+pub use transport::ProviderTransport;
 
 pub const ENV_PREFIX: &str = "TOKENWARD_";
 const ENV_SECTIONS: &[&str] = &["server", "log", "admin", "state", "credentials"];
@@ -70,6 +72,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub admin_listen: SocketAddr,
+    /// What the admin actions require; `None` allows them on a loopback listener only.
+    pub admin_token: Option<crate::secret::SecretSource>,
     pub state_dir: PathBuf,
     pub routes: Vec<RouteConfig>,
     pub credentials: Vec<CredentialConfig>,
@@ -182,6 +186,8 @@ pub struct CredentialConfig {
     pub dialect: Arc<dyn Dialect>,
     pub presentation: Presentation,
     pub timing: Timing,
+    /// How the provider client connects: its own proxy (never the environment's) and CAs.
+    pub transport: ProviderTransport,
     /// Changes whenever any setting of this credential changes: a reload keeps the token of a
     /// credential whose fingerprint is unchanged.
     pub fingerprint: String,
@@ -194,6 +200,7 @@ impl fmt::Debug for CredentialConfig {
             .field("dialect", &self.dialect_name)
             .field("presentation", &self.presentation)
             .field("timing", &self.timing)
+            .field("transport", &self.transport)
             .finish()
     }
 }
@@ -400,6 +407,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         log_format,
         log_level,
         admin_listen,
+        admin_token: raw.admin.token,
         state_dir,
         routes,
         credentials,
@@ -608,6 +616,7 @@ fn validate_credential(
             "must not be shorter than probe_interval",
         );
     }
+    let transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
     let header = common.header.as_deref().unwrap_or("Authorization");
     let format = common
         .format
@@ -631,6 +640,7 @@ fn validate_credential(
         dialect: built,
         presentation,
         timing,
+        transport,
         fingerprint,
     })
 }

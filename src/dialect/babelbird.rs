@@ -117,6 +117,10 @@ impl Dialect for BabelBird {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.refresh_url.clone()]
+    }
+
     fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
         vec![
             ("client_secret", &self.client_secret),
@@ -215,7 +219,8 @@ mod tests {
         d.insert("client_secret".into(), "s".into());
         d.insert("refresh_token".into(), "r".into());
         let d = BabelBird::from_keys(d).unwrap();
-        let client = ProviderClient::new(std::time::Duration::from_secs(1)).unwrap();
+        let client =
+            ProviderClient::new(std::time::Duration::from_secs(1), &Default::default()).unwrap();
         let e = d.obtain(&Held::default(), &client).await.unwrap_err();
         assert_eq!(e.class, ErrorClass::Fatal);
         assert!(e.message.contains("bootstrap"));

@@ -111,6 +111,10 @@ impl Dialect for Cloudreve {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.login_url.clone(), self.refresh_url.clone()]
+    }
+
     fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
         vec![("password", &self.password)]
     }

@@ -696,6 +696,14 @@ impl Dialect for Custom {
         format!("custom: {}", parts.join("; "))
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        [&self.login, &self.refresh]
+            .into_iter()
+            .flatten()
+            .map(|r| r.url.source().to_string())
+            .collect()
+    }
+
     fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
         let mut out: Vec<(&'static str, &SecretSource)> =
             self.secrets.values().map(|s| ("secrets", s)).collect();

@@ -164,6 +164,10 @@ impl Dialect for EnosApim {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.get_url.clone(), self.refresh_url.clone()]
+    }
+
     fn default_format(&self) -> &'static str {
         "{token}"
     }

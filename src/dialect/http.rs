@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 
 use super::{DialectError, ErrorClass};
+use crate::config::ProviderTransport;
 
 /// Provider answers larger than this are refused: a token response is a few kilobytes.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -24,12 +25,30 @@ pub struct ProviderResponse {
 }
 
 impl ProviderClient {
-    pub fn new(timeout: Duration) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+    /// A client that goes through `transport.proxy` or straight to the provider: reqwest would
+    /// otherwise follow `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` from the environment.
+    pub fn new(timeout: Duration, transport: &ProviderTransport) -> Result<Self, String> {
+        let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("tokenward/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("tokenward/", env!("CARGO_PKG_VERSION")));
+        builder = match &transport.proxy {
+            Some(url) => builder.proxy(
+                reqwest::Proxy::all(url.as_str())
+                    .map_err(|e| format!("unusable proxy: {}", root_cause(&e)))?,
+            ),
+            None => builder.no_proxy(),
+        };
+        if let Some(path) = &transport.ca_file {
+            builder = builder.tls_built_in_root_certs(false);
+            for der in crate::proxy::upstream::load_ca_bundle(path)? {
+                let cert = reqwest::Certificate::from_der(&der)
+                    .map_err(|e| format!("CA bundle {}: {}", path.display(), root_cause(&e)))?;
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("cannot build the provider HTTP client: {e}"))?;
         Ok(ProviderClient { client, timeout })

@@ -171,6 +171,12 @@ pub trait Dialect: Send + Sync {
     /// What this dialect will do, for `tokenward check`: endpoints and grant, never a secret.
     fn describe(&self) -> String;
 
+    /// The URLs this dialect calls, as configured (a `custom` template as written): for the
+    /// warning about plain `http://` off loopback. Never a secret.
+    fn endpoints(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The scheme written before the token when the config gives no `format`.
     fn default_format(&self) -> &'static str {
         "Bearer {token}"

@@ -443,6 +443,10 @@ impl Dialect for OAuth2 {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.token_url.clone()]
+    }
+
     fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
         let mut out = Vec::new();
         if let Some(s) = &self.client_secret {

@@ -183,6 +183,10 @@ impl Dialect for QuectelAccessKey {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.login_url.clone(), self.refresh_url.clone()]
+    }
+
     fn default_format(&self) -> &'static str {
         "{token}"
     }

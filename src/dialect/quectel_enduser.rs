@@ -236,6 +236,10 @@ impl Dialect for QuectelEnduser {
         )
     }
 
+    fn endpoints(&self) -> Vec<String> {
+        vec![self.login_url.clone(), self.refresh_url.clone()]
+    }
+
     fn default_format(&self) -> &'static str {
         "{token}"
     }

@@ -295,9 +295,7 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     }
     let mut admin = Service::new(
         "admin".to_string(),
-        HttpServer::new_app(AdminApp {
-            shared: shared.clone(),
-        }),
+        HttpServer::new_app(AdminApp::new(shared.clone())),
     );
     admin.add_tcp(&config.admin_listen.to_string());
     server.add_service(admin);

@@ -177,7 +177,7 @@ impl Credential {
         chain: Option<Arc<tokio::sync::Mutex<Chain>>>,
         metrics: CredentialMetrics,
     ) -> Result<Self, String> {
-        let client = ProviderClient::new(config.timing.timeout)?;
+        let client = ProviderClient::new(config.timing.timeout, &config.transport)?;
         let mode = if store.is_shared() {
             StoreMode::Shared
         } else {

@@ -344,7 +344,22 @@ pub struct Tokenward {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     log: Arc<Mutex<String>>,
+    /// Environment variables set for the binary, on top of the test's own.
+    env: Vec<(String, String)>,
 }
+
+/// Proxy variables are removed from the binary's environment unless a test sets them, so that a
+/// proxy configured on the machine running the tests cannot change what they observe.
+const PROXY_VARS: &[&str] = &[
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tokenward")
@@ -427,6 +442,17 @@ impl Tokenward {
         proxy: SocketAddr,
         admin: SocketAddr,
     ) -> Self {
+        Self::start_with_env(dir, config_path, proxy, admin, &[])
+    }
+
+    /// Like [`Tokenward::start_with`], with `env` set in the binary's environment.
+    pub fn start_with_env(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut tw = Tokenward {
             child: None,
             proxy,
@@ -434,13 +460,22 @@ impl Tokenward {
             dir,
             config_path,
             log: Arc::new(Mutex::new(String::new())),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         tw.spawn();
         tw
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(bin())
+        let mut command = Command::new(bin());
+        for var in PROXY_VARS {
+            command.env_remove(var);
+        }
+        let mut child = command
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .args(["run", "--config"])
             .arg(&self.config_path)
             .stdout(Stdio::piped())

@@ -43,6 +43,11 @@ pub enum Mode {
     Status(u16),
     /// HTTP 200 with a body that is not a token response.
     Garbage(&'static str),
+    /// This status with `Retry-After: retry_after_s`.
+    Busy {
+        status: u16,
+        retry_after_s: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +169,18 @@ async fn token_endpoint(
             )
                 .into_response();
         }
+        Mode::Busy {
+            status,
+            retry_after_s,
+        } => {
+            record(status);
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("retry-after", retry_after_s.to_string())],
+                Json(json!({"error": "temporarily_unavailable"})),
+            )
+                .into_response();
+        }
         Mode::Garbage(body) => {
             record(200);
             return (StatusCode::OK, body.to_string()).into_response();
@@ -212,6 +229,22 @@ async fn token_endpoint(
     s.issued.lock().unwrap().extend(issued);
     record(200);
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// Polls `cond` until it holds, failing the test after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Rewrites the running config file (the reloader notices within a second).
+pub fn rewrite_config(tw: &Tokenward, from: &str, to: &str) {
+    let body = std::fs::read_to_string(&tw.config_path).unwrap();
+    assert!(body.contains(from), "{from:?} not in config");
+    std::fs::write(&tw.config_path, body.replace(from, to)).unwrap();
 }
 
 pub fn rand_hex() -> String {

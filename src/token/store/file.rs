@@ -63,19 +63,24 @@ impl FileStore {
             });
         }
         // A crash between writing a temporary file and renaming it leaves the temporary behind;
-        // the state file itself is intact, so the leftovers are only litter. Young ones may be
-        // another process's write in progress.
+        // the state file itself is intact, so the leftovers are only litter. A live process's
+        // may be a write in progress (another process on the same directory).
         if let Ok(entries) = std::fs::read_dir(dir) {
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
+                if !(name.starts_with('.') && name.ends_with(".tmp")) {
+                    continue;
+                }
+                let writer_alive = temp_writer(&name)
+                    .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
                 let stale = entry
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > STALE_TEMP);
-                if name.starts_with('.') && name.ends_with(".tmp") && stale {
+                if !writer_alive || stale {
                     let _ = std::fs::remove_file(entry.path());
                 }
             }
@@ -180,6 +185,14 @@ impl FileStore {
         })?;
         Ok(Some(version))
     }
+}
+
+/// The process that wrote temporary file `name` (`.FILE.PID-N.tmp`).
+fn temp_writer(name: &str) -> Option<u32> {
+    let stem = name.strip_suffix(".tmp")?;
+    let (_, tail) = stem.rsplit_once('.')?;
+    let (pid, _) = tail.split_once('-')?;
+    pid.parse().ok()
 }
 
 trait ClassifyStr {
@@ -359,6 +372,13 @@ mod tests {
         );
         let now = store.load(&c).await.unwrap().unwrap();
         assert_eq!((now.version, now.state), (2, state("rt-2", None)));
+    }
+
+    #[test]
+    fn temporary_files_name_their_writer() {
+        assert_eq!(temp_writer(".c.json.4242-7.tmp"), Some(4242));
+        assert_eq!(temp_writer(".c.json.tmp"), None);
+        assert_eq!(temp_writer(".x.tmp"), None);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ impl Dialect for Instant {
     fn describe(&self) -> String {
         "bench".into()
     }
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
         Vec::new()
     }
     async fn obtain(&self, _held: &Held, _client: &ProviderClient) -> Result<Grant, DialectError> {

@@ -204,6 +204,95 @@ fn check_reads_secrets_unless_told_not_to() {
     assert_eq!(out.status.code(), Some(0));
 }
 
+const CUSTOM: &str = r#"
+[[routes]]
+name = "a"
+listen = "127.0.0.1:18080"
+upstream = "http://127.0.0.1:19000"
+credential = "a"
+[credentials.a]
+dialect = "custom"
+secrets = { password = { file = "PASSWORD_FILE" }, api_key = { env = "TOKENWARD_CLI_TEST_ABSENT_API_KEY" } }
+[credentials.a.login]
+url = "http://127.0.0.1:19001/login"
+json = { user = "me", password = "{secret.password}", key = "{secret.api_key}", at = { number = "{now_ms}" } }
+[credentials.a.login.response]
+access_token = "/token"
+"#;
+
+#[test]
+fn check_names_each_secret_of_a_custom_credential_by_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = write(dir.path(), "pw", "custom-password-value");
+    let path = write(
+        dir.path(),
+        "custom.toml",
+        &CUSTOM.replace("PASSWORD_FILE", pw.to_str().unwrap()),
+    );
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("secret secrets.password: ") && stdout.contains("(readable)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("`credentials.a.secrets.api_key`")
+            && stderr.contains("TOKENWARD_CLI_TEST_ABSENT_API_KEY"),
+        "{stderr}"
+    );
+    let out = tokenward(&[
+        "check",
+        "--skip-secrets",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for name in ["password", "api_key"] {
+        assert!(
+            stdout.contains(&format!("secret secrets.{name}: ")),
+            "{name}: {stdout}"
+        );
+    }
+    assert!(!stdout.contains("custom-password-value"), "{stdout}");
+}
+
+#[test]
+fn check_rejects_typed_json_values_that_cannot_be_their_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = CUSTOM
+        .replace("PASSWORD_FILE", "/nonexistent")
+        .replace(
+            "at = { number = \"{now_ms}\" }",
+            "at = { number = \"soon\" }, on = { bool = \"{now_s}\" }, n = { number = 5 }, o = { object = \"x\" }",
+        );
+    let path = write(dir.path(), "typed.toml", &body);
+    let out = tokenward(&[
+        "check",
+        "--skip-secrets",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    for (key, reason) in [
+        ("credentials.a.login.json.at", "number"),
+        ("credentials.a.login.json.on", "boolean"),
+        ("credentials.a.login.json.n", "template"),
+        ("credentials.a.login.json.o", "table"),
+    ] {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("`{key}`")))
+            .unwrap_or_else(|| panic!("no error for {key}: {stderr}"));
+        assert!(
+            line.contains("typed.toml") && line.contains(reason),
+            "{line}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_command_prints_expiry_and_only_shows_the_token_when_asked() {
     let provider = FakeProvider::start(600, true, None).await;

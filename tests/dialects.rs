@@ -453,6 +453,286 @@ async fn quectel_accesskey_same_token_within_window_is_success_without_spinning(
     no_leaks(&tw, &v, &[QA_SECRET]).await;
 }
 
+fn quectel_accesskey_custom(v: &Vendor, dir: &Path) -> String {
+    shipped_custom(
+        "quectel-accesskey-custom.toml",
+        "quec",
+        "https://iot-api.quectelcn.com",
+        v,
+        dir,
+    )
+    .replace("24b9rucGWFBzVt1wDhxRAzgM", QA_KEY)
+}
+
+/// Masks what differs between two runs of the same session: the login's millisecond timestamp
+/// and the SHA-256 password derived from it (a successful login's is masked as an issued token).
+fn mask_quecauth_volatile(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(i) = rest.find("timestamp=") {
+        out.push_str(&rest[..i + "timestamp=".len()]);
+        rest = rest[i + "timestamp=".len()..].trim_start_matches(|c: char| c.is_ascii_digit());
+        out.push_str("<ms>");
+    }
+    out.push_str(rest);
+    // A 64-digit lowercase hex run is a password computed for a refused login.
+    let chars: Vec<char> = out.chars().collect();
+    let mut masked = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let run = chars[i..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit() || ('a'..='f').contains(*c))
+            .count();
+        if run == 64 {
+            masked.push_str("<sha256>");
+            i += run;
+        } else {
+            masked.extend(&chars[i..i + run.max(1)]);
+            i += run.max(1);
+        }
+    }
+    masked
+}
+
+/// A deterministic quectel-accesskey session: the provider transcript (tokens masked by issue
+/// order), the outcome of each provider call, and the Authorization headers the upstream saw.
+async fn quectel_accesskey_session(custom: bool) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let v = quecauth(300).await;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_file(dir.path(), "quectel_access_secret", QA_SECRET);
+    let keys = if custom {
+        quectel_accesskey_custom(&v, dir.path())
+    } else {
+        format!(
+            "dialect = \"quectel-accesskey\"\nbase_url = \"{}\"\naccess_key = \"{QA_KEY}\"\naccess_secret = {{ file = \"{secret}\" }}\n",
+            v.base_url()
+        )
+    };
+    let mut tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
+    tw.wait_ready().await;
+    through(&tw, "/one").await;
+    // Refreshed with the access token itself: a new token.
+    assert_eq!(force_refresh(&tw).await, 200);
+    through(&tw, "/two").await;
+    // Within the window the same token comes back: a success.
+    v.set_same_token_window(Duration::from_secs(3600));
+    assert_eq!(force_refresh(&tw).await, 200);
+    assert_eq!(v.calls().last().unwrap().outcome, "same");
+    through(&tw, "/three").await;
+    v.set_same_token_window(Duration::ZERO);
+    tokio::task::block_in_place(|| tw.kill9_and_restart());
+    tw.wait_ready().await;
+    through(&tw, "/four").await;
+    // A refused refresh (the key was disabled for it) is followed at once by a login.
+    v.fail_refresh(Some("4030"));
+    assert_eq!(force_refresh(&tw).await, 200);
+    assert_eq!(v.calls().last().unwrap().kind, "login");
+    through(&tw, "/five").await;
+    // Disabled for good: the login is refused too, and that is final.
+    v.fail_login(Some("4030"));
+    assert_ne!(force_refresh(&tw).await, 200);
+    let n = v.calls().len();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(v.calls().len(), n, "retried: {:?}", v.calls());
+    let s = token_status(&tw).await;
+    assert_eq!(s["state"], "fatal", "{s}");
+    through(&tw, "/six").await;
+    no_leaks(&tw, &v, &[QA_SECRET]).await;
+    let issued = v.issued();
+    let mask = |s: &str| {
+        let mut s = s.to_string();
+        for (i, t) in issued.iter().enumerate().rev() {
+            s = s.replace(t.as_str(), &format!("tok#{i}"));
+        }
+        s
+    };
+    let auths = up
+        .seen()
+        .iter()
+        .flat_map(|s| s.all("authorization").into_iter().map(mask))
+        .collect();
+    let transcript = v
+        .masked_transcript(&[])
+        .iter()
+        .map(|l| mask_quecauth_volatile(l))
+        .collect();
+    let outcomes = v
+        .calls()
+        .iter()
+        .map(|c| format!("{} {}", c.kind, c.outcome))
+        .collect();
+    (transcript, outcomes, auths)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quectel_accesskey_builtin_and_custom_send_the_same_requests_and_inject_the_same_tokens() {
+    let ((builtin, builtin_calls, builtin_auth), (custom, custom_calls, custom_auth)) = tokio::join!(
+        quectel_accesskey_session(false),
+        quectel_accesskey_session(true)
+    );
+    assert_eq!(builtin, custom);
+    assert_eq!(builtin_calls, custom_calls);
+    assert_eq!(builtin_auth, custom_auth);
+    // The fake checked every login's signature: none was refused but the forced ones.
+    assert_eq!(
+        builtin_calls,
+        [
+            "login ok",
+            "refresh ok",
+            "refresh same",
+            "login ok",
+            "refresh 4030",
+            "login ok",
+            "refresh 4030",
+            "login 4030"
+        ],
+        "{builtin:#?}"
+    );
+    assert_eq!(builtin_auth.len(), 6);
+    assert!(
+        builtin_auth.iter().all(|a| a.starts_with("QJWT tok#")),
+        "{builtin_auth:?}"
+    );
+    assert!(
+        builtin[0].starts_with("GET /v2/quecauth/accessKeyAuthrize/accessKeyLogin query={\"grant_type\": \"password\", \"password\": \"tok#"),
+        "{}",
+        builtin[0]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// custom: typed JSON values
+
+/// A provider that records every JSON body it is sent and answers each with a new token.
+async fn recording_provider() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let s2 = seen.clone();
+    let router = axum::Router::new().route(
+        "/login",
+        axum::routing::post(move |body: String| {
+            let seen = s2.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                seen.lock().unwrap().push(v);
+                axum::Json(serde_json::json!({
+                    "token": format!("typed-at-{}", rand_hex()),
+                    "expires_in": 300
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_json_values_can_be_typed_numbers_and_booleans() {
+    let (provider, seen) = recording_provider().await;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let flag = secret_file(dir.path(), "flag", "true");
+    let count = secret_file(dir.path(), "count", "42");
+    let keys = format!(
+        r#"dialect = "custom"
+secrets = {{ flag = {{ file = "{flag}" }}, count = {{ file = "{count}" }} }}
+[credentials.api.login]
+url = "http://{provider}/login"
+json = {{ ts = {{ number = "{{now_ms}}" }}, on = {{ bool = "{{secret.flag}}" }}, off = {{ bool = "false" }}, n = {{ number = "{{secret.count}}" }}, ratio = {{ number = "-0.5e1" }}, s = "{{secret.count}}", phone = {{ object = {{ number = "+49 30 1234" }} }}, list = [{{ number = "{{now_s}}" }}, "x", 7] }}
+[credentials.api.login.response]
+access_token = "/token"
+expires = "/expires_in"
+"#
+    );
+    let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
+    tw.wait_healthy().await;
+    wait_until("a login", Duration::from_secs(10), || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let body = seen.lock().unwrap()[0].clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let ts = body["ts"].as_u64().unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        (ts as i128 - now.as_millis() as i128).abs() < 600_000,
+        "{body}"
+    );
+    assert_eq!(body["on"], serde_json::json!(true), "{body}");
+    assert_eq!(body["off"], serde_json::json!(false), "{body}");
+    assert_eq!(body["n"], serde_json::json!(42), "{body}");
+    assert_eq!(body["ratio"], serde_json::json!(-5.0), "{body}");
+    // Plain strings stay strings, and `object` sends a table whose one key is a type's name.
+    assert_eq!(body["s"], serde_json::json!("42"), "{body}");
+    assert_eq!(
+        body["phone"],
+        serde_json::json!({"number": "+49 30 1234"}),
+        "{body}"
+    );
+    assert!(body["list"][0].is_u64(), "{body}");
+    assert_eq!(body["list"][1], "x");
+    assert_eq!(body["list"][2], 7);
+    tw.wait_ready().await;
+    assert_eq!(through(&tw, "/x").await.0, 200);
+    // A value that does not render to its type fails the login clearly, naming the key and
+    // never the value.
+    secret_file(dir.path(), "flag", "yes-please-flag");
+    assert_ne!(force_refresh(&tw).await, 200);
+    let s = token_status(&tw).await;
+    let error = s["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("login.json.on") && error.contains("boolean"),
+        "{s}"
+    );
+    assert_eq!(s["state"], "fatal", "{s}");
+    tw.assert_no_leaks(&["yes-please-flag".to_string()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_dialect_logs_in_to_the_enos_token_service_with_a_numeric_timestamp() {
+    let v = enos(300).await;
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = secret_file(dir.path(), "enos_app_secret", ENOS_SECRET);
+    let keys = format!(
+        r#"dialect = "custom"
+header = "apim-accesstoken"
+format = "{{token}}"
+secrets = {{ app_secret = {{ file = "{secret}" }} }}
+[credentials.api.login]
+url = "{}/apim-token-service/v2.0/token/get"
+json = {{ appKey = "{ENOS_KEY}", encryption = "{{sha256('{ENOS_KEY}' + now_ms + secret.app_secret)}}", timestamp = {{ number = "{{now_ms}}" }} }}
+[credentials.api.login.response]
+access_token = "/data/accessToken"
+expires = "/data/expire"
+success = {{ pointer = "/status", equals = 0 }}
+error_code = "/status"
+"#,
+        v.base_url()
+    );
+    let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
+    tw.wait_healthy().await;
+    wait_until("a login", Duration::from_secs(10), || v.count("login") >= 1).await;
+    // The fake wants `timestamp` as a JSON number and checks the signature over it.
+    assert_eq!(v.calls()[0].outcome, "ok", "{:?}", v.calls());
+    tw.wait_ready().await;
+    reqwest::get(tw.url("/x")).await.unwrap();
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].all("apim-accesstoken"), [v.issued()[0].as_str()]);
+    no_leaks(&tw, &v, &[ENOS_SECRET]).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // babelbird (built-in and custom)
 

@@ -13,6 +13,7 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use base64::Engine;
 use common::*;
 
 /// A provider that misbehaves in one chosen way and counts its calls.
@@ -309,11 +310,11 @@ async fn hostile_clients_cannot_reach_another_host_or_the_token() {
         huge.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(100)).as_bytes());
     }
     huge.extend_from_slice(b"\r\n");
-    let out = raw(huge).await.unwrap();
+    let refused = raw(huge).await.unwrap();
     assert!(
-        out.is_empty() || out.starts_with("HTTP/1.1 4"),
+        refused.is_empty() || refused.starts_with("HTTP/1.1 4"),
         "{}",
-        &out[..out.len().min(200)]
+        &refused[..refused.len().min(200)]
     );
 
     // CL.TE request smuggling: a conflicting Content-Length and Transfer-Encoding.
@@ -322,14 +323,45 @@ async fn hostile_clients_cannot_reach_another_host_or_the_token() {
     let smuggled = upstream.seen().iter().any(|s| s.path.contains("smuggled"));
     assert!(!smuggled, "a smuggled request reached the upstream: {out}");
 
-    // The token never comes back to the client from tokenward itself.
-    let r = reqwest::get(tw.url("/no-route-here")).await.unwrap();
-    let body = r.text().await.unwrap();
-    for secret in provider.issued() {
+    // The token goes to the upstream and nowhere else: an upstream answer that does not echo
+    // the request reaches the client with no token in it, although the upstream did get one.
+    let r = reqwest::get(tw.url("/bytes/16")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut answer = format!("{:?}", r.headers());
+    answer.push_str(&r.text().await.unwrap());
+    let seen = upstream.seen();
+    let got = seen
+        .iter()
+        .find(|s| s.path == "/bytes/16")
+        .expect("the request reached the upstream");
+    let token = provider.issued().last().cloned().unwrap();
+    assert_eq!(
+        got.all("authorization"),
+        [format!("Bearer {token}").as_str()]
+    );
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("{CLIENT_ID}:{CLIENT_SECRET}"));
+    let mut secrets = provider.issued();
+    secrets.extend([CLIENT_SECRET.to_string(), basic.clone()]);
+    for secret in &secrets {
         assert!(
-            !body.contains(&secret) || body.contains("\"authorization\""),
-            "tokenward's own answer carries the token"
+            !answer.contains(secret.as_str()),
+            "the client got a secret back: {answer}"
         );
+        assert!(
+            !refused.contains(secret.as_str()),
+            "tokenward's own answer carries a secret: {refused}"
+        );
+    }
+    // The client's secret never reaches the upstream, in any request.
+    for s in &seen {
+        for (name, value) in &s.headers {
+            assert!(
+                !value.contains(CLIENT_SECRET) && !value.contains(basic.as_str()),
+                "{} carried the client secret in {name}",
+                s.path
+            );
+        }
     }
     let admin = reqwest::get(tw.admin_url("/tokens"))
         .await

@@ -121,10 +121,10 @@ impl Dialect for BabelBird {
         vec![self.refresh_url.clone()]
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
         vec![
-            ("client_secret", &self.client_secret),
-            ("refresh_token", &self.bootstrap),
+            ("client_secret".into(), &self.client_secret),
+            ("refresh_token".into(), &self.bootstrap),
         ]
     }
 

@@ -115,8 +115,8 @@ impl Dialect for Cloudreve {
         vec![self.login_url.clone(), self.refresh_url.clone()]
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
-        vec![("password", &self.password)]
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
+        vec![("password".into(), &self.password)]
     }
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {

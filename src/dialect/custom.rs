@@ -12,6 +12,7 @@
 //! method = "POST"                       # default POST
 //! url = "https://api.example/session"
 //! json = { email = "me@example.com", password = "{secret.password}" }
+//! # typed values: at = { number = "{now_ms}" }, on = { bool = "true" }; { object = {…} } escapes
 //! # also: query = {…}, form = {…}, headers = {…}
 //! [credentials.api.login.response]
 //! access_token = "/data/token/access_token"    # JSON pointers
@@ -110,13 +111,56 @@ enum OtherErrors {
     Transient,
 }
 
-/// A JSON body template: strings are templates, everything else is sent as written.
+/// A JSON body template: strings are templates; a table whose only key is `number` or `bool`
+/// is a template whose rendering is sent as that JSON type; `{ object = {…} }` is a table sent
+/// as an object (for an object whose one key is `number`, `bool` or `object`); everything else is
+/// sent as written.
 #[derive(Debug)]
 enum JsonTemplate {
     Str(Template),
+    Typed(JsonType, Template),
     Lit(Value),
     Array(Vec<JsonTemplate>),
     Object(Vec<(String, JsonTemplate)>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum JsonType {
+    Number,
+    Bool,
+}
+
+impl JsonType {
+    fn name(self) -> &'static str {
+        match self {
+            JsonType::Number => "number",
+            JsonType::Bool => "bool",
+        }
+    }
+
+    /// The rendered text as this type. The error never quotes the text: it may hold a secret.
+    fn value(self, text: &str) -> Result<Value, String> {
+        match self {
+            JsonType::Bool => match text {
+                "true" => Ok(Value::Bool(true)),
+                "false" => Ok(Value::Bool(false)),
+                _ => Err("renders to text that is not a JSON boolean (`true` or `false`)".into()),
+            },
+            JsonType::Number => {
+                let bad = || "renders to text that is not a JSON number".to_string();
+                // serde_json skips surrounding whitespace; a JSON number has none.
+                if text.trim() != text {
+                    return Err(bad());
+                }
+                let n: serde_json::Number = serde_json::from_str(text).map_err(|_| bad())?;
+                // Without a fraction or exponent it must stay an exact integer, not a rounded float.
+                if !text.contains(['.', 'e', 'E']) && !(n.is_i64() || n.is_u64()) {
+                    return Err("renders to an integer beyond 64 bits".into());
+                }
+                Ok(Value::Number(n))
+            }
+        }
+    }
 }
 
 impl JsonTemplate {
@@ -136,23 +180,94 @@ impl JsonTemplate {
                     .map(|(i, v)| JsonTemplate::parse(v, &format!("{key}[{i}]"), errors))
                     .collect(),
             ),
-            Value::Object(map) => JsonTemplate::Object(
-                map.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.clone(),
-                            JsonTemplate::parse(v, &format!("{key}.{k}"), errors),
-                        )
-                    })
-                    .collect(),
-            ),
+            Value::Object(map) if map.len() == 1 => {
+                let (name, inner) = map.iter().next().expect("one entry");
+                let ty = match name.as_str() {
+                    "number" => JsonType::Number,
+                    "bool" => JsonType::Bool,
+                    "object" => {
+                        return match inner {
+                            Value::Object(map) => JsonTemplate::object(map, key, errors),
+                            _ => {
+                                errors.push((
+                                    key.into(),
+                                    "`{ object = … }` takes a table, sent as a JSON object".into(),
+                                ));
+                                JsonTemplate::Lit(Value::Null)
+                            }
+                        };
+                    }
+                    _ => return JsonTemplate::object(map, key, errors),
+                };
+                JsonTemplate::typed(ty, inner, key, errors)
+            }
+            Value::Object(map) => JsonTemplate::object(map, key, errors),
             other => JsonTemplate::Lit(other.clone()),
         }
     }
 
+    fn object(
+        map: &serde_json::Map<String, Value>,
+        key: &str,
+        errors: &mut Vec<(String, String)>,
+    ) -> JsonTemplate {
+        JsonTemplate::Object(
+            map.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        JsonTemplate::parse(v, &format!("{key}.{k}"), errors),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// `{ number = "…" }` or `{ bool = "…" }`. A template that depends on nothing but the
+    /// clock renders the same way at every call, so it is checked now rather than at the login.
+    fn typed(
+        ty: JsonType,
+        inner: &Value,
+        key: &str,
+        errors: &mut Vec<(String, String)>,
+    ) -> JsonTemplate {
+        let name = ty.name();
+        let Value::String(src) = inner else {
+            errors.push((
+                key.into(),
+                format!("`{{ {name} = … }}` takes a template string such as \"{{now_ms}}\" (write a constant without the table)"),
+            ));
+            return JsonTemplate::Lit(Value::Null);
+        };
+        let t = match Template::parse(src) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push((key.into(), e));
+                return JsonTemplate::Lit(Value::Null);
+            }
+        };
+        if t.depends_only_on_the_clock() {
+            let secrets = BTreeMap::new();
+            let ctx = Context {
+                secrets: &secrets,
+                refresh_token: None,
+                access_token: None,
+                now_ms: vendor::now_ms(),
+                nonce: "",
+            };
+            let checked = t
+                .render(&ctx)
+                .and_then(|text| ty.value(text.expose()).map(|_| ()));
+            if let Err(e) = checked {
+                errors.push((key.into(), format!("`{{ {name} = … }}` {e}")));
+            }
+        }
+        JsonTemplate::Typed(ty, t)
+    }
+
     fn templates<'a>(&'a self, out: &mut Vec<&'a Template>) {
         match self {
-            JsonTemplate::Str(t) => out.push(t),
+            JsonTemplate::Str(t) | JsonTemplate::Typed(_, t) => out.push(t),
             JsonTemplate::Lit(_) => {}
             JsonTemplate::Array(items) => items.iter().for_each(|i| i.templates(out)),
             JsonTemplate::Object(items) => items.iter().for_each(|(_, i)| i.templates(out)),
@@ -167,11 +282,17 @@ impl JsonTemplate {
                     .expose()
                     .to_string(),
             ),
+            JsonTemplate::Typed(ty, t) => {
+                let text = t.render(ctx).map_err(|e| render_error(key, e))?;
+                ty.value(text.expose())
+                    .map_err(|e| render_error(key, format!("`{{ {} = … }}` {e}", ty.name())))?
+            }
             JsonTemplate::Lit(v) => v.clone(),
             JsonTemplate::Array(items) => Value::Array(
                 items
                     .iter()
-                    .map(|i| i.render(ctx, key))
+                    .enumerate()
+                    .map(|(i, item)| item.render(ctx, &format!("{key}[{i}]")))
                     .collect::<Result<_, _>>()?,
             ),
             JsonTemplate::Object(items) => {
@@ -704,11 +825,14 @@ impl Dialect for Custom {
             .collect()
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
-        let mut out: Vec<(&'static str, &SecretSource)> =
-            self.secrets.values().map(|s| ("secrets", s)).collect();
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
+        let mut out: Vec<(String, &SecretSource)> = self
+            .secrets
+            .iter()
+            .map(|(name, s)| (format!("secrets.{name}"), s))
+            .collect();
         if let Some(b) = &self.bootstrap {
-            out.push(("refresh_token", b));
+            out.push(("refresh_token".into(), b));
         }
         out
     }
@@ -906,6 +1030,83 @@ fatal_codes = [40080]
     }
 
     #[test]
+    fn typed_json_values_render_to_their_type_or_fail_naming_the_key() {
+        let body = |json: &str| {
+            let c = parse(&CLOUDREVE.replace(
+                "json = { email = \"a@b\", password = \"{secret.password}\" }",
+                json,
+            ));
+            c.map(|c| c.login.unwrap().json.unwrap())
+        };
+        let t = body(r#"json = { ts = { number = "{now_ms}" }, on = { bool = "{secret.password}" }, f = { number = "1.5e3" }, s = "7", o = { object = { bool = "x" } }, l = [{ bool = "false" }] }"#).unwrap();
+        let mut secrets = BTreeMap::new();
+        secrets.insert("password".to_string(), Secret::new("true"));
+        fn ctx(secrets: &BTreeMap<String, Secret>) -> Context<'_> {
+            Context {
+                secrets,
+                refresh_token: None,
+                access_token: None,
+                now_ms: 1700000000123,
+                nonce: "n",
+            }
+        }
+        let v = t.render(&ctx(&secrets), "login.json").unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"ts": 1700000000123u64, "on": true, "f": 1500.0, "s": "7", "o": {"bool": "x"}, "l": [false]})
+        );
+        secrets.insert("password".to_string(), Secret::new("secret-yes"));
+        let e = t.render(&ctx(&secrets), "login.json").unwrap_err();
+        assert!(
+            e.message.contains("login.json.on") && !e.message.contains("secret-yes"),
+            "{}",
+            e.message
+        );
+        for text in [
+            "",
+            " 1",
+            "1 ",
+            "01",
+            "0x10",
+            "NaN",
+            "1e999",
+            "18446744073709551616",
+        ] {
+            assert!(JsonType::Number.value(text).is_err(), "{text:?}");
+        }
+        assert_eq!(
+            JsonType::Number.value("-9223372036854775808").unwrap(),
+            serde_json::json!(i64::MIN)
+        );
+        for text in ["True", "1", "yes", " true"] {
+            assert!(JsonType::Bool.value(text).is_err(), "{text:?}");
+        }
+        let keys = |json: &str| -> Vec<String> {
+            body(json)
+                .unwrap_err()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(r#"json = { a = { number = "x{now_s}" } }"#),
+            ["login.json.a"]
+        );
+        assert_eq!(
+            keys(r#"json = { a = [{ bool = "{now_s}" }] }"#),
+            ["login.json.a[0]"]
+        );
+        assert_eq!(keys(r#"json = { a = { number = 5 } }"#), ["login.json.a"]);
+        assert_eq!(keys(r#"json = { a = { object = 5 } }"#), ["login.json.a"]);
+        assert_eq!(
+            keys(r#"json = { a = { number = "{nope}" } }"#),
+            ["login.json.a"]
+        );
+        // Checked at each login when a secret or the nonce decides.
+        assert!(body(r#"json = { a = { number = "{nonce}" } }"#).is_ok());
+    }
+
+    #[test]
     fn builds_requests_without_exposing_values() {
         let c = parse(CLOUDREVE).unwrap();
         let d = c.describe();
@@ -913,6 +1114,7 @@ fatal_codes = [40080]
             d.contains("/api/v4/session/token") && !d.contains("pw\""),
             "{d}"
         );
-        assert!(c.secret_sources().iter().all(|(k, _)| *k == "secrets"));
+        let keys: Vec<String> = c.secret_sources().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["secrets.password"]);
     }
 }

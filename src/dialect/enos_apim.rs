@@ -172,8 +172,8 @@ impl Dialect for EnosApim {
         "{token}"
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
-        vec![("app_secret", &self.app_secret)]
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
+        vec![("app_secret".into(), &self.app_secret)]
     }
 
     fn request_signer(&self) -> Option<Arc<dyn RequestSigner>> {

@@ -182,9 +182,9 @@ pub trait Dialect: Send + Sync {
         "Bearer {token}"
     }
 
-    /// Every configured secret with its key, so `check` can verify they are readable and the
-    /// reloader can watch their files.
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)>;
+    /// Every configured secret with its key relative to the credential (`password`,
+    /// `secrets.NAME`), so `check` can name and verify each and the reloader can watch its file.
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)>;
 
     /// The operator-provided refresh token that starts a refresh chain, if this dialect uses one.
     fn bootstrap_refresh_token(&self) -> Option<&SecretSource> {

@@ -447,19 +447,19 @@ impl Dialect for OAuth2 {
         vec![self.token_url.clone()]
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
         let mut out = Vec::new();
         if let Some(s) = &self.client_secret {
-            out.push(("client_secret", s));
+            out.push(("client_secret".into(), s));
         }
         if let Some(s) = &self.bootstrap_refresh {
-            out.push(("refresh_token", s));
+            out.push(("refresh_token".into(), s));
         }
         if let Some(s) = &self.password {
-            out.push(("password", s));
+            out.push(("password".into(), s));
         }
         if let Some((s, _)) = &self.private_key {
-            out.push(("private_key", s));
+            out.push(("private_key".into(), s));
         }
         out
     }

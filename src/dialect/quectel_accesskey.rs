@@ -191,8 +191,8 @@ impl Dialect for QuectelAccessKey {
         "{token}"
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
-        vec![("access_secret", &self.access_secret)]
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
+        vec![("access_secret".into(), &self.access_secret)]
     }
 
     /// Refreshes with the held access token; when the refresh is refused (e.g. the user or key

@@ -244,10 +244,10 @@ impl Dialect for QuectelEnduser {
         "{token}"
     }
 
-    fn secret_sources(&self) -> Vec<(&'static str, &SecretSource)> {
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
         vec![
-            ("password", &self.password),
-            ("user_domain_secret", &self.user_domain_secret),
+            ("password".into(), &self.password),
+            ("user_domain_secret".into(), &self.user_domain_secret),
         ]
     }
 

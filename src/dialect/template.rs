@@ -329,6 +329,14 @@ impl Template {
         found
     }
 
+    /// Whether the rendering depends on nothing but the clock (no secret, token or nonce), so
+    /// that one rendering at config time shows what every later one will look like.
+    pub fn depends_only_on_the_clock(&self) -> bool {
+        let mut only = true;
+        self.visit(&mut |v| only &= matches!(v, Var::NowS | Var::NowMs));
+        only
+    }
+
     /// Renders the template; the error names the missing input, never a value.
     pub fn render(&self, ctx: &Context<'_>) -> Result<Secret, String> {
         let mut out = String::new();

@@ -598,9 +598,20 @@ impl Tokenward {
     }
 
     pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.restart();
+    }
+
+    /// SIGKILLs the process and waits until it is gone.
+    pub fn kill9(&mut self) {
         let mut child = self.child.take().unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Starts the process again with the same config (after [`Self::kill9`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running tokenward");
         self.spawn();
     }
 

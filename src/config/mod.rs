@@ -15,6 +15,8 @@ use figment::providers::{Env, Format, Toml, Yaml};
 use http::header::HeaderName;
 
 use crate::dialect::{self, Dialect};
+use crate::secret::SecretSource;
+use crate::token::store::{RedisSettings, decode_encryption_key};
 use file::{CommonCredentialFile, FileConfig, HumanDuration, RouteFile};
 
 pub const ENV_PREFIX: &str = "TOKENWARD_";
@@ -71,6 +73,8 @@ pub struct Config {
     pub log_level: String,
     pub admin_listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// `[state] redis` and `encryption_key`: chains shared by replicas instead of `state_dir`.
+    pub state_redis: Option<RedisSettings>,
     pub routes: Vec<RouteConfig>,
     pub credentials: Vec<CredentialConfig>,
 }
@@ -335,6 +339,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
     );
     let state_dir = PathBuf::from(raw.state.dir.unwrap_or_else(|| "./state".into()));
+    let state_redis = validate_state_redis(&mut c, raw.state.redis, raw.state.encryption_key);
 
     let mut credentials = Vec::new();
     for (name, dict) in raw.credentials {
@@ -401,9 +406,55 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         log_level,
         admin_listen,
         state_dir,
+        state_redis,
         routes,
         credentials,
     })
+}
+
+/// `state.redis` and the key that seals what it holds. A key read from a file or the
+/// environment is checked when the store opens (and by `check`), not here.
+fn validate_state_redis(
+    c: &mut Collector,
+    url: Option<String>,
+    key: Option<SecretSource>,
+) -> Option<RedisSettings> {
+    let Some(url) = url else {
+        if key.is_some() {
+            c.push(
+                "state.encryption_key",
+                "is only used with `state.redis`; set both or neither",
+            );
+        }
+        return None;
+    };
+    let key = match key {
+        None => {
+            c.push(
+                "state.encryption_key",
+                "is required with `state.redis`: 32 bytes as 64 hex digits or base64, \
+                 e.g. { file = \"/var/run/secrets/tokenward/store-key\" }",
+            );
+            None
+        }
+        Some(SecretSource::Literal(secret)) => match decode_encryption_key(&secret) {
+            Ok(_) => Some(SecretSource::Literal(secret)),
+            Err(reason) => {
+                c.push("state.encryption_key", reason);
+                None
+            }
+        },
+        Some(other) => Some(other),
+    };
+    // Without a key the URL is still checked, so one run reports both.
+    let placeholder = || SecretSource::Env(String::new());
+    match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
+        Ok(settings) => key.map(|_| settings),
+        Err(reason) => {
+            c.push("state.redis", reason);
+            None
+        }
+    }
 }
 
 fn parse_listen(c: &mut Collector, key: &str, value: &str) -> SocketAddr {

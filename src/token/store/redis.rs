@@ -643,8 +643,14 @@ impl TokenStore for RedisStore {
                         )
                         .await;
                         match renewed {
-                            // Another holder has it (ours lapsed): our writes are fenced out.
-                            Ok(Ok(0)) => break,
+                            // Ours lapsed (or Redis restarted empty): a write naming it is
+                            // refused if another holder has taken it since.
+                            Ok(Ok(0)) => {
+                                tracing::warn!(
+                                    "the refresh lease lapsed before it could be renewed"
+                                );
+                                break;
+                            }
                             // Redis is slow or down: keep trying while the lease may still live.
                             _ => continue,
                         }

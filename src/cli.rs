@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::config::{Config, LogFormat};
 use crate::token::metrics::TokenMetrics;
-use crate::token::{Credential, FileStore, TokenStore};
+use crate::token::{Credential, TokenStore};
 
 #[derive(Parser)]
 #[command(
@@ -180,10 +180,16 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             ));
         }
     }
-    println!(
-        "state     {} (rotated refresh tokens)",
-        config.state_dir.display()
-    );
+    match &config.state_redis {
+        None => println!(
+            "state     files in {} (rotated refresh tokens)",
+            config.state_dir.display()
+        ),
+        Some(redis) => {
+            println!("state     {} (shared by replicas)", redis.describe());
+            check_redis(path, redis, skip_secrets, &mut problems);
+        }
+    }
     println!(
         "server    {} threads per listener, {}s grace period",
         config.threads,
@@ -252,6 +258,41 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
     }
 }
 
+/// The shared store's key (read and decoded) and whether Redis answers; an unreachable Redis
+/// is only a warning, since replicas start and serve without it.
+fn check_redis(
+    path: &std::path::Path,
+    redis: &crate::token::store::RedisSettings,
+    skip_secrets: bool,
+    problems: &mut Vec<String>,
+) {
+    let source = &redis.encryption_key;
+    if skip_secrets {
+        println!("          encryption key: {source:?} (not read: --skip-secrets)");
+        return;
+    }
+    match redis.encryption_key() {
+        Ok(_) => println!("          encryption key: {source:?} (readable, 32 bytes)"),
+        Err(reason) => problems.push(format!(
+            "config error: {}: `state.encryption_key`: {reason}",
+            path.display()
+        )),
+    }
+    let within = Duration::from_secs(2);
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+        .and_then(|rt| rt.block_on(redis.ping(within)));
+    match answer {
+        Ok(took) => println!("          reachable (PING in {} ms)", took.as_millis()),
+        Err(reason) => eprintln!(
+            "warning: `state.redis`: {} is unreachable: {reason}",
+            redis.describe()
+        ),
+    }
+}
+
 fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -279,10 +320,10 @@ fn token(name: &str, path: &std::path::Path, show: bool) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let store: Arc<dyn TokenStore> = match FileStore::open(&config.state_dir) {
-            Ok(s) => Arc::new(s),
+        let store: Arc<dyn TokenStore> = match crate::token::store::open_store(&config) {
+            Ok(s) => s,
             Err(e) => {
-                eprintln!("error: state.dir: {e}");
+                eprintln!("error: {e:#}");
                 return ExitCode::from(EXIT_FAILURE);
             }
         };

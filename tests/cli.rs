@@ -391,3 +391,123 @@ async fn dev_mode_injects_and_then_refreshes_a_token() {
         "dev mode should show a token and its refresh within seconds"
     );
 }
+
+#[test]
+fn check_names_the_redis_store_validates_its_key_and_warns_when_unreachable() {
+    let server = common::redis::RedisServer::start_with(&["--requirepass", "redis-pw-71c3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let key_file = write(dir.path(), "store-key", &format!("{key}\n"));
+    let config = |url: &str, key_source: &str| {
+        format!("{VALID}\n[state]\nredis = \"{url}\"\nencryption_key = {key_source}\n")
+    };
+    let good_url = format!("redis://:redis-pw-71c3@127.0.0.1:{}/0", server.port());
+    let key_source = format!("{{ file = \"{}\" }}", key_file.display());
+    let path = write(dir.path(), "redis.toml", &config(&good_url, &key_source));
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let at = format!("redis at 127.0.0.1:{}/0", server.port());
+    assert!(
+        stdout.contains(&format!("state     {at} (shared by replicas)")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("readable, 32 bytes"), "{stdout}");
+    assert!(stdout.contains("reachable (PING"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    for leak in ["redis-pw-71c3", key] {
+        assert!(!stdout.contains(leak) && !stderr.contains(leak), "{leak}");
+    }
+
+    // A wrong password and a stopped server are warnings, not errors: replicas start without
+    // Redis. The reason never quotes the password.
+    let wrong = write(
+        dir.path(),
+        "wrong.toml",
+        &config(
+            &good_url.replace("redis-pw-71c3", "wrong-pw-0a9e"),
+            &key_source,
+        ),
+    );
+    let out = tokenward(&["check", "--config", wrong.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("warning: `state.redis`") && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("wrong-pw-0a9e") && !stderr.contains("wrong-pw-0a9e"));
+    drop(server);
+    let started = Instant::now();
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // --skip-secrets reads no key and does not connect.
+    let out = tokenward(&[
+        "check",
+        "--skip-secrets",
+        "--config",
+        path.to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("not read: --skip-secrets"), "{stdout}");
+    assert!(!stderr.contains("unreachable"), "{stderr}");
+
+    // A key file holding the wrong number of bytes is an error naming the key, not the value.
+    let short = "00112233445566778899aabbccddeeff";
+    std::fs::write(&key_file, short).unwrap();
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("redis.toml") && stderr.contains("`state.encryption_key`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(short), "{stderr}");
+
+    // Without a key, or with another scheme: config errors naming the key.
+    let path = write(
+        dir.path(),
+        "nokey.toml",
+        &format!("{VALID}\n[state]\nredis = \"{good_url}\"\n"),
+    );
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("state.encryption_key"), "{stderr}");
+    assert!(!stderr.contains("redis-pw-71c3"), "{stderr}");
+    let path = write(
+        dir.path(),
+        "scheme.toml",
+        &config(&good_url.replace("redis://", "https://"), &key_source),
+    );
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("state.redis") && stderr.contains("scheme"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("redis-pw-71c3"), "{stderr}");
+}
+
+#[test]
+fn check_names_the_file_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "files.toml",
+        &format!("{VALID}\n[state]\ndir = \"/var/lib/tokenward\"\n"),
+    );
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("state     files in /var/lib/tokenward"),
+        "{stdout}"
+    );
+}

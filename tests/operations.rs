@@ -305,3 +305,35 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .map(|d| std::path::Path::new(d).join(name))
         .find(|p| p.is_file())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_state_store_is_refused() {
+    let (_provider, upstream, tw) = oauth2_setup(300, "").await;
+    tw.wait_ready().await;
+    let logs_before = tw.logs().len();
+    rewrite(
+        &tw,
+        "[state]\n",
+        "[state]\nredis = \"redis://:store-pw-93d1@127.0.0.1:6379/0\"\n\
+         encryption_key = \"000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\"\n",
+    );
+    tw.signal("HUP");
+    // The file watcher may also see the change (and a half-written file) first: wait for the
+    // restart-only rejection itself.
+    wait_until("the rejection in the logs", Duration::from_secs(5), || {
+        tw.logs()[logs_before..].contains("take effect only at start")
+    })
+    .await;
+    let logs = tw.logs()[logs_before..].to_string();
+    assert!(logs.contains("reload rejected"), "{logs}");
+    assert!(
+        logs.contains("state.redis") && logs.contains("restart"),
+        "{logs}"
+    );
+    assert!(!logs.contains("configuration reloaded"), "{logs}");
+    assert!(!tw.logs().contains("store-pw-93d1"));
+    let before = upstream.seen().len();
+    let r = reqwest::get(tw.url("/after")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(upstream.seen().len(), before + 1);
+}

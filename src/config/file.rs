@@ -49,6 +49,10 @@ pub struct AdminFile {
 #[serde(deny_unknown_fields)]
 pub struct StateFile {
     pub dir: Option<String>,
+    /// `redis://` or `rediss://` URL of a store shared by replicas (may hold a password).
+    pub redis: Option<String>,
+    /// 32 bytes (hex or base64) sealing what is kept in `redis`.
+    pub encryption_key: Option<crate::secret::SecretSource>,
 }
 
 #[derive(Debug, Deserialize)]

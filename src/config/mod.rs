@@ -16,6 +16,8 @@ use figment::providers::{Env, Format, Toml, Yaml};
 use http::header::HeaderName;
 
 use crate::dialect::{self, Dialect};
+use crate::secret::SecretSource;
+use crate::token::store::{RedisSettings, decode_encryption_key};
 use file::{CommonCredentialFile, FileConfig, HumanDuration, RouteFile};
 pub use transport::ProviderTransport;
 
@@ -75,6 +77,8 @@ pub struct Config {
     /// What the admin actions require; `None` allows them on a loopback listener only.
     pub admin_token: Option<crate::secret::SecretSource>,
     pub state_dir: PathBuf,
+    /// `[state] redis` and `encryption_key`: chains shared by replicas instead of `state_dir`.
+    pub state_redis: Option<RedisSettings>,
     pub routes: Vec<RouteConfig>,
     pub credentials: Vec<CredentialConfig>,
 }
@@ -342,6 +346,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
     );
     let state_dir = PathBuf::from(raw.state.dir.unwrap_or_else(|| "./state".into()));
+    let state_redis = validate_state_redis(&mut c, raw.state.redis, raw.state.encryption_key);
 
     let mut credentials = Vec::new();
     for (name, dict) in raw.credentials {
@@ -409,9 +414,55 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         admin_listen,
         admin_token: raw.admin.token,
         state_dir,
+        state_redis,
         routes,
         credentials,
     })
+}
+
+/// `state.redis` and the key that seals what it holds. A key read from a file or the
+/// environment is checked when the store opens (and by `check`), not here.
+fn validate_state_redis(
+    c: &mut Collector,
+    url: Option<String>,
+    key: Option<SecretSource>,
+) -> Option<RedisSettings> {
+    let Some(url) = url else {
+        if key.is_some() {
+            c.push(
+                "state.encryption_key",
+                "is only used with `state.redis`; set both or neither",
+            );
+        }
+        return None;
+    };
+    let key = match key {
+        None => {
+            c.push(
+                "state.encryption_key",
+                "is required with `state.redis`: 32 bytes as 64 hex digits or base64, \
+                 e.g. { file = \"/var/run/secrets/tokenward/store-key\" }",
+            );
+            None
+        }
+        Some(SecretSource::Literal(secret)) => match decode_encryption_key(&secret) {
+            Ok(_) => Some(SecretSource::Literal(secret)),
+            Err(reason) => {
+                c.push("state.encryption_key", reason);
+                None
+            }
+        },
+        Some(other) => Some(other),
+    };
+    // Without a key the URL is still checked, so one run reports both.
+    let placeholder = || SecretSource::Env(String::new());
+    match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
+        Ok(settings) => key.map(|_| settings),
+        Err(reason) => {
+            c.push("state.redis", reason);
+            None
+        }
+    }
 }
 
 fn parse_listen(c: &mut Collector, key: &str, value: &str) -> SocketAddr {
@@ -761,6 +812,90 @@ credentials:
                     .describe()
                     .contains("orders.write")
             );
+            Ok(())
+        });
+    }
+
+    const STORE_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    #[test]
+    fn redis_state_needs_a_valid_url_and_a_32_byte_key() {
+        let with = |state: &str| load_str("toml", &format!("{GOOD}\n[state]\n{state}\n"));
+        let cfg = with(&format!(
+            "redis = \"rediss://tw:hunter2-pw@redis.internal:6380/1\"\nencryption_key = \"{STORE_KEY}\""
+        ))
+        .unwrap();
+        let redis = cfg.state_redis.expect("redis settings");
+        assert_eq!(redis.describe(), "redis at redis.internal:6380/1 (TLS)");
+        assert!(!format!("{redis:?}").contains("hunter2-pw"));
+        assert!(with("dir = \"/var/lib/tw\"").unwrap().state_redis.is_none());
+        // A key read from a file is checked when it is read (at start, and by `check`).
+        let cfg =
+            with("redis = \"redis://127.0.0.1\"\nencryption_key = { file = \"/nonexistent/k\" }");
+        assert!(cfg.unwrap().state_redis.is_some());
+
+        let errors = |state: &str| {
+            let err = with(state).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("c.toml"), "{text}");
+            assert!(!text.contains("hunter2-pw"), "{text}");
+            assert!(!text.contains(&STORE_KEY[..40]), "{text}");
+            err.0
+                .into_iter()
+                .map(|e| (e.key, e.reason))
+                .collect::<Vec<_>>()
+        };
+        let errs = errors("redis = \"redis://:hunter2-pw@127.0.0.1:6379/0\"");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].0, "state.encryption_key");
+        assert!(errs[0].1.contains("required"), "{errs:?}");
+
+        let errs = errors(&format!(
+            "redis = \"http://:hunter2-pw@127.0.0.1:6379\"\nencryption_key = \"{STORE_KEY}\""
+        ));
+        assert_eq!(errs[0].0, "state.redis");
+        assert!(errs[0].1.contains("scheme"), "{errs:?}");
+
+        // Both problems are reported at once.
+        let errs = errors("redis = \"tcp://:hunter2-pw@h\"");
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(
+            keys.contains(&"state.redis") && keys.contains(&"state.encryption_key"),
+            "{errs:?}"
+        );
+
+        for short in [&STORE_KEY[..40], "c2hvcnQ="] {
+            let errs = errors(&format!(
+                "redis = \"redis://127.0.0.1\"\nencryption_key = \"{short}\""
+            ));
+            assert_eq!(errs[0].0, "state.encryption_key");
+            assert!(errs[0].1.contains("32 bytes"), "{errs:?}");
+            assert!(!errs[0].1.contains(short), "{errs:?}");
+        }
+
+        let errs = errors(&format!("encryption_key = \"{STORE_KEY}\""));
+        assert_eq!(errs[0].0, "state.encryption_key");
+        assert!(errs[0].1.contains("state.redis"), "{errs:?}");
+    }
+
+    #[test]
+    fn redis_url_may_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            format!("{GOOD}\n[state]\nencryption_key = {{ env = \"TW_STORE_KEY\" }}\n"),
+        )
+        .unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "TWTEST_STATE__REDIS",
+                "redis://:from-env-pw@10.0.0.7:6379/4",
+            );
+            let cfg = Config::load_with_env(&path, Env::prefixed("TWTEST_")).unwrap();
+            let redis = cfg.state_redis.unwrap();
+            assert_eq!(redis.describe(), "redis at 10.0.0.7:6379/4");
+            assert!(!format!("{redis:?}").contains("from-env-pw"));
             Ok(())
         });
     }

@@ -27,7 +27,7 @@ use crate::proxy::upstream::RESOLVE_INTERVAL;
 use crate::proxy::{InFlight, TokenwardProxy};
 use crate::token::metrics::TokenMetrics;
 use crate::token::refresher::Refresher;
-use crate::token::{Credential, FileStore, TokenStore};
+use crate::token::{Credential, TokenStore};
 
 mod reload;
 
@@ -63,8 +63,7 @@ impl Shared {
         ))?;
         let token_metrics = TokenMetrics::register(&registry)?;
         let proxy_metrics = ProxyMetrics::register(&registry)?;
-        let store: Arc<dyn TokenStore> =
-            Arc::new(FileStore::open(&config.state_dir).map_err(|e| anyhow!("state.dir: {e}"))?);
+        let store = crate::token::store::open_store(config)?;
         let assembly = assemble(config, &[], &store, &token_metrics, &proxy_metrics)?;
         let (refresher, tx) = Refresher::new(assembly.credentials.clone());
         let shared = Shared {

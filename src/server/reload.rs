@@ -75,9 +75,10 @@ impl Shared {
         }
         if new.admin_listen != old.admin_listen
             || new.state_dir != old.state_dir
+            || new.state_redis != old.state_redis
             || new.threads != old.threads
         {
-            return Err("admin.listen, state.dir and server.threads take effect only at start; restart tokenward to apply them".into());
+            return Err("admin.listen, state.dir, state.redis, state.encryption_key and server.threads take effect only at start; restart tokenward to apply them".into());
         }
         let current = self.credentials.load_full();
         let assembly = assemble(

@@ -2,6 +2,8 @@
 //! the real `tokenward` binary run against them with its logs captured.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::SocketAddr;

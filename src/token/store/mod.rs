@@ -5,13 +5,17 @@
 //! writers can never fork a chain.
 
 mod file;
+mod redis;
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+pub use self::redis::{RedisSettings, RedisStore, decode_encryption_key};
 pub use file::FileStore;
 
+use crate::config::Config;
 use crate::dialect::GrantKind;
 use crate::secret::Secret;
 
@@ -117,4 +121,16 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+}
+
+/// The store `config` names: Redis when `state.redis` is set, else files in `state.dir`.
+/// Opening Redis does not connect (a replica starts while Redis is down); it fails only on
+/// settings, such as an encryption key that cannot be read.
+pub fn open_store(config: &Config) -> anyhow::Result<Arc<dyn TokenStore>> {
+    Ok(match &config.state_redis {
+        Some(settings) => Arc::new(RedisStore::open(settings)?),
+        None => Arc::new(
+            FileStore::open(&config.state_dir).map_err(|e| anyhow::anyhow!("state.dir: {e}"))?,
+        ),
+    })
 }

@@ -1,0 +1,1244 @@
+//! Chains shared by replicas in Redis (or Valkey): sealed with AES-256-GCM under
+//! `state.encryption_key`, filed under the engine's identity hash, with a renewed `SET NX PX`
+//! lease and a version checked atomically (Lua) on every write.
+//!
+//! Redis holds, per chain, `tokenward:v1:{identity}` (a hash: `v` the version, `s` the sealed
+//! state, base64 of nonce || ciphertext) and `tokenward:v1:{identity}:lease` (the holder id).
+//! The sealed state's associated data is its key name and version, so a blob cannot be moved to
+//! another chain or replayed as another version. No credential name, token or key reaches Redis
+//! in the clear.
+
+use std::future::Future;
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{RedisResult, Script};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use async_trait::async_trait;
+use base64::Engine;
+use secrecy::zeroize::Zeroizing;
+use serde::{Deserialize, Serialize};
+
+use super::{ChainKey, ChainState, Lease, SharedAccess, StoreError, Stored, TokenStore};
+use crate::dialect::GrantKind;
+use crate::secret::{Secret, SecretSource};
+
+/// Every Redis command answers within this, or the operation is `Unavailable`: a dead Redis
+/// must never stall a refresh.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// A lease lapses this long after its holder stops renewing it (it renews every third of it).
+const LEASE_TTL: Duration = Duration::from_secs(3);
+const NONCE_LEN: usize = 12;
+const KEY_PREFIX: &str = "tokenward:v1:";
+
+/// Where the shared store is and how its values are sealed: `[state] redis` and
+/// `encryption_key`, validated.
+#[derive(Clone)]
+pub struct RedisSettings {
+    /// As configured; may carry a password, so it is only ever handed to the client.
+    url: Secret,
+    /// The password, as written and percent-decoded, to scrub from any error text.
+    password: Vec<Secret>,
+    /// `HOST:PORT/DB`, for logs.
+    location: String,
+    tls: bool,
+    pub encryption_key: SecretSource,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("at", &self.describe())
+            .field("encryption_key", &self.encryption_key)
+            .finish()
+    }
+}
+
+/// A reload compares settings to refuse a change that only a restart applies.
+impl PartialEq for RedisSettings {
+    fn eq(&self, other: &Self) -> bool {
+        let same_key = match (&self.encryption_key, &other.encryption_key) {
+            (SecretSource::Literal(a), SecretSource::Literal(b)) => a == b,
+            (SecretSource::File(a), SecretSource::File(b)) => a == b,
+            (SecretSource::Env(a), SecretSource::Env(b)) => a == b,
+            _ => false,
+        };
+        self.url == other.url && same_key
+    }
+}
+
+impl RedisSettings {
+    /// Validates `url` (`redis://` or `rediss://`, `[user:password@]host[:port][/db]`). The
+    /// error is the reason, for `state.redis`; it never repeats the URL.
+    pub fn new(url: &str, encryption_key: SecretSource) -> Result<RedisSettings, String> {
+        if !url.contains("://") {
+            return Err("must start with the scheme redis:// or rediss:// (TLS)".into());
+        }
+        let parsed = url::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+        let tls = match parsed.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            other => {
+                return Err(format!(
+                    "scheme {other:?} is not redis:// or rediss:// (TLS)"
+                ));
+            }
+        };
+        let host = match parsed.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => d.to_string(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+            _ => return Err("has no host".into()),
+        };
+        let db = match parsed.path().trim_matches('/') {
+            "" => 0,
+            n => n
+                .parse::<u32>()
+                .map_err(|_| "the path must be a database number, e.g. /0".to_string())?,
+        };
+        if parsed.query().is_some() {
+            return Err("query parameters are not supported".into());
+        }
+        if parsed.fragment().is_some() {
+            // `#insecure` would turn certificate verification off: use SSL_CERT_FILE instead.
+            return Err("fragments (such as #insecure) are not supported".into());
+        }
+        let mut password = Vec::new();
+        if let Some(raw) = parsed.password() {
+            password.push(Secret::new(raw));
+            if let Ok(decoded) = percent_decode(raw) {
+                password.push(Secret::new(decoded));
+            }
+        }
+        let settings = RedisSettings {
+            url: Secret::new(url),
+            password,
+            location: format!("{host}:{}/{db}", parsed.port().unwrap_or(6379)),
+            tls,
+            encryption_key,
+        };
+        ::redis::Client::open(settings.url.expose())
+            .map_err(|e| settings.scrub(format!("not a usable Redis URL: {e}")))?;
+        Ok(settings)
+    }
+
+    /// `redis at HOST:PORT/DB`, with ` (TLS)` for rediss://; never a password.
+    pub fn describe(&self) -> String {
+        let tls = if self.tls { " (TLS)" } else { "" };
+        format!("redis at {}{tls}", self.location)
+    }
+
+    /// Reads and decodes the encryption key; the error is the reason, for
+    /// `state.encryption_key`, and never holds the key.
+    pub fn encryption_key(&self) -> Result<Zeroizing<[u8; 32]>, String> {
+        let secret = self.encryption_key.resolve().map_err(|e| e.to_string())?;
+        decode_encryption_key(&secret)
+    }
+
+    /// Connects and sends PING within `within`: how long it took, or why not.
+    pub async fn ping(&self, within: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        let client =
+            ::redis::Client::open(self.url.expose()).map_err(|e| self.scrub(format!("{e}")))?;
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(within))
+            .set_response_timeout(Some(within));
+        let attempt = async {
+            let mut con = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            ::redis::cmd("PING").query_async::<String>(&mut con).await
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            Ok(Err(e)) => Err(self.scrub(e.to_string())),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(within)
+            )),
+        }
+    }
+
+    /// Removes the password from text that may quote it (a client error).
+    fn scrub(&self, mut text: String) -> String {
+        for p in &self.password {
+            if !p.expose().is_empty() {
+                text = text.replace(p.expose(), "[REDACTED]");
+            }
+        }
+        text
+    }
+}
+
+fn percent_decode(raw: &str) -> Result<String, ()> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).map_err(|_| ())?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ())
+}
+
+/// A 32-byte key written as 64 hex digits or as base64 (standard or URL-safe, padded or not).
+/// The error never holds the key.
+pub fn decode_encryption_key(secret: &Secret) -> Result<Zeroizing<[u8; 32]>, String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let text = secret.expose().trim();
+    let mut key = Zeroizing::new([0u8; 32]);
+    if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        for (i, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                .map_err(|_| "is not valid hex".to_string())?;
+        }
+        return Ok(key);
+    }
+    for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+        if let Ok(bytes) = engine.decode(text) {
+            let bytes = Zeroizing::new(bytes);
+            if bytes.len() == 32 {
+                key.copy_from_slice(&bytes);
+                return Ok(key);
+            }
+            return Err(format!(
+                "decodes to {} bytes; it must be 32 bytes, as 64 hex digits or base64 \
+                 (e.g. `openssl rand -base64 32`)",
+                bytes.len()
+            ));
+        }
+    }
+    Err("must be 32 bytes, as 64 hex digits or base64 (e.g. `openssl rand -base64 32`)".into())
+}
+
+/// The state as sealed: JSON, times in unix milliseconds.
+#[derive(Serialize)]
+struct SealOut<'a> {
+    refresh_token: Option<&'a str>,
+    origin: Option<&'a str>,
+    access: Option<AccessOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct AccessOut<'a> {
+    token: &'a str,
+    kind: &'static str,
+    issued_ms: u64,
+    expires_ms: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SealIn {
+    refresh_token: Option<String>,
+    origin: Option<String>,
+    access: Option<AccessIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccessIn {
+    token: String,
+    kind: String,
+    issued_ms: u64,
+    expires_ms: u64,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn from_unix_ms(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+/// Writes the state only if the chain is still at the version the writer read (a missing hash is
+/// version 0) and the writer's lease, when it names one, was not taken by another holder.
+/// KEYS: state, lease. ARGV: expected, new version, holder ("" for none), sealed blob.
+static SAVE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('HGET', KEYS[1], 'v') or '0'
+if v ~= ARGV[1] then return 0 end
+if ARGV[3] ~= '' then
+  local h = redis.call('GET', KEYS[2])
+  if h and h ~= ARGV[3] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[4])
+return 1
+",
+    )
+});
+
+/// Extends the lease only while its holder still has it. KEYS: lease. ARGV: holder, ttl ms.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+",
+    )
+});
+
+/// Deletes the lease only if its holder still has it. KEYS: lease. ARGV: holder.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+",
+    )
+});
+
+/// Chains in Redis, shared by every replica that has the same settings and key.
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The store's own runtime: the connection and lease renewals live on it, whatever runtime
+    /// (or none) the caller has, so the store can be opened before pingora starts its own.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    conn: ConnectionManager,
+    cipher: Aes256Gcm,
+    settings: RedisSettings,
+    lease_ttl: Duration,
+    renew: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which panics inside another runtime.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("at", &self.inner.settings.describe())
+            .finish()
+    }
+}
+
+fn state_key(key: &ChainKey) -> String {
+    format!("{KEY_PREFIX}{}", key.identity)
+}
+
+fn lease_key(key: &ChainKey) -> String {
+    format!("{KEY_PREFIX}{}:lease", key.identity)
+}
+
+/// The associated data: the entry's key name and version.
+fn aad(name: &str, version: u64) -> Vec<u8> {
+    format!("{name}\0{version}").into_bytes()
+}
+
+impl RedisStore {
+    /// Reads the encryption key and prepares the connection; it does not connect, so a replica
+    /// starts (and serves its own tokens) while Redis is down.
+    pub fn open(settings: &RedisSettings) -> anyhow::Result<RedisStore> {
+        Self::open_with(settings, LEASE_TTL, true)
+    }
+
+    fn open_with(
+        settings: &RedisSettings,
+        lease_ttl: Duration,
+        renew: bool,
+    ) -> anyhow::Result<RedisStore> {
+        let key = settings
+            .encryption_key()
+            .map_err(|reason| anyhow::anyhow!("state.encryption_key: {reason}"))?;
+        let cipher = Aes256Gcm::new_from_slice(&key[..])
+            .map_err(|_| anyhow::anyhow!("state.encryption_key: must be 32 bytes"))?;
+        let client = ::redis::Client::open(settings.url.expose())
+            .map_err(|e| anyhow::anyhow!("state.redis: {}", settings.scrub(e.to_string())))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tokenward-redis")
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot start the Redis client's runtime: {e}"))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            // Fail fast while Redis is down (the engine degrades); the manager reconnects on
+            // the next command after an I/O error.
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(200));
+        let conn = {
+            let _in = runtime.enter();
+            ConnectionManager::new_lazy_with_config(client, config)
+                .map_err(|e| anyhow::anyhow!("state.redis: {}", settings.scrub(e.to_string())))?
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                handle: runtime.handle().clone(),
+                runtime: Some(runtime),
+                conn,
+                cipher,
+                settings: settings.clone(),
+                lease_ttl,
+                renew,
+            }),
+        })
+    }
+
+    /// PING through the store's connection.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.inner.conn.clone();
+        self.run("ping", async move {
+            ::redis::cmd("PING").query_async::<String>(&mut conn).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Runs one command on the store's runtime, bounded by [`COMMAND_TIMEOUT`].
+    async fn run<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        command: impl Future<Output = RedisResult<T>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let task = self
+            .inner
+            .handle
+            .spawn(tokio::time::timeout(COMMAND_TIMEOUT, command));
+        match task.await {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(e))) => Err(StoreError::Unavailable(
+                self.inner
+                    .settings
+                    .scrub(format!("{what} at {}: {e}", self.inner.settings.location)),
+            )),
+            Ok(Err(_)) => Err(StoreError::Unavailable(format!(
+                "{what} at {}: no answer within {} ms",
+                self.inner.settings.location,
+                COMMAND_TIMEOUT.as_millis()
+            ))),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "{what} at {}: {e}",
+                self.inner.settings.location
+            ))),
+        }
+    }
+
+    fn seal(&self, name: &str, version: u64, state: &ChainState) -> Result<String, StoreError> {
+        let out = SealOut {
+            refresh_token: state.refresh_token.as_ref().map(|s| s.expose()),
+            origin: state.origin.as_deref(),
+            access: state.access.as_ref().map(|a| AccessOut {
+                token: a.token.expose(),
+                kind: a.kind.as_str(),
+                issued_ms: unix_ms(a.issued_at),
+                expires_ms: unix_ms(a.expires_at),
+            }),
+        };
+        let plain = Zeroizing::new(
+            serde_json::to_vec(&out)
+                .map_err(|_| StoreError::Undecodable("cannot encode the state".into()))?,
+        );
+        let nonce: [u8; NONCE_LEN] = rand::random();
+        let aad = aad(name, version);
+        let sealed = self
+            .inner
+            .cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| StoreError::Undecodable("cannot seal the state".into()))?;
+        let mut blob = Vec::with_capacity(NONCE_LEN + sealed.len());
+        blob.extend_from_slice(&nonce);
+        blob.extend_from_slice(&sealed);
+        Ok(base64::engine::general_purpose::STANDARD.encode(blob))
+    }
+
+    fn unseal(&self, name: &str, version: u64, blob: &[u8]) -> Result<ChainState, StoreError> {
+        let bad =
+            |why: &str| StoreError::Undecodable(format!("{}: {why}", self.inner.settings.location));
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(blob)
+            .map_err(|_| bad("not base64"))?;
+        if raw.len() < NONCE_LEN + 16 {
+            return Err(bad("too short"));
+        }
+        let (nonce, sealed) = raw.split_at(NONCE_LEN);
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad("too short"))?;
+        let aad = aad(name, version);
+        let plain = Zeroizing::new(
+            self.inner
+                .cipher
+                .decrypt(
+                    &Nonce::from(nonce),
+                    Payload {
+                        msg: sealed,
+                        aad: &aad,
+                    },
+                )
+                .map_err(|_| {
+                    bad("fails authentication (a different state.encryption_key, or the entry was altered or moved)")
+                })?,
+        );
+        // serde_json's messages can quote the input: say only what kind of problem it was.
+        let state: SealIn = serde_json::from_slice(&plain)
+            .map_err(|e| bad(&format!("unexpected content ({:?})", e.classify())))?;
+        let access = match state.access {
+            None => None,
+            Some(a) => Some(SharedAccess {
+                kind: match a.kind.as_str() {
+                    "login" => GrantKind::Login,
+                    "refresh" => GrantKind::Refresh,
+                    _ => return Err(bad("unknown grant kind")),
+                },
+                token: Secret::new(a.token),
+                issued_at: from_unix_ms(a.issued_ms),
+                expires_at: from_unix_ms(a.expires_ms),
+            }),
+        };
+        Ok(ChainState {
+            refresh_token: state.refresh_token.map(Secret::new),
+            origin: state.origin,
+            access,
+        })
+    }
+}
+
+/// Renews a lease while it lives; dropping it stops the renewal and releases the lease.
+struct LeaseGuard {
+    renewal: Option<tokio::task::AbortHandle>,
+    handle: tokio::runtime::Handle,
+    conn: ConnectionManager,
+    key: String,
+    holder: String,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(renewal) = self.renewal.take() {
+            renewal.abort();
+        }
+        let mut conn = self.conn.clone();
+        let key = std::mem::take(&mut self.key);
+        let holder = std::mem::take(&mut self.holder);
+        // Best effort: a lease not released lapses by itself within its ttl.
+        self.handle.spawn(async move {
+            let _ = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                RELEASE
+                    .key(&key)
+                    .arg(&holder)
+                    .invoke_async::<i64>(&mut conn),
+            )
+            .await;
+        });
+    }
+}
+
+#[async_trait]
+impl TokenStore for RedisStore {
+    fn describe(&self) -> String {
+        self.inner.settings.describe()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
+        let name = state_key(key);
+        let mut conn = self.inner.conn.clone();
+        let field = name.clone();
+        let (version, blob): (Option<String>, Option<Vec<u8>>) = self
+            .run("read", async move {
+                ::redis::cmd("HMGET")
+                    .arg(&field)
+                    .arg("v")
+                    .arg("s")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let (version, blob) = match (version, blob) {
+            (None, None) => return Ok(None),
+            (Some(v), Some(s)) => (v, s),
+            _ => {
+                return Err(StoreError::Undecodable(format!(
+                    "{}: an entry lacks its version or state",
+                    self.inner.settings.location
+                )));
+            }
+        };
+        let version: u64 = version.parse().map_err(|_| {
+            StoreError::Undecodable(format!(
+                "{}: an entry's version is not a number",
+                self.inner.settings.location
+            ))
+        })?;
+        let state = self.unseal(&name, version, &blob)?;
+        Ok(Some(Stored { version, state }))
+    }
+
+    async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
+        let holder = format!("{:032x}", rand::random::<u128>());
+        let lease = lease_key(key);
+        let ttl_ms = u64::try_from(self.inner.lease_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.inner.conn.clone();
+        let (k, h) = (lease.clone(), holder.clone());
+        let taken: Option<String> = self
+            .run("take the lease", async move {
+                ::redis::cmd("SET")
+                    .arg(&k)
+                    .arg(&h)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ttl_ms)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        if taken.is_none() {
+            return Ok(None);
+        }
+        let renewal = self.inner.renew.then(|| {
+            let mut conn = self.inner.conn.clone();
+            let (k, h) = (lease.clone(), holder.clone());
+            let every = self.inner.lease_ttl / 3;
+            self.inner
+                .handle
+                .spawn(async move {
+                    let mut tick = tokio::time::interval(every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        let renewed = tokio::time::timeout(
+                            every.min(COMMAND_TIMEOUT),
+                            RENEW
+                                .key(&k)
+                                .arg(&h)
+                                .arg(ttl_ms)
+                                .invoke_async::<i64>(&mut conn),
+                        )
+                        .await;
+                        match renewed {
+                            // Ours lapsed (or Redis restarted empty): a write naming it is
+                            // refused if another holder has taken it since.
+                            Ok(Ok(0)) => {
+                                tracing::warn!(
+                                    "the refresh lease lapsed before it could be renewed"
+                                );
+                                break;
+                            }
+                            // Redis is slow or down: keep trying while the lease may still live.
+                            _ => continue,
+                        }
+                    }
+                })
+                .abort_handle()
+        });
+        Ok(Some(Lease {
+            holder: holder.clone(),
+            _hold: Box::new(LeaseGuard {
+                renewal,
+                handle: self.inner.handle.clone(),
+                conn: self.inner.conn.clone(),
+                key: lease,
+                holder,
+            }),
+        }))
+    }
+
+    async fn save(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        let version = expected + 1;
+        let name = state_key(key);
+        // Sealed for the version it becomes: the script refuses it if the chain moved on.
+        let blob = self.seal(&name, version, state)?;
+        let lease_name = lease_key(key);
+        let holder = lease.map(|l| l.holder.clone()).unwrap_or_default();
+        let mut conn = self.inner.conn.clone();
+        let written: i64 = self
+            .run("write", async move {
+                SAVE.key(&name)
+                    .key(&lease_name)
+                    .arg(expected.to_string())
+                    .arg(version.to_string())
+                    .arg(&holder)
+                    .arg(&blob)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((written == 1).then_some(version))
+    }
+}
+
+#[cfg(test)]
+#[path = "../../../tests/common/redis.rs"]
+#[allow(dead_code)]
+mod test_server;
+
+#[cfg(test)]
+mod tests {
+    use super::test_server::RedisServer;
+    use super::*;
+
+    const KEY_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+    fn settings(server: &RedisServer, key: &str) -> RedisSettings {
+        RedisSettings::new(&server.url(), SecretSource::Literal(Secret::new(key))).unwrap()
+    }
+
+    fn store(server: &RedisServer) -> RedisStore {
+        RedisStore::open(&settings(server, KEY_HEX)).unwrap()
+    }
+
+    fn chain() -> ChainKey {
+        ChainKey {
+            name: "orders-credential-name".into(),
+            identity: "5e1f0c0ffee0d15ea5e0000000000001".into(),
+        }
+    }
+
+    fn state(refresh: &str, access: Option<&str>) -> ChainState {
+        let now = UNIX_EPOCH + Duration::from_millis(unix_ms(SystemTime::now()));
+        ChainState {
+            refresh_token: Some(Secret::new(refresh)),
+            origin: Some("0a1b2c3d4e5f6071".into()),
+            access: access.map(|t| SharedAccess {
+                token: Secret::new(t),
+                kind: GrantKind::Refresh,
+                issued_at: now,
+                expires_at: now + Duration::from_secs(600),
+            }),
+        }
+    }
+
+    /// Polls `f` every 20 ms until it holds, for at most `within`.
+    async fn eventually<F: AsyncFnMut() -> bool>(within: Duration, mut f: F) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if f().await {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trips_state_and_access_token() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        assert!(store.is_shared());
+        assert_eq!(store.load(&chain()).await.unwrap(), None);
+        let first = state("rt-1", Some("at-1"));
+        assert_eq!(
+            store.save(&chain(), None, 0, &first).await.unwrap(),
+            Some(1)
+        );
+        let got = store.load(&chain()).await.unwrap().unwrap();
+        assert_eq!((got.version, got.state), (1, first));
+        let second = ChainState {
+            refresh_token: None,
+            origin: None,
+            access: None,
+        };
+        assert_eq!(
+            store.save(&chain(), None, 1, &second).await.unwrap(),
+            Some(2)
+        );
+        let got = store.load(&chain()).await.unwrap().unwrap();
+        assert_eq!((got.version, got.state), (2, second));
+        // Another replica (another store on the same Redis and key) reads the same chain.
+        let other = super::RedisStore::open(&settings(&server, KEY_HEX)).unwrap();
+        assert_eq!(other.load(&chain()).await.unwrap().unwrap().version, 2);
+    }
+
+    #[tokio::test]
+    async fn writes_are_fenced_on_version_and_lease() {
+        let server = RedisServer::start();
+        let a = store(&server);
+        let b = store(&server);
+        let c = chain();
+        a.save(&c, None, 0, &state("rt-1", None)).await.unwrap();
+        a.save(&c, None, 1, &state("rt-2", None)).await.unwrap();
+        // A writer that read version 1 (and so spent rt-1) cannot overwrite rt-2.
+        assert_eq!(
+            b.save(&c, None, 1, &state("rt-x", None)).await.unwrap(),
+            None
+        );
+        assert_eq!(
+            b.save(&c, None, 0, &state("rt-y", None)).await.unwrap(),
+            None
+        );
+        let now = a.load(&c).await.unwrap().unwrap();
+        assert_eq!((now.version, now.state), (2, state("rt-2", None)));
+
+        // A lease taken over by another holder fences its old holder out, even at the right
+        // version; the new holder writes.
+        let short = RedisStore::open_with(
+            &settings(&server, KEY_HEX),
+            Duration::from_millis(300),
+            false,
+        )
+        .unwrap();
+        let paused = short.try_lease(&c).await.unwrap().expect("free");
+        let mut took_over = None;
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                took_over = b.try_lease(&c).await.unwrap();
+                took_over.is_some()
+            })
+            .await,
+            "the unrenewed lease never lapsed"
+        );
+        assert_eq!(
+            short
+                .save(&c, Some(&paused), 2, &state("rt-paused", None))
+                .await
+                .unwrap(),
+            None
+        );
+        let took_over = took_over.unwrap();
+        assert_eq!(
+            b.save(&c, Some(&took_over), 2, &state("rt-3", None))
+                .await
+                .unwrap(),
+            Some(3)
+        );
+        drop(took_over);
+
+        // A lapsed lease nobody took, at an unchanged version, still writes.
+        let mut lapsing = None;
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                lapsing = short.try_lease(&c).await.unwrap();
+                lapsing.is_some()
+            })
+            .await,
+            "the dropped lease was never released"
+        );
+        let lapsing = lapsing.unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                !server.keys().iter().any(|k| k.ends_with(":lease"))
+            })
+            .await
+        );
+        assert_eq!(
+            short
+                .save(&c, Some(&lapsing), 3, &state("rt-4", None))
+                .await
+                .unwrap(),
+            Some(4)
+        );
+        assert_eq!(
+            a.load(&c).await.unwrap().unwrap().state,
+            state("rt-4", None)
+        );
+    }
+
+    #[tokio::test]
+    async fn one_lease_at_a_time_renewed_while_held_released_on_drop() {
+        let server = RedisServer::start();
+        let ttl = Duration::from_millis(300);
+        let a = RedisStore::open_with(&settings(&server, KEY_HEX), ttl, true).unwrap();
+        let b = store(&server);
+        let lease = a.try_lease(&chain()).await.unwrap().expect("free");
+        assert_eq!(lease.holder.len(), 32);
+        let other = ChainKey {
+            name: "other".into(),
+            identity: "0ther".into(),
+        };
+        assert!(b.try_lease(&other).await.unwrap().is_some());
+        // Held for many ttls: the renewal keeps it.
+        let held_until = Instant::now() + ttl * 5;
+        while Instant::now() < held_until {
+            assert!(
+                b.try_lease(&chain()).await.unwrap().is_none(),
+                "lease lost while held"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(lease);
+        let mut again = None;
+        assert!(
+            eventually(Duration::from_secs(2), async || {
+                again = b.try_lease(&chain()).await.unwrap();
+                again.is_some()
+            })
+            .await
+        );
+        // `b` has the default 3 s ttl: a drop releases at once, well before it would lapse.
+        drop(again);
+        let started = Instant::now();
+        let mut last = None;
+        assert!(
+            eventually(Duration::from_secs(1), async || {
+                last = a.try_lease(&chain()).await.unwrap();
+                last.is_some()
+            })
+            .await,
+            "a dropped lease was not released"
+        );
+        assert!(started.elapsed() < LEASE_TTL / 2);
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_holder_cannot_release_the_next_holders_lease() {
+        let server = RedisServer::start();
+        let ttl = Duration::from_millis(300);
+        let dead = RedisStore::open_with(&settings(&server, KEY_HEX), ttl, false).unwrap();
+        let live = store(&server);
+        let old = dead.try_lease(&chain()).await.unwrap().expect("free");
+        let mut new = None;
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                new = live.try_lease(&chain()).await.unwrap();
+                new.is_some()
+            })
+            .await
+        );
+        drop(old);
+        // The old holder's release runs in the background: watch that the lease stays held.
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            assert!(
+                dead.try_lease(&chain()).await.unwrap().is_none(),
+                "released by its old holder"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(new.is_some());
+    }
+
+    #[tokio::test]
+    async fn an_unrenewed_lease_lapses_after_its_ttl() {
+        let server = RedisServer::start();
+        let ttl = Duration::from_millis(400);
+        let dead = RedisStore::open_with(&settings(&server, KEY_HEX), ttl, false).unwrap();
+        let live = store(&server);
+        let started = Instant::now();
+        let _lease = dead.try_lease(&chain()).await.unwrap().expect("free");
+        assert!(live.try_lease(&chain()).await.unwrap().is_none());
+        let mut taken = None;
+        assert!(
+            eventually(Duration::from_secs(5), async || {
+                taken = live.try_lease(&chain()).await.unwrap();
+                taken.is_some()
+            })
+            .await
+        );
+        assert!(started.elapsed() >= ttl - Duration::from_millis(50));
+    }
+
+    #[tokio::test]
+    async fn a_different_key_cannot_read_and_tampering_is_detected() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        store
+            .save(&chain(), None, 0, &state("rt-1", Some("at-1")))
+            .await
+            .unwrap();
+        let other_key = "ff".repeat(32);
+        let wrong = RedisStore::open(&settings(&server, &other_key)).unwrap();
+        let err = wrong.load(&chain()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Undecodable(_)), "{err}");
+        assert!(!err.to_string().contains("rt-1"), "{err}");
+
+        // A blob moved to another chain, or replayed under another version, fails too.
+        let moved = ChainKey {
+            name: "x".into(),
+            identity: "another".into(),
+        };
+        let mut con = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let blob: Vec<u8> = ::redis::cmd("HGET")
+            .arg(state_key(&chain()))
+            .arg("s")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("HSET")
+            .arg(state_key(&moved))
+            .arg("v")
+            .arg("1")
+            .arg("s")
+            .arg(&blob)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.load(&moved).await,
+            Err(StoreError::Undecodable(_))
+        ));
+        let _: () = ::redis::cmd("HSET")
+            .arg(state_key(&chain()))
+            .arg("v")
+            .arg("7")
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.load(&chain()).await,
+            Err(StoreError::Undecodable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn redis_holds_no_name_token_or_key_in_the_clear() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        let c = chain();
+        store
+            .save(
+                &c,
+                None,
+                0,
+                &state("refresh-token-9c1e7", Some("access-token-4b2d8")),
+            )
+            .await
+            .unwrap();
+        let _lease = store.try_lease(&c).await.unwrap().unwrap();
+        let keys = server.keys();
+        assert_eq!(
+            keys,
+            vec![
+                format!("tokenward:v1:{}", c.identity),
+                format!("tokenward:v1:{}:lease", c.identity)
+            ]
+        );
+        let raw_key: Vec<u8> = (0u8..32).collect();
+        for needle in [
+            c.name.as_bytes(),
+            b"refresh-token-9c1e7",
+            b"access-token-4b2d8",
+            b"0a1b2c3d4e5f6071",
+            KEY_HEX.as_bytes(),
+            &raw_key,
+        ] {
+            assert!(
+                !server.holds_bytes(needle),
+                "{:?} found in Redis",
+                String::from_utf8_lossy(needle)
+            );
+        }
+        // The check itself can see what it looks for.
+        assert!(server.holds_bytes(c.identity.as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn redis_down_is_unavailable_within_the_bound_and_recovers() {
+        let mut server = RedisServer::start();
+        let store = store(&server);
+        let c = chain();
+        store.save(&c, None, 0, &state("rt-1", None)).await.unwrap();
+        server.stop();
+        for _ in 0..3 {
+            let started = Instant::now();
+            let err = store.load(&c).await.unwrap_err();
+            assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+            assert!(started.elapsed() < COMMAND_TIMEOUT + Duration::from_millis(500));
+            let started = Instant::now();
+            assert!(matches!(
+                store.try_lease(&c).await,
+                Err(StoreError::Unavailable(_))
+            ));
+            assert!(matches!(
+                store.save(&c, None, 1, &state("rt-2", None)).await,
+                Err(StoreError::Unavailable(_))
+            ));
+            assert!(started.elapsed() < 2 * COMMAND_TIMEOUT + Duration::from_millis(500));
+        }
+        // Restarted empty: the same store reconnects by itself.
+        server.restart();
+        assert!(
+            eventually(Duration::from_secs(10), async || {
+                matches!(store.load(&c).await, Ok(None))
+            })
+            .await,
+            "the store did not reconnect"
+        );
+        assert_eq!(
+            store.save(&c, None, 0, &state("rt-2", None)).await.unwrap(),
+            Some(1)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hung_redis_is_unavailable_within_the_bound() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        let c = chain();
+        store.save(&c, None, 0, &state("rt-1", None)).await.unwrap();
+        server.freeze();
+        let started = Instant::now();
+        let err = store.load(&c).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(matches!(
+            store.save(&c, None, 1, &state("rt-2", None)).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.try_lease(&c).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        let took = started.elapsed();
+        assert!(
+            took < 3 * COMMAND_TIMEOUT + Duration::from_millis(500),
+            "{took:?}"
+        );
+        server.thaw();
+        assert!(
+            eventually(Duration::from_secs(10), async || store
+                .load(&c)
+                .await
+                .is_ok())
+            .await,
+            "the store did not recover"
+        );
+    }
+
+    #[tokio::test]
+    async fn opens_while_redis_is_down_and_never_shows_the_password() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("redis://tw:pass-w0rd-5ecret@127.0.0.1:{port}/2");
+        let s = RedisSettings::new(&url, SecretSource::Literal(Secret::new(KEY_HEX))).unwrap();
+        assert_eq!(s.describe(), format!("redis at 127.0.0.1:{port}/2"));
+        assert!(!format!("{s:?}").contains("pass-w0rd"));
+        let store = RedisStore::open(&s).unwrap();
+        let err = store.load(&chain()).await.unwrap_err().to_string();
+        assert!(
+            err.contains("unavailable") && !err.contains("pass-w0rd"),
+            "{err}"
+        );
+        let err = s.ping(Duration::from_millis(500)).await.unwrap_err();
+        assert!(!err.contains("pass-w0rd"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn authenticates_with_the_url_password() {
+        let server = RedisServer::start_with(&["--requirepass", "pa55-w0rd"]);
+        let key = SecretSource::Literal(Secret::new(KEY_HEX));
+        let wrong = RedisSettings::new(
+            &format!("redis://:nope@127.0.0.1:{}/0", server.port()),
+            key.clone(),
+        )
+        .unwrap();
+        let err = RedisStore::open(&wrong)
+            .unwrap()
+            .load(&chain())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(!err.to_string().contains("nope"), "{err}");
+        let right = RedisSettings::new(
+            &format!("redis://:pa55-w0rd@127.0.0.1:{}/0", server.port()),
+            key,
+        )
+        .unwrap();
+        assert!(right.ping(Duration::from_secs(2)).await.is_ok());
+        let store = RedisStore::open(&right).unwrap();
+        assert_eq!(
+            store
+                .save(&chain(), None, 0, &state("rt", None))
+                .await
+                .unwrap(),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn settings_validate_url_and_key() {
+        let key = || SecretSource::Literal(Secret::new(KEY_HEX));
+        let s = RedisSettings::new("rediss://u:p%40ss@redis.example:6380/3", key()).unwrap();
+        assert_eq!(s.describe(), "redis at redis.example:6380/3 (TLS)");
+        assert_eq!(
+            s.scrub("x p@ss y p%40ss".into()),
+            "x [REDACTED] y [REDACTED]"
+        );
+        assert_eq!(
+            RedisSettings::new("redis://[::1]", key())
+                .unwrap()
+                .describe(),
+            "redis at [::1]:6379/0"
+        );
+        for (bad, why) in [
+            ("http://u:secretpw@h:6379", "scheme"),
+            ("redis://u:secretpw@h:6379/x", "database"),
+            ("redis://u:secretpw@h/0?protocol=resp3", "query"),
+            ("rediss://u:secretpw@h/0#insecure", "insecure"),
+            ("redis:///0", "host"),
+            ("127.0.0.1:6379", "scheme"),
+            ("not a url secretpw", "scheme"),
+            ("redis://u:secretpw@h:99999/0", "URL"),
+        ] {
+            let err = RedisSettings::new(bad, key()).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+            assert!(!err.contains("secretpw"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn keys_decode_from_hex_or_base64_to_32_bytes() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let raw: Vec<u8> = (0u8..32).collect();
+        let decode = |s: &str| decode_encryption_key(&Secret::new(s));
+        assert_eq!(&decode(KEY_HEX).unwrap()[..], &raw[..]);
+        assert_eq!(&decode(&KEY_HEX.to_uppercase()).unwrap()[..], &raw[..]);
+        assert_eq!(&decode(&STANDARD.encode(&raw)).unwrap()[..], &raw[..]);
+        assert_eq!(
+            &decode(&format!("{}\n", STANDARD.encode(&raw))).unwrap()[..],
+            &raw[..]
+        );
+        assert_eq!(
+            &decode(&URL_SAFE_NO_PAD.encode(&raw)).unwrap()[..],
+            &raw[..]
+        );
+        let short = STANDARD.encode([7u8; 16]);
+        let err = decode(&short).unwrap_err();
+        assert!(err.contains("16 bytes") && !err.contains(&short), "{err}");
+        let err = decode(&KEY_HEX[..62]).unwrap_err();
+        assert!(
+            err.contains("32 bytes") && !err.contains(&KEY_HEX[..62]),
+            "{err}"
+        );
+        assert!(decode("correct horse battery staple").is_err());
+    }
+}

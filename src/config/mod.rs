@@ -88,6 +88,7 @@ pub struct RouteConfig {
     pub http2: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub reauth_statuses: Vec<u16>,
 }
 
@@ -449,6 +450,14 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             format!("{bad} is not a 4xx status"),
         );
     }
+    // Below the 5 s keep-alive of Node and many other servers.
+    let idle_timeout = HumanDuration::or(raw.idle_timeout, Duration::from_secs(4));
+    if idle_timeout < Duration::from_millis(100) || idle_timeout > Duration::from_secs(3600) {
+        c.push(
+            format!("{key}.idle_timeout"),
+            "must be between 100ms and 1h (and shorter than the upstream's keep-alive timeout)",
+        );
+    }
     let ca_file = raw.ca_file.map(PathBuf::from);
     if let Some(ca) = &ca_file {
         if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
@@ -466,6 +475,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         http2: raw.http2.unwrap_or(true),
         connect_timeout: HumanDuration::or(raw.connect_timeout, Duration::from_secs(5)),
         read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
+        idle_timeout,
         reauth_statuses,
     })
 }
@@ -753,6 +763,29 @@ credentials:
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn route_idle_timeout_defaults_below_5s_and_is_bounded() {
+        let cfg = load_str("toml", GOOD).unwrap();
+        assert_eq!(cfg.routes[0].idle_timeout, Duration::from_secs(4));
+        let with = |v: &str| {
+            GOOD.replacen(
+                "credential = \"orders\"\n",
+                &format!("credential = \"orders\"\nidle_timeout = {v}\n"),
+                1,
+            )
+        };
+        let cfg = load_str("toml", &with("\"90s\"")).unwrap();
+        assert_eq!(cfg.routes[0].idle_timeout, Duration::from_secs(90));
+        for bad in ["\"0s\"", "\"50ms\"", "\"2h\""] {
+            let err = load_str("toml", &with(bad)).unwrap_err().to_string();
+            assert!(err.contains("c.toml"), "{err}");
+            assert!(err.contains("`routes[0].idle_timeout`"), "{err}");
+            assert!(err.contains("between 100ms and 1h"), "{err}");
+        }
+        let err = load_str("toml", &with("\"soon\"")).unwrap_err().to_string();
+        assert!(err.contains("idle_timeout"), "{err}");
     }
 
     #[test]

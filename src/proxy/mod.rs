@@ -142,15 +142,7 @@ impl ProxyHttp for TokenwardProxy {
             .route
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
-        // An upstream whose name does not resolve is unreachable: a 502 like a refused connect.
-        let addr = route.upstream.address().ok_or_else(|| {
-            Error::explain(
-                ErrorType::ConnectNoRoute,
-                format!("upstream host {} is not resolved", route.upstream.host),
-            )
-            .into_up()
-        })?;
-        Ok(Box::new(route.upstream.peer(addr)))
+        Ok(Box::new(route.upstream.current_peer()?))
     }
 
     async fn upstream_request_filter(

@@ -101,6 +101,32 @@ impl UpstreamTarget {
         self.addr.load().as_deref().copied()
     }
 
+    /// Takes `other`'s address when it names the same host and port, so a reload keeps what
+    /// the resolver found instead of starting unresolved.
+    pub fn adopt_address(&self, other: &UpstreamTarget) -> bool {
+        if self.host != other.host || self.port != other.port {
+            return false;
+        }
+        let Some(addr) = other.address() else {
+            return false;
+        };
+        self.addr.store(Some(Arc::new(addr)));
+        true
+    }
+
+    /// The peer at the current address. An upstream whose name has not resolved is unreachable:
+    /// an upstream error (a JSON 502), like a refused connection.
+    pub fn current_peer(&self) -> pingora::Result<HttpPeer> {
+        let addr = self.address().ok_or_else(|| {
+            Error::explain(
+                ErrorType::ConnectNoRoute,
+                format!("upstream host {} is not resolved", self.host),
+            )
+            .into_up()
+        })?;
+        Ok(self.peer(addr))
+    }
+
     /// Resolves the host name once; keeps the previous address when resolution fails.
     pub async fn resolve(&self) -> Result<SocketAddr, String> {
         let found = tokio::net::lookup_host((self.host.as_str(), self.port))
@@ -185,6 +211,39 @@ fn nothing_sent(e: &Error, reused: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target(upstream: &str) -> UpstreamTarget {
+        let text = format!(
+            "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"{upstream}\"\ncredential = \"c\"\n\
+             [credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"http://127.0.0.1:2/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n"
+        );
+        let config = crate::config::Config::parse(Path::new("t.toml"), &text, false).unwrap();
+        UpstreamTarget::new(&config.routes[0]).unwrap()
+    }
+
+    #[test]
+    fn an_unresolved_upstream_is_an_upstream_failure_and_a_reload_carries_the_address_over() {
+        let old = target("http://api.internal:8080");
+        let e = old.current_peer().unwrap_err();
+        assert_eq!(e.etype(), &ErrorType::ConnectNoRoute);
+        // fail_to_proxy answers an upstream error with the JSON 502, an internal one with 500.
+        assert_eq!(e.esource(), &pingora::prelude::ErrorSource::Upstream);
+
+        let addr: SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        old.addr.store(Some(Arc::new(addr)));
+        let same = target("http://api.internal:8080/v2");
+        assert!(same.adopt_address(&old));
+        use pingora::upstreams::peer::Peer;
+        assert_eq!(
+            same.current_peer().unwrap().address().to_string(),
+            addr.to_string()
+        );
+        assert!(!target("http://api.internal:9090").adopt_address(&old));
+        assert!(!target("http://other.internal:8080").adopt_address(&old));
+        assert!(
+            !target("http://api.internal:8080").adopt_address(&target("http://api.internal:8080"))
+        );
+    }
 
     fn attempt(error: &Error, reused: bool, idempotent: bool) -> FailedAttempt<'_> {
         FailedAttempt {

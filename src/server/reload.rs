@@ -88,6 +88,8 @@ impl Shared {
             &self.proxy_metrics,
         )
         .map_err(|e| format!("{e:#}"))?;
+        // The new table serves only once its DNS-named upstreams have addresses.
+        super::resolve_upstreams(&self.routes.load(), &assembly.routes).await;
         // New or changed credentials get their first token before traffic moves to them, so a
         // reload does not make requests wait (bounded: a provider outage must not block it).
         for c in &assembly.created {

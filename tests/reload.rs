@@ -1,5 +1,6 @@
-//! Black-box tests of what a reload applies: upstreams named by DNS stay reachable across a
-//! reload.
+//! Black-box tests of what a reload applies and refuses: upstreams named by DNS stay reachable
+//! across a reload, `log.level` takes effect, restart-only settings are refused by name, and
+//! whatever the log filter, the libraries that log headers and bodies stay capped at `info`.
 
 mod common;
 
@@ -138,4 +139,138 @@ async fn upstreams_named_by_dns_stay_reachable_across_reloads() {
         "{failed} of {sent} requests failed across reloads (statuses {:?})",
         statuses.lock().unwrap()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_applies_log_level() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let first = FakeUpstream::start().await;
+    let second = FakeUpstream::start().await;
+    let tw = start_edited(
+        &format!("http://{}", first.addr()),
+        &oauth2_keys(&provider, ""),
+        "level = \"debug\"",
+        "level = \"warn\"",
+    );
+    tw.wait_ready().await;
+    assert!(
+        !tw.logs().contains("tokenward starting"),
+        "info lines are filtered at warn"
+    );
+
+    // To info: the reload's own info line is written after the new level is in place.
+    rewrite(&tw, "level = \"warn\"", "level = \"info\"");
+    wait_until(
+        "the reload logged at the new level",
+        Duration::from_secs(10),
+        || tw.logs().contains("configuration reloaded"),
+    )
+    .await;
+
+    // Back to warn, with a route change that shows when the reload is done.
+    let offset = tw.logs().len();
+    let body = std::fs::read_to_string(&tw.config_path).unwrap();
+    std::fs::write(
+        &tw.config_path,
+        body.replace("level = \"info\"", "level = \"warn\"")
+            .replace(&first.addr().to_string(), &second.addr().to_string()),
+    )
+    .unwrap();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while second.seen().is_empty() {
+        assert!(Instant::now() < deadline, "the reload never moved traffic");
+        let _ = client.get(tw.url("/probe")).send().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        count_after(&tw.logs(), offset, "configuration reloaded"),
+        0,
+        "an info line was logged after reloading to warn:\n{}",
+        &tw.logs()[offset..]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_refuses_log_format_and_grace_period_by_name() {
+    let (_provider, upstream, tw) = oauth2_setup(300, "").await;
+    tw.wait_ready().await;
+    let client = reqwest::Client::new();
+
+    let offset = tw.logs().len();
+    rewrite(&tw, "format = \"json\"", "format = \"text\"");
+    wait_until("the rejection", Duration::from_secs(10), || {
+        count_after(&tw.logs(), offset, "reload rejected") >= 1
+    })
+    .await;
+    let logs = tw.logs()[offset..].to_string();
+    assert!(logs.contains("log.format"), "{logs}");
+    assert!(logs.contains("restart"), "{logs}");
+    // Still JSON: the rejection itself is a JSON line.
+    assert!(
+        logs.lines()
+            .filter(|l| l.contains("reload rejected"))
+            .all(|l| l.starts_with('{')),
+        "{logs}"
+    );
+    assert_eq!(client.get(tw.url("/a")).send().await.unwrap().status(), 200);
+
+    let offset = tw.logs().len();
+    let body = std::fs::read_to_string(&tw.config_path).unwrap();
+    std::fs::write(
+        &tw.config_path,
+        body.replace("format = \"text\"", "format = \"json\"")
+            .replace("grace_period = \"5s\"", "grace_period = \"30s\""),
+    )
+    .unwrap();
+    wait_until("the rejection", Duration::from_secs(10), || {
+        count_after(&tw.logs(), offset, "reload rejected") >= 1
+    })
+    .await;
+    let logs = tw.logs()[offset..].to_string();
+    assert!(logs.contains("server.grace_period"), "{logs}");
+    assert_eq!(client.get(tw.url("/b")).send().await.unwrap().status(), 200);
+    assert_eq!(upstream.seen().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_log_filter_lets_libraries_log_headers_or_bodies() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = start_edited(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, ""),
+        "level = \"debug\"",
+        "level = \"pingora_proxy::proxy_h1=debug,pingora_core=trace,pingora_pool=trace,trace\"",
+    );
+    tw.wait_ready().await;
+    let marker = format!("marker{}", rand_hex());
+    let client = reqwest::Client::new();
+    for path in ["/one", "/two"] {
+        let r = client
+            .post(tw.url(path))
+            .header("x-marker", format!("{marker}-header"))
+            .body(format!("{marker}-body"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let echoed = r.text().await.unwrap();
+        assert!(
+            echoed.contains(&format!("{marker}-header")),
+            "the upstream echoes the header, so the response carries it too"
+        );
+    }
+    let logs = tw.logs();
+    assert!(
+        logs.contains("tokenward starting"),
+        "logs were captured: {logs}"
+    );
+    assert!(
+        !logs.contains(&marker),
+        "request or response content appears in the logs:\n{logs}"
+    );
+    let mut secrets = provider.issued();
+    secrets.push(CLIENT_SECRET.into());
+    tw.assert_no_leaks(&secrets).await;
 }

@@ -237,9 +237,11 @@ impl Config {
         };
         // Only keys under known sections come from the environment, so that variables such as
         // `TOKENWARD_CLIENT_SECRET` (referenced by `{ env = … }`) are not mistaken for config.
+        // A bare section (`TOKENWARD_LOG`, the log filter override) is not config either.
         let env = env.split("__").filter(|key| {
-            let first = key.as_str().split('.').next().unwrap_or("");
-            ENV_SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
+            let mut parts = key.as_str().split('.');
+            let first = parts.next().unwrap_or("");
+            parts.next().is_some() && ENV_SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
         });
         let figment = figment.merge(env);
         let raw: FileConfig = figment.extract().map_err(|e| figment_errors(&file, e))?;
@@ -753,6 +755,7 @@ credentials:
             jail.set_env("TWTEST_ADMIN__LISTEN", "127.0.0.1:7777");
             jail.set_env("TWTEST_CREDENTIALS__ORDERS__SCOPE", "orders.write");
             jail.set_env("TWTEST_CLIENT_SECRET", "not-config");
+            jail.set_env("TWTEST_LOG", "pingora_proxy=debug");
             let cfg = Config::load_with_env(&path, Env::prefixed("TWTEST_")).unwrap();
             assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:7777");
             assert!(

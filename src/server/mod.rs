@@ -316,7 +316,7 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
         .context("cannot start a runtime to resolve upstreams")?
         .block_on(resolve_upstreams(
             &RouteTable::default(),
-            &shared.routes.load(),
+            &shared.routes.load_full(),
         ));
     let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
     listeners.sort();

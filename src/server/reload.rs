@@ -105,7 +105,7 @@ impl Shared {
         )
         .map_err(|e| format!("{e:#}"))?;
         // The new table serves only once its DNS-named upstreams have addresses.
-        super::resolve_upstreams(&self.routes.load(), &assembly.routes).await;
+        super::resolve_upstreams(&self.routes.load_full(), &assembly.routes).await;
         // New or changed credentials get their first token before traffic moves to them, so a
         // reload does not make requests wait (bounded: a provider outage must not block it).
         for c in &assembly.created {

@@ -310,14 +310,17 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     let (shared, refresher) = Shared::build(&config)?;
     // Upstreams named by DNS get their address before the first request, not at the resolver's
     // first tick.
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start a runtime to resolve upstreams")?
-        .block_on(resolve_upstreams(
-            &RouteTable::default(),
-            &shared.routes.load_full(),
-        ));
+        .context("cannot start a runtime to resolve upstreams")?;
+    runtime.block_on(resolve_upstreams(
+        &RouteTable::default(),
+        &shared.routes.load_full(),
+    ));
+    // A lookup still hanging after the timeout must not hold the start up (dropping the
+    // runtime would wait for it); the resolver's ticks take over.
+    runtime.shutdown_background();
     let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
     listeners.sort();
     listeners.dedup();

@@ -330,7 +330,9 @@ async fn a_post_the_upstream_read_is_never_sent_twice() {
         "the POST went on the reused connection"
     );
 
-    // The same failure for a GET is retried (on a new connection) and succeeds.
+    // The same failure for a GET is retried (on a new connection) and succeeds. A new client:
+    // tokenward closes the client connection after an error response.
+    let client = reqwest::Client::new();
     let r = client.get(tw.url("/again")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = client.get(tw.url("/idempotent")).send().await.unwrap();

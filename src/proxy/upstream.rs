@@ -160,7 +160,8 @@ pub struct FailedAttempt<'a> {
     pub idempotent: bool,
     /// The request body is still whole in pingora's retry buffer (or there is none).
     pub body_kept: bool,
-    /// This request was already sent again once because nothing of it had been sent.
+    /// This request was already sent again after a failed attempt: the resend for "nothing
+    /// was sent" happens at most once.
     pub resent_before: bool,
 }
 

@@ -70,6 +70,9 @@ pub struct RouteFile {
     pub http2: Option<bool>,
     pub connect_timeout: Option<HumanDuration>,
     pub read_timeout: Option<HumanDuration>,
+    /// How long an upstream connection is kept in the pool unused; shorter than the upstream's
+    /// own keep-alive timeout, so tokenward never sends on a connection the upstream is closing.
+    pub idle_timeout: Option<HumanDuration>,
     /// Upstream statuses that mean "this token was rejected" (default [401]; [] turns it off).
     pub reauth_statuses: Option<Vec<u16>>,
 }

@@ -96,6 +96,7 @@ pub struct RouteConfig {
     pub http2: bool,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    pub idle_timeout: Duration,
     pub reauth_statuses: Vec<u16>,
 }
 
@@ -247,9 +248,11 @@ impl Config {
         };
         // Only keys under known sections come from the environment, so that variables such as
         // `TOKENWARD_CLIENT_SECRET` (referenced by `{ env = … }`) are not mistaken for config.
+        // A bare section (`TOKENWARD_LOG`, the log filter override) is not config either.
         let env = env.split("__").filter(|key| {
-            let first = key.as_str().split('.').next().unwrap_or("");
-            ENV_SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
+            let mut parts = key.as_str().split('.');
+            let first = parts.next().unwrap_or("");
+            parts.next().is_some() && ENV_SECTIONS.iter().any(|s| first.eq_ignore_ascii_case(s))
         });
         let figment = figment.merge(env);
         let raw: FileConfig = figment.extract().map_err(|e| figment_errors(&file, e))?;
@@ -508,6 +511,14 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             format!("{bad} is not a 4xx status"),
         );
     }
+    // Below the 5 s keep-alive of Node and many other servers.
+    let idle_timeout = HumanDuration::or(raw.idle_timeout, Duration::from_secs(4));
+    if idle_timeout < Duration::from_millis(100) || idle_timeout > Duration::from_secs(3600) {
+        c.push(
+            format!("{key}.idle_timeout"),
+            "must be between 100ms and 1h (and shorter than the upstream's keep-alive timeout)",
+        );
+    }
     let ca_file = raw.ca_file.map(PathBuf::from);
     if let Some(ca) = &ca_file {
         if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
@@ -525,6 +536,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         http2: raw.http2.unwrap_or(true),
         connect_timeout: HumanDuration::or(raw.connect_timeout, Duration::from_secs(5)),
         read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
+        idle_timeout,
         reauth_statuses,
     })
 }
@@ -804,6 +816,7 @@ credentials:
             jail.set_env("TWTEST_ADMIN__LISTEN", "127.0.0.1:7777");
             jail.set_env("TWTEST_CREDENTIALS__ORDERS__SCOPE", "orders.write");
             jail.set_env("TWTEST_CLIENT_SECRET", "not-config");
+            jail.set_env("TWTEST_LOG", "pingora_proxy=debug");
             let cfg = Config::load_with_env(&path, Env::prefixed("TWTEST_")).unwrap();
             assert_eq!(cfg.admin_listen.to_string(), "127.0.0.1:7777");
             assert!(
@@ -898,6 +911,29 @@ credentials:
             assert!(!format!("{redis:?}").contains("from-env-pw"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn route_idle_timeout_defaults_below_5s_and_is_bounded() {
+        let cfg = load_str("toml", GOOD).unwrap();
+        assert_eq!(cfg.routes[0].idle_timeout, Duration::from_secs(4));
+        let with = |v: &str| {
+            GOOD.replacen(
+                "credential = \"orders\"\n",
+                &format!("credential = \"orders\"\nidle_timeout = {v}\n"),
+                1,
+            )
+        };
+        let cfg = load_str("toml", &with("\"90s\"")).unwrap();
+        assert_eq!(cfg.routes[0].idle_timeout, Duration::from_secs(90));
+        for bad in ["\"0s\"", "\"50ms\"", "\"2h\""] {
+            let err = load_str("toml", &with(bad)).unwrap_err().to_string();
+            assert!(err.contains("c.toml"), "{err}");
+            assert!(err.contains("`routes[0].idle_timeout`"), "{err}");
+            assert!(err.contains("between 100ms and 1h"), "{err}");
+        }
+        let err = load_str("toml", &with("\"soon\"")).unwrap_err().to_string();
+        assert!(err.contains("idle_timeout"), "{err}");
     }
 
     #[test]

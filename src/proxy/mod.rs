@@ -54,6 +54,8 @@ pub struct RequestCtx {
     token: Option<Arc<Token>>,
     /// Set once the request has been replayed after the upstream rejected its token.
     replayed: bool,
+    /// Set once the request has been sent again after a failed upstream attempt.
+    resent: bool,
     /// For credentials that sign each request: the signer and the whole buffered body.
     signed: Option<signing::Signed>,
     _in_flight: InFlightGuard,
@@ -73,6 +75,7 @@ impl ProxyHttp for TokenwardProxy {
             route: None,
             token: None,
             replayed: false,
+            resent: false,
             signed: None,
             _in_flight: InFlightGuard(self.in_flight.clone()),
         }
@@ -143,13 +146,7 @@ impl ProxyHttp for TokenwardProxy {
             .route
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
-        let addr = route.upstream.address().ok_or_else(|| {
-            Error::explain(
-                ErrorType::ConnectNoRoute,
-                format!("upstream host {} is not resolved", route.upstream.host),
-            )
-        })?;
-        Ok(Box::new(route.upstream.peer(addr)))
+        Ok(Box::new(route.upstream.current_peer()?))
     }
 
     async fn upstream_request_filter(
@@ -245,22 +242,27 @@ impl ProxyHttp for TokenwardProxy {
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         client_reused: bool,
     ) -> Box<Error> {
-        let mut e = e.more_context(format!("Peer: {peer}"));
-        if e.etype() == &TOKEN_REJECTED {
+        let retry = if e.etype() == &TOKEN_REJECTED {
             // The upstream refused the request at authentication, so it did not act on it:
             // replaying is safe whatever the method, as long as the whole body was kept.
-            let replayable = !session.as_ref().retry_buffer_truncated();
-            e.set_retry(replayable);
-        } else if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
+            !session.as_ref().retry_buffer_truncated()
         } else {
-            e.retry.decide_reuse(client_reused);
-        }
+            // Decided on pingora's own error, before the context below wraps it.
+            let retry = upstream::retry_failed_attempt(&upstream::FailedAttempt {
+                error: &e,
+                reused: client_reused,
+                idempotent: session.req_header().method.is_idempotent(),
+                body_kept: !session.as_ref().retry_buffer_truncated(),
+                resent_before: ctx.resent,
+            });
+            ctx.resent |= retry;
+            retry
+        };
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        e.set_retry(retry);
         e
     }
 

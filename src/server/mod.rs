@@ -183,6 +183,52 @@ impl ShutdownSignalWatch for TermOrInt {
     }
 }
 
+/// How long a reload (or the start) waits for upstream names to resolve before serving.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Gives each upstream of `table` that is named by DNS an address before `table` serves: the
+/// one `previous` holds for the same host and port, else a fresh resolution (bounded by
+/// `RESOLVE_TIMEOUT`; one still running then sets the address when it completes). Until an
+/// upstream has an address its requests get a JSON 502.
+async fn resolve_upstreams(previous: &RouteTable, table: &RouteTable) {
+    let mut pending = tokio::task::JoinSet::new();
+    for route in table
+        .routes()
+        .filter(|r| r.upstream.needs_resolution() && r.upstream.address().is_none())
+    {
+        if previous
+            .routes()
+            .any(|old| route.upstream.adopt_address(&old.upstream))
+        {
+            continue;
+        }
+        let route = route.clone();
+        pending.spawn(async move {
+            let resolved = route.upstream.resolve().await;
+            (route, resolved)
+        });
+    }
+    let deadline = tokio::time::sleep(RESOLVE_TIMEOUT);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = pending.join_next() => match joined {
+                None => return,
+                Some(Ok((route, Ok(addr)))) => info!(route = %route.name, %addr, "upstream resolved"),
+                Some(Ok((route, Err(e)))) => {
+                    warn!(route = %route.name, error = %e, "cannot resolve upstream; its requests get 502 until it resolves")
+                }
+                Some(Err(_)) => {}
+            },
+            _ = &mut deadline => {
+                warn!(unresolved = pending.len(), "upstream names not resolved in time; their requests get 502 until they resolve");
+                pending.detach_all();
+                return;
+            }
+        }
+    }
+}
+
 /// Re-resolves upstream host names so DNS changes are followed.
 struct Resolver {
     shared: Arc<Shared>,
@@ -263,6 +309,19 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
         warn!(error = %e, "cannot raise the open-file limit");
     }
     let (shared, refresher) = Shared::build(&config)?;
+    // Upstreams named by DNS get their address before the first request, not at the resolver's
+    // first tick.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime to resolve upstreams")?;
+    runtime.block_on(resolve_upstreams(
+        &RouteTable::default(),
+        &shared.routes.load_full(),
+    ));
+    // A lookup still hanging after the timeout must not hold the start up (dropping the
+    // runtime would wait for it); the resolver's ticks take over.
+    runtime.shutdown_background();
     let mut listeners: Vec<SocketAddr> = config.routes.iter().map(|r| r.listen).collect();
     listeners.sort();
     listeners.dedup();

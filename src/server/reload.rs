@@ -1,7 +1,8 @@
 //! Hot reload: on SIGHUP, or when the config file or a secret file it references changes, load
-//! and validate the new config and swap it in without dropping a connection. A bad config is
-//! rejected with a log line and the running one keeps serving; credentials whose settings did
-//! not change keep their tokens.
+//! and validate the new config and swap it in without dropping a connection. A bad config, or
+//! one that changes a setting read only at start, is rejected with a log line and the running
+//! one keeps serving; credentials whose settings did not change keep their tokens, upstreams
+//! their resolved addresses, and `log.level` applies at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -73,12 +74,30 @@ impl Shared {
                 listeners(&new)
             ));
         }
-        if new.admin_listen != old.admin_listen
-            || new.state_dir != old.state_dir
-            || new.state_redis != old.state_redis
-            || new.threads != old.threads
-        {
-            return Err("admin.listen, state.dir, state.redis, state.encryption_key and server.threads take effect only at start; restart tokenward to apply them".into());
+        let restart_only = [
+            ("admin.listen", new.admin_listen != old.admin_listen),
+            ("state.dir", new.state_dir != old.state_dir),
+            (
+                "state.redis or state.encryption_key",
+                new.state_redis != old.state_redis,
+            ),
+            ("server.threads", new.threads != old.threads),
+            // pingora's own shutdown wait is fixed at start, so a new grace period could not be
+            // honoured; the formatter is fixed at start too.
+            ("server.grace_period", new.grace_period != old.grace_period),
+            ("log.format", new.log_format != old.log_format),
+        ];
+        let changed: Vec<&str> = restart_only
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect();
+        if !changed.is_empty() {
+            return Err(format!(
+                "{}: {} changed, but admin.listen, state.dir, state.redis, state.encryption_key, server.threads, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
+                old.source.display(),
+                changed.join(", ")
+            ));
         }
         let current = self.credentials.load_full();
         let assembly = assemble(
@@ -89,6 +108,8 @@ impl Shared {
             &self.proxy_metrics,
         )
         .map_err(|e| format!("{e:#}"))?;
+        // The new table serves only once its DNS-named upstreams have addresses.
+        super::resolve_upstreams(&self.routes.load_full(), &assembly.routes).await;
         // New or changed credentials get their first token before traffic moves to them, so a
         // reload does not make requests wait (bounded: a provider outage must not block it).
         for c in &assembly.created {
@@ -144,13 +165,19 @@ impl Reloader {
 
     async fn reload(&self, why: &str) {
         match self.shared.reload().await {
-            Ok(s) => info!(
-                trigger = why,
-                kept = s.kept,
-                started = s.started,
-                retired = s.retired,
-                "configuration reloaded"
-            ),
+            Ok(s) => {
+                // Before the line below, so that it is written at the new level.
+                if let Err(e) = crate::telemetry::set_level(&self.shared.config.load().log_level) {
+                    warn!(error = %e, "cannot apply the reloaded log.level");
+                }
+                info!(
+                    trigger = why,
+                    kept = s.kept,
+                    started = s.started,
+                    retired = s.retired,
+                    "configuration reloaded"
+                )
+            }
             Err(e) => {
                 error!(trigger = why, error = %e, "configuration reload rejected; the running configuration stays")
             }

@@ -63,7 +63,10 @@ impl Shared {
         ))?;
         let token_metrics = TokenMetrics::register(&registry)?;
         let proxy_metrics = ProxyMetrics::register(&registry)?;
-        let store = crate::token::store::open_store(config)?;
+        let store: Arc<dyn TokenStore> = Arc::new(crate::token::store::MeteredStore::wrap(
+            crate::token::store::open_store(config)?,
+            &registry,
+        )?);
         let assembly = assemble(config, &[], &store, &token_metrics, &proxy_metrics)?;
         let (refresher, tx) = Refresher::new(assembly.credentials.clone());
         let shared = Shared {

@@ -70,6 +70,31 @@ pub struct ProviderState {
     issued: Mutex<Vec<String>>,
     calls: Mutex<Vec<Call>>,
     counter: AtomicUsize,
+    /// Token requests received and not yet answered (a handler cut by a closed connection
+    /// counts down too).
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ProviderState {
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a handler in flight until it returns or is dropped.
+struct InFlightCall(Arc<AtomicUsize>);
+
+impl InFlightCall {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlightCall(counter.clone())
+    }
+}
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone)]
@@ -90,6 +115,7 @@ impl FakeProvider {
             issued: Mutex::new(bootstrap_refresh.map(String::from).into_iter().collect()),
             calls: Mutex::new(Vec::new()),
             counter: AtomicUsize::new(0),
+            in_flight: Arc::new(AtomicUsize::new(0)),
         });
         let router = Router::new()
             .route("/token", post(token_endpoint))
@@ -141,6 +167,7 @@ async fn token_endpoint(
     headers: HeaderMap,
     body: String,
 ) -> Response {
+    let _in_flight = InFlightCall::enter(&s.in_flight);
     let delay = *s.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;

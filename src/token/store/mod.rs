@@ -5,6 +5,7 @@
 //! writers can never fork a chain.
 
 mod file;
+mod metered;
 mod redis;
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use async_trait::async_trait;
 
 pub use self::redis::{RedisSettings, RedisStore, decode_encryption_key};
 pub use file::FileStore;
+pub use metered::MeteredStore;
 
 use crate::config::Config;
 use crate::dialect::GrantKind;

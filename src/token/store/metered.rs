@@ -1,0 +1,102 @@
+//! Counts and times every store operation (`tokenward_store_operations_total{op,outcome}`,
+//! `tokenward_store_operation_duration_seconds{op}`) around whichever store is in use.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+
+use super::{ChainKey, ChainState, Lease, StoreError, Stored, TokenStore};
+
+pub struct MeteredStore {
+    inner: Arc<dyn TokenStore>,
+    operations: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl MeteredStore {
+    pub fn wrap(inner: Arc<dyn TokenStore>, registry: &Registry) -> prometheus::Result<Self> {
+        let operations = IntCounterVec::new(
+            Opts::new(
+                "tokenward_store_operations_total",
+                "Token store operations, by operation (load, lease, save) and outcome (ok; empty: nothing stored; busy: lease held elsewhere; fenced: a newer write came first; error).",
+            ),
+            &["op", "outcome"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "tokenward_store_operation_duration_seconds",
+                "Time taken by token store operations.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+            &["op"],
+        )?;
+        registry.register(Box::new(operations.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(MeteredStore {
+            inner,
+            operations,
+            duration,
+        })
+    }
+
+    fn record<T>(
+        &self,
+        op: &str,
+        started: Instant,
+        result: &Result<T, StoreError>,
+        absent: impl Fn(&T) -> Option<&'static str>,
+    ) {
+        self.duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(v) => absent(v).unwrap_or("ok"),
+            Err(_) => "error",
+        };
+        self.operations.with_label_values(&[op, outcome]).inc();
+    }
+}
+
+#[async_trait]
+impl TokenStore for MeteredStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn is_shared(&self) -> bool {
+        self.inner.is_shared()
+    }
+
+    async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.load(key).await;
+        self.record("load", started, &result, |v| v.is_none().then_some("empty"));
+        result
+    }
+
+    async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.try_lease(key).await;
+        self.record("lease", started, &result, |v| v.is_none().then_some("busy"));
+        result
+    }
+
+    async fn save(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.save(key, lease, expected, state).await;
+        self.record("save", started, &result, |v| {
+            v.is_none().then_some("fenced")
+        });
+        result
+    }
+}

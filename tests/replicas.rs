@@ -109,13 +109,24 @@ async fn eight_replicas_make_one_refresh_per_lifetime_between_them() {
     .await;
     let elapsed = started.elapsed().as_secs_f64();
     let commands = redis.commands_processed() - commands_before;
+    eprintln!(
+        "{sent} requests in {elapsed:.1} s through 8 replicas: {} provider calls, {commands} Redis commands",
+        provider.call_count()
+    );
 
-    assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
     assert!(refused(&provider).is_empty(), "{:?}", refused(&provider));
     // One login at start, then one refresh each time the shared token reaches its soft
     // threshold (67.5–75 % of 4 s, counted from when the request was sent).
     let calls = provider.successful_calls() - 1;
-    let (fewest, most) = ((elapsed / 3.0).floor() as usize, (elapsed / 2.7).ceil() as usize);
+    let (fewest, most) = (
+        (elapsed / 3.0).floor() as usize,
+        (elapsed / 2.7).ceil() as usize,
+    );
     assert!(
         calls + 1 >= fewest && calls <= most + 1,
         "{calls} refreshes in {elapsed:.1} s by 8 replicas (expected {fewest}..={most}, ± 1)"
@@ -135,14 +146,26 @@ async fn eight_replicas_make_one_refresh_per_lifetime_between_them() {
     assert!(waited >= 1.0, "replicas waited for the holder's refresh");
     let shared = metrics(&replicas[0]).await;
     assert_eq!(
-        metric(&shared, "tokenward_store_mode{credential=\"api\",mode=\"shared\"}"),
+        metric(
+            &shared,
+            "tokenward_store_mode{credential=\"api\",mode=\"shared\"}"
+        ),
         1.0
     );
-    assert!(metric(&shared, "tokenward_store_operations_total{op=\"load\",outcome=\"ok\"}") >= 1.0);
+    assert!(
+        metric(
+            &shared,
+            "tokenward_store_operations_total{op=\"load\",outcome=\"ok\"}"
+        ) >= 1.0
+    );
 
     // Nothing in Redis is a token, a secret or the credential's name in the clear.
     let mut needles: Vec<String> = provider.issued();
-    needles.extend([CLIENT_SECRET.to_string(), "api".to_string(), "rt-bootstrap".into()]);
+    needles.extend([
+        CLIENT_SECRET.to_string(),
+        "api".to_string(),
+        "rt-bootstrap".into(),
+    ]);
     for needle in &needles {
         assert!(
             !redis.holds_bytes(needle.as_bytes()),
@@ -195,7 +218,10 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let m = metrics(&other).await;
     assert_eq!(
-        metric(&m, "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"),
+        metric(
+            &m,
+            "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"
+        ),
         1.0
     );
     holder.restart();
@@ -204,13 +230,19 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
         client.get(holder.url("/x")).send().await.unwrap().status(),
         200
     );
-    assert_eq!(client.get(other.url("/x")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        client.get(other.url("/x")).send().await.unwrap().status(),
+        200
+    );
     assert!(refused(&provider).is_empty(), "{:?}", refused(&provider));
     // The login, the refresh the holder died in (cut before the provider rotated), the takeover.
     assert_eq!(provider.successful_calls(), 2, "{:?}", provider.calls());
     let holder_token = &holder.get_json("/tokens/api").await["token"]["issued_at"];
     let other_token = &other.get_json("/tokens/api").await["token"]["issued_at"];
-    assert_eq!(holder_token, other_token, "the restarted replica adopted the stored token");
+    assert_eq!(
+        holder_token, other_token,
+        "the restarted replica adopted the stored token"
+    );
 }
 
 /// Redis is stopped right after a refresh and restarted empty: every request succeeds on the
@@ -236,7 +268,11 @@ async fn redis_lost_and_restarted_empty_is_repopulated_without_a_provider_call()
         Instant::now() + Duration::from_secs(7),
     )
     .await;
-    assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
     let status = a.get_json("/tokens/api").await;
     assert_eq!(status["store_mode"], "hold", "{status}");
     let ready = a.get_json("/readyz").await;
@@ -247,13 +283,21 @@ async fn redis_lost_and_restarted_empty_is_repopulated_without_a_provider_call()
         !redis.keys().is_empty()
     })
     .await;
-    wait_for("both replicas shared again", Duration::from_secs(10), || {
-        [&a, &b]
-            .iter()
-            .all(|tw| tw.logs().contains("token store available again"))
-    })
+    wait_for(
+        "both replicas shared again",
+        Duration::from_secs(10),
+        || {
+            [&a, &b]
+                .iter()
+                .all(|tw| tw.logs().contains("token store available again"))
+        },
+    )
     .await;
-    assert_eq!(provider.successful_calls(), 1, "repopulated without a provider call");
+    assert_eq!(
+        provider.successful_calls(),
+        1,
+        "repopulated without a provider call"
+    );
 
     // The chain continues from the repopulated state: a forced refresh on each replica presents
     // the newest refresh token, never a spent one.

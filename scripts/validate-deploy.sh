@@ -264,6 +264,82 @@ helm_render_pvc() {
 }
 check "helm template (state.type=pvc, existing Secret) | kubernetes-validate" helm_render_pvc
 
+# Several replicas sharing refresh-token chains through Redis: the URL in the config, and the URL
+# (which may hold a password) from a Secret as env TOKENWARD_STATE__REDIS.
+helm_render_redis() {
+    "$HELM" template tokenward-example deploy/helm/tokenward \
+        --set state.type=redis --set replicaCount=3 \
+        --set state.redis.url=redis://redis:6379/0 >"$WORK/helm-redis.yaml" || return 1
+    log "rendered $(grep -c '^kind:' "$WORK/helm-redis.yaml") objects"
+    kube_validate "$WORK/helm-redis.yaml"
+}
+check "helm template (state.type=redis, replicaCount=3) | kubernetes-validate" helm_render_redis
+
+helm_render_redis_secret() {
+    "$HELM" template tokenward-example deploy/helm/tokenward \
+        --set state.type=redis --set replicaCount=3 \
+        --set state.redis.existingSecret=tokenward-redis --set state.redis.urlKey=url \
+        --set secret.create=false --set secret.existingSecret=tokenward-credentials \
+        >"$WORK/helm-redis-secret.yaml" || return 1
+    log "rendered $(grep -c '^kind:' "$WORK/helm-redis-secret.yaml") objects"
+    kube_validate "$WORK/helm-redis-secret.yaml"
+}
+check "helm template (state.type=redis, URL from a Secret) | kubernetes-validate" helm_render_redis_secret
+
+# What state.type=redis adds, and that none of it leaks into the default render.
+helm_redis_wiring() {
+    "$PY" - "$WORK/helm-redis.yaml" "$WORK/helm-redis-secret.yaml" "$WORK/helm-default.yaml" <<'PYEOF'
+import base64, sys, tomllib, yaml
+errors = []
+def expect(cond, what, src):
+    print(("ok:    " if cond else "FAIL:  ") + f"{src}: {what}")
+    if not cond:
+        errors.append(what)
+def load(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    by_kind = lambda k: [d for d in docs if d["kind"] == k]
+    dep = by_kind("Deployment")[0]
+    tw = [c for c in dep["spec"]["template"]["spec"]["initContainers"] if c["name"] == "tokenward"][0]
+    cfg = tomllib.loads(by_kind("ConfigMap")[0]["data"]["tokenward.toml"])
+    secrets = by_kind("Secret")
+    return dep, tw, cfg, (secrets[0]["data"] if secrets else None)
+KEY_FILE = {"file": "/var/run/secrets/tokenward/store_key"}
+url_path, secret_path, default_path = sys.argv[1:]
+
+dep, tw, cfg, data = load(url_path)
+src = "redis (url)"
+expect(dep["spec"]["replicas"] == 3, "replicas: 3", src)
+expect("strategy" not in dep["spec"], "default RollingUpdate strategy (no Recreate)", src)
+state = cfg.get("state", {})
+expect(state.get("redis") == "redis://redis:6379/0", "[state] redis = the URL", src)
+expect(state.get("encryption_key") == KEY_FILE, "[state] encryption_key from the store_key file", src)
+expect(state.get("dir") == "/var/lib/tokenward", "[state] dir kept", src)
+expect(not any(e.get("name") == "TOKENWARD_STATE__REDIS" for e in tw.get("env", [])), "no URL env", src)
+key = base64.b64decode(base64.b64decode(data.get("store_key", "")))
+expect(len(key) == 32, "Secret store_key: 32 random bytes, base64", src)
+ann = dep["spec"]["template"]["metadata"].get("annotations") or {}
+expect("checksum/state" in ann, "checksum/state pod annotation (store settings apply at start)", src)
+
+dep, tw, cfg, data = load(secret_path)
+src = "redis (existingSecret)"
+state = cfg.get("state", {})
+expect("redis" not in state, "no redis URL in the ConfigMap", src)
+expect(state.get("encryption_key") == KEY_FILE, "[state] encryption_key from the store_key file", src)
+env = {e["name"]: e for e in tw.get("env", [])}
+ref = env.get("TOKENWARD_STATE__REDIS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+expect(ref == {"name": "tokenward-redis", "key": "url"}, "env TOKENWARD_STATE__REDIS from secretKeyRef tokenward-redis/url", src)
+expect(data is None, "no chart Secret with secret.create=false", src)
+
+dep, tw, cfg, data = load(default_path)
+src = "default"
+expect("redis" not in cfg.get("state", {}) and "encryption_key" not in cfg.get("state", {}), "no redis keys in the config", src)
+expect("store_key" not in data, "no store_key in the Secret", src)
+expect("checksum/state" not in (dep["spec"]["template"]["metadata"].get("annotations") or {}), "no checksum/state annotation", src)
+sys.exit(1 if errors else 0)
+PYEOF
+}
+check "helm state.type=redis wiring (config, store_key, URL env, replicas)" helm_redis_wiring
+
 # Guard rails must refuse bad values, not render something broken.
 helm_rejects_bad_values() {
     local rc=0
@@ -277,6 +353,27 @@ helm_rejects_bad_values() {
     if "$HELM" template x deploy/helm/tokenward --set state.type=hostPath >/dev/null 2>&1; then
         log "accepted state.type=hostPath"; rc=1
     else log "ok: unknown state.type is rejected"; fi
+    # state.type=redis: an error that names what is missing, not a pod without a store.
+    rejects() {
+        local what=$1 want=$2 err
+        shift 2
+        if err=$("$HELM" template x deploy/helm/tokenward "$@" 2>&1 >/dev/null); then
+            log "accepted $what"; rc=1
+        elif ! grep -qF -- "$want" <<<"$err"; then
+            log "rejected $what, but without \"$want\": $err"; rc=1
+        else log "ok: $what is rejected ($want)"; fi
+    }
+    rejects "state.type=redis without url or existingSecret" "state.redis.url" --set state.type=redis
+    rejects "state.type=redis with both url and existingSecret" "exclusive" --set state.type=redis \
+        --set state.redis.url=redis://redis:6379/0 --set state.redis.existingSecret=s
+    rejects "state.redis.url with a password (it would land in the ConfigMap)" "existingSecret" \
+        --set state.type=redis --set 'state.redis.url=redis://:pw@redis:6379/0'
+    rejects "state.redis.url that is not redis:// or rediss://" "redis://" \
+        --set state.type=redis --set state.redis.url=http://redis:6379/0
+    printf '[state]\nredis = "redis://redis:6379/0"\n' >"$WORK/config-with-redis.toml"
+    rejects "state.type=redis with [state] redis already in config" "remove them from config" \
+        --set state.type=redis --set state.redis.url=redis://redis:6379/0 \
+        --set-file config="$WORK/config-with-redis.toml"
     return "$rc"
 }
 check "helm template rejects bad values" helm_rejects_bad_values
@@ -284,7 +381,8 @@ check "helm template rejects bad values" helm_rejects_bad_values
 # Both the plain manifests and the chart must have the same deployment shape: native sidecar,
 # probes, security context, volumes, annotations.
 sidecar_shape() {
-    "$PY" - deploy/kubernetes/deployment.yaml "$WORK/helm-default.yaml" "$WORK/helm-pvc.yaml" <<'PYEOF'
+    "$PY" - deploy/kubernetes/deployment.yaml "$WORK/helm-default.yaml" "$WORK/helm-pvc.yaml" \
+        "$WORK/helm-redis.yaml" "$WORK/helm-redis-secret.yaml" <<'PYEOF'
 import sys, yaml
 errors = []
 def expect(cond, what, src):
@@ -343,7 +441,8 @@ check "native sidecar shape (manifests and rendered chart)" sidecar_shape
 # --- tokenward.toml files: TOML syntax and the settings each deployment shape depends on.
 # (`tokenward check --config ... --skip-secrets` validates their meaning on the Rust side.)
 toml_configs() {
-    "$PY" - deploy/kubernetes/configmap.yaml "$WORK/helm-default.yaml" deploy/compose/tokenward.toml <<'PYEOF'
+    "$PY" - deploy/kubernetes/configmap.yaml "$WORK/helm-default.yaml" deploy/compose/tokenward.toml \
+        "$WORK/helm-redis.yaml" <<'PYEOF'
 import sys, tomllib, yaml
 errors = []
 SECTIONS = {"server", "log", "admin", "state", "routes", "credentials"}
@@ -380,11 +479,12 @@ def check(name, text, admin, route_listen):
         print(f"ok:    {name}: TOML, {len(routes)} route(s), credentials {sorted(creds)}")
     return cfg
 
-cm_path, helm_path, compose_path = sys.argv[1:]
+cm_path, helm_path, compose_path, helm_redis_path = sys.argv[1:]
 cm = yaml.safe_load(open(cm_path))
 check(cm_path + " (data.tokenward.toml)", cm["data"]["tokenward.toml"], "0.0.0.0:9901", "127.0.0.1:8080")
-helm_cm = [d for d in yaml.safe_load_all(open(helm_path)) if d and d["kind"] == "ConfigMap"][0]
-check("helm ConfigMap (data.tokenward.toml)", helm_cm["data"]["tokenward.toml"], "0.0.0.0:9901", "127.0.0.1:8080")
+for label, path in (("helm", helm_path), ("helm state.type=redis", helm_redis_path)):
+    helm_cm = [d for d in yaml.safe_load_all(open(path)) if d and d["kind"] == "ConfigMap"][0]
+    check(f"{label} ConfigMap (data.tokenward.toml)", helm_cm["data"]["tokenward.toml"], "0.0.0.0:9901", "127.0.0.1:8080")
 cfg = check(compose_path, open(compose_path).read(), "0.0.0.0:9901", "0.0.0.0:8080")
 if cfg:
     c = cfg["credentials"]["demo"]

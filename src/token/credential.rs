@@ -557,14 +557,26 @@ impl Credential {
         }
     }
 
-    /// Writes this process's chain (and token) to the store over version `expected`.
+    /// Writes this process's chain (and token) to the store over version `expected`, under the
+    /// lease: a replica refreshing right now must not find its write fenced out by this one.
     async fn write_back(&self, chain: &mut OwnedMutexGuard<Chain>, expected: u64) {
+        let lease = match self.store.try_lease(&self.key).await {
+            Ok(Some(lease)) => lease,
+            // Another replica is refreshing: its write repopulates the store.
+            Ok(None) => return,
+            Err(e) => return self.store_down(chain, &e),
+        };
+        match self.store.load(&self.key).await {
+            Ok(stored) if stored.as_ref().map_or(0, |s| s.version) == expected => {}
+            Ok(_) => return,
+            Err(e) => return self.store_down(chain, &e),
+        }
         let state = ChainState {
             refresh_token: chain.refresh.clone(),
             origin: chain.origin.clone(),
             access: self.current.load().as_ref().map(|t| t.to_shared()),
         };
-        match self.store.save(&self.key, None, expected, &state).await {
+        match self.store.save(&self.key, Some(&lease), expected, &state).await {
             Ok(Some(version)) => {
                 chain.version = version;
                 chain.unsaved = false;

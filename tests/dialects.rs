@@ -21,17 +21,6 @@ fn secret_file(dir: &Path, name: &str, value: &str) -> String {
     path.display().to_string()
 }
 
-async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// Forces a refresh, waiting out the admin rate limit (one per `min_refresh_interval`) when a
 /// test forces two in a row.
 async fn force_refresh(tw: &Tokenward) -> u16 {
@@ -109,7 +98,7 @@ async fn quectel_enduser_login_refresh_rotation_across_kill9_and_relogin() {
     assert!(v.issued().contains(&auth.clone().unwrap()), "{auth:?}");
     assert!(auth.unwrap().starts_with("qe-at-"));
     // Refreshes ahead of the 3 s expiry, rotating the refresh token each time.
-    wait_until("two refreshes", Duration::from_secs(8), || {
+    wait_for("two refreshes", Duration::from_secs(8), || {
         v.calls()
             .iter()
             .filter(|c| c.kind == "refresh" && c.outcome == "ok")
@@ -155,7 +144,7 @@ async fn quectel_enduser_login_refresh_rotation_across_kill9_and_relogin() {
     );
     // A dead refresh token (5032) leads to one new login, not a loop.
     v.revoke_refresh();
-    wait_until("a re-login", Duration::from_secs(8), || {
+    wait_for("a re-login", Duration::from_secs(8), || {
         v.count("login") == 2
     })
     .await;
@@ -173,7 +162,7 @@ async fn quectel_enduser_wrong_password_is_fatal_and_never_retried() {
     let keys = quectel_keys_with(&v, secrets.path(), "not-the-password");
     let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
     tw.wait_healthy().await;
-    wait_until("a login", Duration::from_secs(5), || v.count("login") >= 1).await;
+    wait_for("a login", Duration::from_secs(5), || v.count("login") >= 1).await;
     // Requests keep arriving: none may cause another password attempt.
     for _ in 0..5 {
         assert_eq!(through(&tw, "/x").await.0, 503);
@@ -360,7 +349,7 @@ async fn enos_apim_refreshes_falls_back_to_get_and_stops_on_fatal_codes() {
     let tw = Tokenward::start(&format!("http://{up}"), &keys);
     tw.wait_ready().await;
     assert_eq!(v.count("login"), 1);
-    wait_until("a refresh", Duration::from_secs(6), || {
+    wait_for("a refresh", Duration::from_secs(6), || {
         v.calls()
             .iter()
             .any(|c| c.kind == "refresh" && c.outcome == "ok")
@@ -369,7 +358,7 @@ async fn enos_apim_refreshes_falls_back_to_get_and_stops_on_fatal_codes() {
     // The service dropped the token: refresh answers 1203 and the dialect calls get at once.
     v.forget_access();
     v.fail_refresh(Some("1204"));
-    wait_until("a second get", Duration::from_secs(6), || {
+    wait_for("a second get", Duration::from_secs(6), || {
         v.count("login") >= 2
     })
     .await;
@@ -423,7 +412,7 @@ async fn quectel_accesskey_same_token_within_window_is_success_without_spinning(
     assert!(v.calls().len() <= n + 1, "spinning: {:?}", v.calls());
     assert_eq!(through(&tw, "/b").await.1.unwrap(), first);
     // Past the window, the scheduled refresh brings a new token before the old one expires.
-    wait_until("a new token", Duration::from_secs(6), || {
+    wait_for("a new token", Duration::from_secs(6), || {
         v.calls()
             .iter()
             .any(|c| c.kind == "refresh" && c.outcome == "ok")
@@ -655,7 +644,7 @@ expires = "/expires_in"
     );
     let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
     tw.wait_healthy().await;
-    wait_until("a login", Duration::from_secs(10), || {
+    wait_for("a login", Duration::from_secs(10), || {
         !seen.lock().unwrap().is_empty()
     })
     .await;
@@ -722,7 +711,7 @@ error_code = "/status"
     );
     let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
     tw.wait_healthy().await;
-    wait_until("a login", Duration::from_secs(10), || v.count("login") >= 1).await;
+    wait_for("a login", Duration::from_secs(10), || v.count("login") >= 1).await;
     // The fake wants `timestamp` as a JSON number and checks the signature over it.
     assert_eq!(v.calls()[0].outcome, "ok", "{:?}", v.calls());
     tw.wait_ready().await;
@@ -834,7 +823,7 @@ async fn babelbird_session(custom: bool) -> (Vec<String>, Vec<String>) {
     // An invalid client secret (picked up from its file) is fatal at once.
     let calls = v.calls().len();
     secret_file(dir.path(), "babelbird_client_secret", "wrong-secret");
-    wait_until(
+    wait_for(
         "a refresh with the new secret",
         Duration::from_secs(5),
         || v.calls().len() > calls,
@@ -888,7 +877,7 @@ async fn babelbird_refreshes_ahead_of_expiry_and_other_dialects_do_not_buffer_bo
     );
     tw.wait_ready().await;
     let started = Instant::now();
-    wait_until("three refreshes", Duration::from_secs(9), || {
+    wait_for("three refreshes", Duration::from_secs(9), || {
         v.count("refresh") >= 3
     })
     .await;
@@ -961,7 +950,7 @@ async fn cloudreve_session(custom: bool) -> (Vec<String>, Vec<String>) {
     // (tokenward notices the changed password file and tries it once).
     v.revoke_refresh();
     secret_file(dir.path(), "cloudreve_password", "wrong-password");
-    wait_until("a failed login", Duration::from_secs(5), || {
+    wait_for("a failed login", Duration::from_secs(5), || {
         v.count("login") == 3
     })
     .await;
@@ -1016,7 +1005,7 @@ async fn cloudreve_two_factor_account_is_a_clear_fatal_error() {
     );
     let tw = Tokenward::start(&format!("http://{}", up.addr()), &keys);
     tw.wait_healthy().await;
-    wait_until("a login", Duration::from_secs(5), || v.count("login") == 1).await;
+    wait_for("a login", Duration::from_secs(5), || v.count("login") == 1).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(v.count("login"), 1);
     let r = reqwest::get(tw.url("/x")).await.unwrap();

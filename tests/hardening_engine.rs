@@ -148,11 +148,7 @@ async fn tokenward_token_beside_a_live_instance_does_not_fork_the_chain() {
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(client.get(tw.url("/x")).send().await.unwrap().status(), 200);
-    let rejected: Vec<_> = provider
-        .calls()
-        .into_iter()
-        .filter(|c| c.outcome != 200)
-        .collect();
+    let rejected = provider.refused_calls();
     assert!(
         rejected.is_empty(),
         "spent refresh tokens presented: {rejected:?}"
@@ -205,11 +201,7 @@ async fn reloading_a_rotating_credential_under_load_never_forks_its_chain() {
     }
     let failed = load.await.unwrap();
     assert!(failed.is_empty(), "requests failed: {failed:?}");
-    let rejected: Vec<_> = provider
-        .calls()
-        .into_iter()
-        .filter(|c| c.outcome != 200)
-        .collect();
+    let rejected = provider.refused_calls();
     assert!(
         rejected.is_empty(),
         "spent refresh tokens presented: {rejected:?}"

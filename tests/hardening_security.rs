@@ -15,17 +15,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 /// Writes a tokenward config with one `oauth2` credential for `token_url`, applies `edit` to it,
 /// and returns what `Tokenward::start_with*` needs.
 fn write_config(
@@ -597,7 +586,7 @@ async fn run_warns_at_start_about_a_plaintext_upstream_off_loopback() {
     let tw = Tokenward::start("http://192.0.2.10:8080", &oauth2_keys(&provider, ""));
     tw.wait_healthy().await;
     let wanted = "upstream http://192.0.2.10:8080 is plain http:// on a host that is not loopback";
-    wait_until("the start-up warning", Duration::from_secs(5), || {
+    wait_for("the start-up warning", Duration::from_secs(5), || {
         tw.logs().contains(wanted)
     })
     .await;

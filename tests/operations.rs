@@ -9,20 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn wait_until<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn rewrite(tw: &Tokenward, from: &str, to: &str) {
-    let body = std::fs::read_to_string(&tw.config_path).unwrap();
-    assert!(body.contains(from), "{from:?} not in config");
-    std::fs::write(&tw.config_path, body.replace(from, to)).unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reload_moves_traffic_keeps_unchanged_tokens_and_drops_no_request() {
     let provider = FakeProvider::start(300, false, None).await;
@@ -59,8 +45,8 @@ async fn reload_moves_traffic_keeps_unchanged_tokens_and_drops_no_request() {
     };
 
     // 1. A route change on file save: traffic moves, the unchanged credential keeps its token.
-    rewrite(&tw, &first.addr().to_string(), &second.addr().to_string());
-    wait_until(
+    rewrite_config(&tw, &first.addr().to_string(), &second.addr().to_string());
+    wait_for(
         "traffic on the new upstream",
         Duration::from_secs(5),
         || !second.seen().is_empty(),
@@ -73,8 +59,8 @@ async fn reload_moves_traffic_keeps_unchanged_tokens_and_drops_no_request() {
     );
 
     // 2. A bad config is rejected with a clear log line; the running one keeps serving.
-    rewrite(&tw, "threads = 2", "threads = 2\nbogus_key = 1");
-    wait_until("the rejection in the logs", Duration::from_secs(5), || {
+    rewrite_config(&tw, "threads = 2", "threads = 2\nbogus_key = 1");
+    wait_for("the rejection in the logs", Duration::from_secs(5), || {
         tw.logs().contains("reload rejected")
     })
     .await;
@@ -88,17 +74,17 @@ async fn reload_moves_traffic_keeps_unchanged_tokens_and_drops_no_request() {
         second.seen().len() > before,
         "still serving after a rejected reload"
     );
-    rewrite(&tw, "threads = 2\nbogus_key = 1", "threads = 2");
+    rewrite_config(&tw, "threads = 2\nbogus_key = 1", "threads = 2");
 
     // 3. SIGHUP with a changed credential: it gets a new token before traffic moves to it.
-    rewrite(
+    rewrite_config(
         &tw,
         "client_secret =",
         "scope = \"reloaded\"\nclient_secret =",
     );
     let logs_before = tw.logs().len();
     tw.signal("HUP");
-    wait_until("a reload", Duration::from_secs(5), || {
+    wait_for("a reload", Duration::from_secs(5), || {
         tw.logs()[logs_before..].contains("configuration reloaded")
     })
     .await;
@@ -134,7 +120,7 @@ async fn a_rotated_secret_file_is_picked_up_without_restart() {
     );
     let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
     tw.wait_healthy().await;
-    wait_until("the fatal state", Duration::from_secs(5), || {
+    wait_for("the fatal state", Duration::from_secs(5), || {
         provider.call_count() >= 1
     })
     .await;
@@ -177,7 +163,7 @@ async fn admin_refresh_and_invalidate() {
         true
     );
     assert_eq!(client.get(tw.url("/y")).send().await.unwrap().status(), 200);
-    wait_until(
+    wait_for(
         "a new token after invalidation",
         Duration::from_secs(3),
         || provider.successful_calls() == 3,
@@ -311,7 +297,7 @@ async fn a_reload_that_changes_the_state_store_is_refused() {
     let (_provider, upstream, tw) = oauth2_setup(300, "").await;
     tw.wait_ready().await;
     let logs_before = tw.logs().len();
-    rewrite(
+    rewrite_config(
         &tw,
         "[state]\n",
         "[state]\nredis = \"redis://:store-pw-93d1@127.0.0.1:6379/0\"\n\
@@ -320,7 +306,7 @@ async fn a_reload_that_changes_the_state_store_is_refused() {
     tw.signal("HUP");
     // The file watcher may also see the change (and a half-written file) first: wait for the
     // restart-only rejection itself.
-    wait_until("the rejection in the logs", Duration::from_secs(5), || {
+    wait_for("the rejection in the logs", Duration::from_secs(5), || {
         tw.logs()[logs_before..].contains("take effect only at start")
     })
     .await;

@@ -10,20 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn wait_until<F: Fn() -> bool>(what: &str, within: Duration, f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn rewrite(tw: &Tokenward, from: &str, to: &str) {
-    let body = std::fs::read_to_string(&tw.config_path).unwrap();
-    assert!(body.contains(from), "{from:?} not in config");
-    std::fs::write(&tw.config_path, body.replace(from, to)).unwrap();
-}
-
 /// Tokenward with the harness config, `from` replaced by `to` before it starts.
 fn start_edited(upstream: &str, credential: &str, from: &str, to: &str) -> Tokenward {
     let dir = tempfile::tempdir().unwrap();
@@ -128,25 +114,25 @@ async fn upstreams_named_by_dns_stay_reachable_across_reloads() {
         let target = sent.load(Ordering::Relaxed) + n;
         move || sent.load(Ordering::Relaxed) >= target
     };
-    wait_until("traffic", Duration::from_secs(10), after(50)).await;
+    wait_for("traffic", Duration::from_secs(10), after(50)).await;
     let offset = tw.logs().len();
     tw.signal("HUP");
-    wait_until("the SIGHUP reload", Duration::from_secs(10), || {
+    wait_for("the SIGHUP reload", Duration::from_secs(10), || {
         reloads_after(offset) >= 1
     })
     .await;
-    wait_until("traffic after it", Duration::from_secs(10), after(100)).await;
+    wait_for("traffic after it", Duration::from_secs(10), after(100)).await;
     let offset = tw.logs().len();
-    rewrite(
+    rewrite_config(
         &tw,
         "grace_period = \"5s\"",
         "grace_period = \"5s\"\n# edited",
     );
-    wait_until("the file reload", Duration::from_secs(10), || {
+    wait_for("the file reload", Duration::from_secs(10), || {
         reloads_after(offset) >= 1
     })
     .await;
-    wait_until("traffic after it", Duration::from_secs(10), after(100)).await;
+    wait_for("traffic after it", Duration::from_secs(10), after(100)).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
@@ -178,8 +164,8 @@ async fn a_reload_applies_log_level() {
     // To info: the reload's own info line is written after the new level is in place.
     // Each edit changes the file's size, so the file poll sees it even where timestamps are
     // coarse, and triggers exactly one reload (a SIGHUP as well would make two).
-    rewrite(&tw, "level = \"warn\"", "level = \"info,tokenward=info\"");
-    wait_until(
+    rewrite_config(&tw, "level = \"warn\"", "level = \"info,tokenward=info\"");
+    wait_for(
         "the reload logged at the new level",
         Duration::from_secs(10),
         || tw.logs().contains("configuration reloaded"),
@@ -217,7 +203,7 @@ async fn a_reload_refuses_log_format_and_grace_period_by_name() {
     let client = reqwest::Client::new();
 
     let offset = tw.logs().len();
-    rewrite(&tw, "format = \"json\"", "format = \"text\" # edited");
+    rewrite_config(&tw, "format = \"json\"", "format = \"text\" # edited");
     let logs = wait_for_line(&tw, offset, &["reload rejected", "log.format changed"]).await;
     assert!(logs.contains("restart"), "{logs}");
     assert!(

@@ -42,14 +42,6 @@ fn rotating_keys(provider: &FakeProvider, extra: &str) -> String {
     )
 }
 
-fn refused(provider: &FakeProvider) -> Vec<Call> {
-    provider
-        .calls()
-        .into_iter()
-        .filter(|c| c.outcome != 200)
-        .collect()
-}
-
 async fn metrics(tw: &Tokenward) -> String {
     reqwest::get(tw.admin_url("/metrics"))
         .await
@@ -119,7 +111,11 @@ async fn eight_replicas_make_one_refresh_per_lifetime_between_them() {
         "{} of {sent} failed: {failed:?}",
         failed.len()
     );
-    assert!(refused(&provider).is_empty(), "{:?}", refused(&provider));
+    assert!(
+        provider.refused_calls().is_empty(),
+        "{:?}",
+        provider.refused_calls()
+    );
     // One login at start, then one refresh each time the shared token reaches its soft
     // threshold (67.5–75 % of 4 s, counted from when the request was sent).
     let calls = provider.successful_calls() - 1;
@@ -234,7 +230,11 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
         client.get(other.url("/x")).send().await.unwrap().status(),
         200
     );
-    assert!(refused(&provider).is_empty(), "{:?}", refused(&provider));
+    assert!(
+        provider.refused_calls().is_empty(),
+        "{:?}",
+        provider.refused_calls()
+    );
     // The login, the refresh the holder died in (cut before the provider rotated), the takeover.
     assert_eq!(provider.successful_calls(), 2, "{:?}", provider.calls());
     let holder_token = &holder.get_json("/tokens/api").await["token"]["issued_at"];
@@ -310,6 +310,10 @@ async fn redis_lost_and_restarted_empty_is_repopulated_without_a_provider_call()
             .unwrap();
         assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     }
-    assert!(refused(&provider).is_empty(), "{:?}", refused(&provider));
+    assert!(
+        provider.refused_calls().is_empty(),
+        "{:?}",
+        provider.refused_calls()
+    );
     assert_eq!(provider.successful_calls(), 3);
 }

@@ -576,7 +576,11 @@ impl Credential {
             origin: chain.origin.clone(),
             access: self.current.load().as_ref().map(|t| t.to_shared()),
         };
-        match self.store.save(&self.key, Some(&lease), expected, &state).await {
+        match self
+            .store
+            .save(&self.key, Some(&lease), expected, &state)
+            .await
+        {
             Ok(Some(version)) => {
                 chain.version = version;
                 chain.unsaved = false;

@@ -144,6 +144,13 @@ impl FakeProvider {
     pub fn call_count(&self) -> usize {
         self.state.calls.lock().unwrap().len()
     }
+    /// Calls the provider refused (a spent refresh token, bad credentials, a busy answer).
+    pub fn refused_calls(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.outcome != 200)
+            .collect()
+    }
     pub fn successful_calls(&self) -> usize {
         self.calls().iter().filter(|c| c.outcome == 200).count()
     }

@@ -353,18 +353,17 @@ impl Credential {
                 reason: "the token exchange ended abnormally".into(),
                 retry_after: Duration::from_secs(1),
             }),
-            Err(_) => {
-                warn!(credential = %self.name, waited_ms = within.as_millis() as u64, "no token within the wait limit; the exchange goes on");
-                Err(Unavailable {
-                    credential: self.name.clone(),
-                    class: "provider_timeout",
-                    reason: format!(
-                        "no token within {}; the exchange goes on",
-                        humantime::format_duration(within)
-                    ),
-                    retry_after: Duration::from_secs(1),
-                })
-            }
+            // Not logged here: the proxy logs each refused request, and a thousand waiters
+            // would otherwise log the same line a thousand times.
+            Err(_) => Err(Unavailable {
+                credential: self.name.clone(),
+                class: "provider_timeout",
+                reason: format!(
+                    "no token within {}; the exchange goes on",
+                    humantime::format_duration(within)
+                ),
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 

@@ -496,6 +496,66 @@ fn check_names_the_redis_store_validates_its_key_and_warns_when_unreachable() {
 }
 
 #[test]
+fn check_reads_the_redis_password_secret_and_never_prints_it() {
+    let server = common::redis::RedisServer::start_with(&["--requirepass", "redis-pw-9d2f"]);
+    let dir = tempfile::tempdir().unwrap();
+    let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let pw_file = write(dir.path(), "redis-pw", "redis-pw-9d2f\n");
+    let config = |password: &str| {
+        format!(
+            "{VALID}\n[state]\nredis = \"redis://127.0.0.1:{}/0\"\nencryption_key = \"{key}\"\n\
+             redis_password = {password}\n",
+            server.port()
+        )
+    };
+    let file_pw = format!("{{ file = \"{}\" }}", pw_file.display());
+    let path = write(dir.path(), "redis.toml", &config(&file_pw));
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("redis password:"), "{stdout}");
+    // PING answered only because the password from the file authenticated.
+    assert!(stdout.contains("reachable (PING"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    let literal = write(dir.path(), "literal.toml", &config("\"redis-pw-9d2f\""));
+    for args in [
+        vec!["check", "--config", path.to_str().unwrap()],
+        vec!["check", "--config", literal.to_str().unwrap()],
+        vec!["check", "--skip-secrets", "--config", literal.to_str().unwrap()],
+    ] {
+        let out = tokenward(&args);
+        let (stdout, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stdout}\n{stderr}");
+        assert!(
+            !stdout.contains("redis-pw-9d2f") && !stderr.contains("redis-pw-9d2f"),
+            "{args:?}: {stdout}\n{stderr}"
+        );
+    }
+
+    // An unreadable password is a config error naming the key, not a mere warning.
+    std::fs::remove_file(&pw_file).unwrap();
+    let out = tokenward(&["check", "--config", path.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("redis.toml") && stderr.contains("`state.redis_password`"),
+        "{stderr}"
+    );
+
+    // A password in the URL too is an error naming the key, quoting neither.
+    let both = write(
+        dir.path(),
+        "both.toml",
+        &config("\"redis-pw-9d2f\"").replace("redis://127", "redis://:redis-pw-9d2f@127"),
+    );
+    let out = tokenward(&["check", "--config", both.to_str().unwrap()]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("state.redis_password"), "{stderr}");
+    assert!(!stdout.contains("redis-pw-9d2f") && !stderr.contains("redis-pw-9d2f"));
+}
+
+#[test]
 fn check_names_the_file_store() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(

@@ -892,6 +892,63 @@ credentials:
     }
 
     #[test]
+    fn redis_username_and_password_keys() {
+        let with = |state: &str| load_str("toml", &format!("{GOOD}\n[state]\n{state}\n"));
+        let key = format!("encryption_key = \"{STORE_KEY}\"");
+        let cfg = with(&format!(
+            "redis = \"rediss://redis.internal:6380/1\"\n{key}\nredis_username = \"tw\"\n\
+             redis_password = \"hunter2-pw\""
+        ))
+        .unwrap();
+        let redis = cfg.state_redis.expect("redis settings");
+        assert!(!format!("{redis:?}").contains("hunter2-pw"));
+        // A file password is read when the store connects, not at load.
+        let cfg = with(&format!(
+            "redis = \"redis://127.0.0.1\"\n{key}\nredis_password = {{ file = \"/nonexistent/pw\" }}"
+        ));
+        assert!(cfg.unwrap().state_redis.is_some());
+        let cfg = with(&format!(
+            "redis = \"redis://127.0.0.1\"\n{key}\nredis_password = {{ env = \"TW_REDIS_PW\" }}"
+        ));
+        assert!(cfg.unwrap().state_redis.is_some());
+
+        let errors = |state: &str| {
+            let err = with(state).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("c.toml"), "{text}");
+            assert!(!text.contains("hunter2-pw"), "{text}");
+            err.0
+                .into_iter()
+                .map(|e| (e.key, e.reason))
+                .collect::<Vec<_>>()
+        };
+        let errs = errors(&format!(
+            "redis = \"redis://:hunter2-pw@127.0.0.1\"\n{key}\nredis_password = \"hunter2-pw\""
+        ));
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].0, "state.redis_password");
+        assert!(errs[0].1.contains("URL"), "{errs:?}");
+        let errs = errors(&format!(
+            "redis = \"redis://tw@127.0.0.1\"\n{key}\nredis_username = \"tw\"\n\
+             redis_password = \"hunter2-pw\""
+        ));
+        assert_eq!(errs[0].0, "state.redis_username");
+        assert!(errs[0].1.contains("URL"), "{errs:?}");
+        let errs = errors("redis_password = \"hunter2-pw\"");
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].0, "state.redis_password");
+        assert!(errs[0].1.contains("state.redis"), "{errs:?}");
+        let errs = errors("redis_username = \"tw\"");
+        assert_eq!(errs[0].0, "state.redis_username");
+        assert!(errs[0].1.contains("state.redis"), "{errs:?}");
+        let errs = errors(&format!(
+            "redis = \"redis://127.0.0.1\"\n{key}\nredis_username = \"tw\""
+        ));
+        assert_eq!(errs[0].0, "state.redis_username");
+        assert!(errs[0].1.contains("password"), "{errs:?}");
+    }
+
+    #[test]
     fn redis_url_may_come_from_the_environment() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.toml");

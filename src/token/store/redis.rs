@@ -1184,6 +1184,62 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn authenticates_with_a_password_file_and_an_acl_user() {
+        let server = RedisServer::start_with(&[
+            "--requirepass",
+            "fi1e-pw-3b7e",
+            "--user",
+            "tw-app on >us3r-pw-8c1d ~* &* +@all",
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let pw_file = dir.path().join("redis-pw");
+        let with = |username: Option<&str>, password: &str| {
+            std::fs::write(&pw_file, format!("{password}\n")).unwrap();
+            RedisSettings::new(&server.url(), SecretSource::Literal(Secret::new(KEY_HEX)))
+                .unwrap()
+                .with_credentials(
+                    username.map(str::to_string),
+                    Some(SecretSource::File(pw_file.clone())),
+                )
+                .unwrap()
+        };
+        for (username, password) in [(None, "fi1e-pw-3b7e"), (Some("tw-app"), "us3r-pw-8c1d")] {
+            let s = with(username, password);
+            assert!(!format!("{s:?}").contains(password), "{s:?}");
+            assert!(s.ping(Duration::from_secs(2)).await.is_ok(), "{username:?}");
+            let store = RedisStore::open(&s).unwrap();
+            store.ping().await.unwrap();
+        }
+        let store = RedisStore::open(&with(None, "fi1e-pw-3b7e")).unwrap();
+        assert_eq!(
+            store
+                .save(&chain(), None, 0, &state("rt", None))
+                .await
+                .unwrap(),
+            Some(1)
+        );
+
+        // A wrong password is refused by Redis, and no error quotes it.
+        let wrong = with(None, "wr0ng-pw-55aa");
+        let err = wrong.ping(Duration::from_secs(2)).await.unwrap_err();
+        assert!(!err.contains("wr0ng-pw-55aa"), "{err}");
+        let err = RedisStore::open(&wrong)
+            .unwrap()
+            .load(&chain())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(!err.to_string().contains("wr0ng-pw-55aa"), "{err}");
+
+        // An unreadable password file is an error naming the key, at open and for `check`.
+        std::fs::remove_file(&pw_file).unwrap();
+        let err = wrong.redis_password().unwrap_err();
+        assert!(err.contains("redis-pw"), "{err}");
+        let err = RedisStore::open(&wrong).unwrap_err().to_string();
+        assert!(err.contains("state.redis_password"), "{err}");
+    }
+
     #[test]
     fn settings_validate_url_and_key() {
         let key = || SecretSource::Literal(Secret::new(KEY_HEX));

@@ -269,6 +269,9 @@ fn check_redis(
     let source = &redis.encryption_key;
     if skip_secrets {
         println!("          encryption key: {source:?} (not read: --skip-secrets)");
+        if let Some(password) = redis.password_source() {
+            println!("          redis password: {password:?} (not read: --skip-secrets)");
+        }
         return;
     }
     match redis.encryption_key() {
@@ -277,6 +280,19 @@ fn check_redis(
             "config error: {}: `state.encryption_key`: {reason}",
             path.display()
         )),
+    }
+    if let Some(password) = redis.password_source() {
+        match redis.redis_password() {
+            Ok(_) => println!("          redis password: {password:?} (readable)"),
+            Err(reason) => {
+                // Without its password Redis would refuse us anyway: no PING to report.
+                problems.push(format!(
+                    "config error: {}: `state.redis_password`: {reason}",
+                    path.display()
+                ));
+                return;
+            }
+        }
     }
     let within = Duration::from_secs(2);
     let answer = tokio::runtime::Builder::new_current_thread()

@@ -521,7 +521,12 @@ fn check_reads_the_redis_password_secret_and_never_prints_it() {
     for args in [
         vec!["check", "--config", path.to_str().unwrap()],
         vec!["check", "--config", literal.to_str().unwrap()],
-        vec!["check", "--skip-secrets", "--config", literal.to_str().unwrap()],
+        vec![
+            "check",
+            "--skip-secrets",
+            "--config",
+            literal.to_str().unwrap(),
+        ],
     ] {
         let out = tokenward(&args);
         let (stdout, stderr) = text(&out);

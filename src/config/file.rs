@@ -51,6 +51,10 @@ pub struct StateFile {
     pub dir: Option<String>,
     /// `redis://` or `rediss://` URL of a store shared by replicas (may hold a password).
     pub redis: Option<String>,
+    /// ACL user for `redis` (a password from `redis_password` or the URL goes with it).
+    pub redis_username: Option<String>,
+    /// Password for `redis`, instead of one inside the URL.
+    pub redis_password: Option<crate::secret::SecretSource>,
     /// 32 bytes (hex or base64) sealing what is kept in `redis`.
     pub encryption_key: Option<crate::secret::SecretSource>,
 }

@@ -348,8 +348,8 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         "admin.listen",
         raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
     );
-    let state_dir = PathBuf::from(raw.state.dir.unwrap_or_else(|| "./state".into()));
-    let state_redis = validate_state_redis(&mut c, raw.state.redis, raw.state.encryption_key);
+    let state_dir = PathBuf::from(raw.state.dir.as_deref().unwrap_or("./state"));
+    let state_redis = validate_state_redis(&mut c, raw.state);
 
     let mut credentials = Vec::new();
     for (name, dict) in raw.credentials {
@@ -423,19 +423,24 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     })
 }
 
-/// `state.redis` and the key that seals what it holds. A key read from a file or the
-/// environment is checked when the store opens (and by `check`), not here.
-fn validate_state_redis(
-    c: &mut Collector,
-    url: Option<String>,
-    key: Option<SecretSource>,
-) -> Option<RedisSettings> {
+/// `state.redis`, the key that seals what it holds and the user and password it is reached
+/// with. A key or password read from a file or the environment is checked when the store
+/// opens (and by `check`), not here.
+fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<RedisSettings> {
+    let (url, key) = (state.redis, state.encryption_key);
+    let auth = (state.redis_username, state.redis_password);
     let Some(url) = url else {
         if key.is_some() {
             c.push(
                 "state.encryption_key",
                 "is only used with `state.redis`; set both or neither",
             );
+        }
+        if auth.0.is_some() {
+            c.push("state.redis_username", "is only used with `state.redis`");
+        }
+        if auth.1.is_some() {
+            c.push("state.redis_password", "is only used with `state.redis`");
         }
         return None;
     };
@@ -460,7 +465,13 @@ fn validate_state_redis(
     // Without a key the URL is still checked, so one run reports both.
     let placeholder = || SecretSource::Env(String::new());
     match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
-        Ok(settings) => key.map(|_| settings),
+        Ok(settings) => match settings.with_credentials(auth.0, auth.1) {
+            Ok(settings) => key.map(|_| settings),
+            Err((at, reason)) => {
+                c.push(at, reason);
+                None
+            }
+        },
         Err(reason) => {
             c.push("state.redis", reason);
             None
@@ -911,6 +922,18 @@ credentials:
             "redis = \"redis://127.0.0.1\"\n{key}\nredis_password = {{ env = \"TW_REDIS_PW\" }}"
         ));
         assert!(cfg.unwrap().state_redis.is_some());
+        // A reload compares settings to refuse a change of either key (restart-only).
+        let store = |auth: &str| {
+            with(&format!("redis = \"redis://127.0.0.1\"\n{key}\n{auth}"))
+                .unwrap()
+                .state_redis
+                .unwrap()
+        };
+        let base = "redis_username = \"tw\"\nredis_password = { file = \"/a\" }";
+        assert_eq!(store(base), store(base));
+        assert_ne!(store(base), store(&base.replace("/a", "/b")));
+        assert_ne!(store(base), store(&base.replace("\"tw\"", "\"other\"")));
+        assert_ne!(store(base), store("redis_password = { file = \"/a\" }"));
 
         let errors = |state: &str| {
             let err = with(state).unwrap_err();

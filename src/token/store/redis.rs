@@ -44,6 +44,10 @@ pub struct RedisSettings {
     /// `HOST:PORT/DB`, for logs.
     location: String,
     tls: bool,
+    /// `state.redis_username`: an ACL user, for a password given by `password_source`.
+    username: Option<String>,
+    /// `state.redis_password`: read each time a client is built (at open and by `check`).
+    password_source: Option<SecretSource>,
     pub encryption_key: SecretSource,
 }
 
@@ -51,6 +55,8 @@ impl std::fmt::Debug for RedisSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisSettings")
             .field("at", &self.describe())
+            .field("username", &self.username)
+            .field("password", &self.password_source)
             .field("encryption_key", &self.encryption_key)
             .finish()
     }
@@ -59,13 +65,24 @@ impl std::fmt::Debug for RedisSettings {
 /// A reload compares settings to refuse a change that only a restart applies.
 impl PartialEq for RedisSettings {
     fn eq(&self, other: &Self) -> bool {
-        let same_key = match (&self.encryption_key, &other.encryption_key) {
-            (SecretSource::Literal(a), SecretSource::Literal(b)) => a == b,
-            (SecretSource::File(a), SecretSource::File(b)) => a == b,
-            (SecretSource::Env(a), SecretSource::Env(b)) => a == b,
+        let same_password = match (&self.password_source, &other.password_source) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same_source(a, b),
             _ => false,
         };
-        self.url == other.url && same_key
+        self.url == other.url
+            && self.username == other.username
+            && same_password
+            && same_source(&self.encryption_key, &other.encryption_key)
+    }
+}
+
+fn same_source(a: &SecretSource, b: &SecretSource) -> bool {
+    match (a, b) {
+        (SecretSource::Literal(a), SecretSource::Literal(b)) => a == b,
+        (SecretSource::File(a), SecretSource::File(b)) => a == b,
+        (SecretSource::Env(a), SecretSource::Env(b)) => a == b,
+        _ => false,
     }
 }
 
@@ -117,11 +134,94 @@ impl RedisSettings {
             password,
             location: format!("{host}:{}/{db}", parsed.port().unwrap_or(6379)),
             tls,
+            username: None,
+            password_source: None,
             encryption_key,
         };
         ::redis::Client::open(settings.url.expose())
             .map_err(|e| settings.scrub(format!("not a usable Redis URL: {e}")))?;
         Ok(settings)
+    }
+
+    /// Adds `state.redis_username` and `state.redis_password`. The error names the key at
+    /// fault and never holds a password: a password may come from the URL or the key, not
+    /// both, and a username needs a password from one of them.
+    pub fn with_credentials(
+        mut self,
+        username: Option<String>,
+        password: Option<SecretSource>,
+    ) -> Result<RedisSettings, (&'static str, String)> {
+        let in_url = url::Url::parse(self.url.expose()).ok();
+        let url_has_user = in_url.as_ref().is_some_and(|u| !u.username().is_empty());
+        let url_has_password = in_url.as_ref().is_some_and(|u| u.password().is_some());
+        if password.is_some() && url_has_password {
+            return Err((
+                "state.redis_password",
+                "the `state.redis` URL holds a password too; keep one of them".into(),
+            ));
+        }
+        if username.is_some() && url_has_user {
+            return Err((
+                "state.redis_username",
+                "the `state.redis` URL names a user too; keep one of them".into(),
+            ));
+        }
+        if let Some(name) = &username {
+            if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err((
+                    "state.redis_username",
+                    "must be a non-empty name without spaces".into(),
+                ));
+            }
+            if password.is_none() && !url_has_password {
+                return Err((
+                    "state.redis_username",
+                    "needs a password: set `state.redis_password`".into(),
+                ));
+            }
+        }
+        if let Some(SecretSource::Literal(p)) = &password {
+            self.password.push(p.clone());
+        }
+        self.username = username;
+        self.password_source = password;
+        Ok(self)
+    }
+
+    /// Reads `state.redis_password`, if set; the error is the reason, for that key.
+    pub fn redis_password(&self) -> Result<Option<Secret>, String> {
+        self.password_source
+            .as_ref()
+            .map(|source| source.resolve().map_err(|e| e.to_string()))
+            .transpose()
+    }
+
+    /// Where `state.redis_password` comes from, for `check` (never the value).
+    pub fn password_source(&self) -> Option<&SecretSource> {
+        self.password_source.as_ref()
+    }
+
+    /// A client for the URL with the configured user and the password as read now. The
+    /// error is prefixed with the key at fault and never holds the password.
+    fn client(&self) -> Result<::redis::Client, String> {
+        use ::redis::IntoConnectionInfo;
+        let info = self
+            .url
+            .expose()
+            .into_connection_info()
+            .map_err(|e| format!("state.redis: {}", self.scrub(e.to_string())))?;
+        let mut redis = info.redis_settings().clone();
+        if let Some(name) = &self.username {
+            redis = redis.set_username(name);
+        }
+        if let Some(password) = self
+            .redis_password()
+            .map_err(|reason| format!("state.redis_password: {reason}"))?
+        {
+            redis = redis.set_password(password.expose());
+        }
+        ::redis::Client::open(info.set_redis_settings(redis))
+            .map_err(|e| format!("state.redis: {}", self.scrub(e.to_string())))
     }
 
     /// `redis at HOST:PORT/DB`, with ` (TLS)` for rediss://; never a password.
@@ -140,8 +240,7 @@ impl RedisSettings {
     /// Connects and sends PING within `within`: how long it took, or why not.
     pub async fn ping(&self, within: Duration) -> Result<Duration, String> {
         let started = Instant::now();
-        let client =
-            ::redis::Client::open(self.url.expose()).map_err(|e| self.scrub(format!("{e}")))?;
+        let client = self.client()?;
         let config = ::redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(within))
             .set_response_timeout(Some(within));
@@ -368,8 +467,10 @@ impl RedisStore {
             .map_err(|reason| anyhow::anyhow!("state.encryption_key: {reason}"))?;
         let cipher = Aes256Gcm::new_from_slice(&key[..])
             .map_err(|_| anyhow::anyhow!("state.encryption_key: must be 32 bytes"))?;
-        let client = ::redis::Client::open(settings.url.expose())
-            .map_err(|e| anyhow::anyhow!("state.redis: {}", settings.scrub(e.to_string())))?;
+        // The redis crate fixes a connection manager's credentials when it is built (per-attempt
+        // credentials need its token-based-authentication feature and more dependencies), so a
+        // password file is read here, once: a rotated password needs a restart.
+        let client = settings.client().map_err(|e| anyhow::anyhow!(e))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tokenward-redis")
@@ -1189,8 +1290,14 @@ mod tests {
         let server = RedisServer::start_with(&[
             "--requirepass",
             "fi1e-pw-3b7e",
+            // One argument per ACL rule: redis-server reads a quoted rule list as a user name.
             "--user",
-            "tw-app on >us3r-pw-8c1d ~* &* +@all",
+            "tw-app",
+            "on",
+            ">us3r-pw-8c1d",
+            "~*",
+            "&*",
+            "+@all",
         ]);
         let dir = tempfile::tempdir().unwrap();
         let pw_file = dir.path().join("redis-pw");

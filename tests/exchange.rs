@@ -79,7 +79,12 @@ async fn exchange_endpoint(
     let record = |status: u16| s.calls.lock().unwrap().push((subject.clone(), status));
     if s.down.load(Ordering::SeqCst) {
         record(503);
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "1")],
+            Json(json!({"error": "temporarily_unavailable"})),
+        )
+            .into_response();
     }
     let want = base64::Engine::encode(
         &base64::engine::general_purpose::STANDARD,
@@ -254,8 +259,8 @@ async fn a_provider_outage_costs_one_call_per_backoff_step_not_one_per_caller() 
         .unwrap();
     assert_eq!(first.status(), 503);
     assert_eq!(provider.calls().len(), 1);
-    // Two waves of 20 distinct callers within a second: the back-off (250 ms, then 500 ms)
-    // lets at most one probe through per step.
+    // Two waves of 20 distinct callers: each back-off step (here the provider's Retry-After
+    // of 1 s) lets at most one probe through, whatever the number of callers.
     let started = Instant::now();
     for _wave in 0..2 {
         let mut tasks = tokio::task::JoinSet::new();

@@ -559,6 +559,24 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
     DialectError { class, message }
 }
 
+/// Classifies a failed token exchange: provider trouble stays transient; any other refusal
+/// (RFC 8693 §2.2.2: invalid_grant, invalid_request, invalid_token, 400/401) is a refusal of
+/// this caller's token, not of the credential as a whole.
+fn exchange_failure(response: &ProviderResponse) -> DialectError {
+    let failure = parse_failure(response, GrantKind::Login);
+    match failure.class {
+        ErrorClass::Transient { .. } => failure,
+        _ => DialectError::relogin(format!(
+            "{}: the subject token was refused",
+            failure
+                .message
+                .split(':')
+                .next()
+                .unwrap_or("token endpoint refused")
+        )),
+    }
+}
+
 #[async_trait]
 impl Dialect for OAuth2 {
     fn describe(&self) -> String {
@@ -734,6 +752,87 @@ mod tests {
         assert!(keys.contains(&"extra_params.grant_type"), "{keys:?}");
         let errs = dialect(&[("grant", "implicit".into())]).err().unwrap();
         assert_eq!(errs[0].0, "grant");
+    }
+
+    #[test]
+    fn token_exchange_form_and_defaults() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("audience", "orders-api".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.subject_header, http::header::AUTHORIZATION);
+        assert_eq!(settings.cache_max_entries, 10_000);
+        assert_eq!(settings.negative_ttl, Duration::from_secs(5));
+        let (form, auth) = d.exchange_form("subj", settings).unwrap();
+        assert!(form.contains(&("grant_type".into(), EXCHANGE_GRANT.into())));
+        assert!(form.contains(&("subject_token".into(), "subj".into())));
+        assert!(form.contains(&("subject_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        assert!(form.contains(&("requested_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        assert!(form.contains(&("audience".into(), "orders-api".into())));
+        assert!(auth.unwrap().starts_with("Basic "));
+        // It has no token of its own.
+        assert!(d.build_form(&Held::default()).is_err());
+    }
+
+    #[test]
+    fn token_exchange_config_errors_name_keys() {
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            dialect(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let errs = keys(&[
+            ("grant", "token_exchange".into()),
+            ("subject_header", "bad header".into()),
+            ("subject_token_type", "not a uri".into()),
+            ("cache_max_entries", 0u64.into()),
+            ("negative_ttl", "soon".into()),
+        ]);
+        for key in [
+            "subject_header",
+            "subject_token_type",
+            "cache_max_entries",
+            "negative_ttl",
+        ] {
+            assert!(errs.iter().any(|k| k == key), "{key} not in {errs:?}");
+        }
+        assert_eq!(keys(&[("negative_ttl", "5s".into())]), vec!["negative_ttl"]);
+        assert_eq!(
+            keys(&[
+                ("grant", "token_exchange".into()),
+                ("subject_tokne_type", "x".into())
+            ])
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_refused_subject_is_told_apart_from_an_outage() {
+        let class = |status, body| exchange_failure(&resp(status, body)).class;
+        assert_eq!(
+            class(400, r#"{"error":"invalid_grant"}"#),
+            ErrorClass::Relogin
+        );
+        assert_eq!(
+            class(401, r#"{"error":"invalid_token"}"#),
+            ErrorClass::Relogin
+        );
+        assert!(matches!(class(503, ""), ErrorClass::Transient { .. }));
+        assert!(matches!(
+            class(400, r#"{"error":"temporarily_unavailable"}"#),
+            ErrorClass::Transient { .. }
+        ));
+        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#)).message;
+        assert!(
+            msg.contains("invalid_grant") && msg.contains("subject token"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -91,11 +91,19 @@ const OUTCOME_REJECTED: usize = 1;
 const OUTCOME_TRANSIENT: usize = 2;
 const OUTCOME_FATAL: usize = 3;
 
+struct ProbeGuard<'a>(&'a Mutex<Health>);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
+    }
+}
+
 /// Strips an auth scheme the caller's header carries (RFC 6750 §2.1: case-insensitive).
 pub fn subject_from_header(value: &[u8]) -> Option<&str> {
     let v = std::str::from_utf8(value).ok()?.trim();
-    let v = match v.get(..7) {
-        Some(p) if p.eq_ignore_ascii_case("bearer ") => v[7..].trim_start(),
+    let v = match (v.get(..6), v.as_bytes().get(6)) {
+        (Some(p), None | Some(b' ')) if p.eq_ignore_ascii_case("bearer") => v[6..].trim_start(),
         _ => v,
     };
     (!v.is_empty()).then_some(v)
@@ -252,17 +260,18 @@ impl Exchanger {
 
     /// One provider call for `key`, unless the credential is backing off after failures.
     async fn exchange(&self, key: Key, subject: &Secret) -> Result<Arc<Entry>, Refusal> {
-        {
+        // A probe whose request was cancelled (the caller went away) must not keep every other
+        // caller out: the flag goes with it.
+        let _probe = {
             let mut h = self.health();
             let now = Instant::now();
             if h.not_before.is_some_and(|t| now < t) || (h.failures > 0 && h.probing) {
                 drop(h);
                 return Err(Refusal::Unavailable(self.unavailable()));
             }
-            if h.failures > 0 {
-                h.probing = true;
-            }
-        }
+            h.probing = h.failures > 0;
+            h.probing.then_some(ProbeGuard(&self.health))
+        };
         let sent = SentAt::now();
         let result = tokio::time::timeout(
             self.config.timing.timeout + Duration::from_secs(1),
@@ -417,5 +426,6 @@ mod tests {
         assert_eq!(subject_from_header(b"abc"), Some("abc"));
         assert_eq!(subject_from_header(b"Bearer "), None);
         assert_eq!(subject_from_header(b""), None);
+        assert_eq!(subject_from_header(b"Bearerish"), Some("Bearerish"));
     }
 }

@@ -663,20 +663,7 @@ impl Dialect for OAuth2 {
         if (200..300).contains(&response.status) {
             return parse_success(&response, GrantKind::Login);
         }
-        let failure = parse_failure(&response, GrantKind::Login);
-        match failure.class {
-            ErrorClass::Transient { .. } => Err(failure),
-            // RFC 8693 §2.2.2: the provider refused this caller's token (invalid_grant,
-            // invalid_request, invalid_token, 400/401), not the credential as a whole.
-            _ => Err(DialectError::relogin(format!(
-                "{}: the subject token was refused",
-                failure
-                    .message
-                    .split(':')
-                    .next()
-                    .unwrap_or("token endpoint refused")
-            ))),
-        }
+        Err(exchange_failure(&response))
     }
 }
 

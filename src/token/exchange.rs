@@ -270,7 +270,8 @@ impl Exchanger {
                 return Err(Refusal::Unavailable(self.unavailable()));
             }
             h.probing = h.failures > 0;
-            h.probing.then_some(ProbeGuard(&self.health))
+            // Built only for a probe: dropping a spare guard here would lock `health` twice.
+            h.probing.then(|| ProbeGuard(&self.health))
         };
         let sent = SentAt::now();
         let result = tokio::time::timeout(

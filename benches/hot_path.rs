@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use tokenward::config::{Config, CredentialConfig, Presentation, Timing};
-use tokenward::dialect::{Dialect, DialectError, Expiry, Grant, GrantKind, Held, ProviderClient};
+use tokenward::dialect::{
+    Dialect, DialectError, ExchangeSettings, Expiry, Grant, GrantKind, Held, ProviderClient,
+};
 use tokenward::proxy::metrics::ProxyMetrics;
 use tokenward::proxy::routing::{Route, RouteTable};
 use tokenward::secret::{Secret, SecretSource};
@@ -32,6 +34,32 @@ impl Dialect for Instant {
             expires: Expiry::In(Duration::from_secs(3600)),
             refresh_token: None,
         })
+    }
+}
+
+/// A token-exchange provider that answers at once, for the per-caller cache-hit path.
+struct InstantExchange(ExchangeSettings);
+
+#[async_trait]
+impl Dialect for InstantExchange {
+    fn describe(&self) -> String {
+        "bench exchange".into()
+    }
+    fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
+        Vec::new()
+    }
+    async fn obtain(&self, _held: &Held, _client: &ProviderClient) -> Result<Grant, DialectError> {
+        Err(DialectError::fatal("per caller only"))
+    }
+    fn exchange_settings(&self) -> Option<&ExchangeSettings> {
+        Some(&self.0)
+    }
+    async fn exchange(
+        &self,
+        _subject: &Secret,
+        _client: &ProviderClient,
+    ) -> Result<Grant, DialectError> {
+        Instant.obtain(&Held::default(), _client).await
     }
 }
 
@@ -82,6 +110,32 @@ fn setup() -> (RouteTable, Arc<Credential>, tempfile::TempDir) {
     (table, credential, dir)
 }
 
+/// An exchange credential whose cache holds one caller's token.
+fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let token_metrics = TokenMetrics::register(&registry).unwrap();
+    let settings = ExchangeSettings {
+        subject_header: http::header::AUTHORIZATION,
+        subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+        requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+        cache_max_entries: 10_000,
+        negative_ttl: Duration::from_secs(5),
+    };
+    let cred_config = CredentialConfig {
+        dialect: Arc::new(InstantExchange(settings)),
+        ..config.clone()
+    };
+    let store = Arc::new(FileStore::open(&dir.path().join("state")).unwrap());
+    let credential = Arc::new(
+        Credential::new(cred_config, store, None, token_metrics.for_credential("x")).unwrap(),
+    );
+    (
+        credential,
+        Secret::new("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJjYWxsZXIifQ.c2ln"),
+    )
+}
+
 fn hot_path(c: &mut Criterion) {
     let (table, credential, _dir) = setup();
     let listener = "127.0.0.1:8080".parse().unwrap();
@@ -99,6 +153,16 @@ fn hot_path(c: &mut Criterion) {
             let (name, value) = token.header();
             black_box((name.clone(), value.clone()))
         })
+    });
+    let (exchange, subject) = exchange_setup(&credential.config().clone());
+    let exchanger = exchange.exchanger().unwrap().clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(exchanger.token(&subject)).unwrap();
+    c.bench_function("exchange_cache_hit_hash_and_lookup", |b| {
+        b.iter(|| black_box(rt.block_on(exchanger.token(black_box(&subject))).is_ok()))
     });
     let p = Presentation::parse("Authorization", "Bearer {token}").unwrap();
     c.bench_function("presentation_render", |b| {

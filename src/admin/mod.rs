@@ -70,6 +70,11 @@ pub fn credential_status(c: &Credential) -> Value {
         "persist_error": status.persist_error,
         "store_mode": c.store_mode().as_str(),
     });
+    if let Some(x) = c.exchanger() {
+        // Per-caller tokens only: counts, never a token or a subject.
+        v["state"] = json!("per_caller");
+        v["exchange"] = x.status();
+    }
     if let Some(t) = token {
         v["token"] = json!({
             "generation": t.generation,
@@ -84,6 +89,16 @@ pub fn credential_status(c: &Credential) -> Value {
 }
 
 impl AdminApp {
+    /// moka counts entries lazily: let it catch up so `/tokens` reports what the cache holds.
+    async fn settle_exchanges(&self) {
+        let creds = self.shared.credentials().clone();
+        for c in creds.iter() {
+            if let Some(x) = c.exchanger() {
+                x.settle().await;
+            }
+        }
+    }
+
     pub fn new(shared: Arc<Shared>) -> Self {
         AdminApp {
             shared,
@@ -94,6 +109,9 @@ impl AdminApp {
     fn metrics(&self) -> Response<Vec<u8>> {
         for c in self.shared.credentials().iter() {
             c.update_gauges();
+            if let Some(x) = c.exchanger() {
+                x.update_gauges();
+            }
         }
         let mut out = Vec::new();
         let encoder = TextEncoder::new();
@@ -184,6 +202,9 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if method == Method::GET && segments.first() == Some(&"tokens") {
+            self.settle_exchanges().await;
+        }
         match (&method, segments.as_slice()) {
             (&Method::GET, ["healthz"]) => reply_json(StatusCode::OK, json!({"status": "ok"})),
             (&Method::GET, ["readyz"]) => self.readyz(),

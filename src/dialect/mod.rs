@@ -200,6 +200,35 @@ pub trait Dialect: Send + Sync {
 
     /// Obtains a token: a refresh when `held.refresh_token` is set, otherwise a login.
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError>;
+
+    /// Set for a credential that has no token of its own but exchanges each caller's.
+    fn exchange_settings(&self) -> Option<&ExchangeSettings> {
+        None
+    }
+
+    /// Exchanges a caller's token (RFC 8693). A refusal of the subject itself is
+    /// [`ErrorClass::Relogin`]; provider trouble is transient as for [`Dialect::obtain`].
+    async fn exchange(
+        &self,
+        _subject: &Secret,
+        _client: &ProviderClient,
+    ) -> Result<Grant, DialectError> {
+        Err(DialectError::fatal(
+            "this credential does not exchange tokens",
+        ))
+    }
+}
+
+/// How a token-exchange credential (RFC 8693) takes each caller's token and caches the result.
+#[derive(Debug, Clone)]
+pub struct ExchangeSettings {
+    /// Where the caller's token is read (a `Bearer ` prefix is stripped).
+    pub subject_header: ::http::HeaderName,
+    pub subject_token_type: String,
+    pub requested_token_type: String,
+    pub cache_max_entries: u64,
+    /// How long a refused subject token is answered 401 without asking the provider again.
+    pub negative_ttl: Duration,
 }
 
 /// The per-request part of the request that a [`RequestSigner`] sees.

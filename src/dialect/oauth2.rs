@@ -10,7 +10,8 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Dialect, DialectError, ErrorClass, Expiry, Grant, GrantKind, Held, ProviderClient, parse_keys,
+    Dialect, DialectError, ErrorClass, ExchangeSettings, Expiry, Grant, GrantKind, Held,
+    ProviderClient, parse_keys,
 };
 use crate::secret::{Secret, SecretSource};
 
@@ -20,6 +21,8 @@ pub enum GrantType {
     ClientCredentials,
     RefreshToken,
     Password,
+    /// RFC 8693: each caller's token is exchanged for one minted for the upstream.
+    TokenExchange,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -52,7 +55,19 @@ struct Keys {
     private_key: Option<SecretSource>,
     private_key_alg: Option<String>,
     private_key_kid: Option<String>,
+    subject_header: Option<String>,
+    subject_token_type: Option<String>,
+    requested_token_type: Option<String>,
+    cache_max_entries: Option<u64>,
+    negative_ttl: Option<String>,
 }
+
+/// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
+pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// A rejected subject is remembered at most this long: beyond it a fixed token would stay
+/// refused for no reason.
+const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
 
 fn default_grant() -> GrantType {
     GrantType::ClientCredentials
@@ -74,6 +89,7 @@ pub struct OAuth2 {
     password: Option<SecretSource>,
     private_key: Option<(SecretSource, jsonwebtoken::Algorithm)>,
     private_key_kid: Option<String>,
+    exchange: Option<ExchangeSettings>,
 }
 
 /// Parameters a user may not set through `extra_params`: they carry the grant or a credential.
@@ -87,6 +103,11 @@ const RESERVED: &[&str] = &[
     "username",
     "password",
     "code",
+    "subject_token",
+    "subject_token_type",
+    "requested_token_type",
+    "actor_token",
+    "actor_token_type",
 ];
 
 impl OAuth2 {
@@ -162,6 +183,7 @@ impl OAuth2 {
                 jsonwebtoken::Algorithm::RS256
             }
         };
+        let exchange = exchange_settings(&k, &mut err);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -188,6 +210,7 @@ impl OAuth2 {
             password: k.password,
             private_key: k.private_key.map(|p| (p, alg)),
             private_key_kid: k.private_key_kid,
+            exchange,
         })
     }
 
@@ -267,10 +290,49 @@ impl OAuth2 {
                         "no usable refresh token: the provider rejected the last one; write a new one to `refresh_token`",
                     ));
                 }
+                GrantType::TokenExchange => {
+                    return Err(DialectError::fatal(
+                        "a token-exchange credential has no token of its own: it exchanges each caller's",
+                    ));
+                }
             }
             form.extend(self.params.iter().cloned());
             GrantKind::Login
         };
+        let authorization = self.client_auth(&mut form)?;
+        Ok((form, authorization, kind))
+    }
+
+    /// RFC 8693 §2.1: the form that exchanges `subject` for a token for this credential's
+    /// audience/resource/scope, with the credential's client authentication.
+    fn exchange_form(
+        &self,
+        subject: &str,
+        settings: &ExchangeSettings,
+    ) -> Result<(Vec<(String, String)>, Option<String>), DialectError> {
+        let mut form: Vec<(String, String)> = vec![
+            ("grant_type".into(), EXCHANGE_GRANT.into()),
+            ("subject_token".into(), subject.to_string()),
+            (
+                "subject_token_type".into(),
+                settings.subject_token_type.clone(),
+            ),
+            (
+                "requested_token_type".into(),
+                settings.requested_token_type.clone(),
+            ),
+        ];
+        form.extend(self.params.iter().cloned());
+        let authorization = self.client_auth(&mut form)?;
+        Ok((form, authorization))
+    }
+
+    /// RFC 6749 §2.3 / RFC 7523: adds the client's authentication to `form`, or returns the
+    /// Authorization header that carries it.
+    fn client_auth(
+        &self,
+        form: &mut Vec<(String, String)>,
+    ) -> Result<Option<String>, DialectError> {
         let mut authorization = None;
         match self.client_auth {
             ClientAuth::ClientSecretBasic => {
@@ -307,8 +369,93 @@ impl OAuth2 {
             }
             ClientAuth::None => form.push(("client_id".into(), self.client_id.clone())),
         }
-        Ok((form, authorization, kind))
+        Ok(authorization)
     }
+
+    async fn post(
+        &self,
+        form: &[(String, String)],
+        authorization: Option<String>,
+        client: &ProviderClient,
+    ) -> Result<ProviderResponse, DialectError> {
+        let mut request = client
+            .request(reqwest::Method::POST, &self.token_url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(
+                form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(form.iter())
+                    .finish(),
+            );
+        if let Some(value) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, value);
+        }
+        client.send(request).await
+    }
+}
+
+/// The token-exchange keys: all or nothing with `grant = "token_exchange"`.
+fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<ExchangeSettings> {
+    if k.grant != GrantType::TokenExchange {
+        for (key, set) in [
+            ("subject_header", k.subject_header.is_some()),
+            ("subject_token_type", k.subject_token_type.is_some()),
+            ("requested_token_type", k.requested_token_type.is_some()),
+            ("cache_max_entries", k.cache_max_entries.is_some()),
+            ("negative_ttl", k.negative_ttl.is_some()),
+        ] {
+            if set {
+                err(key, "is used only with grant = \"token_exchange\"");
+            }
+        }
+        return None;
+    }
+    let header = k.subject_header.as_deref().unwrap_or("Authorization");
+    let subject_header = match http::HeaderName::from_bytes(header.as_bytes()) {
+        Ok(h) => Some(h),
+        Err(_) => {
+            err("subject_header", "is not a valid HTTP header name");
+            None
+        }
+    };
+    let mut token_type = |key: &str, value: &Option<String>| {
+        let v = value.as_deref().unwrap_or(ACCESS_TOKEN_TYPE);
+        // RFC 8693 §3: an absolute URI (the registered ones are URNs).
+        if url::Url::parse(v).is_err() || v.chars().any(|c| c.is_whitespace()) {
+            err(
+                key,
+                "must be a token type URI such as urn:ietf:params:oauth:token-type:access_token",
+            );
+        }
+        v.to_string()
+    };
+    let subject_token_type = token_type("subject_token_type", &k.subject_token_type);
+    let requested_token_type = token_type("requested_token_type", &k.requested_token_type);
+    let cache_max_entries = k.cache_max_entries.unwrap_or(10_000);
+    if cache_max_entries == 0 {
+        err("cache_max_entries", "must be at least 1");
+    }
+    let negative_ttl = match k.negative_ttl.as_deref().map(humantime::parse_duration) {
+        None => Duration::from_secs(5),
+        Some(Ok(d)) if d <= MAX_NEGATIVE_TTL => d,
+        Some(_) => {
+            err(
+                "negative_ttl",
+                "must be a duration of at most 1h, such as \"5s\"",
+            );
+            Duration::from_secs(5)
+        }
+    };
+    Some(ExchangeSettings {
+        subject_header: subject_header?,
+        subject_token_type,
+        requested_token_type,
+        cache_max_entries,
+        negative_ttl,
+    })
 }
 
 fn missing_secret() -> DialectError {
@@ -412,6 +559,24 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
     DialectError { class, message }
 }
 
+/// Classifies a failed token exchange: provider trouble stays transient; any other refusal
+/// (RFC 8693 §2.2.2: invalid_grant, invalid_request, invalid_token, 400/401) is a refusal of
+/// this caller's token, not of the credential as a whole.
+fn exchange_failure(response: &ProviderResponse) -> DialectError {
+    let failure = parse_failure(response, GrantKind::Login);
+    match failure.class {
+        ErrorClass::Transient { .. } => failure,
+        _ => DialectError::relogin(format!(
+            "{}: the subject token was refused",
+            failure
+                .message
+                .split(':')
+                .next()
+                .unwrap_or("token endpoint refused")
+        )),
+    }
+}
+
 #[async_trait]
 impl Dialect for OAuth2 {
     fn describe(&self) -> String {
@@ -419,6 +584,7 @@ impl Dialect for OAuth2 {
             GrantType::ClientCredentials => "client_credentials",
             GrantType::RefreshToken => "refresh_token",
             GrantType::Password => "password",
+            GrantType::TokenExchange => "token_exchange",
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
@@ -470,27 +636,34 @@ impl Dialect for OAuth2 {
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {
         let (form, authorization, kind) = self.build_form(held)?;
-        let mut request = client
-            .request(reqwest::Method::POST, &self.token_url)
-            .header(reqwest::header::ACCEPT, "application/json")
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(
-                form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(form.iter())
-                    .finish(),
-            );
-        if let Some(value) = authorization {
-            request = request.header(reqwest::header::AUTHORIZATION, value);
-        }
-        let response = client.send(request).await?;
+        let response = self.post(&form, authorization, client).await?;
         if (200..300).contains(&response.status) {
             parse_success(&response, kind)
         } else {
             Err(parse_failure(&response, kind))
         }
+    }
+
+    fn exchange_settings(&self) -> Option<&ExchangeSettings> {
+        self.exchange.as_ref()
+    }
+
+    async fn exchange(
+        &self,
+        subject: &Secret,
+        client: &ProviderClient,
+    ) -> Result<Grant, DialectError> {
+        let Some(settings) = &self.exchange else {
+            return Err(DialectError::fatal(
+                "this credential does not exchange tokens",
+            ));
+        };
+        let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
+        let response = self.post(&form, authorization, client).await?;
+        if (200..300).contains(&response.status) {
+            return parse_success(&response, GrantKind::Login);
+        }
+        Err(exchange_failure(&response))
     }
 }
 
@@ -566,6 +739,87 @@ mod tests {
         assert!(keys.contains(&"extra_params.grant_type"), "{keys:?}");
         let errs = dialect(&[("grant", "implicit".into())]).err().unwrap();
         assert_eq!(errs[0].0, "grant");
+    }
+
+    #[test]
+    fn token_exchange_form_and_defaults() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("audience", "orders-api".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.subject_header, http::header::AUTHORIZATION);
+        assert_eq!(settings.cache_max_entries, 10_000);
+        assert_eq!(settings.negative_ttl, Duration::from_secs(5));
+        let (form, auth) = d.exchange_form("subj", settings).unwrap();
+        assert!(form.contains(&("grant_type".into(), EXCHANGE_GRANT.into())));
+        assert!(form.contains(&("subject_token".into(), "subj".into())));
+        assert!(form.contains(&("subject_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        assert!(form.contains(&("requested_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        assert!(form.contains(&("audience".into(), "orders-api".into())));
+        assert!(auth.unwrap().starts_with("Basic "));
+        // It has no token of its own.
+        assert!(d.build_form(&Held::default()).is_err());
+    }
+
+    #[test]
+    fn token_exchange_config_errors_name_keys() {
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            dialect(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        let errs = keys(&[
+            ("grant", "token_exchange".into()),
+            ("subject_header", "bad header".into()),
+            ("subject_token_type", "not a uri".into()),
+            ("cache_max_entries", 0u64.into()),
+            ("negative_ttl", "soon".into()),
+        ]);
+        for key in [
+            "subject_header",
+            "subject_token_type",
+            "cache_max_entries",
+            "negative_ttl",
+        ] {
+            assert!(errs.iter().any(|k| k == key), "{key} not in {errs:?}");
+        }
+        assert_eq!(keys(&[("negative_ttl", "5s".into())]), vec!["negative_ttl"]);
+        assert_eq!(
+            keys(&[
+                ("grant", "token_exchange".into()),
+                ("subject_tokne_type", "x".into())
+            ])
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_refused_subject_is_told_apart_from_an_outage() {
+        let class = |status, body| exchange_failure(&resp(status, body)).class;
+        assert_eq!(
+            class(400, r#"{"error":"invalid_grant"}"#),
+            ErrorClass::Relogin
+        );
+        assert_eq!(
+            class(401, r#"{"error":"invalid_token"}"#),
+            ErrorClass::Relogin
+        );
+        assert!(matches!(class(503, ""), ErrorClass::Transient { .. }));
+        assert!(matches!(
+            class(400, r#"{"error":"temporarily_unavailable"}"#),
+            ErrorClass::Transient { .. }
+        ));
+        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#)).message;
+        assert!(
+            msg.contains("invalid_grant") && msg.contains("subject token"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -21,7 +21,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::token::Token;
+use crate::secret::Secret;
+use crate::token::exchange::{Refusal, subject_from_header};
+use crate::token::{Exchanger, Token, Unavailable};
 use routing::{Route, RouteTable};
 
 /// Counts requests in flight so shutdown can wait for them to finish.
@@ -58,7 +60,53 @@ pub struct RequestCtx {
     resent: bool,
     /// For credentials that sign each request: the signer and the whole buffered body.
     signed: Option<signing::Signed>,
+    /// For token-exchange credentials: the caller's own token, to exchange again after an
+    /// upstream rejection. Dropped with the request.
+    subject: Option<Secret>,
     _in_flight: InFlightGuard,
+}
+
+impl TokenwardProxy {
+    /// The caller's exchanged token, or `None` once the request has been answered 401 (no
+    /// subject token, or one the provider refused) without anything going upstream.
+    async fn exchanged(
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Arc<Route>,
+        exchanger: &Arc<Exchanger>,
+    ) -> Result<Option<std::result::Result<Arc<Token>, Unavailable>>> {
+        let subject = session
+            .req_header()
+            .headers
+            .get(exchanger.subject_header())
+            .and_then(|v| subject_from_header(v.as_bytes()))
+            .map(Secret::new);
+        let Some(subject) = subject else {
+            let body = json!({
+                "error": "missing_subject_token",
+                "route": &*route.name,
+                "message": format!("this route needs the caller's token in {}", exchanger.subject_header()),
+            });
+            respond::json(session, 401, body, None).await?;
+            return Ok(None);
+        };
+        match exchanger.token(&subject).await {
+            Ok(token) => {
+                ctx.subject = Some(subject);
+                Ok(Some(Ok(token)))
+            }
+            Err(Refusal::Unavailable(u)) => Ok(Some(Err(u))),
+            Err(Refusal::Rejected) => {
+                let body = json!({
+                    "error": "subject_token_rejected",
+                    "route": &*route.name,
+                    "credential": route.credential.name(),
+                });
+                respond::json(session, 401, body, None).await?;
+                Ok(None)
+            }
+        }
+    }
 }
 
 /// Marks the error that asks pingora to replay a request with a new token.
@@ -77,6 +125,7 @@ impl ProxyHttp for TokenwardProxy {
             replayed: false,
             resent: false,
             signed: None,
+            subject: None,
             _in_flight: InFlightGuard(self.in_flight.clone()),
         }
     }
@@ -91,7 +140,17 @@ impl ProxyHttp for TokenwardProxy {
             respond::json(session, 404, json!({"error": "no_route", "message": "no route matches this request's host and path"}), None).await?;
             return Ok(true);
         };
-        match route.credential.token().await {
+        let outcome = match route.credential.exchanger() {
+            None => route.credential.token().await,
+            Some(exchanger) => match Self::exchanged(session, ctx, &route, exchanger).await? {
+                Some(outcome) => outcome,
+                None => {
+                    ctx.route = Some(route);
+                    return Ok(true);
+                }
+            },
+        };
+        match outcome {
             Ok(token) => ctx.token = Some(token),
             Err(unavailable) => {
                 warn!(
@@ -160,6 +219,12 @@ impl ProxyHttp for TokenwardProxy {
             return Error::e_explain(ErrorType::InternalError, "no token for this request");
         };
         upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+        if ctx.subject.is_some()
+            && let Some(exchanger) = route.credential.exchanger()
+        {
+            // The caller's own token never goes upstream, whatever header carried it.
+            upstream_request.remove_header(exchanger.subject_header());
+        }
         match &ctx.signed {
             Some(signed) => signed.apply(token, upstream_request)?,
             None => {
@@ -216,6 +281,29 @@ impl ProxyHttp for TokenwardProxy {
         };
         if !route.reauth_statuses.contains(&status) {
             return Ok(());
+        }
+        if let (Some(exchanger), Some(subject)) = (route.credential.exchanger(), &ctx.subject) {
+            // Only this caller's entry is dropped, and only if it still holds the rejected token.
+            if ctx.replayed
+                || session.as_ref().retry_buffer_truncated()
+                || !exchanger.reject(subject, token).await
+            {
+                return Ok(());
+            }
+            return match exchanger.token(subject).await {
+                Ok(fresh) if fresh.generation != token.generation => {
+                    info!(route = %route.name, status, "upstream rejected a caller's exchanged token; replaying with a new one");
+                    ctx.token = Some(fresh);
+                    ctx.replayed = true;
+                    let mut e = Error::explain(
+                        TOKEN_REJECTED,
+                        format!("upstream answered {status} to the token"),
+                    );
+                    e.set_retry(true);
+                    Err(e)
+                }
+                _ => Ok(()),
+            };
         }
         let renewable = route.credential.reject(token.generation);
         if !renewable || ctx.replayed || session.as_ref().retry_buffer_truncated() {

@@ -153,6 +153,8 @@ pub struct Credential {
     wake: tokio::sync::Notify,
     retired: AtomicBool,
     metrics: CredentialMetrics,
+    /// Set for a token-exchange credential: it has no token of its own, only per-caller ones.
+    exchanger: Option<Arc<super::Exchanger>>,
 }
 
 /// Identifies a chain to a shared store: what makes two replicas' credentials the same one
@@ -184,6 +186,14 @@ impl Credential {
             StoreMode::File
         };
         metrics.set_mode(mode);
+        let exchanger = match config.dialect.exchange_settings() {
+            Some(settings) => Some(Arc::new(super::Exchanger::new(
+                &config,
+                settings.clone(),
+                metrics.exchange.for_credential(&config.name),
+            )?)),
+            None => None,
+        };
         Ok(Credential {
             name: Arc::from(config.name.as_str()),
             key: ChainKey {
@@ -204,7 +214,22 @@ impl Credential {
             wake: tokio::sync::Notify::new(),
             retired: AtomicBool::new(false),
             metrics,
+            exchanger,
         })
+    }
+
+    pub fn exchanger(&self) -> Option<&Arc<super::Exchanger>> {
+        self.exchanger.as_ref()
+    }
+
+    /// What a token-exchange credential answers when asked for a token of its own.
+    fn per_caller(&self) -> Unavailable {
+        Unavailable {
+            credential: self.name.clone(),
+            class: "per_caller",
+            reason: "a token-exchange credential obtains tokens per caller only".into(),
+            retry_after: Duration::from_secs(1),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -266,7 +291,7 @@ impl Credential {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.current().is_some()
+        self.exchanger.is_some() || self.current().is_some()
     }
 
     /// How long a request waits for a flight before it is told to come back later.
@@ -279,6 +304,9 @@ impl Credential {
     pub async fn token(self: &Arc<Self>) -> Outcome {
         if let Some(t) = self.current() {
             return Ok(t);
+        }
+        if self.exchanger.is_some() {
+            return Err(self.per_caller());
         }
         if self.held_back(Instant::now()) {
             return Err(self.unavailable());
@@ -294,6 +322,9 @@ impl Credential {
     /// when the flight it started or joined ends.
     pub async fn refresh_if_due(self: &Arc<Self>) {
         let now = Instant::now();
+        if self.exchanger.is_some() {
+            return;
+        }
         if self.held_back(now) {
             return;
         }
@@ -312,6 +343,9 @@ impl Credential {
     /// Forces one provider call now (an operator's request, a changed secret); clears a fatal
     /// state. Waits no longer than a request would; the flight goes on regardless.
     pub async fn force_refresh(self: &Arc<Self>) -> Outcome {
+        if self.exchanger.is_some() {
+            return Err(self.per_caller());
+        }
         {
             let mut s = self.status();
             s.fatal = false;
@@ -454,6 +488,9 @@ impl Credential {
     /// When the background refresher should next look at this credential.
     pub fn next_wake(&self) -> Instant {
         let now = Instant::now();
+        if self.exchanger.is_some() {
+            return now + Duration::from_secs(24 * 3600);
+        }
         let s = self.status();
         if s.fatal {
             return now + Duration::from_secs(24 * 3600);

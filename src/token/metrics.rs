@@ -20,6 +20,24 @@ pub struct TokenMetrics {
     rejections_kept: IntCounterVec,
     leases: IntCounterVec,
     mode: GaugeVec,
+    exchange_entries: GaugeVec,
+    exchange_lookups: IntCounterVec,
+    exchanges: IntCounterVec,
+    exchange_duration: HistogramVec,
+}
+
+/// How a per-caller lookup was answered.
+pub const LOOKUP_RESULTS: [&str; 3] = ["hit", "miss", "negative"];
+/// How one token exchange ended.
+pub const EXCHANGE_OUTCOMES: [&str; 4] = ["success", "rejected", "transient_error", "fatal_error"];
+
+/// One token-exchange credential's series.
+#[derive(Clone)]
+pub struct ExchangeMetrics {
+    pub entries: Gauge,
+    pub lookups: [IntCounter; 3],
+    pub exchanges: [IntCounter; 4],
+    pub duration: Histogram,
 }
 
 pub const LEASE_EVENTS: [&str; 3] = ["acquired", "waited", "taken_over"];
@@ -37,6 +55,28 @@ pub struct CredentialMetrics {
     pub rejections_kept: IntCounter,
     pub leases: [IntCounter; 3],
     pub modes: [Gauge; 4],
+    /// The token-exchange families: children are made only for credentials that exchange, so
+    /// other credentials show no empty series.
+    pub exchange: ExchangeFamilies,
+}
+
+#[derive(Clone)]
+pub struct ExchangeFamilies {
+    entries: GaugeVec,
+    lookups: IntCounterVec,
+    exchanges: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl ExchangeFamilies {
+    pub fn for_credential(&self, name: &str) -> ExchangeMetrics {
+        ExchangeMetrics {
+            entries: self.entries.with_label_values(&[name]),
+            lookups: LOOKUP_RESULTS.map(|r| self.lookups.with_label_values(&[name, r])),
+            exchanges: EXCHANGE_OUTCOMES.map(|o| self.exchanges.with_label_values(&[name, o])),
+            duration: self.duration.with_label_values(&[name]),
+        }
+    }
 }
 
 impl TokenMetrics {
@@ -115,7 +155,42 @@ impl TokenMetrics {
                 ),
                 &["credential", "mode"],
             )?,
+            exchange_entries: GaugeVec::new(
+                Opts::new(
+                    "tokenward_exchange_cache_entries",
+                    "Exchanged per-caller tokens held in the cache.",
+                ),
+                &["credential"],
+            )?,
+            exchange_lookups: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_exchange_cache_requests_total",
+                    "Per-caller token lookups: hit, miss (an exchange was made or joined), negative (a refused subject remembered).",
+                ),
+                &["credential", "result"],
+            )?,
+            exchanges: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_exchange_total",
+                    "Token exchanges (RFC 8693) by outcome.",
+                ),
+                &["credential", "outcome"],
+            )?,
+            exchange_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "tokenward_exchange_duration_seconds",
+                    "Time taken by token exchanges.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+                &["credential"],
+            )?,
         };
+        registry.register(Box::new(m.exchange_entries.clone()))?;
+        registry.register(Box::new(m.exchange_lookups.clone()))?;
+        registry.register(Box::new(m.exchanges.clone()))?;
+        registry.register(Box::new(m.exchange_duration.clone()))?;
         registry.register(Box::new(m.refreshes.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.expiry.clone()))?;
@@ -141,6 +216,12 @@ impl TokenMetrics {
             rejections_kept: self.rejections_kept.with_label_values(&[name]),
             leases: LEASE_EVENTS.map(|e| self.leases.with_label_values(&[name, e])),
             modes: StoreMode::ALL.map(|m| self.mode.with_label_values(&[name, m.as_str()])),
+            exchange: ExchangeFamilies {
+                entries: self.exchange_entries.clone(),
+                lookups: self.exchange_lookups.clone(),
+                exchanges: self.exchanges.clone(),
+                duration: self.exchange_duration.clone(),
+            },
         }
     }
 
@@ -162,6 +243,14 @@ impl TokenMetrics {
         for m in StoreMode::ALL {
             let _ = self.mode.remove_label_values(&[name, m.as_str()]);
         }
+        let _ = self.exchange_entries.remove_label_values(&[name]);
+        for r in LOOKUP_RESULTS {
+            let _ = self.exchange_lookups.remove_label_values(&[name, r]);
+        }
+        for o in EXCHANGE_OUTCOMES {
+            let _ = self.exchanges.remove_label_values(&[name, o]);
+        }
+        let _ = self.exchange_duration.remove_label_values(&[name]);
     }
 }
 

@@ -2,6 +2,7 @@
 //! engine that keeps one valid token through a lock-free read path and a single-flight refresh.
 
 pub mod credential;
+pub mod exchange;
 pub mod jwt;
 pub mod metrics;
 pub mod model;
@@ -9,5 +10,6 @@ pub mod refresher;
 pub mod store;
 
 pub use credential::{Chain, Credential, StoreMode, Unavailable};
+pub use exchange::Exchanger;
 pub use model::Token;
 pub use store::{ChainKey, ChainState, FileStore, TokenStore};

@@ -1,0 +1,432 @@
+//! Per-caller tokens (RFC 8693 token exchange): each caller's token is exchanged for one minted
+//! for the upstream, cached per caller in a bounded moka cache keyed by a hash of the subject
+//! token, with single flight per caller, a negative cache for refused subjects, back-off per
+//! credential (an outage costs one provider call per step, not one per caller) and refresh ahead.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use moka::future::Cache;
+use sha2::{Digest, Sha256};
+use tracing::{info, warn};
+
+use super::credential::{Unavailable, backoff, chain_identity};
+use super::metrics::ExchangeMetrics;
+use super::model::{SentAt, Token};
+use crate::config::CredentialConfig;
+use crate::dialect::{DialectError, ErrorClass, ExchangeSettings, ProviderClient};
+use crate::secret::Secret;
+
+/// The cache key: SHA-256 of the credential's identity and the subject token, so neither the
+/// subject nor a prefix of it is kept as a key, and two credentials never share an entry.
+pub type Key = [u8; 32];
+
+/// One caller's exchanged token and the instant it stops being served.
+pub struct Entry {
+    pub token: Arc<Token>,
+    /// The token's own hard threshold, or the subject token's `exp` when that is earlier.
+    valid_until: Instant,
+    subject_exp: Option<Instant>,
+}
+
+struct EntryExpiry;
+
+impl moka::Expiry<Key, Arc<Entry>> for EntryExpiry {
+    fn expire_after_create(&self, _k: &Key, v: &Arc<Entry>, now: Instant) -> Option<Duration> {
+        Some(v.valid_until.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _k: &Key,
+        v: &Arc<Entry>,
+        now: Instant,
+        _left: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(v.valid_until.saturating_duration_since(now))
+    }
+}
+
+/// Why a caller gets no exchanged token.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    /// The provider refused this caller's token (or it has expired): the caller's fault, 401.
+    Rejected,
+    /// The provider cannot answer now: 503 with `retry_after`.
+    Unavailable(Unavailable),
+}
+
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    not_before: Option<Instant>,
+    /// While failing, only one exchange probes the provider at a time.
+    probing: bool,
+    last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
+}
+
+pub struct Exchanger {
+    name: Arc<str>,
+    config: CredentialConfig,
+    settings: ExchangeSettings,
+    client: ProviderClient,
+    identity: String,
+    cache: Cache<Key, Arc<Entry>>,
+    negative: Cache<Key, ()>,
+    refreshing: Mutex<HashSet<Key>>,
+    health: Mutex<Health>,
+    generation: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    negatives: AtomicU64,
+    outcomes: [AtomicU64; 4],
+    metrics: ExchangeMetrics,
+}
+
+const OUTCOME_SUCCESS: usize = 0;
+const OUTCOME_REJECTED: usize = 1;
+const OUTCOME_TRANSIENT: usize = 2;
+const OUTCOME_FATAL: usize = 3;
+
+struct ProbeGuard<'a>(&'a Mutex<Health>);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
+    }
+}
+
+/// Strips an auth scheme the caller's header carries (RFC 6750 §2.1: case-insensitive).
+pub fn subject_from_header(value: &[u8]) -> Option<&str> {
+    let v = std::str::from_utf8(value).ok()?.trim();
+    let v = match (v.get(..6), v.as_bytes().get(6)) {
+        (Some(p), None | Some(b' ')) if p.eq_ignore_ascii_case("bearer") => v[6..].trim_start(),
+        _ => v,
+    };
+    (!v.is_empty()).then_some(v)
+}
+
+impl Exchanger {
+    pub fn new(
+        config: &CredentialConfig,
+        settings: ExchangeSettings,
+        metrics: ExchangeMetrics,
+    ) -> Result<Self, String> {
+        let client = ProviderClient::new(config.timing.timeout, &config.transport)?;
+        let cache = Cache::builder()
+            .max_capacity(settings.cache_max_entries)
+            .expire_after(EntryExpiry)
+            .build();
+        let negative = Cache::builder()
+            .max_capacity(settings.cache_max_entries)
+            .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
+            .build();
+        Ok(Exchanger {
+            name: Arc::from(config.name.as_str()),
+            identity: chain_identity(config),
+            config: config.clone(),
+            settings,
+            client,
+            cache,
+            negative,
+            refreshing: Mutex::new(HashSet::new()),
+            health: Mutex::new(Health::default()),
+            generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            negatives: AtomicU64::new(0),
+            outcomes: Default::default(),
+            metrics,
+        })
+    }
+
+    pub fn subject_header(&self) -> &http::HeaderName {
+        &self.settings.subject_header
+    }
+
+    pub fn key(&self, subject: &str) -> Key {
+        Sha256::new()
+            .chain_update(b"tokenward exchange v1\n")
+            .chain_update(self.identity.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(subject.as_bytes())
+            .finalize()
+            .into()
+    }
+
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The exchanged token for this caller: cached, or exchanged now (joined with the caller's
+    /// other requests), or a refusal.
+    pub async fn token(self: &Arc<Self>, subject: &Secret) -> Result<Arc<Token>, Refusal> {
+        let key = self.key(subject.expose());
+        let now = Instant::now();
+        if let Some(entry) = self.cache.get(&key).await
+            && now < entry.valid_until
+        {
+            self.count_lookup(0);
+            if now >= entry.token.refresh_at && entry.subject_exp.is_none_or(|e| now < e) {
+                self.refresh_ahead(key, subject);
+            }
+            return Ok(entry.token.clone());
+        }
+        if self.negative.get(&key).await.is_some() {
+            self.count_lookup(2);
+            return Err(Refusal::Rejected);
+        }
+        self.count_lookup(1);
+        let subject_exp = subject_expiry(subject.expose());
+        if subject_exp.is_some_and(|e| e <= now) {
+            return Err(Refusal::Rejected);
+        }
+        let me = self.clone();
+        let init_subject = subject.clone();
+        match self
+            .cache
+            .try_get_with(key, async move { me.exchange(key, &init_subject).await })
+            .await
+        {
+            Ok(entry) => Ok(entry.token.clone()),
+            Err(refusal) => Err((*refusal).clone()),
+        }
+    }
+
+    /// An upstream rejected `token`: drops this caller's entry if it still holds that token (a
+    /// late report cannot evict a newer one). Says whether a new token may now be obtained.
+    pub async fn reject(&self, subject: &Secret, token: &Arc<Token>) -> bool {
+        let key = self.key(subject.expose());
+        match self.cache.get(&key).await {
+            Some(entry) if Arc::ptr_eq(&entry.token, token) => {
+                self.cache.invalidate(&key).await;
+                warn!(credential = %self.name, generation = token.generation, "upstream rejected a caller's exchanged token; exchanging again");
+                true
+            }
+            Some(_) => true,
+            None => true,
+        }
+    }
+
+    /// Starts a background exchange for a caller whose token passed its soft threshold, at most
+    /// one per caller at a time; the cached token keeps being served meanwhile.
+    fn refresh_ahead(self: &Arc<Self>, key: Key, subject: &Secret) {
+        if self.held_back(Instant::now()) {
+            return;
+        }
+        {
+            let mut refreshing = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+            if !refreshing.insert(key) {
+                return;
+            }
+        }
+        let me = self.clone();
+        let subject = subject.clone();
+        tokio::spawn(async move {
+            if let Ok(entry) = me.exchange(key, &subject).await {
+                me.cache.insert(key, entry).await;
+            }
+            me.refreshing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        });
+    }
+
+    fn held_back(&self, now: Instant) -> bool {
+        let h = self.health();
+        h.not_before.is_some_and(|t| now < t) || (h.failures > 0 && h.probing)
+    }
+
+    fn unavailable(&self) -> Unavailable {
+        let h = self.health();
+        let wait = h
+            .not_before
+            .map(|t| t.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(1));
+        Unavailable {
+            credential: self.name.clone(),
+            class: "provider_unavailable",
+            reason: h
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "the token exchange is backing off".into()),
+            retry_after: Duration::from_secs(wait.as_secs_f64().ceil().max(1.0) as u64),
+        }
+    }
+
+    /// One provider call for `key`, unless the credential is backing off after failures.
+    async fn exchange(&self, key: Key, subject: &Secret) -> Result<Arc<Entry>, Refusal> {
+        // A probe whose request was cancelled (the caller went away) must not keep every other
+        // caller out: the flag goes with it.
+        let _probe = {
+            let mut h = self.health();
+            let now = Instant::now();
+            if h.not_before.is_some_and(|t| now < t) || (h.failures > 0 && h.probing) {
+                drop(h);
+                return Err(Refusal::Unavailable(self.unavailable()));
+            }
+            h.probing = h.failures > 0;
+            // Built only for a probe: dropping a spare guard here would lock `health` twice.
+            h.probing.then(|| ProbeGuard(&self.health))
+        };
+        let sent = SentAt::now();
+        let result = tokio::time::timeout(
+            self.config.timing.timeout + Duration::from_secs(1),
+            self.config.dialect.exchange(subject, &self.client),
+        )
+        .await
+        .unwrap_or_else(|_| Err(DialectError::transient("the token exchange timed out")));
+        self.metrics
+            .duration
+            .observe(sent.instant.elapsed().as_secs_f64());
+        let result = result.and_then(|grant| {
+            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+            Token::from_grant(
+                grant,
+                sent,
+                &self.config.presentation,
+                &self.config.timing,
+                generation,
+                false,
+            )
+            .map_err(DialectError::transient)
+        });
+        match result {
+            Ok(token) => {
+                self.count_outcome(OUTCOME_SUCCESS);
+                {
+                    let mut h = self.health();
+                    if h.failures > 0 {
+                        info!(credential = %self.name, "token exchange works again");
+                    }
+                    h.failures = 0;
+                    h.not_before = None;
+                    h.probing = false;
+                }
+                let subject_exp = subject_expiry(subject.expose());
+                let valid_until =
+                    subject_exp.map_or(token.usable_until, |e| e.min(token.usable_until));
+                Ok(Arc::new(Entry {
+                    token: Arc::new(token),
+                    valid_until,
+                    subject_exp,
+                }))
+            }
+            Err(e) if e.class == ErrorClass::Relogin => {
+                self.count_outcome(OUTCOME_REJECTED);
+                {
+                    // A refusal is an answer: the provider is up.
+                    let mut h = self.health();
+                    h.failures = 0;
+                    h.not_before = None;
+                    h.probing = false;
+                    h.last_error = Some(e.message.clone());
+                    h.last_error_at = Some(SystemTime::now());
+                }
+                self.negative.insert(key, ()).await;
+                Err(Refusal::Rejected)
+            }
+            Err(e) => {
+                let retry_after = match e.class {
+                    ErrorClass::Transient { retry_after } => retry_after,
+                    _ => None,
+                };
+                self.count_outcome(if e.class == ErrorClass::Fatal {
+                    OUTCOME_FATAL
+                } else {
+                    OUTCOME_TRANSIENT
+                });
+                {
+                    let mut h = self.health();
+                    h.failures = h.failures.saturating_add(1);
+                    h.not_before = Some(
+                        Instant::now()
+                            + backoff(h.failures, self.config.timing.max_backoff, retry_after),
+                    );
+                    h.probing = false;
+                    h.last_error = Some(e.message.clone());
+                    h.last_error_at = Some(SystemTime::now());
+                }
+                warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
+                Err(Refusal::Unavailable(self.unavailable()))
+            }
+        }
+    }
+
+    fn count_lookup(&self, i: usize) {
+        [&self.hits, &self.misses, &self.negatives][i].fetch_add(1, Ordering::Relaxed);
+        self.metrics.lookups[i].inc();
+    }
+
+    fn count_outcome(&self, i: usize) {
+        self.outcomes[i].fetch_add(1, Ordering::Relaxed);
+        self.metrics.exchanges[i].inc();
+    }
+
+    /// Lets moka finish its pending evictions so the entry count is exact, and publishes it.
+    pub async fn settle(&self) {
+        self.cache.run_pending_tasks().await;
+        self.negative.run_pending_tasks().await;
+        self.update_gauges();
+    }
+
+    pub fn update_gauges(&self) {
+        self.metrics.entries.set(self.cache.entry_count() as f64);
+    }
+
+    /// What `/tokens` shows: counts and the last error, never a token or a subject.
+    pub fn status(&self) -> serde_json::Value {
+        let hits = self.hits.load(Ordering::Relaxed);
+        let misses = self.misses.load(Ordering::Relaxed);
+        let negatives = self.negatives.load(Ordering::Relaxed);
+        let lookups = hits + misses + negatives;
+        let h = self.health();
+        let o = |i: usize| self.outcomes[i].load(Ordering::Relaxed);
+        serde_json::json!({
+            "entries": self.cache.entry_count(),
+            "max_entries": self.settings.cache_max_entries,
+            "negative_entries": self.negative.entry_count(),
+            "lookups": {"hit": hits, "miss": misses, "negative": negatives},
+            "hit_ratio": if lookups == 0 { 0.0 } else { hits as f64 / lookups as f64 },
+            "exchanges": {
+                "success": o(OUTCOME_SUCCESS),
+                "rejected": o(OUTCOME_REJECTED),
+                "transient_error": o(OUTCOME_TRANSIENT),
+                "fatal_error": o(OUTCOME_FATAL),
+            },
+            "consecutive_failures": h.failures,
+            "next_attempt_in_s": h.not_before.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+            "last_error": h.last_error,
+            "last_error_at": h.last_error_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+        })
+    }
+}
+
+/// The subject token's JWT `exp` as an instant, when it has one.
+fn subject_expiry(subject: &str) -> Option<Instant> {
+    let exp = super::jwt::expiry(subject)?;
+    let now = SystemTime::now();
+    Some(match exp.duration_since(now) {
+        Ok(d) => Instant::now() + d,
+        Err(_) => Instant::now(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_a_bearer_scheme_only() {
+        assert_eq!(subject_from_header(b"Bearer abc"), Some("abc"));
+        assert_eq!(subject_from_header(b"bearer  abc "), Some("abc"));
+        assert_eq!(subject_from_header(b"abc"), Some("abc"));
+        assert_eq!(subject_from_header(b"Bearer "), None);
+        assert_eq!(subject_from_header(b""), None);
+        assert_eq!(subject_from_header(b"Bearerish"), Some("Bearerish"));
+    }
+}

@@ -112,6 +112,19 @@ impl TokenwardProxy {
 /// Marks the error that asks pingora to replay a request with a new token.
 const TOKEN_REJECTED: ErrorType = ErrorType::Custom("TokenRejected");
 
+/// Asks pingora to send the request again, once, with `fresh` in place of the token the
+/// upstream rejected with `status`.
+fn replay_with(ctx: &mut RequestCtx, fresh: Arc<Token>, status: u16) -> Result<()> {
+    ctx.token = Some(fresh);
+    ctx.replayed = true;
+    let mut e = Error::explain(
+        TOKEN_REJECTED,
+        format!("upstream answered {status} to the token"),
+    );
+    e.set_retry(true);
+    Err(e)
+}
+
 #[async_trait]
 impl ProxyHttp for TokenwardProxy {
     type CTX = RequestCtx;
@@ -293,14 +306,7 @@ impl ProxyHttp for TokenwardProxy {
             return match exchanger.token(subject).await {
                 Ok(fresh) if fresh.generation != token.generation => {
                     info!(route = %route.name, status, "upstream rejected a caller's exchanged token; replaying with a new one");
-                    ctx.token = Some(fresh);
-                    ctx.replayed = true;
-                    let mut e = Error::explain(
-                        TOKEN_REJECTED,
-                        format!("upstream answered {status} to the token"),
-                    );
-                    e.set_retry(true);
-                    Err(e)
+                    replay_with(ctx, fresh, status)
                 }
                 _ => Ok(()),
             };
@@ -312,14 +318,7 @@ impl ProxyHttp for TokenwardProxy {
         match route.credential.token().await {
             Ok(fresh) if fresh.generation != token.generation => {
                 info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
-                ctx.token = Some(fresh);
-                ctx.replayed = true;
-                let mut e = Error::explain(
-                    TOKEN_REJECTED,
-                    format!("upstream answered {status} to the token"),
-                );
-                e.set_retry(true);
-                Err(e)
+                replay_with(ctx, fresh, status)
             }
             _ => Ok(()),
         }

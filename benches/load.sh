@@ -1,68 +1,108 @@
 #!/usr/bin/env bash
-# Whole-proxy throughput and latency: tokenward against nginx doing a static header injection,
-# both in front of the same nginx upstream, on loopback, on this machine.
+# Whole-proxy cost against nginx, on loopback, on this machine. Three proxies sit in front of the
+# same nginx upstream, each adding an `Authorization` header over a keep-alive upstream pool:
+#   nginx      1 worker, a static header (the reference)
+#   minimal    the least pingora ProxyHttp doing the same (benches/minimal_proxy.rs): the framework's floor
+#   tokenward  the release binary with a real cached token from the demo provider
+# and each is measured, in alternating rounds, two ways:
+#   cpu    CPU µs per request: utime+stime of all the proxy's threads/processes (/proc/PID/stat)
+#          around a fixed number of requests at a fixed rate (hey -n N -c 50 -q RATE/50)
+#   max    throughput and p99 latency with wrk (-t1 -c CONNS) for DURATION
+# for each response size in SIZES (small = "ok\n", 10k, 1m; bodies are streamed by all three).
+# With 2+ cores the upstream and the proxy are pinned to CPU 1 and the load generator to CPU 0,
+# so the proxy under test never competes with the load for a core.
 #
-#   benches/load.sh                # defaults: 10 s per run, 64 connections, 1 worker each
-#   DURATION=30s CONNS=128 WORKERS=2 benches/load.sh
+#   benches/load.sh                                  # 5 rounds, sizes small 10k 1m
+#   ROUNDS=3 SIZES=small CONNS=1000 benches/load.sh  # one size, 1,000 keep-alive connections
+#   TARGETS="nginx tokenward" TW_THREADS=2 benches/load.sh
+#   TARGETS="nginx tokenward alt" ALT_BIN=/tmp/tokenward-before SIZES=small benches/load.sh
+#       alt: another tokenward binary with the same config (an A/B of a change, in one run)
+#   TARGETS="nginx tokenward tokenward1k" SIZES=small benches/load.sh
+#       tokenward1k: a second tokenward whose config also holds 999 credentials without routes,
+#       each refreshing on schedule (60 s tokens from a second demo provider): what background
+#       refreshes add to the cost of a request.
 #
-# Installs nginx and wrk (Debian) when missing. Every run is bounded by DURATION; every server
-# it starts listens on 127.0.0.1 and is stopped on exit. Prints one line per target and the
-# ratios of tokenward to nginx.
+# Prints the median of ROUNDS per target, and tokenward's and minimal's ratios to nginx. Every
+# load run is bounded (a request count or DURATION); every server listens on 127.0.0.1 and is
+# stopped on exit. Installs nginx, wrk and hey (Debian) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION=${DURATION:-10s}
-CONNS=${CONNS:-64}
-WORKERS=${WORKERS:-1}
-WRK_THREADS=${WRK_THREADS:-1}
+ROUNDS=${ROUNDS:-5}
+SIZES=${SIZES:-small 10k 1m}
+TARGETS=${TARGETS:-nginx minimal tokenward}
+DURATION=${DURATION:-8s}
+CONNS=${CONNS:-50}
+RATE=${RATE:-5000}          # requests per second for the CPU measurement (small and 10k)
+CPU_REQUESTS=${CPU_REQUESTS:-30000}
+TW_THREADS=${TW_THREADS:-1}
 BASE=${BASE_PORT:-18080}
-UPSTREAM=$((BASE + 1)) PROVIDER=$((BASE + 2)) NGINX_PROXY=$((BASE + 10)) TW=$BASE ADMIN=$((BASE + 11))
+UPSTREAM=$((BASE + 1)) PROVIDER=$((BASE + 2)) ADMIN=$((BASE + 3))
+PROVIDER_1K=$((BASE + 4)) ADMIN_1K=$((BASE + 5))
+declare -A PORT=([nginx]=$((BASE + 10)) [minimal]=$((BASE + 11)) [tokenward]=$((BASE + 12)) [tokenward1k]=$((BASE + 13)) [alt]=$((BASE + 14)))
+ADMIN_ALT=$((BASE + 6))
 
-for tool in nginx wrk; do
+for tool in nginx wrk hey; do
     if ! command -v "$tool" >/dev/null; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
     fi
 done
-cargo build --release --locked --quiet
-BIN=${CARGO_TARGET_DIR:-target}/release/tokenward
+PATH=$PATH:/usr/sbin
+cargo build --release --locked --quiet --bin tokenward --example minimal_proxy
+OUT=${CARGO_TARGET_DIR:-target}/release
+ulimit -n "$(ulimit -Hn)"
+
+if [ "$(nproc)" -ge 2 ]; then
+    SERVER_CPU=(taskset -c 1) LOAD_CPU=(taskset -c 0)
+else
+    SERVER_CPU=() LOAD_CPU=()
+fi
 
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for conf in "$WORK"/nginx-*.conf; do nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true; done
+    for conf in "$WORK"/nginx-*.conf; do [ -e "$conf" ] && nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
+head -c 10240 /dev/zero | tr '\0' 'x' >"$WORK/10k"
+head -c 1048576 /dev/zero | tr '\0' 'x' >"$WORK/1m"
+
 nginx_conf() { # name, port, body of the location
-    cat > "$WORK/nginx-$1.conf" <<CONF
-worker_processes $WORKERS;
+    cat >"$WORK/nginx-$1.conf" <<CONF
+worker_processes 1;
 pid $WORK/nginx-$1.pid;
 error_log $WORK/nginx-$1.err warn;
-events { worker_connections 4096; }
+events { worker_connections 8192; }
 http {
     access_log off;
     upstream backend { server 127.0.0.1:$UPSTREAM; keepalive 128; }
     server {
-        listen 127.0.0.1:$2;
-        location / { $3 }
+        listen 127.0.0.1:$2 backlog=4096;
+        $3
     }
 }
 CONF
-    nginx -c "$WORK/nginx-$1.conf" -p "$WORK"
+    "${SERVER_CPU[@]}" nginx -c "$WORK/nginx-$1.conf" -p "$WORK"
+}
+until_up() { # url
+    for _ in $(seq 1 100); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done
+    echo "not up: $1" >&2; cat "$WORK"/*.log >&2; exit 1
 }
 
-# The upstream both proxies forward to: a fixed small answer.
-nginx_conf upstream "$UPSTREAM" 'default_type text/plain; return 200 "ok\n";'
-# The reference: nginx injecting a static header over a keep-alive upstream pool.
-nginx_conf proxy "$NGINX_PROXY" 'proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host 127.0.0.1:'"$UPSTREAM"'; proxy_set_header Authorization "Bearer static-token-for-the-benchmark";'
+nginx_conf upstream "$UPSTREAM" "root $WORK; location = / { default_type text/plain; return 200 \"ok\\n\"; }"
+nginx_conf proxy "${PORT[nginx]}" 'location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host 127.0.0.1:'"$UPSTREAM"'; proxy_set_header Authorization "Bearer static-token-for-the-benchmark"; }'
 
-"$BIN" dev --component provider --listen "127.0.0.1:$PROVIDER" --token-lifetime 1h >"$WORK/provider.log" 2>&1 &
+"$OUT/tokenward" dev --component provider --listen "127.0.0.1:$PROVIDER" --token-lifetime 1h >"$WORK/provider.log" 2>&1 &
 PIDS+=($!)
-cat > "$WORK/tokenward.toml" <<CONF
+"${SERVER_CPU[@]}" "$OUT/examples/minimal_proxy" "127.0.0.1:${PORT[minimal]}" "127.0.0.1:$UPSTREAM" 1 >"$WORK/minimal.log" 2>&1 &
+PIDS+=($!)
+MINIMAL_PID=$!
+cat >"$WORK/tokenward.toml" <<CONF
 [server]
-threads = $WORKERS
+threads = $TW_THREADS
 [log]
 level = "warn"
 [admin]
@@ -71,7 +111,7 @@ listen = "127.0.0.1:$ADMIN"
 dir = "$WORK/state"
 [[routes]]
 name = "bench"
-listen = "127.0.0.1:$TW"
+listen = "127.0.0.1:${PORT[tokenward]}"
 upstream = "http://127.0.0.1:$UPSTREAM"
 credential = "bench"
 [credentials.bench]
@@ -80,33 +120,111 @@ token_url = "http://127.0.0.1:$PROVIDER/oauth2/token"
 client_id = "demo"
 client_secret = "demo-secret"
 CONF
-"$BIN" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
+"${SERVER_CPU[@]}" "$OUT/tokenward" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null && break
-    sleep 0.1
-done
-curl -sf "http://127.0.0.1:$ADMIN/readyz" >/dev/null || { cat "$WORK/tokenward.log"; exit 1; }
-curl -sf "http://127.0.0.1:$TW/" >/dev/null
+TOKENWARD_PID=$!
+until_up "http://127.0.0.1:$ADMIN/readyz"
+if [[ " $TARGETS " == *" alt "* ]]; then
+    sed -e "s/$ADMIN/$ADMIN_ALT/" -e "s/${PORT[tokenward]}/${PORT[alt]}/" -e "s|state\"|state-alt\"|" "$WORK/tokenward.toml" >"$WORK/tokenward-alt.toml"
+    "${SERVER_CPU[@]}" "${ALT_BIN:?ALT_BIN names the other tokenward binary}" run --config "$WORK/tokenward-alt.toml" >"$WORK/tokenward-alt.log" 2>&1 &
+    PIDS+=($!)
+    ALT_PID=$!
+    until_up "http://127.0.0.1:$ADMIN_ALT/readyz"
+fi
+if [[ " $TARGETS " == *" tokenward1k "* ]]; then
+    "$OUT/tokenward" dev --component provider --listen "127.0.0.1:$PROVIDER_1K" --token-lifetime 60s >"$WORK/provider-1k.log" 2>&1 &
+    PIDS+=($!)
+    sed -e "s/$ADMIN/$ADMIN_1K/" -e "s/${PORT[tokenward]}/${PORT[tokenward1k]}/" -e "s|state\"|state-1k\"|" "$WORK/tokenward.toml" >"$WORK/tokenward-1k.toml"
+    for i in $(seq 1 999); do
+        printf '[credentials.bg%d]\ndialect = "oauth2"\ntoken_url = "http://127.0.0.1:%d/oauth2/token"\nclient_id = "demo"\nclient_secret = "demo-secret"\n' "$i" "$PROVIDER_1K"
+    done >>"$WORK/tokenward-1k.toml"
+    "${SERVER_CPU[@]}" "$OUT/tokenward" run --config "$WORK/tokenward-1k.toml" >"$WORK/tokenward-1k.log" 2>&1 &
+    PIDS+=($!)
+    TOKENWARD_1K_PID=$!
+    for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$ADMIN_1K/readyz" && break; sleep 0.1; done
+    until_up "http://127.0.0.1:$ADMIN_1K/readyz"
+fi
+for t in $TARGETS; do until_up "http://127.0.0.1:${PORT[$t]}/"; done
 
-run() { # name, port → "name rps p50_ms p99_ms"
-    wrk -t"$WRK_THREADS" -c"$CONNS" -d"$DURATION" --latency "http://127.0.0.1:$2/" >"$WORK/$1.wrk"
-    awk -v name="$1" '
-        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-        /Requests\/sec/ { rps = $2 }
-        $1 == "50%" { p50 = ms($2) }
-        $1 == "99%" { p99 = ms($2) }
-        /Non-2xx/ { errors = $NF }
-        END { printf "%-10s %10.0f req/s   p50 %7.3f ms   p99 %7.3f ms   non-2xx %s\n", name, rps, p50, p99, errors + 0 }
-    ' "$WORK/$1.wrk"
+pids_of() { # target → the pids whose CPU time counts
+    case $1 in
+        nginx) local master; master=$(cat "$WORK/nginx-proxy.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
+        minimal) echo "$MINIMAL_PID" ;;
+        tokenward) echo "$TOKENWARD_PID" ;;
+        tokenward1k) echo "$TOKENWARD_1K_PID" ;;
+        alt) echo "$ALT_PID" ;;
+    esac
+}
+cpu_ticks() { # pids → utime+stime (clock ticks) summed; a process's stat counts all its threads
+    local total=0 pid fields
+    for pid in "$@"; do
+        read -ra fields <"/proc/$pid/stat"
+        # Fields 14 and 15 (1-based) once the command name, which may hold spaces, is skipped.
+        local rest=${fields[*]}
+        rest=${rest##*) }
+        read -ra fields <<<"$rest"
+        total=$((total + fields[11] + fields[12]))
+    done
+    echo "$total"
+}
+path_of() { case $1 in small) echo / ;; *) echo "/$1" ;; esac; }
+
+measure_cpu() { # target size → µs of proxy CPU per request
+    local url="http://127.0.0.1:${PORT[$1]}$(path_of "$2")" rate=$RATE n=$CPU_REQUESTS
+    # A 1 MiB answer is ~100× the bytes: a lower rate and count keep the proxy below saturation.
+    if [ "$2" = 1m ]; then rate=$((RATE / 10)); n=$((CPU_REQUESTS / 10)); fi
+    local pids before after
+    pids=$(pids_of "$1")
+    # shellcheck disable=SC2086
+    before=$(cpu_ticks $pids)
+    "${LOAD_CPU[@]}" hey -n "$n" -c 50 -q $((rate / 50)) -t 10 "$url" >"$WORK/hey.out"
+    # shellcheck disable=SC2086
+    after=$(cpu_ticks $pids)
+    local ok
+    ok=$(awk '/\[200\]/ { print $2 }' "$WORK/hey.out")
+    [ "${ok:-0}" -eq "$n" ] || { echo "$1 $2: only ${ok:-0} of $n requests got 200" >&2; cat "$WORK/hey.out" >&2; exit 1; }
+    awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }'
 }
 
-echo "wrk -t$WRK_THREADS -c$CONNS -d$DURATION, $WORKERS worker(s) per proxy, $(nproc) cores"
-run upstream "$UPSTREAM" | tee "$WORK/r-upstream"
-run nginx "$NGINX_PROXY" | tee "$WORK/r-nginx"
-run tokenward "$TW" | tee "$WORK/r-tokenward"
-awk 'FNR == 1 { rps[FILENAME] = $2; p50[FILENAME] = $5; p99[FILENAME] = $8 }
-     END {
-        n = ARGV[1]; t = ARGV[2];
-        printf "tokenward / nginx: throughput %.2f, p50 latency %.2f, p99 latency %.2f\n", rps[t] / rps[n], p50[t] / p50[n], p99[t] / p99[n]
-     }' "$WORK/r-nginx" "$WORK/r-tokenward"
+measure_max() { # target size → "req/s p99_ms"
+    local url="http://127.0.0.1:${PORT[$1]}$(path_of "$2")"
+    "${LOAD_CPU[@]}" wrk -t1 -c"$CONNS" -d"$DURATION" --timeout 10s --latency "$url" >"$WORK/wrk.out"
+    if grep -q 'Non-2xx' "$WORK/wrk.out"; then echo "$1 $2: non-2xx answers" >&2; cat "$WORK/wrk.out" >&2; exit 1; fi
+    awk '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+        /Requests\/sec/ { rps = $2 }
+        $1 == "99%" { p99 = ms($2) }
+        END { printf "%.0f %.3f", rps, p99 }' "$WORK/wrk.out"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); ${SERVER_CPU[*]:-unpinned} for servers, ${LOAD_CPU[*]:-unpinned} for load"
+echo "cpu: hey -n $CPU_REQUESTS -c 50 at $RATE req/s (1m: a tenth of both); max: wrk -t1 -c$CONNS -d$DURATION; $ROUNDS alternating rounds, medians; tokenward threads=$TW_THREADS"
+for size in $SIZES; do
+    for round in $(seq 1 "$ROUNDS"); do
+        for t in $TARGETS; do
+            echo "$(measure_cpu "$t" "$size")" >>"$WORK/cpu-$t-$size"
+            measure_max "$t" "$size" >>"$WORK/max-$t-$size"
+            echo >>"$WORK/max-$t-$size"
+        done
+        echo "  $size round $round done" >&2
+    done
+done
+
+printf '\n%-6s %-10s %12s %12s %10s %12s %10s %8s\n' size proxy "cpu µs/req" "×nginx" "req/s" "×nginx" "p99 ms" "×nginx"
+for size in $SIZES; do
+    declare -A CPU=() RPS=() P99=()
+    for t in $TARGETS; do
+        CPU[$t]=$(median <"$WORK/cpu-$t-$size")
+        RPS[$t]=$(awk '{ print $1 }' "$WORK/max-$t-$size" | median)
+        P99[$t]=$(awk '{ print $2 }' "$WORK/max-$t-$size" | median)
+    done
+    for t in $TARGETS; do
+        awk -v s="$size" -v t="$t" -v c="${CPU[$t]}" -v r="${RPS[$t]}" -v p="${P99[$t]}" \
+            -v cn="${CPU[nginx]:-0}" -v rn="${RPS[nginx]:-0}" -v pn="${P99[nginx]:-0}" '
+            function x(a, b) { return b > 0 ? sprintf("%.2f", a / b) : "-" }
+            BEGIN { printf "%-6s %-10s %12.1f %12s %10.0f %12s %10.3f %8s\n", s, t, c, x(c, cn), r, x(r, rn), p, x(p, pn) }'
+    done
+    unset CPU RPS P99
+done

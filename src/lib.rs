@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod dialect;
+pub mod dpop;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proxy;

@@ -349,6 +349,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
     );
     let state_dir = PathBuf::from(raw.state.dir.as_deref().unwrap_or("./state"));
+    let shared_store = raw.state.redis.is_some();
     let state_redis = validate_state_redis(&mut c, raw.state);
 
     let mut credentials = Vec::new();
@@ -363,6 +364,18 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         }
         if let Some(cred) = validate_credential(&mut c, &key, &name, dict) {
             credentials.push(cred);
+        }
+    }
+    for cred in &credentials {
+        // Each replica would generate its own key, and a token bound to one is useless to the
+        // others that share it through the store.
+        if shared_store && cred.dialect.dpop().is_some_and(|k| k.generated()) {
+            c.push(
+                format!("credentials.{}.dpop", cred.name),
+                "a key generated at start differs on every replica, but `state.redis` shares \
+                 the DPoP-bound token between them; give every replica the same key with \
+                 dpop_key = { file = \"…\" }",
+            );
         }
     }
 
@@ -691,6 +704,31 @@ fn validate_credential(
         );
     }
     let transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
+    let mut fingerprint = fingerprint;
+    if let Some(dpop) = built.dpop() {
+        // RFC 9449 §7.1: a DPoP-bound token goes in Authorization with the DPoP scheme.
+        if common
+            .header
+            .as_deref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case("authorization"))
+        {
+            c.push(
+                format!("{key}.header"),
+                "a DPoP credential's token is sent in Authorization; leave `header` unset",
+            );
+        }
+        if common.format.as_deref().is_some_and(|f| f != "DPoP {token}") {
+            c.push(
+                format!("{key}.format"),
+                "a DPoP credential's token is sent as `DPoP {token}`; leave `format` unset",
+            );
+        }
+        // A new key file is a new credential (a token bound to the old key is useless).
+        if !dpop.generated() {
+            fingerprint.push('-');
+            fingerprint.push_str(dpop.thumbprint());
+        }
+    }
     let header = common.header.as_deref().unwrap_or("Authorization");
     let format = common
         .format

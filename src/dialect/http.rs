@@ -63,7 +63,20 @@ impl ProviderClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<ProviderResponse, DialectError> {
+        self.send_keeping(request, None).await.map(|(r, _)| r)
+    }
+
+    /// Like [`Self::send`], and returns the raw value of the response header `keep` too (the
+    /// DPoP nonce a token endpoint sends).
+    pub async fn send_keeping(
+        &self,
+        request: reqwest::RequestBuilder,
+        keep: Option<&str>,
+    ) -> Result<(ProviderResponse, Option<Bytes>), DialectError> {
         let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
+        let kept = keep
+            .and_then(|name| response.headers().get(name))
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -90,11 +103,12 @@ impl ProviderClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(ProviderResponse {
+        let response = ProviderResponse {
             status,
             retry_after,
             body: body.freeze(),
-        })
+        };
+        Ok((response, kept))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> DialectError {

@@ -198,6 +198,12 @@ pub trait Dialect: Send + Sync {
         None
     }
 
+    /// Set for a credential whose tokens are DPoP-bound (RFC 9449): the key that signs a proof
+    /// for each of its token requests and each upstream request that presents its token.
+    fn dpop(&self) -> Option<&Arc<crate::dpop::DpopKey>> {
+        None
+    }
+
     /// Obtains a token: a refresh when `held.refresh_token` is set, otherwise a login.
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError>;
 

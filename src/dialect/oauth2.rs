@@ -2,6 +2,7 @@
 //! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -13,6 +14,7 @@ use super::{
     Dialect, DialectError, ErrorClass, ExchangeSettings, Expiry, Grant, GrantKind, Held,
     ProviderClient, parse_keys,
 };
+use crate::dpop::DpopKey;
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -60,6 +62,8 @@ struct Keys {
     requested_token_type: Option<String>,
     cache_max_entries: Option<u64>,
     negative_ttl: Option<String>,
+    dpop: Option<bool>,
+    dpop_key: Option<SecretSource>,
 }
 
 /// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
@@ -90,6 +94,17 @@ pub struct OAuth2 {
     private_key: Option<(SecretSource, jsonwebtoken::Algorithm)>,
     private_key_kid: Option<String>,
     exchange: Option<ExchangeSettings>,
+    dpop: Option<TokenDpop>,
+}
+
+/// A DPoP credential's key and where its token requests go, split as proofs need them.
+struct TokenDpop {
+    key: Arc<DpopKey>,
+    /// `dpop_key`, when the key is read from a file rather than generated.
+    source: Option<SecretSource>,
+    /// The token URL's origin (whose nonce the proofs carry) and path: `htu` without a query.
+    origin: String,
+    path: String,
 }
 
 /// Parameters a user may not set through `extra_params`: they carry the grant or a credential.
@@ -184,6 +199,7 @@ impl OAuth2 {
             }
         };
         let exchange = exchange_settings(&k, &mut err);
+        let dpop = token_dpop(&k, &mut err);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -211,6 +227,7 @@ impl OAuth2 {
             private_key: k.private_key.map(|p| (p, alg)),
             private_key_kid: k.private_key_kid,
             exchange,
+            dpop,
         })
     }
 
@@ -393,7 +410,47 @@ impl OAuth2 {
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        client.send(request).await
+        let Some(dpop) = &self.dpop else {
+            return client.send(request).await;
+        };
+        let proof = dpop
+            .key
+            .proof("POST", &dpop.origin, &dpop.path, None)
+            .map_err(DialectError::fatal)?;
+        let request = request.header(crate::dpop::HEADER, proof);
+        let (response, nonce) = client
+            .send_keeping(request, Some(crate::dpop::NONCE_HEADER))
+            .await?;
+        if let Some(nonce) = nonce {
+            dpop.key.set_nonce(&dpop.origin, &nonce);
+        }
+        Ok(response)
+    }
+
+    /// RFC 9449 §8: the token endpoint wants a nonce it has just sent; the request is built
+    /// again (a client assertion's `jti` is single-use) and sent once more.
+    fn wants_nonce(&self, response: &ProviderResponse) -> bool {
+        self.dpop.as_ref().is_some_and(|d| {
+            matches!(response.status, 400 | 401)
+                && crate::dpop::body_asks_for_nonce(&response.body)
+                && d.key.nonce(&d.origin).is_some()
+        })
+    }
+
+    /// A DPoP credential asked for a DPoP-bound token; a Bearer one would be presented with a
+    /// scheme the upstream does not expect, and asking again cannot change the provider's mind.
+    fn check_token_type(&self, response: &ProviderResponse) -> Result<(), DialectError> {
+        if self.dpop.is_none() {
+            return Ok(());
+        }
+        let body = response.json()?;
+        match body.get("token_type").and_then(|t| t.as_str()) {
+            Some(t) if !t.eq_ignore_ascii_case("DPoP") => Err(DialectError::fatal(format!(
+                "token endpoint issued a token of type {:?}, not a DPoP-bound one: does the provider support DPoP for this client?",
+                if t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') { t } else { "other" }
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -455,6 +512,45 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         requested_token_type,
         cache_max_entries,
         negative_ttl,
+    })
+}
+
+/// `dpop = true` (a key generated now) or `dpop_key` (read now: its thumbprint is part of the
+/// credential's identity, so a new key file makes a new credential at the next reload).
+fn token_dpop(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<TokenDpop> {
+    let key = match (k.dpop, &k.dpop_key) {
+        (Some(false), Some(_)) => {
+            err("dpop", "is false, but `dpop_key` is set (a key implies dpop = true)");
+            return None;
+        }
+        (None | Some(false), None) => return None,
+        (Some(true), None) => match DpopKey::generate() {
+            Ok(key) => key,
+            Err(e) => {
+                err("dpop", &e);
+                return None;
+            }
+        },
+        (_, Some(source)) => {
+            let read = source
+                .resolve()
+                .map_err(|e| e.to_string())
+                .and_then(|pem| DpopKey::from_pem(pem.expose()));
+            match read {
+                Ok(key) => key,
+                Err(reason) => {
+                    err("dpop_key", &reason);
+                    return None;
+                }
+            }
+        }
+    };
+    let url = url::Url::parse(&k.token_url).ok()?;
+    Some(TokenDpop {
+        key: Arc::new(key),
+        source: k.dpop_key.clone(),
+        origin: url.origin().ascii_serialization(),
+        path: url.path().to_string(),
     })
 }
 
@@ -598,15 +694,36 @@ impl Dialect for OAuth2 {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         format!(
-            "oauth2 {grant} at {} as client {:?} ({auth}){}",
+            "oauth2 {grant} at {} as client {:?} ({auth}){}{}",
             self.token_url,
             self.client_id,
             if params.is_empty() {
                 String::new()
             } else {
                 format!(" with {}", params.join(" "))
+            },
+            // The thumbprint is in the chain identity: a token bound to another key (another
+            // replica's, or this one's before a restart) is never adopted from a store.
+            match &self.dpop {
+                Some(d) if d.key.generated() => {
+                    format!(", DPoP key generated at start (jkt {})", d.key.thumbprint())
+                }
+                Some(d) => format!(", DPoP key jkt {}", d.key.thumbprint()),
+                None => String::new(),
             }
         )
+    }
+
+    fn default_format(&self) -> &'static str {
+        if self.dpop.is_some() {
+            "DPoP {token}"
+        } else {
+            "Bearer {token}"
+        }
+    }
+
+    fn dpop(&self) -> Option<&Arc<DpopKey>> {
+        self.dpop.as_ref().map(|d| &d.key)
     }
 
     fn endpoints(&self) -> Vec<String> {
@@ -627,6 +744,9 @@ impl Dialect for OAuth2 {
         if let Some((s, _)) = &self.private_key {
             out.push(("private_key".into(), s));
         }
+        if let Some(s) = self.dpop.as_ref().and_then(|d| d.source.as_ref()) {
+            out.push(("dpop_key".into(), s));
+        }
         out
     }
 
@@ -636,8 +756,13 @@ impl Dialect for OAuth2 {
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {
         let (form, authorization, kind) = self.build_form(held)?;
-        let response = self.post(&form, authorization, client).await?;
+        let mut response = self.post(&form, authorization, client).await?;
+        if self.wants_nonce(&response) {
+            let (form, authorization, _) = self.build_form(held)?;
+            response = self.post(&form, authorization, client).await?;
+        }
         if (200..300).contains(&response.status) {
+            self.check_token_type(&response)?;
             parse_success(&response, kind)
         } else {
             Err(parse_failure(&response, kind))
@@ -659,8 +784,13 @@ impl Dialect for OAuth2 {
             ));
         };
         let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
-        let response = self.post(&form, authorization, client).await?;
+        let mut response = self.post(&form, authorization, client).await?;
+        if self.wants_nonce(&response) {
+            let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
+            response = self.post(&form, authorization, client).await?;
+        }
         if (200..300).contains(&response.status) {
+            self.check_token_type(&response)?;
             return parse_success(&response, GrantKind::Login);
         }
         Err(exchange_failure(&response))

@@ -794,6 +794,27 @@ client_secret = "s3cret"
     }
 
     #[test]
+    fn dpop_credentials_keep_authorization_and_a_shared_store_needs_a_key_file() {
+        let with = |extra: &str, state: &str| {
+            load_str(
+                "toml",
+                &format!("{state}\n{}\ndpop = true\n{extra}\n", GOOD.trim()),
+            )
+        };
+        let cfg = with("", "").unwrap();
+        assert_eq!(cfg.credentials[0].presentation.render("t"), "DPoP t");
+        let keys = |e: ConfigErrors| e.0.into_iter().map(|e| e.key).collect::<Vec<_>>();
+        let e = keys(with("format = \"Bearer {token}\"\nheader = \"X-Token\"", "").unwrap_err());
+        assert!(e.contains(&"credentials.orders.format".to_string()), "{e:?}");
+        assert!(e.contains(&"credentials.orders.header".to_string()), "{e:?}");
+        assert!(with("format = \"DPoP {token}\"", "").is_ok());
+        let redis = "[state]\nredis = \"redis://127.0.0.1:6379/0\"\nencryption_key = \"0000000000000000000000000000000000000000000000000000000000000000\"";
+        let e = with("", redis).unwrap_err();
+        assert_eq!(keys(e.clone()), vec!["credentials.orders.dpop".to_string()]);
+        assert!(e.to_string().contains("dpop_key"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_file_and_key() {
         let err = load_str(
             "toml",

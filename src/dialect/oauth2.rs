@@ -953,6 +953,77 @@ mod tests {
     }
 
     #[test]
+    fn dpop_keys_validate_and_name_the_key() {
+        let d = dialect(&[("dpop", true.into())]).unwrap();
+        let key = d.dpop().expect("a generated key");
+        assert!(key.generated());
+        assert_eq!(d.default_format(), "DPoP {token}");
+        assert!(d.describe().contains(key.thumbprint()), "{}", d.describe());
+        // Another parse generates another key, so another chain identity.
+        let again = dialect(&[("dpop", true.into())]).unwrap();
+        assert_ne!(d.describe(), again.describe());
+        let plain = dialect(&[("dpop", false.into())]).unwrap();
+        assert!(plain.dpop().is_none());
+        assert_eq!(plain.default_format(), "Bearer {token}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("dpop.pem");
+        let secret = p256::SecretKey::from_slice(&[9u8; 32]).unwrap();
+        std::fs::write(
+            &pem,
+            secret.to_sec1_pem(p256::pkcs8::LineEnding::LF).unwrap(),
+        )
+        .unwrap();
+        let file = |path: &std::path::Path| -> figment::value::Value {
+            let mut m = figment::value::Dict::new();
+            m.insert("file".into(), path.display().to_string().into());
+            m.into()
+        };
+        let a = dialect(&[("dpop_key", file(&pem))]).unwrap();
+        let b = dialect(&[("dpop_key", file(&pem)), ("dpop", true.into())]).unwrap();
+        let (ka, kb) = (a.dpop().unwrap(), b.dpop().unwrap());
+        assert!(!ka.generated());
+        assert_eq!(ka.thumbprint(), kb.thumbprint());
+        assert_eq!(a.describe(), b.describe(), "a key file keeps the identity");
+        assert!(a.secret_sources().iter().any(|(k, _)| k == "dpop_key"));
+
+        let errs = |extra: &[(&str, figment::value::Value)]| dialect(extra).err().unwrap();
+        let e = errs(&[("dpop_key", file(&pem)), ("dpop", false.into())]);
+        assert_eq!(e[0].0, "dpop");
+        let missing = dir.path().join("absent.pem");
+        let e = errs(&[("dpop_key", file(&missing))]);
+        assert_eq!(e[0].0, "dpop_key");
+        assert!(e[0].1.contains("absent.pem"), "{e:?}");
+        let not_p256 = dir.path().join("rsa.pem");
+        std::fs::write(&not_p256, "-----BEGIN PRIVATE KEY-----\nTUlJQ2Rn\n-----END PRIVATE KEY-----\n").unwrap();
+        let e = errs(&[("dpop_key", file(&not_p256))]);
+        assert_eq!(e[0].0, "dpop_key");
+        assert!(e[0].1.contains("P-256") && !e[0].1.contains("TUlJ"), "{e:?}");
+    }
+
+    #[test]
+    fn a_dpop_credential_refuses_a_bearer_token_and_retries_only_for_a_nonce() {
+        let d = dialect(&[("dpop", true.into())]).unwrap();
+        let ok = resp(200, r#"{"access_token":"a","token_type":"DPoP"}"#);
+        assert!(d.check_token_type(&ok).is_ok());
+        let bearer = resp(200, r#"{"access_token":"a","token_type":"Bearer"}"#);
+        let e = d.check_token_type(&bearer).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(e.message.contains("Bearer"), "{}", e.message);
+        assert!(dialect(&[]).unwrap().check_token_type(&bearer).is_ok());
+
+        let asks = resp(400, r#"{"error":"use_dpop_nonce"}"#);
+        assert!(!d.wants_nonce(&asks), "no nonce received yet");
+        let dpop = d.dpop.as_ref().unwrap();
+        dpop.key.set_nonce(&dpop.origin, b"n1");
+        assert_eq!(dpop.origin, "https://idp.example");
+        assert_eq!(dpop.path, "/token");
+        assert!(d.wants_nonce(&asks));
+        assert!(!d.wants_nonce(&resp(400, r#"{"error":"invalid_grant"}"#)));
+        assert!(!dialect(&[]).unwrap().wants_nonce(&asks));
+    }
+
+    #[test]
     fn parses_success_variants() {
         let g = parse_success(
             &resp(

@@ -81,7 +81,9 @@ impl DpopKey {
         const WANT: &str =
             "is not a P-256 private key in PEM (SEC1 `EC PRIVATE KEY` or PKCS#8 `PRIVATE KEY`)";
         if pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
-            return Err("is an encrypted private key; give the key unencrypted (file mode 0600)".into());
+            return Err(
+                "is an encrypted private key; give the key unencrypted (file mode 0600)".into(),
+            );
         }
         let secret = if let Some(block) = pem_block(pem, "EC PRIVATE KEY") {
             p256::SecretKey::from_sec1_pem(block).map_err(|_| WANT.to_string())?
@@ -96,7 +98,8 @@ impl DpopKey {
     fn new(signing: SigningKey, generated: bool) -> Self {
         let point = signing.verifying_key().to_encoded_point(false);
         // An uncompressed point of a valid key always has both coordinates.
-        let coordinate = |c: Option<&p256::FieldBytes>| c.map(|c| B64.encode(c)).unwrap_or_default();
+        let coordinate =
+            |c: Option<&p256::FieldBytes>| c.map(|c| B64.encode(c)).unwrap_or_default();
         let (x, y) = (coordinate(point.x()), coordinate(point.y()));
         let header = serde_json::json!({
             "typ": "dpop+jwt",
@@ -180,7 +183,12 @@ impl DpopKey {
         let Ok(nonce) = std::str::from_utf8(nonce) else {
             return;
         };
-        if self.nonces.load().get(origin).is_some_and(|n| &**n == nonce) {
+        if self
+            .nonces
+            .load()
+            .get(origin)
+            .is_some_and(|n| &**n == nonce)
+        {
             return;
         }
         self.nonces.rcu(|map| {
@@ -241,7 +249,11 @@ pub fn asks_for_nonce(www_authenticate: &[u8]) -> bool {
 pub fn body_asks_for_nonce(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body)
         .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(|e| e == USE_NONCE))
+        .and_then(|v| {
+            v.get("error")
+                .and_then(|e| e.as_str())
+                .map(|e| e == USE_NONCE)
+        })
         .unwrap_or(false)
 }
 
@@ -312,7 +324,10 @@ mod tests {
         assert_eq!(claims["htu"], "https://api.example:8443/v1/x");
         assert_eq!(claims["ath"], ath("tok"));
         assert!(claims.get("nonce").is_none());
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert!(claims["iat"].as_u64().unwrap().abs_diff(now) <= 2);
         let other = verify(&key.proof("GET", "https://a", "/", None).unwrap()).1;
         assert_ne!(claims["jti"], other["jti"]);
@@ -355,7 +370,12 @@ mod tests {
         assert_eq!(a.thumbprint(), c.thumbprint());
         assert_eq!(format!("{a:?}").matches(a.thumbprint()).count(), 1);
         let p384 = "-----BEGIN PRIVATE KEY-----\nMIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDBh\n-----END PRIVATE KEY-----\n";
-        for bad in ["", "not a key", p384, "-----BEGIN ENCRYPTED PRIVATE KEY-----\n"] {
+        for bad in [
+            "",
+            "not a key",
+            p384,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\n",
+        ] {
             let e = DpopKey::from_pem(bad).unwrap_err();
             assert!(!e.contains("MIG2"), "{e}");
         }

@@ -83,8 +83,11 @@ fn verify_proof(
         Ok(b)
     };
     let (x, y) = (coordinate("x")?, coordinate("y")?);
-    let point =
-        p256::EncodedPoint::from_affine_coordinates(x.as_slice().into(), y.as_slice().into(), false);
+    let point = p256::EncodedPoint::from_affine_coordinates(
+        x.as_slice().into(),
+        y.as_slice().into(),
+        false,
+    );
     let key = VerifyingKey::from_encoded_point(&point).map_err(|_| "jwk not on the curve")?;
     let signature = Signature::from_slice(&B64.decode(parts[2]).map_err(|_| "bad signature")?)
         .map_err(|_| "bad signature")?;
@@ -96,7 +99,10 @@ fn verify_proof(
     if claims["htu"] != want.htu {
         return Err(format!("htu {} != {}", claims["htu"], want.htu));
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     match claims["iat"].as_u64() {
         Some(iat) if iat.abs_diff(now) <= IAT_WINDOW_S => {}
         _ => return Err(format!("iat {} outside the window", claims["iat"])),
@@ -234,7 +240,10 @@ async fn as_endpoint(
     let (jkt, nonce) = match verify_proof(proof, &want, &seen) {
         Ok(v) => v,
         Err(reason) => {
-            seen.refusals.lock().unwrap().push(format!("token endpoint: {reason}"));
+            seen.refusals
+                .lock()
+                .unwrap()
+                .push(format!("token endpoint: {reason}"));
             record(400, "invalid_dpop_proof");
             return oauth_error(StatusCode::BAD_REQUEST, "invalid_dpop_proof", None);
         }
@@ -243,14 +252,20 @@ async fn as_endpoint(
     let expected = s.nonce.lock().unwrap().clone();
     if expected.is_none() || nonce != expected {
         let fresh = expected.unwrap_or_else(|| {
-            let n = format!("as-nonce-{}", s.nonce_counter.fetch_add(1, Ordering::SeqCst));
+            let n = format!(
+                "as-nonce-{}",
+                s.nonce_counter.fetch_add(1, Ordering::SeqCst)
+            );
             *s.nonce.lock().unwrap() = Some(n.clone());
             n
         });
         record(400, "use_dpop_nonce");
         return oauth_error(StatusCode::BAD_REQUEST, "use_dpop_nonce", Some(&fresh));
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let lifetime = s.lifetime_s.load(Ordering::SeqCst) as u64;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -261,7 +276,10 @@ async fn as_endpoint(
     s.minted.lock().unwrap().push(token.clone());
     s.jkts.lock().unwrap().push(jkt);
     // Every answer carries a new nonce: the next request must use the newest one.
-    let next = format!("as-nonce-{}", s.nonce_counter.fetch_add(1, Ordering::SeqCst));
+    let next = format!(
+        "as-nonce-{}",
+        s.nonce_counter.fetch_add(1, Ordering::SeqCst)
+    );
     *s.nonce.lock().unwrap() = Some(next.clone());
     record(200, "");
     let mut r = (
@@ -333,16 +351,22 @@ async fn up_endpoint(State((s, seen)): State<(Arc<UpState>, Arc<Seen>)>, req: Re
             .push((method.clone(), path.clone(), status, what.to_string()));
     };
     let refuse = |what: &str| {
-        seen.refusals.lock().unwrap().push(format!("upstream: {what}"));
+        seen.refusals
+            .lock()
+            .unwrap()
+            .push(format!("upstream: {what}"));
         answer(401, what);
         let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"error": what}))).into_response();
         r.headers_mut().insert(
             "www-authenticate",
-            "DPoP error=\"invalid_token\", algs=\"ES256\"".parse().unwrap(),
+            "DPoP error=\"invalid_token\", algs=\"ES256\""
+                .parse()
+                .unwrap(),
         );
         r
     };
-    let Some(token) = header(&headers, "authorization").and_then(|a| a.strip_prefix("DPoP ")) else {
+    let Some(token) = header(&headers, "authorization").and_then(|a| a.strip_prefix("DPoP "))
+    else {
         return refuse("no DPoP authorization");
     };
     let token = token.to_string();
@@ -381,10 +405,17 @@ async fn up_endpoint(State((s, seen)): State<(Arc<UpState>, Arc<Seen>)>, req: Re
     let expected = s.nonce.lock().unwrap().clone();
     let rotate = s.rotate_next.swap(false, Ordering::SeqCst);
     if expected.is_none() || nonce != expected || rotate {
-        let fresh = format!("up-nonce-{}", s.nonce_counter.fetch_add(1, Ordering::SeqCst));
+        let fresh = format!(
+            "up-nonce-{}",
+            s.nonce_counter.fetch_add(1, Ordering::SeqCst)
+        );
         *s.nonce.lock().unwrap() = Some(fresh.clone());
         answer(401, "use_dpop_nonce");
-        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({"error": "use_dpop_nonce"}))).into_response();
+        let mut r = (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "use_dpop_nonce"})),
+        )
+            .into_response();
         r.headers_mut().insert(
             "www-authenticate",
             "DPoP error=\"use_dpop_nonce\", error_description=\"Resource server requires nonce in DPoP proof\""
@@ -445,13 +476,21 @@ async fn every_proof_is_checked_nonces_are_demanded_once_and_the_token_is_kept()
     // Upstream: the first request is answered 401 use_dpop_nonce and replayed with the nonce,
     // with the same token (no second token request). htu is the URL the upstream sees: its
     // base path, no query.
-    let r = client.get(tw.url("/v1/orders?page=2#frag")).send().await.unwrap();
+    let r = client
+        .get(tw.url("/v1/orders?page=2#frag"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "refusals: {:?}", refusals(&seen));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["path"], "/api/v1/orders");
     assert_eq!(up.count(401, "use_dpop_nonce"), 1);
     assert_eq!(up.count(200, "ok"), 1);
-    assert_eq!(fake_as.issued(), 1, "a nonce challenge does not drop the token");
+    assert_eq!(
+        fake_as.issued(),
+        1,
+        "a nonce challenge does not drop the token"
+    );
 
     // A POST with a body, after the upstream rotated its nonce unannounced: replayed once with
     // the new nonce and the whole body.
@@ -505,7 +544,11 @@ async fn every_proof_is_checked_nonces_are_demanded_once_and_the_token_is_kept()
 
     // A real rejection still drops the token and replays with a new one.
     let current = fake_as.minted().last().unwrap().clone();
-    let r = client.get(tw.url("/v1/after-refresh")).send().await.unwrap();
+    let r = client
+        .get(tw.url("/v1/after-refresh"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "refusals: {:?}", refusals(&seen));
     up.state.revoked.lock().unwrap().push(current);
     let r = client.get(tw.url("/v1/revoked")).send().await.unwrap();
@@ -534,7 +577,8 @@ async fn a_dpop_key_file_binds_every_token_to_it_across_restarts() {
     let pem = secret.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
     let path = dir.path().join("dpop.pem");
     std::fs::write(&path, &pem).unwrap();
-    let point = p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
+    let point =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
     let jkt = B64.encode(Sha256::digest(
         format!(
             r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
@@ -565,7 +609,10 @@ async fn a_dpop_key_file_binds_every_token_to_it_across_restarts() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains(&jkt) && stdout.contains("dpop_key"), "{stdout}");
+    assert!(
+        stdout.contains(&jkt) && stdout.contains("dpop_key"),
+        "{stdout}"
+    );
     let key_lines: Vec<String> = pem
         .lines()
         .filter(|l| !l.starts_with("-----"))
@@ -611,20 +658,38 @@ fn the_fakes_refuse_proofs_that_break_any_rule() {
     let good = key.proof("GET", origin, "/api/x", Some("tok")).unwrap();
     let (jkt, _) = verify_proof(&good, &want, &seen).unwrap();
     assert_eq!(jkt, key.thumbprint());
-    assert!(verify_proof(&good, &want, &seen).unwrap_err().contains("jti"));
+    assert!(
+        verify_proof(&good, &want, &seen)
+            .unwrap_err()
+            .contains("jti")
+    );
     let fresh = || key.proof("GET", origin, "/api/x", Some("tok")).unwrap();
     // Another key's signature under this key's header.
     let forged = {
         let mine = fresh();
         let theirs = other.proof("GET", origin, "/api/x", Some("tok")).unwrap();
-        let (m, t): (Vec<&str>, Vec<&str>) = (mine.split('.').collect(), theirs.split('.').collect());
+        let (m, t): (Vec<&str>, Vec<&str>) =
+            (mine.split('.').collect(), theirs.split('.').collect());
         format!("{}.{}.{}", m[0], m[1], t[2])
     };
-    assert!(verify_proof(&forged, &want, &seen).unwrap_err().contains("signature"));
+    assert!(
+        verify_proof(&forged, &want, &seen)
+            .unwrap_err()
+            .contains("signature")
+    );
     let cases = [
-        (key.proof("POST", origin, "/api/x", Some("tok")).unwrap(), "htm"),
-        (key.proof("GET", origin, "/api/y", Some("tok")).unwrap(), "htu"),
-        (key.proof("GET", origin, "/api/x", Some("other")).unwrap(), "ath"),
+        (
+            key.proof("POST", origin, "/api/x", Some("tok")).unwrap(),
+            "htm",
+        ),
+        (
+            key.proof("GET", origin, "/api/y", Some("tok")).unwrap(),
+            "htu",
+        ),
+        (
+            key.proof("GET", origin, "/api/x", Some("other")).unwrap(),
+            "ath",
+        ),
         (key.proof("GET", origin, "/api/x", None).unwrap(), "ath"),
     ];
     for (proof, what) in cases {
@@ -646,17 +711,27 @@ fn the_fakes_refuse_proofs_that_break_any_rule() {
         let sig: Signature = signing.sign(input.as_bytes());
         format!("{input}.{}", B64.encode(sig.to_bytes()))
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let claims = |iat: u64| {
         json!({"jti": rand_hex() + &rand_hex(), "htm": "GET", "htu": want.htu, "iat": iat,
                "ath": B64.encode(Sha256::digest(b"tok"))})
     };
     let ok = resign(json!({"typ": "dpop+jwt", "alg": "ES256"}), claims(now));
     assert!(verify_proof(&ok, &want, &seen).is_ok());
-    let e = verify_proof(&resign(json!({"typ": "JWT", "alg": "ES256"}), claims(now)), &want, &seen);
+    let e = verify_proof(
+        &resign(json!({"typ": "JWT", "alg": "ES256"}), claims(now)),
+        &want,
+        &seen,
+    );
     assert!(e.unwrap_err().contains("typ"));
     let e = verify_proof(
-        &resign(json!({"typ": "dpop+jwt", "alg": "ES256"}), claims(now - 600)),
+        &resign(
+            json!({"typ": "dpop+jwt", "alg": "ES256"}),
+            claims(now - 600),
+        ),
         &want,
         &seen,
     );

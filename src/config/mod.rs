@@ -717,7 +717,11 @@ fn validate_credential(
                 "a DPoP credential's token is sent in Authorization; leave `header` unset",
             );
         }
-        if common.format.as_deref().is_some_and(|f| f != "DPoP {token}") {
+        if common
+            .format
+            .as_deref()
+            .is_some_and(|f| f != "DPoP {token}")
+        {
             c.push(
                 format!("{key}.format"),
                 "a DPoP credential's token is sent as `DPoP {token}`; leave `format` unset",
@@ -805,8 +809,14 @@ client_secret = "s3cret"
         assert_eq!(cfg.credentials[0].presentation.render("t"), "DPoP t");
         let keys = |e: ConfigErrors| e.0.into_iter().map(|e| e.key).collect::<Vec<_>>();
         let e = keys(with("format = \"Bearer {token}\"\nheader = \"X-Token\"", "").unwrap_err());
-        assert!(e.contains(&"credentials.orders.format".to_string()), "{e:?}");
-        assert!(e.contains(&"credentials.orders.header".to_string()), "{e:?}");
+        assert!(
+            e.contains(&"credentials.orders.format".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"credentials.orders.header".to_string()),
+            "{e:?}"
+        );
         assert!(with("format = \"DPoP {token}\"", "").is_ok());
         let redis = "[state]\nredis = \"redis://127.0.0.1:6379/0\"\nencryption_key = \"0000000000000000000000000000000000000000000000000000000000000000\"";
         let e = with("", redis).unwrap_err();

@@ -447,7 +447,11 @@ impl OAuth2 {
         match body.get("token_type").and_then(|t| t.as_str()) {
             Some(t) if !t.eq_ignore_ascii_case("DPoP") => Err(DialectError::fatal(format!(
                 "token endpoint issued a token of type {:?}, not a DPoP-bound one: does the provider support DPoP for this client?",
-                if t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') { t } else { "other" }
+                if t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    t
+                } else {
+                    "other"
+                }
             ))),
             _ => Ok(()),
         }
@@ -520,7 +524,10 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
 fn token_dpop(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<TokenDpop> {
     let key = match (k.dpop, &k.dpop_key) {
         (Some(false), Some(_)) => {
-            err("dpop", "is false, but `dpop_key` is set (a key implies dpop = true)");
+            err(
+                "dpop",
+                "is false, but `dpop_key` is set (a key implies dpop = true)",
+            );
             return None;
         }
         (None | Some(false), None) => return None,
@@ -995,10 +1002,17 @@ mod tests {
         assert_eq!(e[0].0, "dpop_key");
         assert!(e[0].1.contains("absent.pem"), "{e:?}");
         let not_p256 = dir.path().join("rsa.pem");
-        std::fs::write(&not_p256, "-----BEGIN PRIVATE KEY-----\nTUlJQ2Rn\n-----END PRIVATE KEY-----\n").unwrap();
+        std::fs::write(
+            &not_p256,
+            "-----BEGIN PRIVATE KEY-----\nTUlJQ2Rn\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let e = errs(&[("dpop_key", file(&not_p256))]);
         assert_eq!(e[0].0, "dpop_key");
-        assert!(e[0].1.contains("P-256") && !e[0].1.contains("TUlJ"), "{e:?}");
+        assert!(
+            e[0].1.contains("P-256") && !e[0].1.contains("TUlJ"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -222,7 +222,10 @@ async fn as_endpoint(
     let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
         .into_owned()
         .collect();
-    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+    let exchange = form.get("grant_type").map(String::as_str)
+        == Some("urn:ietf:params:oauth:grant-type:token-exchange")
+        && form.get("subject_token").is_some_and(|t| !t.is_empty());
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") && !exchange {
         record(400, "unsupported_grant_type");
         return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", None);
     }
@@ -269,7 +272,8 @@ async fn as_endpoint(
     let lifetime = s.lifetime_s.load(Ordering::SeqCst) as u64;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &json!({"sub": CLIENT_ID, "iat": now, "exp": now + lifetime, "cnf": {"jkt": jkt}, "jti": rand_hex()}),
+        &json!({"sub": form.get("subject_token").map_or(CLIENT_ID, String::as_str), "iat": now,
+                "exp": now + lifetime, "cnf": {"jkt": jkt}, "jti": rand_hex()}),
         &jsonwebtoken::EncodingKey::from_secret(MINT_KEY),
     )
     .unwrap();
@@ -426,7 +430,8 @@ async fn up_endpoint(State((s, seen)): State<(Arc<UpState>, Arc<Seen>)>, req: Re
         return r;
     }
     answer(200, "ok");
-    Json(json!({"path": path, "method": method, "body_bytes": body.len()})).into_response()
+    Json(json!({"path": path, "method": method, "body_bytes": body.len(), "sub": data.claims["sub"]}))
+        .into_response()
 }
 
 // ---- the tests -----------------------------------------------------------------------------
@@ -641,6 +646,29 @@ async fn without_dpop_the_fakes_refuse_and_nothing_reaches_the_upstream() {
     assert_eq!(r.status(), 503);
     assert!(fake_as.calls().iter().all(|c| c.1 == "invalid_dpop_proof"));
     assert!(up.answers().is_empty());
+    leak_scan(&tw, &fake_as, &seen, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_exchange_credentials_get_dpop_bound_tokens_per_caller() {
+    let (fake_as, up, seen, tw) = setup("grant = \"token_exchange\"\ndpop = true").await;
+    tw.wait_ready().await;
+    let client = reqwest::Client::new();
+    for caller in ["caller-one-5d1c", "caller-two-9e2f", "caller-one-5d1c"] {
+        let r = client
+            .get(tw.url("/v1/me"))
+            .header("authorization", format!("Bearer {caller}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "refusals: {:?}", refusals(&seen));
+        assert_eq!(r.json::<Value>().await.unwrap()["sub"], caller);
+    }
+    // One exchange per caller (the first after a nonce challenge), each bound to the one key.
+    assert_eq!(fake_as.issued(), 2, "{:?}", fake_as.calls());
+    assert_eq!(fake_as.jkts().iter().collect::<HashSet<_>>().len(), 1);
+    assert_eq!(up.count(401, "use_dpop_nonce"), 1);
+    assert!(refusals(&seen).is_empty(), "{:?}", refusals(&seen));
     leak_scan(&tw, &fake_as, &seen, &[]).await;
 }
 

@@ -227,22 +227,50 @@ fn pem_block<'a>(pem: &'a str, label: &str) -> Option<&'a str> {
     Some(&pem[start..stop])
 }
 
-/// Whether a `WWW-Authenticate` value is a DPoP challenge asking for a nonce (RFC 9449 §9).
+/// Whether a `WWW-Authenticate` value holds a DPoP challenge asking for a nonce (RFC 9449 §9):
+/// `DPoP error="use_dpop_nonce"`, alone or among other challenges (RFC 9110 §11.6.1).
 pub fn asks_for_nonce(www_authenticate: &[u8]) -> bool {
     let Ok(value) = std::str::from_utf8(www_authenticate) else {
         return false;
     };
-    let lower = value.to_ascii_lowercase();
-    let Some(at) = lower.find("dpop") else {
-        return false;
-    };
-    // Parameters of the DPoP challenge (schemes may be listed in one header, comma-separated,
-    // so the error is looked for after the scheme name).
-    let params = &lower[at + 4..];
-    params
-        .split(',')
-        .map(|p| p.trim())
-        .any(|p| p.starts_with("error") && p.contains(USE_NONCE))
+    let mut in_dpop = false;
+    for item in split_outside_quotes(value) {
+        let item = item.trim();
+        let (first, rest) = item.split_once(' ').unwrap_or((item, ""));
+        // An item that starts with a bare token begins a new challenge: its scheme, then
+        // perhaps its first parameter.
+        let param = if !first.is_empty() && !first.contains('=') {
+            in_dpop = first.eq_ignore_ascii_case("dpop");
+            rest.trim()
+        } else {
+            item
+        };
+        if in_dpop
+            && param.split_once('=').is_some_and(|(name, value)| {
+                name.trim().eq_ignore_ascii_case("error")
+                    && value.trim().trim_matches('"') == USE_NONCE
+            })
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// Splits at commas that are not inside a quoted string (`\"` escapes a quote).
+fn split_outside_quotes(value: &str) -> impl Iterator<Item = &str> {
+    let mut quoted = false;
+    let mut escaped = false;
+    value.split(move |c| {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            ',' if !quoted => return true,
+            _ => {}
+        }
+        false
+    })
 }
 
 /// Whether a token endpoint's error body is `use_dpop_nonce` (RFC 9449 §8).
@@ -389,8 +417,18 @@ mod tests {
         assert!(asks_for_nonce(
             br#"Bearer realm="x", DPoP algs="ES256", error="use_dpop_nonce""#
         ));
+        assert!(asks_for_nonce(
+            br#"DPoP error_description="needs a nonce, \"now\"", error="use_dpop_nonce""#
+        ));
+        assert!(asks_for_nonce(br#"dpop error=use_dpop_nonce"#));
         assert!(!asks_for_nonce(br#"DPoP error="invalid_token""#));
         assert!(!asks_for_nonce(br#"Bearer error="use_dpop_nonce""#));
+        assert!(!asks_for_nonce(
+            br#"DPoP algs="ES256", Bearer error="use_dpop_nonce""#
+        ));
+        assert!(!asks_for_nonce(
+            br#"Bearer error_description="DPoP, error=use_dpop_nonce""#
+        ));
         assert!(body_asks_for_nonce(br#"{"error":"use_dpop_nonce"}"#));
         assert!(!body_asks_for_nonce(br#"{"error":"invalid_dpop_proof"}"#));
         assert!(!body_asks_for_nonce(b"<html>"));

@@ -765,3 +765,63 @@ fn the_fakes_refuse_proofs_that_break_any_rule() {
     );
     assert!(e.unwrap_err().contains("iat"));
 }
+
+#[test]
+fn check_names_the_key_of_each_dpop_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, state: &str, extra: &str| -> (i32, String) {
+        let credential = format!(
+            "dialect = \"oauth2\"\ntoken_url = \"http://127.0.0.1:9/token\"\nclient_id = \"c\"\nclient_secret = \"s\"\n{extra}\n"
+        );
+        let text = config(
+            free_port(),
+            free_port(),
+            "http://127.0.0.1:9",
+            &dir.path().join("state"),
+            &credential,
+        )
+        .replace("[state]\n", &format!("[state]\n{state}"));
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(bin())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let redis = "redis = \"redis://127.0.0.1:9/0\"\nencryption_key = \"0000000000000000000000000000000000000000000000000000000000000000\"\n";
+    let (code, out) = run("redis", redis, "dpop = true");
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("`credentials.api.dpop`") && out.contains("dpop_key"),
+        "{out}"
+    );
+    let missing = dir.path().join("no-such-key.pem");
+    let (code, out) = run(
+        "missing",
+        "",
+        &format!("dpop_key = {{ file = \"{}\" }}", missing.display()),
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("`credentials.api.dpop_key`") && out.contains("no-such-key.pem"),
+        "{out}"
+    );
+    let (code, out) = run("format", "", "dpop = true\nformat = \"Bearer {token}\"");
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("`credentials.api.format`"), "{out}");
+    let (code, out) = run("ok", "", "dpop = true");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("DPoP key generated at start") && out.contains("DPoP {token}"),
+        "{out}"
+    );
+}

@@ -937,6 +937,90 @@ mod tests {
     }
 
     #[test]
+    fn on_behalf_of_sends_entras_form_and_refuses_rfc8693_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "on_behalf_of".into()),
+            ("client_auth", "client_secret_post".into()),
+            ("scope", "api://x/.default".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.style, ExchangeStyle::OnBehalfOf);
+        let (form, auth) = d.exchange_form("subj", None, settings).unwrap();
+        assert!(auth.is_none());
+        assert!(form.contains(&("grant_type".into(), JWT_BEARER_GRANT.into())));
+        assert!(form.contains(&("assertion".into(), "subj".into())));
+        assert!(form.contains(&("requested_token_use".into(), "on_behalf_of".into())));
+        assert!(form.contains(&("scope".into(), "api://x/.default".into())));
+        assert!(form.contains(&("client_secret".into(), "p&ss".into())));
+        for k in ["subject_token", "subject_token_type", "requested_token_type"] {
+            assert!(!form.iter().any(|(n, _)| n == k), "{k} sent");
+        }
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            let mut all = vec![
+                ("grant", "token_exchange".into()),
+                ("exchange_style", "on_behalf_of".into()),
+            ];
+            all.extend(extra.iter().cloned());
+            dialect(&all)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[("scope", "s".into()), ("actor", "svc".into())]),
+            vec!["actor"]
+        );
+        assert_eq!(
+            keys(&[("scope", "s".into()), ("requested_token_type", ACCESS_TOKEN_TYPE.into())]),
+            vec!["requested_token_type"]
+        );
+        assert_eq!(keys(&[]), vec!["scope"]);
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "obo".into()),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(errs[0].0, "exchange_style");
+        assert!(errs[0].1.contains("rfc8693") && errs[0].1.contains("on_behalf_of"));
+    }
+
+    #[test]
+    fn actor_and_subject_validation_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("actor", "svc".into()),
+            ("subject_jwks_url", "https://idp.example/jwks".into()),
+            ("subject_issuer", "https://idp.example".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.actor.as_deref(), Some("svc"));
+        let v = settings.subject_validation.as_ref().unwrap();
+        assert_eq!(v.issuer.as_deref(), Some("https://idp.example"));
+        assert!(v.audience.is_none());
+        let (form, _) = d.exchange_form("subj", Some("act"), settings).unwrap();
+        assert!(form.contains(&("actor_token".into(), "act".into())));
+        assert!(form.contains(&("actor_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("subject_issuer", "https://idp.example".into()),
+            ("actor_token_type", "not a uri".into()),
+        ])
+        .err()
+        .unwrap();
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"subject_issuer"), "{keys:?}");
+        assert!(keys.contains(&"actor_token_type"), "{keys:?}");
+        let errs = dialect(&[("actor", "svc".into())]).err().unwrap();
+        assert_eq!(errs[0].0, "actor");
+    }
+
+    #[test]
     fn a_refused_subject_is_told_apart_from_an_outage() {
         let class = |status, body| exchange_failure(&resp(status, body)).class;
         assert_eq!(

@@ -162,7 +162,9 @@ fn is_current(provider: &FakeProvider, actor: &str) -> bool {
             issued[n - 1] == actor
                 || (n >= 2
                     && issued[n - 2] == actor
-                    && at.get(n - 1).is_some_and(|t| t.elapsed() < Duration::from_secs(1)))
+                    && at
+                        .get(n - 1)
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(1)))
         }
     }
 }
@@ -604,7 +606,10 @@ async fn the_actor_credentials_current_token_goes_with_each_exchange() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut i = 0;
     while actor.successful_calls() < 3 {
-        assert!(Instant::now() < deadline, "the actor token was not refreshed");
+        assert!(
+            Instant::now() < deadline,
+            "the actor token was not refreshed"
+        );
         let s = subject(i);
         i += 1;
         let (status, body, _) = call(&tw, &s).await;
@@ -670,7 +675,10 @@ async fn an_actor_without_a_token_is_a_503_and_no_exchange() {
         if status == 200 {
             break;
         }
-        assert!(Instant::now() < deadline, "no token after the actor recovered");
+        assert!(
+            Instant::now() < deadline,
+            "no token after the actor recovered"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut secrets = vec![s];
@@ -752,7 +760,10 @@ fn token_exchange_config_errors_name_the_key() {
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
         assert!(stderr.contains(name), "{name}: {stderr}");
         for want in *wants {
-            assert!(stderr.contains(want), "{name}: missing {want:?} in {stderr}");
+            assert!(
+                stderr.contains(want),
+                "{name}: missing {want:?} in {stderr}"
+            );
         }
         assert!(!stderr.contains("inline-secret-value"), "{stderr}");
     }
@@ -777,9 +788,8 @@ impl TestKey {
         // The uncompressed point: 0x04 || X || Y.
         let raw = pair.public_key_raw();
         assert_eq!(raw.len(), 65);
-        let b64 = |b: &[u8]| {
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b)
-        };
+        let b64 =
+            |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
         TestKey {
             kid: kid.to_string(),
             pem: pair.serialize_pem(),
@@ -905,7 +915,11 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
         assert_eq!(body["error"], "subject_token_rejected", "{what}");
         secrets.push(token.clone());
     }
-    assert_eq!(exchanged_to(&provider).len(), 1, "a bad subject reached the provider");
+    assert_eq!(
+        exchanged_to(&provider).len(),
+        1,
+        "a bad subject reached the provider"
+    );
 
     // A kid the issuer never published: refused after one refetch of the JWKS (which the
     // rate limit allows once min_refresh_interval has passed since the first fetch).
@@ -948,7 +962,11 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
     }
     let carol = k1.sign(claims("carol", ISSUER, SUBJECT_AUD, 300));
     secrets.push(carol.clone());
-    assert_eq!(call(&tw, &carol).await.0, 200, "the last good JWKS was dropped");
+    assert_eq!(
+        call(&tw, &carol).await.0,
+        200,
+        "the last good JWKS was dropped"
+    );
 
     assert_eq!(
         exchanged_to(&provider),
@@ -961,7 +979,13 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
         assert!(logs.contains(reason), "{reason} not logged");
     }
     let status = tw.get_json("/tokens/api").await;
-    assert!(status["exchange"]["subject_rejected_locally"].as_u64().unwrap() >= 10, "{status}");
+    assert!(
+        status["exchange"]["subject_rejected_locally"]
+            .as_u64()
+            .unwrap()
+            >= 10,
+        "{status}"
+    );
     secrets.extend(provider.minted());
     tw.assert_no_leaks(&secrets).await;
 }
@@ -1021,7 +1045,11 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_form_and_maps_its_refusals_to_4
     }
     assert_eq!(
         provider.calls(),
-        vec![(alice.clone(), 200), (bad.clone(), 400), (consent.clone(), 400)]
+        vec![
+            (alice.clone(), 200),
+            (bad.clone(), 400),
+            (consent.clone(), 400)
+        ]
     );
     let logs = tw.logs();
     assert!(logs.contains("AADSTS50013"), "Entra's code is not logged");
@@ -1154,7 +1182,10 @@ async fn five_thousand_callers_stay_within_cache_max_entries_and_bounded_memory(
     let deadline = Instant::now() + Duration::from_secs(10);
     let entries = loop {
         let text = metrics_text(&tw).await;
-        let entries = metric(&text, "tokenward_exchange_cache_entries{credential=\"api\"}");
+        let entries = metric(
+            &text,
+            "tokenward_exchange_cache_entries{credential=\"api\"}",
+        );
         if entries <= 100.0 {
             break entries;
         }

@@ -343,10 +343,7 @@ impl OAuth2 {
         };
         if let (ExchangeStyle::Rfc8693, Some(actor)) = (settings.style, actor) {
             form.push(("actor_token".into(), actor.to_string()));
-            form.push((
-                "actor_token_type".into(),
-                settings.actor_token_type.clone(),
-            ));
+            form.push(("actor_token_type".into(), settings.actor_token_type.clone()));
         }
         form.extend(self.params.iter().cloned());
         let authorization = self.client_auth(&mut form)?;
@@ -535,10 +532,7 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
 }
 
 /// `subject_jwks_url`, `subject_issuer`, `subject_audience`: the last two only with the first.
-fn subject_validation(
-    k: &Keys,
-    err: &mut impl FnMut(&str, &str),
-) -> Option<SubjectValidation> {
+fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<SubjectValidation> {
     let Some(url) = &k.subject_jwks_url else {
         for (key, set) in [
             ("subject_issuer", k.subject_issuer.is_some()),
@@ -719,7 +713,10 @@ impl Dialect for OAuth2 {
             GrantType::ClientCredentials => "client_credentials",
             GrantType::RefreshToken => "refresh_token",
             GrantType::Password => "password",
-            GrantType::TokenExchange => "token_exchange",
+            GrantType::TokenExchange => match self.exchange.as_ref().map(|x| x.style) {
+                Some(ExchangeStyle::OnBehalfOf) => "token_exchange (Entra on_behalf_of)",
+                _ => "token_exchange",
+            },
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
@@ -727,11 +724,19 @@ impl Dialect for OAuth2 {
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::None => "none",
         };
-        let params: Vec<String> = self
+        let mut params: Vec<String> = self
             .params
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        if let Some(x) = &self.exchange {
+            if let Some(actor) = &x.actor {
+                params.push(format!("actor={actor}"));
+            }
+            if let Some(v) = &x.subject_validation {
+                params.push(format!("subjects checked against {}", v.jwks_url));
+            }
+        }
         format!(
             "oauth2 {grant} at {} as client {:?} ({auth}){}",
             self.token_url,
@@ -745,7 +750,14 @@ impl Dialect for OAuth2 {
     }
 
     fn endpoints(&self) -> Vec<String> {
-        vec![self.token_url.clone()]
+        let jwks = self
+            .exchange
+            .as_ref()
+            .and_then(|x| x.subject_validation.as_ref())
+            .map(|v| v.jwks_url.clone());
+        std::iter::once(self.token_url.clone())
+            .chain(jwks)
+            .collect()
     }
 
     fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
@@ -954,7 +966,11 @@ mod tests {
         assert!(form.contains(&("requested_token_use".into(), "on_behalf_of".into())));
         assert!(form.contains(&("scope".into(), "api://x/.default".into())));
         assert!(form.contains(&("client_secret".into(), "p&ss".into())));
-        for k in ["subject_token", "subject_token_type", "requested_token_type"] {
+        for k in [
+            "subject_token",
+            "subject_token_type",
+            "requested_token_type",
+        ] {
             assert!(!form.iter().any(|(n, _)| n == k), "{k} sent");
         }
         let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
@@ -975,7 +991,10 @@ mod tests {
             vec!["actor"]
         );
         assert_eq!(
-            keys(&[("scope", "s".into()), ("requested_token_type", ACCESS_TOKEN_TYPE.into())]),
+            keys(&[
+                ("scope", "s".into()),
+                ("requested_token_type", ACCESS_TOKEN_TYPE.into())
+            ]),
             vec!["requested_token_type"]
         );
         assert_eq!(keys(&[]), vec!["scope"]);

@@ -25,7 +25,10 @@ pub enum SubjectError {
     /// token.
     Rejected(String),
     /// No key set could be had to check it against: 503.
-    Unavailable { reason: String, retry_after: Duration },
+    Unavailable {
+        reason: String,
+        retry_after: Duration,
+    },
 }
 
 struct Key {
@@ -185,7 +188,9 @@ impl SubjectValidator {
             Some(ErrorKind::ImmatureSignature) => "not valid yet (nbf)",
             Some(ErrorKind::InvalidIssuer) => "wrong issuer",
             Some(ErrorKind::InvalidAudience) => "wrong audience",
-            Some(ErrorKind::MissingRequiredClaim(_)) => "a required claim (exp, iss, aud) is missing",
+            Some(ErrorKind::MissingRequiredClaim(_)) => {
+                "a required claim (exp, iss, aud) is missing"
+            }
             Some(ErrorKind::InvalidAlgorithm) => "alg does not match the key",
             _ => "malformed",
         };
@@ -246,13 +251,12 @@ impl SubjectValidator {
             .client
             .request(reqwest::Method::GET, &self.settings.jwks_url)
             .header(reqwest::header::ACCEPT, "application/json");
-        let response = self
-            .client
-            .send(request)
-            .await
-            .map_err(|e| e.message)?;
+        let response = self.client.send(request).await.map_err(|e| e.message)?;
         if !(200..300).contains(&response.status) {
-            return Err(format!("the JWKS endpoint answered HTTP {}", response.status));
+            return Err(format!(
+                "the JWKS endpoint answered HTTP {}",
+                response.status
+            ));
         }
         let body = response.json().map_err(|e| e.message)?;
         parse_key_set(&body)

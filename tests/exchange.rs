@@ -1179,6 +1179,10 @@ async fn five_thousand_callers_stay_within_cache_max_entries_and_bounded_memory(
     many_callers(&tw, 300, 5_000, 8).await;
     let elapsed = started.elapsed();
     assert_eq!(provider.calls().len(), 5_300);
+    println!(
+        "5,000 callers in {elapsed:?}: VmRSS {before} kB -> {} kB",
+        vm_rss_kib(pid)
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     let entries = loop {
         let text = metrics_text(&tw).await;

@@ -556,6 +556,7 @@ impl Exchanger {
                 "transient_error": o(OUTCOME_TRANSIENT),
                 "fatal_error": o(OUTCOME_FATAL),
             },
+            "actor": self.settings.actor,
             "subject_rejected_locally": self.rejected_locally.load(Ordering::Relaxed),
             "rejections_kept": self.rejections_kept.load(Ordering::Relaxed),
             "consecutive_failures": h.failures,

@@ -57,6 +57,7 @@ impl Dialect for InstantExchange {
     async fn exchange(
         &self,
         _subject: &Secret,
+        _actor: Option<&Secret>,
         _client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         Instant.obtain(&Held::default(), _client).await
@@ -121,6 +122,10 @@ fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
         requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         cache_max_entries: 10_000,
         negative_ttl: Duration::from_secs(5),
+        actor: None,
+        actor_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+        subject_validation: None,
+        style: tokenward::dialect::ExchangeStyle::Rfc8693,
     };
     let cred_config = CredentialConfig {
         dialect: Arc::new(InstantExchange(settings)),

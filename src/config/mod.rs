@@ -379,6 +379,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    check_actors(&mut c, &credentials);
     let known: BTreeSet<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
     let mut routes = Vec::new();
     let mut names = BTreeSet::new();
@@ -563,6 +564,30 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         idle_timeout,
         reauth_statuses,
     })
+}
+
+/// A token-exchange credential's `actor` must name another credential that has a token of its
+/// own (a per-caller credential has none to act with).
+fn check_actors(c: &mut Collector, credentials: &[CredentialConfig]) {
+    for cred in credentials {
+        let Some(actor) = cred
+            .dialect
+            .exchange_settings()
+            .and_then(|s| s.actor.as_deref())
+        else {
+            continue;
+        };
+        let key = format!("credentials.{}.actor", cred.name);
+        match credentials.iter().find(|a| a.name == actor) {
+            _ if actor == cred.name => c.push(key, "cannot name the credential itself"),
+            None => c.push(key, format!("no credential named {actor:?} is defined")),
+            Some(a) if a.dialect.exchange_settings().is_some() => c.push(
+                key,
+                format!("credential {actor:?} exchanges tokens per caller and has no token of its own to act with"),
+            ),
+            Some(_) => {}
+        }
+    }
 }
 
 /// Two routes on one listener that match exactly the same requests would make one unreachable.

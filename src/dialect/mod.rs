@@ -212,11 +212,13 @@ pub trait Dialect: Send + Sync {
         None
     }
 
-    /// Exchanges a caller's token (RFC 8693). A refusal of the subject itself is
+    /// Exchanges a caller's token (RFC 8693, or Entra's on-behalf-of), with `actor` as the
+    /// `actor_token` when the credential names one. A refusal of the subject itself is
     /// [`ErrorClass::Relogin`]; provider trouble is transient as for [`Dialect::obtain`].
     async fn exchange(
         &self,
         _subject: &Secret,
+        _actor: Option<&Secret>,
         _client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         Err(DialectError::fatal(
@@ -235,6 +237,29 @@ pub struct ExchangeSettings {
     pub cache_max_entries: u64,
     /// How long a refused subject token is answered 401 without asking the provider again.
     pub negative_ttl: Duration,
+    /// Another credential whose current token is sent as `actor_token` (RFC 8693 §2.1).
+    pub actor: Option<String>,
+    pub actor_token_type: String,
+    /// Set when the subject is checked locally against its issuer's JWKS before any exchange.
+    pub subject_validation: Option<SubjectValidation>,
+    pub style: ExchangeStyle,
+}
+
+/// Which request form exchanges a caller's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeStyle {
+    /// RFC 8693 token exchange.
+    Rfc8693,
+    /// Entra ID on-behalf-of: the jwt-bearer grant with `requested_token_use=on_behalf_of`.
+    OnBehalfOf,
+}
+
+/// Where and how a subject token is validated locally (`subject_jwks_url` and friends).
+#[derive(Debug, Clone)]
+pub struct SubjectValidation {
+    pub jwks_url: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// The per-request part of the request that a [`RequestSigner`] sees.

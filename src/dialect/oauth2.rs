@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Dialect, DialectError, ErrorClass, ExchangeSettings, Expiry, Grant, GrantKind, Held,
-    ProviderClient, parse_keys,
+    Dialect, DialectError, ErrorClass, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
+    Held, ProviderClient, SubjectValidation, parse_keys,
 };
 use crate::dpop::DpopKey;
 use crate::secret::{Secret, SecretSource};
@@ -64,11 +64,19 @@ struct Keys {
     negative_ttl: Option<String>,
     dpop: Option<bool>,
     dpop_key: Option<SecretSource>,
+    actor: Option<String>,
+    actor_token_type: Option<String>,
+    subject_jwks_url: Option<String>,
+    subject_issuer: Option<String>,
+    subject_audience: Option<String>,
+    exchange_style: Option<String>,
 }
 
 /// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// Entra ID's on-behalf-of grant (RFC 7523 jwt-bearer with `requested_token_use`).
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// A rejected subject is remembered at most this long: beyond it a fixed token would stay
 /// refused for no reason.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -123,6 +131,8 @@ const RESERVED: &[&str] = &[
     "requested_token_type",
     "actor_token",
     "actor_token_type",
+    "assertion",
+    "requested_token_use",
 ];
 
 impl OAuth2 {
@@ -321,24 +331,37 @@ impl OAuth2 {
     }
 
     /// RFC 8693 §2.1: the form that exchanges `subject` for a token for this credential's
-    /// audience/resource/scope, with the credential's client authentication.
+    /// audience/resource/scope (with `actor` as the actor token when set), or Entra's
+    /// on-behalf-of form, with the credential's client authentication.
     fn exchange_form(
         &self,
         subject: &str,
+        actor: Option<&str>,
         settings: &ExchangeSettings,
     ) -> Result<(Vec<(String, String)>, Option<String>), DialectError> {
-        let mut form: Vec<(String, String)> = vec![
-            ("grant_type".into(), EXCHANGE_GRANT.into()),
-            ("subject_token".into(), subject.to_string()),
-            (
-                "subject_token_type".into(),
-                settings.subject_token_type.clone(),
-            ),
-            (
-                "requested_token_type".into(),
-                settings.requested_token_type.clone(),
-            ),
-        ];
+        let mut form: Vec<(String, String)> = match settings.style {
+            ExchangeStyle::Rfc8693 => vec![
+                ("grant_type".into(), EXCHANGE_GRANT.into()),
+                ("subject_token".into(), subject.to_string()),
+                (
+                    "subject_token_type".into(),
+                    settings.subject_token_type.clone(),
+                ),
+                (
+                    "requested_token_type".into(),
+                    settings.requested_token_type.clone(),
+                ),
+            ],
+            ExchangeStyle::OnBehalfOf => vec![
+                ("grant_type".into(), JWT_BEARER_GRANT.into()),
+                ("assertion".into(), subject.to_string()),
+                ("requested_token_use".into(), "on_behalf_of".into()),
+            ],
+        };
+        if let (ExchangeStyle::Rfc8693, Some(actor)) = (settings.style, actor) {
+            form.push(("actor_token".into(), actor.to_string()));
+            form.push(("actor_token_type".into(), settings.actor_token_type.clone()));
+        }
         form.extend(self.params.iter().cloned());
         let authorization = self.client_auth(&mut form)?;
         Ok((form, authorization))
@@ -467,6 +490,12 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
             ("negative_ttl", k.negative_ttl.is_some()),
+            ("actor", k.actor.is_some()),
+            ("actor_token_type", k.actor_token_type.is_some()),
+            ("subject_jwks_url", k.subject_jwks_url.is_some()),
+            ("subject_issuer", k.subject_issuer.is_some()),
+            ("subject_audience", k.subject_audience.is_some()),
+            ("exchange_style", k.exchange_style.is_some()),
         ] {
             if set {
                 err(key, "is used only with grant = \"token_exchange\"");
@@ -495,6 +524,46 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     };
     let subject_token_type = token_type("subject_token_type", &k.subject_token_type);
     let requested_token_type = token_type("requested_token_type", &k.requested_token_type);
+    let actor_token_type = token_type("actor_token_type", &k.actor_token_type);
+    let style = match k.exchange_style.as_deref() {
+        None | Some("rfc8693") => ExchangeStyle::Rfc8693,
+        Some("on_behalf_of") => ExchangeStyle::OnBehalfOf,
+        Some(_) => {
+            err(
+                "exchange_style",
+                "must be one of \"rfc8693\" (the default), \"on_behalf_of\"",
+            );
+            ExchangeStyle::Rfc8693
+        }
+    };
+    if style == ExchangeStyle::OnBehalfOf {
+        // Entra's on-behalf-of request has no place for these: sending them would be ignored
+        // at best, so a config that sets them says something tokenward would not do.
+        for (key, set) in [
+            ("actor", k.actor.is_some()),
+            ("actor_token_type", k.actor_token_type.is_some()),
+            ("subject_token_type", k.subject_token_type.is_some()),
+            ("requested_token_type", k.requested_token_type.is_some()),
+            ("audience", k.audience.is_some()),
+        ] {
+            if set {
+                err(
+                    key,
+                    "is an RFC 8693 parameter; exchange_style = \"on_behalf_of\" does not send it (use scope)",
+                );
+            }
+        }
+        if k.scope.is_none() {
+            err(
+                "scope",
+                "is required by exchange_style = \"on_behalf_of\" (e.g. \"https://graph.microsoft.com/.default\")",
+            );
+        }
+    }
+    if k.actor.as_deref().is_some_and(str::is_empty) {
+        err("actor", "must name another credential");
+    }
+    let subject_validation = subject_validation(k, err);
     let cache_max_entries = k.cache_max_entries.unwrap_or(10_000);
     if cache_max_entries == 0 {
         err("cache_max_entries", "must be at least 1");
@@ -516,6 +585,42 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         requested_token_type,
         cache_max_entries,
         negative_ttl,
+        actor: k.actor.clone(),
+        actor_token_type,
+        subject_validation,
+        style,
+    })
+}
+
+/// `subject_jwks_url`, `subject_issuer`, `subject_audience`: the last two only with the first.
+fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<SubjectValidation> {
+    let Some(url) = &k.subject_jwks_url else {
+        for (key, set) in [
+            ("subject_issuer", k.subject_issuer.is_some()),
+            ("subject_audience", k.subject_audience.is_some()),
+        ] {
+            if set {
+                err(key, "is checked only with subject_jwks_url set");
+            }
+        }
+        return None;
+    };
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        _ => err("subject_jwks_url", "must be an http or https URL"),
+    }
+    for (key, value) in [
+        ("subject_issuer", &k.subject_issuer),
+        ("subject_audience", &k.subject_audience),
+    ] {
+        if value.as_deref().is_some_and(str::is_empty) {
+            err(key, "must not be empty (leave it out to skip the check)");
+        }
+    }
+    Some(SubjectValidation {
+        jwks_url: url.clone(),
+        issuer: k.subject_issuer.clone(),
+        audience: k.subject_audience.clone(),
     })
 }
 
@@ -667,17 +772,41 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
 /// this caller's token, not of the credential as a whole.
 fn exchange_failure(response: &ProviderResponse) -> DialectError {
     let failure = parse_failure(response, GrantKind::Login);
-    match failure.class {
-        ErrorClass::Transient { .. } => failure,
-        _ => DialectError::relogin(format!(
-            "{}: the subject token was refused",
-            failure
-                .message
-                .split(':')
-                .next()
-                .unwrap_or("token endpoint refused")
-        )),
+    if let ErrorClass::Transient { .. } = failure.class {
+        return failure;
     }
+    let body = response.json().ok();
+    let what = failure
+        .message
+        .split(':')
+        .next()
+        .unwrap_or("token endpoint refused");
+    // Entra names the cause in `error_codes` (AADSTS50013: bad assertion, …): numbers only,
+    // so they are safe to log, unlike its `error_description`.
+    let aadsts: Vec<String> = body
+        .as_ref()
+        .and_then(|b| b.get("error_codes"))
+        .and_then(|c| c.as_array())
+        .map(|codes| {
+            codes
+                .iter()
+                .filter_map(|c| c.as_u64())
+                .take(4)
+                .map(|c| format!("AADSTS{c}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let codes = if aadsts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", aadsts.join(", "))
+    };
+    let why = if body.as_ref().and_then(error_code) == Some("interaction_required") {
+        "interaction_required: the caller must sign in or consent again"
+    } else {
+        "the subject token was refused"
+    };
+    DialectError::relogin(format!("{what}{codes}: {why}"))
 }
 
 #[async_trait]
@@ -687,7 +816,10 @@ impl Dialect for OAuth2 {
             GrantType::ClientCredentials => "client_credentials",
             GrantType::RefreshToken => "refresh_token",
             GrantType::Password => "password",
-            GrantType::TokenExchange => "token_exchange",
+            GrantType::TokenExchange => match self.exchange.as_ref().map(|x| x.style) {
+                Some(ExchangeStyle::OnBehalfOf) => "token_exchange (Entra on_behalf_of)",
+                _ => "token_exchange",
+            },
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
@@ -695,11 +827,19 @@ impl Dialect for OAuth2 {
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::None => "none",
         };
-        let params: Vec<String> = self
+        let mut params: Vec<String> = self
             .params
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        if let Some(x) = &self.exchange {
+            if let Some(actor) = &x.actor {
+                params.push(format!("actor={actor}"));
+            }
+            if let Some(v) = &x.subject_validation {
+                params.push(format!("subjects checked against {}", v.jwks_url));
+            }
+        }
         format!(
             "oauth2 {grant} at {} as client {:?} ({auth}){}{}",
             self.token_url,
@@ -734,7 +874,14 @@ impl Dialect for OAuth2 {
     }
 
     fn endpoints(&self) -> Vec<String> {
-        vec![self.token_url.clone()]
+        let jwks = self
+            .exchange
+            .as_ref()
+            .and_then(|x| x.subject_validation.as_ref())
+            .map(|v| v.jwks_url.clone());
+        std::iter::once(self.token_url.clone())
+            .chain(jwks)
+            .collect()
     }
 
     fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
@@ -783,6 +930,7 @@ impl Dialect for OAuth2 {
     async fn exchange(
         &self,
         subject: &Secret,
+        actor: Option<&Secret>,
         client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         let Some(settings) = &self.exchange else {
@@ -790,10 +938,11 @@ impl Dialect for OAuth2 {
                 "this credential does not exchange tokens",
             ));
         };
-        let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
+        let actor = actor.map(Secret::expose);
+        let (form, authorization) = self.exchange_form(subject.expose(), actor, settings)?;
         let mut response = self.post(&form, authorization, client).await?;
         if self.wants_nonce(&response) {
-            let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
+            let (form, authorization) = self.exchange_form(subject.expose(), actor, settings)?;
             response = self.post(&form, authorization, client).await?;
         }
         if (200..300).contains(&response.status) {
@@ -889,7 +1038,7 @@ mod tests {
         assert_eq!(settings.subject_header, http::header::AUTHORIZATION);
         assert_eq!(settings.cache_max_entries, 10_000);
         assert_eq!(settings.negative_ttl, Duration::from_secs(5));
-        let (form, auth) = d.exchange_form("subj", settings).unwrap();
+        let (form, auth) = d.exchange_form("subj", None, settings).unwrap();
         assert!(form.contains(&("grant_type".into(), EXCHANGE_GRANT.into())));
         assert!(form.contains(&("subject_token".into(), "subj".into())));
         assert!(form.contains(&("subject_token_type".into(), ACCESS_TOKEN_TYPE.into())));
@@ -937,6 +1086,97 @@ mod tests {
     }
 
     #[test]
+    fn on_behalf_of_sends_entras_form_and_refuses_rfc8693_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "on_behalf_of".into()),
+            ("client_auth", "client_secret_post".into()),
+            ("scope", "api://x/.default".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.style, ExchangeStyle::OnBehalfOf);
+        let (form, auth) = d.exchange_form("subj", None, settings).unwrap();
+        assert!(auth.is_none());
+        assert!(form.contains(&("grant_type".into(), JWT_BEARER_GRANT.into())));
+        assert!(form.contains(&("assertion".into(), "subj".into())));
+        assert!(form.contains(&("requested_token_use".into(), "on_behalf_of".into())));
+        assert!(form.contains(&("scope".into(), "api://x/.default".into())));
+        assert!(form.contains(&("client_secret".into(), "p&ss".into())));
+        for k in [
+            "subject_token",
+            "subject_token_type",
+            "requested_token_type",
+        ] {
+            assert!(!form.iter().any(|(n, _)| n == k), "{k} sent");
+        }
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            let mut all = vec![
+                ("grant", "token_exchange".into()),
+                ("exchange_style", "on_behalf_of".into()),
+            ];
+            all.extend(extra.iter().cloned());
+            dialect(&all)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[("scope", "s".into()), ("actor", "svc".into())]),
+            vec!["actor"]
+        );
+        assert_eq!(
+            keys(&[
+                ("scope", "s".into()),
+                ("requested_token_type", ACCESS_TOKEN_TYPE.into())
+            ]),
+            vec!["requested_token_type"]
+        );
+        assert_eq!(keys(&[]), vec!["scope"]);
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "obo".into()),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(errs[0].0, "exchange_style");
+        assert!(errs[0].1.contains("rfc8693") && errs[0].1.contains("on_behalf_of"));
+    }
+
+    #[test]
+    fn actor_and_subject_validation_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("actor", "svc".into()),
+            ("subject_jwks_url", "https://idp.example/jwks".into()),
+            ("subject_issuer", "https://idp.example".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.actor.as_deref(), Some("svc"));
+        let v = settings.subject_validation.as_ref().unwrap();
+        assert_eq!(v.issuer.as_deref(), Some("https://idp.example"));
+        assert!(v.audience.is_none());
+        let (form, _) = d.exchange_form("subj", Some("act"), settings).unwrap();
+        assert!(form.contains(&("actor_token".into(), "act".into())));
+        assert!(form.contains(&("actor_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("subject_issuer", "https://idp.example".into()),
+            ("actor_token_type", "not a uri".into()),
+        ])
+        .err()
+        .unwrap();
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"subject_issuer"), "{keys:?}");
+        assert!(keys.contains(&"actor_token_type"), "{keys:?}");
+        let errs = dialect(&[("actor", "svc".into())]).err().unwrap();
+        assert_eq!(errs[0].0, "actor");
+    }
+
+    #[test]
     fn a_refused_subject_is_told_apart_from_an_outage() {
         let class = |status, body| exchange_failure(&resp(status, body)).class;
         assert_eq!(
@@ -957,6 +1197,16 @@ mod tests {
             msg.contains("invalid_grant") && msg.contains("subject token"),
             "{msg}"
         );
+        let msg = exchange_failure(&resp(
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS50013: secret-ish","error_codes":[50013]}"#,
+        ))
+        .message;
+        assert!(msg.contains("AADSTS50013"), "{msg}");
+        assert!(!msg.contains("secret-ish"), "{msg}");
+        let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
+        assert_eq!(e.class, ErrorClass::Relogin);
+        assert!(e.message.contains("interaction_required"), "{}", e.message);
     }
 
     #[test]

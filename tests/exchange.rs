@@ -1222,3 +1222,33 @@ async fn five_thousand_callers_stay_within_cache_max_entries_and_bounded_memory(
     }
     tw.assert_no_leaks(&secrets).await;
 }
+
+/// A wrong client secret is the credential's fault, not the callers': each caller gets a 503
+/// (never a 401 that blames its token, never a cached refusal of its subject), and the
+/// credential backs off as in an outage instead of costing one exchange per caller.
+#[tokio::test]
+async fn a_refused_client_is_a_503_for_every_caller_not_a_401() {
+    let provider = FakeExchange::start(300).await;
+    let upstream = FakeUpstream::start().await;
+    let keys = provider
+        .keys("")
+        .replace(CLIENT_SECRET, "not-the-client-secret");
+    let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
+    tw.wait_ready().await;
+    for i in 0..20 {
+        let (status, body, retry) = call(&tw, &subject(i)).await;
+        assert_eq!(status, 503, "caller {i}: {body}");
+        assert_eq!(body["error"], "token_unavailable", "{body}");
+        assert!(retry.is_some(), "a 503 without Retry-After");
+    }
+    let calls = provider.calls();
+    assert!(
+        calls.len() <= 2 && calls.iter().all(|(_, s)| *s == 401),
+        "20 callers cost {calls:?}"
+    );
+    let status = tw.get_json("/tokens/api").await;
+    assert_eq!(status["exchange"]["exchanges"]["rejected"], 0, "{status}");
+    assert!(upstream.seen().is_empty());
+    tw.assert_no_leaks(&["not-the-client-secret".to_string()])
+        .await;
+}

@@ -776,6 +776,15 @@ fn exchange_failure(response: &ProviderResponse) -> DialectError {
         return failure;
     }
     let body = response.json().ok();
+    // These name tokenward's own client or settings, whatever subject came with them: the
+    // credential is at fault, so every caller gets a 503 and the credential backs off, rather
+    // than each caller being told (and remembered) that its token was refused.
+    if matches!(
+        body.as_ref().and_then(error_code),
+        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope")
+    ) {
+        return failure;
+    }
     let what = failure
         .message
         .split(':')

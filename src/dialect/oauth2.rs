@@ -1,5 +1,6 @@
 //! The standard OAuth 2.0 token endpoint (RFC 6749 §4.4, §4.3, §6) with the client
-//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`).
+//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`, or a ready
+//! `client_assertion` read from a file), and the JWT bearer grant (RFC 7523 §2.1).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -23,6 +24,8 @@ pub enum GrantType {
     Password,
     /// RFC 8693: each caller's token is exchanged for one minted for the upstream.
     TokenExchange,
+    /// RFC 7523 §2.1: a ready assertion (read from a file at each use) is the grant.
+    JwtBearer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -31,6 +34,9 @@ pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
     PrivateKeyJwt,
+    /// RFC 7521 §4.2 / RFC 7523 §2.2: a ready assertion read from a file at each use (a
+    /// projected service-account token of a workload identity federation).
+    ClientAssertion,
     None,
 }
 
@@ -40,10 +46,13 @@ struct Keys {
     token_url: String,
     #[serde(default = "default_grant")]
     grant: GrantType,
+    #[serde(default)]
     client_id: String,
     client_secret: Option<SecretSource>,
-    #[serde(default = "default_client_auth")]
-    client_auth: ClientAuth,
+    client_auth: Option<ClientAuth>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: Option<String>,
+    assertion: Option<SecretSource>,
     scope: Option<String>,
     audience: Option<String>,
     resource: Option<String>,
@@ -65,6 +74,10 @@ struct Keys {
 /// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 7523 §2.1.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.2: the default `client_assertion_type`.
+const JWT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// A rejected subject is remembered at most this long: beyond it a fixed token would stay
 /// refused for no reason.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -73,11 +86,9 @@ fn default_grant() -> GrantType {
     GrantType::ClientCredentials
 }
 
-fn default_client_auth() -> ClientAuth {
-    ClientAuth::ClientSecretBasic
-}
-
 pub struct OAuth2 {
+    /// The credential's name, for the log line of a retry after a rotation.
+    credential: String,
     token_url: String,
     grant: GrantType,
     client_id: String,
@@ -89,6 +100,9 @@ pub struct OAuth2 {
     password: Option<SecretSource>,
     private_key: Option<(SecretSource, jsonwebtoken::Algorithm)>,
     private_key_kid: Option<String>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: String,
+    assertion: Option<SecretSource>,
     exchange: Option<ExchangeSettings>,
 }
 
@@ -108,11 +122,12 @@ const RESERVED: &[&str] = &[
     "requested_token_type",
     "actor_token",
     "actor_token_type",
+    "assertion",
 ];
 
 impl OAuth2 {
     pub fn from_keys(
-        _credential: &str,
+        credential: &str,
         keys: figment::value::Dict,
     ) -> Result<Self, Vec<(String, String)>> {
         let k: Keys = parse_keys(keys)?;
@@ -122,10 +137,53 @@ impl OAuth2 {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => err("token_url", "must be an http or https URL"),
         }
-        if k.client_id.is_empty() {
-            err("client_id", "must not be empty");
+        // The JWT bearer grant authenticates with its assertion: the client is optional there
+        // (RFC 7523 §3.1), so without a secret it defaults to no client authentication.
+        let client_auth = k.client_auth.unwrap_or(if k.client_assertion.is_some() {
+            ClientAuth::ClientAssertion
+        } else if k.grant == GrantType::JwtBearer && k.client_secret.is_none() {
+            ClientAuth::None
+        } else {
+            ClientAuth::ClientSecretBasic
+        });
+        let anonymous = k.grant == GrantType::JwtBearer && client_auth == ClientAuth::None;
+        if k.client_id.is_empty() && !anonymous {
+            err("client_id", "is required and must not be empty");
         }
-        match k.client_auth {
+        match (client_auth, &k.client_assertion) {
+            (ClientAuth::ClientAssertion, None) => err(
+                "client_assertion",
+                "is required by client_auth = \"client_assertion\" (e.g. { file = \"/var/run/secrets/azure/tokens/azure-identity-token\" })",
+            ),
+            (ClientAuth::ClientAssertion, Some(_)) => {}
+            (_, Some(_)) => err(
+                "client_assertion",
+                "is used only with client_auth = \"client_assertion\"",
+            ),
+            (_, None) => {}
+        }
+        if let Some(t) = &k.client_assertion_type {
+            if client_auth != ClientAuth::ClientAssertion {
+                err(
+                    "client_assertion_type",
+                    "is used only with client_auth = \"client_assertion\"",
+                );
+            } else if url::Url::parse(t).is_err() || t.chars().any(|c| c.is_whitespace()) {
+                err(
+                    "client_assertion_type",
+                    "must be an assertion type URI such as urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                );
+            }
+        }
+        match (k.grant, &k.assertion) {
+            (GrantType::JwtBearer, None) => err(
+                "assertion",
+                "grant = \"jwt_bearer\" needs the assertion (e.g. { file = \"/var/run/secrets/tokens/assertion\" })",
+            ),
+            (GrantType::JwtBearer, Some(_)) | (_, None) => {}
+            (_, Some(_)) => err("assertion", "is used only with grant = \"jwt_bearer\""),
+        }
+        match client_auth {
             ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost
                 if k.client_secret.is_none() =>
             {
@@ -199,17 +257,23 @@ impl OAuth2 {
         }
         params.extend(k.extra_params);
         Ok(OAuth2 {
+            credential: credential.to_string(),
             token_url: k.token_url,
             grant: k.grant,
             client_id: k.client_id,
             client_secret: k.client_secret,
-            client_auth: k.client_auth,
+            client_auth,
             params,
             bootstrap_refresh: k.refresh_token,
             username: k.username,
             password: k.password,
             private_key: k.private_key.map(|p| (p, alg)),
             private_key_kid: k.private_key_kid,
+            client_assertion: k.client_assertion,
+            client_assertion_type: k
+                .client_assertion_type
+                .unwrap_or_else(|| JWT_ASSERTION_TYPE.to_string()),
+            assertion: k.assertion,
             exchange,
         })
     }
@@ -295,6 +359,16 @@ impl OAuth2 {
                         "a token-exchange credential has no token of its own: it exchanges each caller's",
                     ));
                 }
+                GrantType::JwtBearer => {
+                    let source = self.assertion.as_ref().ok_or_else(|| {
+                        DialectError::fatal("`assertion` is not configured")
+                    })?;
+                    form.push(("grant_type".into(), JWT_BEARER_GRANT.into()));
+                    form.push((
+                        "assertion".into(),
+                        Self::secret(source, "assertion")?.expose().to_string(),
+                    ));
+                }
             }
             form.extend(self.params.iter().cloned());
             GrantKind::Login
@@ -367,6 +441,20 @@ impl OAuth2 {
                 ));
                 form.push(("client_assertion".into(), self.client_assertion()?));
             }
+            ClientAuth::ClientAssertion => {
+                let source = self.client_assertion.as_ref().ok_or_else(|| {
+                    DialectError::fatal("`client_assertion` is not configured")
+                })?;
+                // Read at each use: a projected token is rotated by the kubelet.
+                let assertion = Self::secret(source, "client_assertion")?;
+                form.push(("client_id".into(), self.client_id.clone()));
+                form.push((
+                    "client_assertion_type".into(),
+                    self.client_assertion_type.clone(),
+                ));
+                form.push(("client_assertion".into(), assertion.expose().to_string()));
+            }
+            ClientAuth::None if self.client_id.is_empty() => {}
             ClientAuth::None => form.push(("client_id".into(), self.client_id.clone())),
         }
         Ok(authorization)
@@ -394,6 +482,48 @@ impl OAuth2 {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
         client.send(request).await
+    }
+
+    /// Which assertion file changed since `form` was built, when the token endpoint refused
+    /// that assertion (RFC 7523 §3.1: `invalid_grant` for the grant's; §3.2: `invalid_client`
+    /// for the client's): the kubelet rotated the file while the request was in flight, and
+    /// one more try with the new content is worth it before the refusal counts as fatal.
+    fn rotated_since(
+        &self,
+        form: &[(String, String)],
+        response: &ProviderResponse,
+    ) -> Option<&'static str> {
+        if (200..300).contains(&response.status) {
+            return None;
+        }
+        let body = response.json().ok()?;
+        let code = error_code(&body)?;
+        let candidates = [
+            ("client_assertion", "invalid_client", &self.client_assertion),
+            ("assertion", "invalid_grant", &self.assertion),
+        ];
+        candidates.into_iter().find_map(|(key, refusal, source)| {
+            let sent = form.iter().find(|(k, _)| k == key).map(|(_, v)| v)?;
+            let now = source.as_ref()?.resolve().ok()?;
+            (code == refusal && now.expose() != sent.as_str()).then_some(key)
+        })
+    }
+
+    /// Posts the form `build` makes; a refusal of an assertion whose file has changed since
+    /// is retried once with a form built again (so with the file read again).
+    async fn post_fresh<T>(
+        &self,
+        build: impl Fn() -> Result<(Vec<(String, String)>, Option<String>, T), DialectError>,
+        client: &ProviderClient,
+    ) -> Result<(ProviderResponse, T), DialectError> {
+        let (form, authorization, extra) = build()?;
+        let response = self.post(&form, authorization, client).await?;
+        let Some(key) = self.rotated_since(&form, &response) else {
+            return Ok((response, extra));
+        };
+        tracing::info!(credential = %self.credential, key, status = response.status, "the token endpoint refused an assertion whose file has changed since it was read; retrying once with the new one");
+        let (form, authorization, extra) = build()?;
+        Ok((self.post(&form, authorization, client).await?, extra))
     }
 }
 
@@ -585,11 +715,13 @@ impl Dialect for OAuth2 {
             GrantType::RefreshToken => "refresh_token",
             GrantType::Password => "password",
             GrantType::TokenExchange => "token_exchange",
+            GrantType::JwtBearer => "jwt_bearer",
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
             ClientAuth::ClientSecretPost => "client_secret_post",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
         };
         let params: Vec<String> = self
@@ -597,10 +729,14 @@ impl Dialect for OAuth2 {
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        let client = if self.client_id.is_empty() {
+            "with no client authentication".to_string()
+        } else {
+            format!("as client {:?} ({auth})", self.client_id)
+        };
         format!(
-            "oauth2 {grant} at {} as client {:?} ({auth}){}",
+            "oauth2 {grant} at {} {client}{}",
             self.token_url,
-            self.client_id,
             if params.is_empty() {
                 String::new()
             } else {
@@ -627,6 +763,12 @@ impl Dialect for OAuth2 {
         if let Some((s, _)) = &self.private_key {
             out.push(("private_key".into(), s));
         }
+        if let Some(s) = &self.client_assertion {
+            out.push(("client_assertion".into(), s));
+        }
+        if let Some(s) = &self.assertion {
+            out.push(("assertion".into(), s));
+        }
         out
     }
 
@@ -635,8 +777,7 @@ impl Dialect for OAuth2 {
     }
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {
-        let (form, authorization, kind) = self.build_form(held)?;
-        let response = self.post(&form, authorization, client).await?;
+        let (response, kind) = self.post_fresh(|| self.build_form(held), client).await?;
         if (200..300).contains(&response.status) {
             parse_success(&response, kind)
         } else {
@@ -658,8 +799,15 @@ impl Dialect for OAuth2 {
                 "this credential does not exchange tokens",
             ));
         };
-        let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
-        let response = self.post(&form, authorization, client).await?;
+        let (response, ()) = self
+            .post_fresh(
+                || {
+                    let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
+                    Ok((form, authorization, ()))
+                },
+                client,
+            )
+            .await?;
         if (200..300).contains(&response.status) {
             return parse_success(&response, GrantKind::Login);
         }

@@ -259,9 +259,12 @@ async fn a_refusal_right_after_a_rotation_is_retried_once_with_the_new_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn assertion_rotated_under_load() {
-    // 3 s tokens refreshed at half-life; assertions that expire in 20 s and are rotated every
-    // ~1.5 s, each rotation revoking the previous one as soon as the new file is in place.
+    // 3 s tokens refreshed at half-life; assertions that expire in 20 s. Each rotation happens
+    // while a token request is in flight (the fake takes 300 ms to judge one) and revokes the
+    // previous assertion as soon as the new file is in place, so that request is refused and
+    // must be retried with the new file; without that retry each rotation is a fatal error.
     let idp = FakeAssertionIdp::start(AssertionMode::ClientAssertion, 3).await;
+    idp.set_delay(Duration::from_millis(300));
     let upstream = FakeUpstream::start().await;
     let files = tempfile::tempdir().unwrap();
     let file = files.path().join("azure-identity-token");
@@ -296,10 +299,20 @@ async fn assertion_rotated_under_load() {
     }
     let mut rotated = vec![first];
     for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        wait_for("a token request in flight", Duration::from_secs(10), || {
+            idp.in_flight() > 0
+        })
+        .await;
         let next = idp.issue_accepted(20);
         write_atomically(&file, &next);
         idp.accept_only(&next);
+        // Rotations are far apart in real life (the kubelet renews at 80 % of an hour): the
+        // next one waits until this one has been used, so it never lands on the retry itself.
+        wait_for("a grant with the new assertion", Duration::from_secs(10), || {
+            idp.accepted_assertions().contains(&next)
+        })
+        .await;
         rotated.push(next);
     }
     // One more token lifetime on the last assertion.
@@ -309,11 +322,24 @@ async fn assertion_rotated_under_load() {
         w.await.unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
-    assert_eq!(failed, 0, "{ok} ok, {failed} failed; logs:\n{}", tw.logs());
+    let short = |a: &str| a[a.len() - 6..].to_string();
+    assert_eq!(
+        failed,
+        0,
+        "{ok} ok, {failed} failed; rotations {:?}; calls {:?}",
+        rotated.iter().map(|a| short(a)).collect::<Vec<_>>(),
+        idp.calls()
+            .iter()
+            .map(|c| (c.status, c.reason.clone(), short(&c.assertion)))
+            .collect::<Vec<_>>()
+    );
     assert!(ok >= 200, "only {ok} requests in the run");
     let accepted = idp.accepted_assertions();
     assert!(accepted.contains(rotated.last().unwrap()), "the newest assertion was never used");
-    assert!(accepted.len() >= 4, "only {} assertions used of {}", accepted.len(), rotated.len());
+    assert_eq!(accepted.len(), rotated.len(), "every assertion is used");
+    // Each rotation caught a request in flight, refused and retried.
+    let refused = idp.calls().iter().filter(|c| c.status == 401).count();
+    assert!(refused >= 6, "{:?}", idp.calls());
     let m = metrics(&tw).await;
     assert_eq!(refreshes(&m, "fatal_error"), 0.0, "{}", tw.logs());
     assert!(refreshes(&m, "success") >= 6.0, "{m}");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -109,6 +109,7 @@ pub struct AssertionCall {
     pub grant_type: String,
     pub assertion: String,
     pub status: u16,
+    pub reason: String,
 }
 
 pub struct AssertionIdpState {
@@ -127,6 +128,9 @@ pub struct AssertionIdpState {
     calls: Mutex<Vec<AssertionCall>>,
     issued: Mutex<Vec<String>>,
     counter: AtomicUsize,
+    /// How long each request takes before it is judged: a window for rotating under it.
+    delay: Mutex<Duration>,
+    in_flight: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -149,6 +153,8 @@ impl FakeAssertionIdp {
             calls: Mutex::new(Vec::new()),
             issued: Mutex::new(Vec::new()),
             counter: AtomicUsize::new(0),
+            delay: Mutex::new(Duration::ZERO),
+            in_flight: AtomicUsize::new(0),
         });
         let router = Router::new()
             .route("/token", post(assertion_endpoint))
@@ -199,6 +205,13 @@ impl FakeAssertionIdp {
     pub fn calls(&self) -> Vec<AssertionCall> {
         self.state.calls.lock().unwrap().clone()
     }
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().unwrap() = d;
+    }
+    /// Token requests received and not yet judged.
+    pub fn in_flight(&self) -> usize {
+        self.state.in_flight.load(Ordering::SeqCst)
+    }
     pub fn issued(&self) -> Vec<String> {
         self.state.issued.lock().unwrap().clone()
     }
@@ -221,6 +234,10 @@ fn refuse(status: StatusCode, error: &str, why: &str) -> Response {
 }
 
 async fn assertion_endpoint(State(s): State<Arc<AssertionIdpState>>, body: String) -> Response {
+    s.in_flight.fetch_add(1, Ordering::SeqCst);
+    let delay = *s.delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
+    s.in_flight.fetch_sub(1, Ordering::SeqCst);
     let form: HashMap<String, String> = form_urlencoded::parse(body.as_bytes())
         .into_owned()
         .collect();
@@ -234,13 +251,15 @@ async fn assertion_endpoint(State(s): State<Arc<AssertionIdpState>>, body: Strin
         ),
         AssertionMode::JwtBearer => (field("assertion"), "invalid_grant", StatusCode::BAD_REQUEST),
     };
-    let record = |code: u16| {
+    let record_why = |code: u16, reason: &str| {
         s.calls.lock().unwrap().push(AssertionCall {
             grant_type: grant_type.clone(),
             assertion: assertion.clone(),
             status: code,
+            reason: reason.to_string(),
         })
     };
+    let record = |code: u16| record_why(code, "");
     let rotation = {
         let mut r = s.rotate_on_receipt.lock().unwrap();
         match r.as_ref() {
@@ -273,11 +292,11 @@ async fn assertion_endpoint(State(s): State<Arc<AssertionIdpState>>, body: Strin
         return refuse(StatusCode::BAD_REQUEST, "invalid_request", "wrong parameters");
     }
     if let Err(why) = s.signer.verify(&assertion) {
-        record(status.as_u16());
+        record_why(status.as_u16(), &why);
         return refuse(status, error, &why);
     }
     if !s.accepted.lock().unwrap().contains(&assertion) {
-        record(status.as_u16());
+        record_why(status.as_u16(), "not accepted now");
         return refuse(status, error, "assertion no longer accepted");
     }
     if grant_type == "refresh_token" {

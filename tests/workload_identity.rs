@@ -124,7 +124,13 @@ async fn a_client_assertion_file_authenticates_client_credentials_and_refresh_gr
     assert_eq!(status, 200);
     assert!(auth.unwrap().starts_with("Bearer wi-at-"));
     let calls = idp.calls();
-    assert!(!calls.is_empty() && calls.iter().all(|c| c.status == 200 && c.assertion == a0 && c.grant_type == "client_credentials"), "{calls:?}");
+    assert!(
+        !calls.is_empty()
+            && calls.iter().all(|c| c.status == 200
+                && c.assertion == a0
+                && c.grant_type == "client_credentials"),
+        "{calls:?}"
+    );
 
     // refresh_token: the same client authentication on every refresh, rotation kept.
     let bootstrap = format!("wi-bootstrap-{}", rand_hex());
@@ -145,7 +151,13 @@ async fn a_client_assertion_file_authenticates_client_credentials_and_refresh_gr
         .into_iter()
         .filter(|c| c.grant_type == "refresh_token")
         .collect();
-    assert!(refreshes.len() >= 2 && refreshes.iter().all(|c| c.status == 200 && c.assertion == a0), "{refreshes:?}");
+    assert!(
+        refreshes.len() >= 2
+            && refreshes
+                .iter()
+                .all(|c| c.status == 200 && c.assertion == a0),
+        "{refreshes:?}"
+    );
 
     // The fake enforces it: an assertion it does not accept is refused and, read at each use,
     // the file's next content is used without a restart (the file change forces a refresh).
@@ -158,13 +170,21 @@ async fn a_client_assertion_file_authenticates_client_credentials_and_refresh_gr
     );
     tw3.wait_healthy().await;
     wait_for("the refusal", Duration::from_secs(10), || {
-        idp.calls().iter().any(|c| c.assertion == unaccepted && c.status == 401)
+        idp.calls()
+            .iter()
+            .any(|c| c.assertion == unaccepted && c.status == 401)
     })
     .await;
     let (status, _) = through(&http, &tw3, "/bad").await;
     assert_eq!(status, 503);
     let state = tw3.get_json("/tokens/api").await;
-    assert!(state["last_error"].as_str().unwrap_or_default().contains("invalid_client"), "{state}");
+    assert!(
+        state["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid_client"),
+        "{state}"
+    );
     let a1 = idp.issue_accepted(600);
     write_atomically(&bad_file, &a1);
     tw3.wait_ready().await;
@@ -189,12 +209,22 @@ async fn a_missing_assertion_file_names_the_key_and_path_then_is_picked_up_when_
     let config = files.path().join("check.toml");
     std::fs::write(
         &config,
-        common::config(free_port(), free_port(), "http://127.0.0.1:9", files.path(), &keys),
+        common::config(
+            free_port(),
+            free_port(),
+            "http://127.0.0.1:9",
+            files.path(),
+            &keys,
+        ),
     )
     .unwrap();
     let (code, out) = check(&config, &[]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("`credentials.api.client_assertion`") && out.contains(&file.display().to_string()), "{out}");
+    assert!(
+        out.contains("`credentials.api.client_assertion`")
+            && out.contains(&file.display().to_string()),
+        "{out}"
+    );
 
     // `run` says the same in /tokens, calls nobody, and uses the file once the kubelet writes it.
     let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
@@ -208,7 +238,10 @@ async fn a_missing_assertion_file_names_the_key_and_path_then_is_picked_up_when_
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let error = state["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("`client_assertion`") && error.contains(&file.display().to_string()), "{state}");
+    assert!(
+        error.contains("`client_assertion`") && error.contains(&file.display().to_string()),
+        "{state}"
+    );
     assert!(idp.calls().is_empty());
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     let a0 = idp.issue_accepted(600);
@@ -241,15 +274,28 @@ async fn a_refusal_right_after_a_rotation_is_retried_once_with_the_new_file() {
         let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
         tw.wait_ready().await;
         let calls = idp.calls();
-        let refused = if mode == AssertionMode::ClientAssertion { 401 } else { 400 };
+        let refused = if mode == AssertionMode::ClientAssertion {
+            401
+        } else {
+            400
+        };
         assert_eq!(calls[0].assertion, old, "{mode:?}");
         assert_eq!(calls[0].status, refused, "{mode:?}");
         assert_eq!(calls[1].assertion, new, "{mode:?}");
         assert_eq!(calls[1].status, 200, "{mode:?}: {calls:?}");
         let m = metrics(&tw).await;
-        assert_eq!(refreshes(&m, "fatal_error"), 0.0, "{mode:?}:\n{}", tw.logs());
+        assert_eq!(
+            refreshes(&m, "fatal_error"),
+            0.0,
+            "{mode:?}:\n{}",
+            tw.logs()
+        );
         assert!(refreshes(&m, "success") >= 1.0);
-        assert!(tw.logs().contains("retrying once with the new one"), "{}", tw.logs());
+        assert!(
+            tw.logs().contains("retrying once with the new one"),
+            "{}",
+            tw.logs()
+        );
         assert_eq!(through(&reqwest::Client::new(), &tw, "/x").await.0, 200);
         let mut secrets = vec![old, new];
         secrets.extend(idp.issued());
@@ -309,9 +355,11 @@ async fn assertion_rotated_under_load() {
         idp.accept_only(&next);
         // Rotations are far apart in real life (the kubelet renews at 80 % of an hour): the
         // next one waits until this one has been used, so it never lands on the retry itself.
-        wait_for("a grant with the new assertion", Duration::from_secs(10), || {
-            idp.accepted_assertions().contains(&next)
-        })
+        wait_for(
+            "a grant with the new assertion",
+            Duration::from_secs(10),
+            || idp.accepted_assertions().contains(&next),
+        )
         .await;
         rotated.push(next);
     }
@@ -335,7 +383,10 @@ async fn assertion_rotated_under_load() {
     );
     assert!(ok >= 200, "only {ok} requests in the run");
     let accepted = idp.accepted_assertions();
-    assert!(accepted.contains(rotated.last().unwrap()), "the newest assertion was never used");
+    assert!(
+        accepted.contains(rotated.last().unwrap()),
+        "the newest assertion was never used"
+    );
     assert_eq!(accepted.len(), rotated.len(), "every assertion is used");
     // Each rotation caught a request in flight, refused and retried.
     let refused = idp.calls().iter().filter(|c| c.status == 401).count();
@@ -369,16 +420,22 @@ async fn jwt_bearer_grant_reads_the_assertion_file_at_each_use() {
     let a1 = idp.issue_accepted(600);
     write_atomically(&file, &a1);
     idp.accept_only(&a1);
-    wait_for("a grant with the new assertion", Duration::from_secs(10), || {
-        idp.accepted_assertions().contains(&a1)
-    })
+    wait_for(
+        "a grant with the new assertion",
+        Duration::from_secs(10),
+        || idp.accepted_assertions().contains(&a1),
+    )
     .await;
     // A refresh forced now reads the file again; nothing holds the old assertion.
     assert_eq!(force_refresh(&tw).await, 200);
     let (status, second) = through(&http, &tw, "/b").await;
     assert_eq!(status, 200);
     assert_ne!(first, second);
-    assert!(idp.calls().iter().all(|c| c.status == 200), "{:?}", idp.calls());
+    assert!(
+        idp.calls().iter().all(|c| c.status == 200),
+        "{:?}",
+        idp.calls()
+    );
     let mut secrets = vec![a0, a1];
     secrets.extend(idp.issued());
     tw.assert_no_leaks(&secrets).await;
@@ -416,29 +473,43 @@ async fn google_service_account_assertion_is_verified_by_the_token_endpoint() {
     // the old one is refused (fatal, and not retried while the key file is unchanged) ...
     google.trust_only(&sa1);
     assert_ne!(force_refresh(&tw).await, 200);
-    let refused = google.calls().into_iter().filter(|c| c.status != 200).count();
+    let refused = google
+        .calls()
+        .into_iter()
+        .filter(|c| c.status != 200)
+        .count();
     assert_eq!(refused, 1, "{:?}", google.calls());
     assert!(google.calls().last().unwrap().reason.contains("kid"));
     // ... and the rotated key file is picked up without a restart.
     write_atomically(&key_file, &sa1.key_json(&google.token_uri()));
-    wait_for("a token signed with the new key", Duration::from_secs(10), || {
-        google
-            .calls()
-            .iter()
-            .any(|c| c.status == 200 && c.kid.as_deref() == Some(sa1.private_key_id.as_str()))
-    })
+    wait_for(
+        "a token signed with the new key",
+        Duration::from_secs(10),
+        || {
+            google
+                .calls()
+                .iter()
+                .any(|c| c.status == 200 && c.kid.as_deref() == Some(sa1.private_key_id.as_str()))
+        },
+    )
     .await;
     tw.wait_ready().await;
     assert_eq!(through(&http, &tw, "/after-rotation").await.0, 200);
 
     // token_url overrides the key's token_uri, and the assertion's aud follows it.
     let key_file2 = files.path().join("key-google-uri.json");
-    write_atomically(&key_file2, &sa1.key_json("https://oauth2.googleapis.com/token"));
+    write_atomically(
+        &key_file2,
+        &sa1.key_json("https://oauth2.googleapis.com/token"),
+    );
     let tw2 = Tokenward::start(
         &format!("http://{}", upstream.addr()),
         &google_keys(
             &key_file2,
-            &format!("subject = \"{subject}\"\ntoken_url = \"{}\"", google.token_uri()),
+            &format!(
+                "subject = \"{subject}\"\ntoken_url = \"{}\"",
+                google.token_uri()
+            ),
         ),
     );
     tw2.wait_ready().await;
@@ -481,7 +552,10 @@ fn check_validates_the_google_key_and_never_prints_it() {
     std::fs::write(&key_file, &good).unwrap();
     let (code, out) = check(&config, &[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&sa.client_email) && out.contains(&sa.private_key_id), "{out}");
+    assert!(
+        out.contains(&sa.client_email) && out.contains(&sa.private_key_id),
+        "{out}"
+    );
     leaks(&out);
 
     // A PEM whose DER is broken (its outer SEQUENCE header overwritten).
@@ -490,26 +564,51 @@ fn check_validates_the_google_key_and_never_prints_it() {
         .private_key_pem
         .replace(first.as_str(), &format!("MAAA{}", &first[4..]));
     let bad_keys = [
-        (good.replace("\"service_account\"", "\"authorized_user\""), "field `type`"),
-        (good.replace("\"private_key\"", "\"private_kee\""), "field `private_key` is missing"),
-        (good.replace("\"client_email\"", "\"email\""), "field `client_email` is missing"),
-        (good.replace(&serde_json::to_string(&sa.private_key_pem).unwrap(), &serde_json::to_string(&corrupt_pem).unwrap()), "field `private_key`"),
+        (
+            good.replace("\"service_account\"", "\"authorized_user\""),
+            "field `type`",
+        ),
+        (
+            good.replace("\"private_key\"", "\"private_kee\""),
+            "field `private_key` is missing",
+        ),
+        (
+            good.replace("\"client_email\"", "\"email\""),
+            "field `client_email` is missing",
+        ),
+        (
+            good.replace(
+                &serde_json::to_string(&sa.private_key_pem).unwrap(),
+                &serde_json::to_string(&corrupt_pem).unwrap(),
+            ),
+            "field `private_key`",
+        ),
         (good[..good.len() / 2].to_string(), "invalid JSON"),
     ];
     for (json, want) in bad_keys {
         std::fs::write(&key_file, &json).unwrap();
         let (code, out) = check(&config, &[]);
         assert_eq!(code, 2, "{want}: {out}");
-        assert!(out.contains("`credentials.gcs.key_file`") && out.contains(want), "{want}: {out}");
+        assert!(
+            out.contains("`credentials.gcs.key_file`") && out.contains(want),
+            "{want}: {out}"
+        );
         leaks(&out);
     }
 
     // describe() — and so the chain identity — follows the key's identity.
     let other = ServiceAccount::new(1);
-    std::fs::write(&key_file, other.key_json("https://oauth2.googleapis.com/token")).unwrap();
+    std::fs::write(
+        &key_file,
+        other.key_json("https://oauth2.googleapis.com/token"),
+    )
+    .unwrap();
     let (code, out) = check(&config, &[]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains(&other.private_key_id) && !out.contains(&sa.private_key_id), "{out}");
+    assert!(
+        out.contains(&other.private_key_id) && !out.contains(&sa.private_key_id),
+        "{out}"
+    );
 
     // The shipped examples pass `check` with their secrets read, pointed at test files.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -526,7 +625,10 @@ fn check_validates_the_google_key_and_never_prints_it() {
     let token = token.display().to_string();
     let (code, out) = check(
         &root.join("config/workload-identity-entra.toml"),
-        &[("TOKENWARD_CREDENTIALS__GRAPH__CLIENT_ASSERTION__FILE", token.as_str())],
+        &[(
+            "TOKENWARD_CREDENTIALS__GRAPH__CLIENT_ASSERTION__FILE",
+            token.as_str(),
+        )],
     );
     assert_eq!(code, 0, "{out}");
 }

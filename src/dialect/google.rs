@@ -70,11 +70,12 @@ impl ServiceAccountKey {
         if kind != "service_account" {
             // Other Google credential files (`authorized_user`, `external_account`) are named:
             // the type is not a secret and says what was mounted instead.
-            let shown = if kind.len() <= 32 && kind.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
-                format!("{kind:?}")
-            } else {
-                "something else".to_string()
-            };
+            let shown =
+                if kind.len() <= 32 && kind.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    format!("{kind:?}")
+                } else {
+                    "something else".to_string()
+                };
             return Err(format!(
                 "field `type` is {shown}, not \"service_account\": this dialect reads service-account keys"
             ));
@@ -88,7 +89,11 @@ impl ServiceAccountKey {
             },
             private_key: Secret::new(field("private_key")?),
         };
-        if !key.private_key.expose().contains("-----BEGIN PRIVATE KEY-----") {
+        if !key
+            .private_key
+            .expose()
+            .contains("-----BEGIN PRIVATE KEY-----")
+        {
             return Err(
                 "field `private_key` is not a PEM PKCS#8 private key (-----BEGIN PRIVATE KEY-----)"
                     .into(),
@@ -220,11 +225,13 @@ impl Dialect for GoogleServiceAccount {
         // The key's identity is part of the description (and so of the chain identity): a
         // different service account or key is a different credential.
         let who = match self.load() {
-            Ok((_, key, url)) => format!(
-                "{} (key {}) at {url}",
-                key.client_email, key.private_key_id
+            Ok((_, key, url)) => {
+                format!("{} (key {}) at {url}", key.client_email, key.private_key_id)
+            }
+            Err(reason) => format!(
+                "with the key in {:?} (not usable now: {reason})",
+                self.key_file
             ),
-            Err(reason) => format!("with the key in {:?} (not usable now: {reason})", self.key_file),
         };
         let sub = match &self.subject {
             Some(s) => format!(" for subject {s}"),
@@ -239,10 +246,7 @@ impl Dialect for GoogleServiceAccount {
     fn endpoints(&self) -> Vec<String> {
         match &self.token_url {
             Some(url) => vec![url.clone()],
-            None => self
-                .load()
-                .map(|(_, _, url)| vec![url])
-                .unwrap_or_default(),
+            None => self.load().map(|(_, _, url)| vec![url]).unwrap_or_default(),
         }
     }
 
@@ -295,10 +299,15 @@ impl Dialect for GoogleServiceAccount {
 mod tests {
     use super::*;
 
-    fn dialect(extra: &[(&str, figment::value::Value)]) -> Result<GoogleServiceAccount, Vec<(String, String)>> {
+    fn dialect(
+        extra: &[(&str, figment::value::Value)],
+    ) -> Result<GoogleServiceAccount, Vec<(String, String)>> {
         let mut d = figment::value::Dict::new();
         d.insert("key_file".into(), "{}".into());
-        d.insert("scope".into(), "https://www.googleapis.com/auth/devstorage.read_only".into());
+        d.insert(
+            "scope".into(),
+            "https://www.googleapis.com/auth/devstorage.read_only".into(),
+        );
         for (k, v) in extra {
             d.insert((*k).into(), v.clone());
         }
@@ -317,7 +326,12 @@ mod tests {
     #[test]
     fn config_errors_name_keys() {
         let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
-            dialect(extra).err().unwrap().into_iter().map(|(k, _)| k).collect()
+            dialect(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
         };
         assert_eq!(keys(&[("scope", " ".into())]), vec!["scope"]);
         assert_eq!(keys(&[("token_url", "ftp://x".into())]), vec!["token_url"]);
@@ -332,15 +346,27 @@ mod tests {
         let cases = [
             ("not json".to_string(), "invalid JSON"),
             ("[1]".to_string(), "not a JSON object"),
-            (key_json(FAKE_PEM, "").replace("service_account", "authorized_user"), "\"authorized_user\""),
-            (key_json(FAKE_PEM, "").replace("\"client_email\"", "\"x\""), "`client_email` is missing"),
-            (key_json(FAKE_PEM, "").replace("\"kid-1\"", "7"), "`private_key_id` is a number"),
+            (
+                key_json(FAKE_PEM, "").replace("service_account", "authorized_user"),
+                "\"authorized_user\"",
+            ),
+            (
+                key_json(FAKE_PEM, "").replace("\"client_email\"", "\"x\""),
+                "`client_email` is missing",
+            ),
+            (
+                key_json(FAKE_PEM, "").replace("\"kid-1\"", "7"),
+                "`private_key_id` is a number",
+            ),
             (key_json("MIIsecret", ""), "`private_key` is not a PEM"),
         ];
         for (json, want) in cases {
             let err = ServiceAccountKey::parse(&json).err().unwrap();
             assert!(err.contains(want), "{err} lacks {want}");
-            assert!(!err.contains(secretish) && !err.contains("MIIsecret"), "{err}");
+            assert!(
+                !err.contains(secretish) && !err.contains("MIIsecret"),
+                "{err}"
+            );
         }
         let key = ServiceAccountKey::parse(&key_json(FAKE_PEM, "")).unwrap();
         assert_eq!(key.client_email, "sa@p.iam.gserviceaccount.com");
@@ -348,20 +374,45 @@ mod tests {
         // A PEM that is not an RSA key is refused when it would sign, naming the field.
         let d = dialect(&[]).unwrap();
         let err = d
-            .check_secret("key_file", &Secret::new(key_json(FAKE_PEM, ",\"token_uri\":\"https://oauth2.googleapis.com/token\"")))
+            .check_secret(
+                "key_file",
+                &Secret::new(key_json(
+                    FAKE_PEM,
+                    ",\"token_uri\":\"https://oauth2.googleapis.com/token\"",
+                )),
+            )
             .unwrap_err();
-        assert!(err.contains("`private_key`") && !err.contains(secretish), "{err}");
-        let err = d.check_secret("key_file", &Secret::new(key_json(FAKE_PEM, ""))).unwrap_err();
+        assert!(
+            err.contains("`private_key`") && !err.contains(secretish),
+            "{err}"
+        );
+        let err = d
+            .check_secret("key_file", &Secret::new(key_json(FAKE_PEM, "")))
+            .unwrap_err();
         assert!(err.contains("`token_uri` is missing"), "{err}");
     }
 
     #[test]
     fn the_token_url_override_wins_and_a_key_file_problem_is_described_not_hidden() {
         let d = dialect(&[("token_url", "https://oauth2.example/token".into())]).unwrap();
-        let key = ServiceAccountKey::parse(&key_json(FAKE_PEM, ",\"token_uri\":\"https://oauth2.googleapis.com/token\"")).unwrap();
-        assert_eq!(d.token_url_for(&key).unwrap(), "https://oauth2.example/token");
+        let key = ServiceAccountKey::parse(&key_json(
+            FAKE_PEM,
+            ",\"token_uri\":\"https://oauth2.googleapis.com/token\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            d.token_url_for(&key).unwrap(),
+            "https://oauth2.example/token"
+        );
         // key_file is the literal "{}" here: the description says why it is unusable.
-        assert!(d.describe().contains("field `type` is missing"), "{}", d.describe());
-        assert_eq!(d.endpoints(), vec!["https://oauth2.example/token".to_string()]);
+        assert!(
+            d.describe().contains("field `type` is missing"),
+            "{}",
+            d.describe()
+        );
+        assert_eq!(
+            d.endpoints(),
+            vec!["https://oauth2.example/token".to_string()]
+        );
     }
 }

@@ -53,9 +53,9 @@ pub fn build(
         "babelbird" => boxed(babelbird::BabelBird::from_keys(keys)),
         "cloudreve" => boxed(cloudreve::Cloudreve::from_keys(keys)),
         "custom" => boxed(custom::Custom::from_keys(keys)),
-        "google-service-account" => boxed(google::GoogleServiceAccount::from_keys(
-            credential, keys,
-        )),
+        "google-service-account" => {
+            boxed(google::GoogleServiceAccount::from_keys(credential, keys))
+        }
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),

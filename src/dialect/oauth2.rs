@@ -360,9 +360,10 @@ impl OAuth2 {
                     ));
                 }
                 GrantType::JwtBearer => {
-                    let source = self.assertion.as_ref().ok_or_else(|| {
-                        DialectError::fatal("`assertion` is not configured")
-                    })?;
+                    let source = self
+                        .assertion
+                        .as_ref()
+                        .ok_or_else(|| DialectError::fatal("`assertion` is not configured"))?;
                     form.push(("grant_type".into(), JWT_BEARER_GRANT.into()));
                     form.push((
                         "assertion".into(),
@@ -442,9 +443,10 @@ impl OAuth2 {
                 form.push(("client_assertion".into(), self.client_assertion()?));
             }
             ClientAuth::ClientAssertion => {
-                let source = self.client_assertion.as_ref().ok_or_else(|| {
-                    DialectError::fatal("`client_assertion` is not configured")
-                })?;
+                let source = self
+                    .client_assertion
+                    .as_ref()
+                    .ok_or_else(|| DialectError::fatal("`client_assertion` is not configured"))?;
                 // Read at each use: a projected token is rotated by the kubelet.
                 let assertion = Self::secret(source, "client_assertion")?;
                 form.push(("client_id".into(), self.client_id.clone()));
@@ -968,6 +970,224 @@ mod tests {
             msg.contains("invalid_grant") && msg.contains("subject token"),
             "{msg}"
         );
+    }
+
+    fn no_secret(extra: &[(&str, figment::value::Value)]) -> Result<OAuth2, Vec<(String, String)>> {
+        let mut d = figment::value::Dict::new();
+        d.insert("token_url".into(), "https://idp.example/token".into());
+        for (k, v) in extra {
+            d.insert((*k).into(), v.clone());
+        }
+        OAuth2::from_keys("t", d)
+    }
+
+    fn file_source(path: &std::path::Path) -> figment::value::Value {
+        let mut m = figment::value::Dict::new();
+        m.insert("file".into(), path.display().to_string().into());
+        m.into()
+    }
+
+    fn field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn client_assertion_is_read_from_its_file_at_each_use_on_every_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.first.sig\n").unwrap();
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("client_auth", "client_assertion".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, auth, _) = d.build_form(&Held::default()).unwrap();
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "client_id"), Some("app"));
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some(JWT_ASSERTION_TYPE)
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.first.sig"));
+        std::fs::write(&path, "eyJ.second.sig").unwrap();
+        let held = Held {
+            access_token: None,
+            refresh_token: Some(Secret::new("rt")),
+        };
+        let (form, _, kind) = d.build_form(&held).unwrap();
+        assert_eq!(kind, GrantKind::Refresh);
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // client_assertion alone implies client_auth = "client_assertion"; a custom type is sent.
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("grant", "token_exchange".into()),
+            ("client_assertion", file_source(&path)),
+            ("client_assertion_type", "urn:example:assertion".into()),
+        ])
+        .unwrap();
+        let (form, _) = d
+            .exchange_form("subj", d.exchange_settings().unwrap())
+            .unwrap();
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some("urn:example:assertion")
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // A missing file names the key and the path, and is fatal.
+        std::fs::remove_file(&path).unwrap();
+        let e = d
+            .exchange_form("subj", d.exchange_settings().unwrap())
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(
+            e.message.contains("`client_assertion`")
+                && e.message.contains(&path.display().to_string()),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn jwt_bearer_sends_the_assertion_file_without_client_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("assertion");
+        std::fs::write(&path, "eyJ.grant.sig").unwrap();
+        let d = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+            ("scope", "partner.read".into()),
+        ])
+        .unwrap();
+        let (form, auth, kind) = d.build_form(&Held::default()).unwrap();
+        assert_eq!(kind, GrantKind::Login);
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "grant_type"), Some(JWT_BEARER_GRANT));
+        assert_eq!(field(&form, "assertion"), Some("eyJ.grant.sig"));
+        assert_eq!(field(&form, "scope"), Some("partner.read"));
+        assert_eq!(field(&form, "client_id"), None);
+        assert!(
+            d.describe().contains("jwt_bearer")
+                && d.describe().contains("no client authentication")
+        );
+        let keys: Vec<String> = d.secret_sources().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["assertion"]);
+        // With a secret, client authentication defaults to Basic as for other grants.
+        let d = dialect(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        assert!(
+            d.build_form(&Held::default())
+                .unwrap()
+                .1
+                .unwrap()
+                .starts_with("Basic ")
+        );
+    }
+
+    #[test]
+    fn assertion_config_errors_name_keys() {
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            no_secret(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "client_assertion".into())
+            ]),
+            vec!["client_assertion"]
+        );
+        assert_eq!(keys(&[("grant", "jwt_bearer".into())]), vec!["assertion"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("assertion", "x".into())
+            ]),
+            vec!["assertion"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("client_assertion_type", "urn:x".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_assertion", "x".into()),
+                ("client_assertion_type", "not a uri".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_auth", "client_secret_post".into()),
+                ("client_assertion", "x".into()),
+                ("client_secret", "s".into())
+            ]),
+            vec!["client_id", "client_assertion"]
+        );
+        assert_eq!(keys(&[("client_auth", "none".into())]), vec!["client_id"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("extra_params", {
+                    let mut m = figment::value::Dict::new();
+                    m.insert("assertion".into(), "x".into());
+                    m.into()
+                }),
+                ("client_auth", "none".into())
+            ]),
+            vec!["extra_params.assertion"]
+        );
+    }
+
+    #[test]
+    fn only_a_refusal_of_a_changed_assertion_file_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "old").unwrap();
+        let d = no_secret(&[
+            ("client_id", "a".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = d.build_form(&Held::default()).unwrap();
+        let refused = resp(401, r#"{"error":"invalid_client"}"#);
+        assert_eq!(d.rotated_since(&form, &refused), None, "unchanged file");
+        std::fs::write(&path, "new").unwrap();
+        assert_eq!(d.rotated_since(&form, &refused), Some("client_assertion"));
+        assert_eq!(
+            d.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            None
+        );
+        assert_eq!(d.rotated_since(&form, &resp(503, "")), None);
+        assert_eq!(
+            d.rotated_since(&form, &resp(200, r#"{"access_token":"x"}"#)),
+            None
+        );
+        let j = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = j.build_form(&Held::default()).unwrap();
+        std::fs::write(&path, "newer").unwrap();
+        assert_eq!(
+            j.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            Some("assertion")
+        );
+        assert_eq!(j.rotated_since(&form, &refused), None);
     }
 
     #[test]

@@ -85,13 +85,9 @@ impl AssertionSigner {
         v.leeway = 0;
         v.set_audience(&[ENTRA_AUDIENCE]);
         v.set_required_spec_claims(&["exp", "aud", "sub"]);
-        jsonwebtoken::decode::<Value>(
-            jwt,
-            &jsonwebtoken::DecodingKey::from_secret(&self.key),
-            &v,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        jsonwebtoken::decode::<Value>(jwt, &jsonwebtoken::DecodingKey::from_secret(&self.key), &v)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -289,7 +285,11 @@ async fn assertion_endpoint(State(s): State<Arc<AssertionIdpState>>, body: Strin
     };
     if !shape_ok {
         record(400);
-        return refuse(StatusCode::BAD_REQUEST, "invalid_request", "wrong parameters");
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "wrong parameters",
+        );
     }
     if let Err(why) = s.signer.verify(&assertion) {
         record_why(status.as_u16(), &why);
@@ -311,7 +311,8 @@ async fn assertion_endpoint(State(s): State<Arc<AssertionIdpState>>, body: Strin
     }
     let n = s.counter.fetch_add(1, Ordering::SeqCst) + 1;
     let access = format!("wi-at-{n}-{}", super::rand_hex());
-    let mut answer = json!({"access_token": access, "token_type": "Bearer", "expires_in": s.lifetime_s});
+    let mut answer =
+        json!({"access_token": access, "token_type": "Bearer", "expires_in": s.lifetime_s});
     let mut issued = vec![access];
     if grant_type == "refresh_token" {
         let rt = format!("wi-rt-{n}-{}", super::rand_hex());
@@ -485,7 +486,10 @@ fn verify_google(s: &GoogleState, assertion: &str) -> Result<(Option<String>, Va
     let data = jsonwebtoken::decode::<Value>(assertion, &public, &v)
         .map_err(|e| format!("signature or claims: {e}"))?;
     let c = data.claims;
-    let (iat, exp) = (c["iat"].as_u64().unwrap_or(0), c["exp"].as_u64().unwrap_or(0));
+    let (iat, exp) = (
+        c["iat"].as_u64().unwrap_or(0),
+        c["exp"].as_u64().unwrap_or(0),
+    );
     if iat.abs_diff(now()) > 60 || exp != iat + 3600 {
         return Err(format!("iat {iat} exp {exp}"));
     }

@@ -235,8 +235,12 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
                 println!("           secret {key}: {source:?} (not read: --skip-secrets)");
                 continue;
             }
-            match source.resolve() {
-                Ok(_) => println!("           secret {key}: {source:?} (readable)"),
+            match source
+                .resolve()
+                .map_err(|e| e.to_string())
+                .and_then(|value| c.dialect.check_secret(&key, &value))
+            {
+                Ok(()) => println!("           secret {key}: {source:?} (readable)"),
                 Err(e) => problems.push(format!(
                     "config error: {}: `credentials.{}.{key}`: {e}",
                     path.display(),

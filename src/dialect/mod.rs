@@ -5,6 +5,7 @@ pub mod babelbird;
 pub mod cloudreve;
 pub mod custom;
 pub mod enos_apim;
+pub mod google;
 pub mod http;
 pub mod oauth2;
 pub mod quectel_accesskey;
@@ -29,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "babelbird",
     "cloudreve",
     "custom",
+    "google-service-account",
 ];
 
 /// Builds the dialect named by `dialect = "…"` from the rest of the credential's keys.
@@ -51,6 +53,9 @@ pub fn build(
         "babelbird" => boxed(babelbird::BabelBird::from_keys(keys)),
         "cloudreve" => boxed(cloudreve::Cloudreve::from_keys(keys)),
         "custom" => boxed(custom::Custom::from_keys(keys)),
+        "google-service-account" => {
+            boxed(google::GoogleServiceAccount::from_keys(credential, keys))
+        }
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),
@@ -185,6 +190,12 @@ pub trait Dialect: Send + Sync {
     /// Every configured secret with its key relative to the credential (`password`,
     /// `secrets.NAME`), so `check` can name and verify each and the reloader can watch its file.
     fn secret_sources(&self) -> Vec<(String, &SecretSource)>;
+
+    /// Checks what a readable secret holds (a key file's format), for `tokenward check`. The
+    /// reason names the field and the problem, never the value.
+    fn check_secret(&self, _key: &str, _value: &Secret) -> Result<(), String> {
+        Ok(())
+    }
 
     /// The operator-provided refresh token that starts a refresh chain, if this dialect uses one.
     fn bootstrap_refresh_token(&self) -> Option<&SecretSource> {

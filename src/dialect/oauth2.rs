@@ -1,5 +1,6 @@
 //! The standard OAuth 2.0 token endpoint (RFC 6749 §4.4, §4.3, §6) with the client
-//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`).
+//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`, or a ready
+//! `client_assertion` read from a file), and the JWT bearer grant (RFC 7523 §2.1).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub enum GrantType {
     Password,
     /// RFC 8693: each caller's token is exchanged for one minted for the upstream.
     TokenExchange,
+    /// RFC 7523 §2.1: a ready assertion (read from a file at each use) is the grant.
+    JwtBearer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -33,6 +36,9 @@ pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
     PrivateKeyJwt,
+    /// RFC 7521 §4.2 / RFC 7523 §2.2: a ready assertion read from a file at each use (a
+    /// projected service-account token of a workload identity federation).
+    ClientAssertion,
     None,
 }
 
@@ -42,10 +48,13 @@ struct Keys {
     token_url: String,
     #[serde(default = "default_grant")]
     grant: GrantType,
+    #[serde(default)]
     client_id: String,
     client_secret: Option<SecretSource>,
-    #[serde(default = "default_client_auth")]
-    client_auth: ClientAuth,
+    client_auth: Option<ClientAuth>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: Option<String>,
+    assertion: Option<SecretSource>,
     scope: Option<String>,
     audience: Option<String>,
     resource: Option<String>,
@@ -75,8 +84,10 @@ struct Keys {
 /// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
-/// Entra ID's on-behalf-of grant (RFC 7523 jwt-bearer with `requested_token_use`).
-const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.1; Entra ID's on-behalf-of sends it too, with `requested_token_use`.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.2: the default `client_assertion_type`.
+const JWT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// A rejected subject is remembered at most this long: beyond it a fixed token would stay
 /// refused for no reason.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -85,11 +96,9 @@ fn default_grant() -> GrantType {
     GrantType::ClientCredentials
 }
 
-fn default_client_auth() -> ClientAuth {
-    ClientAuth::ClientSecretBasic
-}
-
 pub struct OAuth2 {
+    /// The credential's name, for the log line of a retry after a rotation.
+    credential: String,
     token_url: String,
     grant: GrantType,
     client_id: String,
@@ -101,6 +110,9 @@ pub struct OAuth2 {
     password: Option<SecretSource>,
     private_key: Option<(SecretSource, jsonwebtoken::Algorithm)>,
     private_key_kid: Option<String>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: String,
+    assertion: Option<SecretSource>,
     exchange: Option<ExchangeSettings>,
     dpop: Option<TokenDpop>,
 }
@@ -137,7 +149,7 @@ const RESERVED: &[&str] = &[
 
 impl OAuth2 {
     pub fn from_keys(
-        _credential: &str,
+        credential: &str,
         keys: figment::value::Dict,
     ) -> Result<Self, Vec<(String, String)>> {
         let k: Keys = parse_keys(keys)?;
@@ -147,10 +159,53 @@ impl OAuth2 {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => err("token_url", "must be an http or https URL"),
         }
-        if k.client_id.is_empty() {
-            err("client_id", "must not be empty");
+        // The JWT bearer grant authenticates with its assertion: the client is optional there
+        // (RFC 7523 §3.1), so without a secret it defaults to no client authentication.
+        let client_auth = k.client_auth.unwrap_or(if k.client_assertion.is_some() {
+            ClientAuth::ClientAssertion
+        } else if k.grant == GrantType::JwtBearer && k.client_secret.is_none() {
+            ClientAuth::None
+        } else {
+            ClientAuth::ClientSecretBasic
+        });
+        let anonymous = k.grant == GrantType::JwtBearer && client_auth == ClientAuth::None;
+        if k.client_id.is_empty() && !anonymous {
+            err("client_id", "is required and must not be empty");
         }
-        match k.client_auth {
+        match (client_auth, &k.client_assertion) {
+            (ClientAuth::ClientAssertion, None) => err(
+                "client_assertion",
+                "is required by client_auth = \"client_assertion\" (e.g. { file = \"/var/run/secrets/azure/tokens/azure-identity-token\" })",
+            ),
+            (ClientAuth::ClientAssertion, Some(_)) => {}
+            (_, Some(_)) => err(
+                "client_assertion",
+                "is used only with client_auth = \"client_assertion\"",
+            ),
+            (_, None) => {}
+        }
+        if let Some(t) = &k.client_assertion_type {
+            if client_auth != ClientAuth::ClientAssertion {
+                err(
+                    "client_assertion_type",
+                    "is used only with client_auth = \"client_assertion\"",
+                );
+            } else if url::Url::parse(t).is_err() || t.chars().any(|c| c.is_whitespace()) {
+                err(
+                    "client_assertion_type",
+                    "must be an assertion type URI such as urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                );
+            }
+        }
+        match (k.grant, &k.assertion) {
+            (GrantType::JwtBearer, None) => err(
+                "assertion",
+                "grant = \"jwt_bearer\" needs the assertion (e.g. { file = \"/var/run/secrets/tokens/assertion\" })",
+            ),
+            (GrantType::JwtBearer, Some(_)) | (_, None) => {}
+            (_, Some(_)) => err("assertion", "is used only with grant = \"jwt_bearer\""),
+        }
+        match client_auth {
             ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost
                 if k.client_secret.is_none() =>
             {
@@ -225,17 +280,23 @@ impl OAuth2 {
         }
         params.extend(k.extra_params);
         Ok(OAuth2 {
+            credential: credential.to_string(),
             token_url: k.token_url,
             grant: k.grant,
             client_id: k.client_id,
             client_secret: k.client_secret,
-            client_auth: k.client_auth,
+            client_auth,
             params,
             bootstrap_refresh: k.refresh_token,
             username: k.username,
             password: k.password,
             private_key: k.private_key.map(|p| (p, alg)),
             private_key_kid: k.private_key_kid,
+            client_assertion: k.client_assertion,
+            client_assertion_type: k
+                .client_assertion_type
+                .unwrap_or_else(|| JWT_ASSERTION_TYPE.to_string()),
+            assertion: k.assertion,
             exchange,
             dpop,
         })
@@ -320,6 +381,17 @@ impl OAuth2 {
                 GrantType::TokenExchange => {
                     return Err(DialectError::fatal(
                         "a token-exchange credential has no token of its own: it exchanges each caller's",
+                    ));
+                }
+                GrantType::JwtBearer => {
+                    let source = self
+                        .assertion
+                        .as_ref()
+                        .ok_or_else(|| DialectError::fatal("`assertion` is not configured"))?;
+                    form.push(("grant_type".into(), JWT_BEARER_GRANT.into()));
+                    form.push((
+                        "assertion".into(),
+                        Self::secret(source, "assertion")?.expose().to_string(),
                     ));
                 }
             }
@@ -407,6 +479,21 @@ impl OAuth2 {
                 ));
                 form.push(("client_assertion".into(), self.client_assertion()?));
             }
+            ClientAuth::ClientAssertion => {
+                let source = self
+                    .client_assertion
+                    .as_ref()
+                    .ok_or_else(|| DialectError::fatal("`client_assertion` is not configured"))?;
+                // Read at each use: a projected token is rotated by the kubelet.
+                let assertion = Self::secret(source, "client_assertion")?;
+                form.push(("client_id".into(), self.client_id.clone()));
+                form.push((
+                    "client_assertion_type".into(),
+                    self.client_assertion_type.clone(),
+                ));
+                form.push(("client_assertion".into(), assertion.expose().to_string()));
+            }
+            ClientAuth::None if self.client_id.is_empty() => {}
             ClientAuth::None => form.push(("client_id".into(), self.client_id.clone())),
         }
         Ok(authorization)
@@ -477,6 +564,62 @@ impl OAuth2 {
                 }
             ))),
             _ => Ok(()),
+        }
+    }
+
+    /// Which assertion file changed since `form` was built, when the token endpoint refused
+    /// that assertion (RFC 7523 §3.1: `invalid_grant` for the grant's; §3.2: `invalid_client`
+    /// for the client's): the kubelet rotated the file while the request was in flight, and
+    /// one more try with the new content is worth it before the refusal counts as fatal.
+    fn rotated_since(
+        &self,
+        form: &[(String, String)],
+        response: &ProviderResponse,
+    ) -> Option<&'static str> {
+        if (200..300).contains(&response.status) {
+            return None;
+        }
+        let body = response.json().ok()?;
+        let code = error_code(&body)?;
+        let candidates = [
+            ("client_assertion", "invalid_client", &self.client_assertion),
+            ("assertion", "invalid_grant", &self.assertion),
+        ];
+        candidates.into_iter().find_map(|(key, refusal, source)| {
+            let sent = form.iter().find(|(k, _)| k == key).map(|(_, v)| v)?;
+            let now = source.as_ref()?.resolve().ok()?;
+            (code == refusal && now.expose() != sent.as_str()).then_some(key)
+        })
+    }
+
+    /// Posts the form `build` makes, and once more with a form built again (so with files read
+    /// again) for each of: a DPoP nonce challenge, and a refusal of an assertion whose file has
+    /// changed since it was read.
+    async fn post_fresh<T>(
+        &self,
+        build: impl Fn() -> Result<(Vec<(String, String)>, Option<String>, T), DialectError>,
+        client: &ProviderClient,
+    ) -> Result<(ProviderResponse, T), DialectError> {
+        let (mut form, authorization, mut extra) = build()?;
+        let mut response = self.post(&form, authorization, client).await?;
+        let (mut nonce_retried, mut rotation_retried) = (false, false);
+        loop {
+            if !nonce_retried && self.wants_nonce(&response) {
+                // RFC 9449 §8: the form is built again too (a client assertion's `jti` is
+                // single-use).
+                nonce_retried = true;
+            } else if let Some(key) = self
+                .rotated_since(&form, &response)
+                .filter(|_| !rotation_retried)
+            {
+                tracing::info!(credential = %self.credential, key, status = response.status, "the token endpoint refused an assertion whose file has changed since it was read; retrying once with the new one");
+                rotation_retried = true;
+            } else {
+                return Ok((response, extra));
+            }
+            let authorization;
+            (form, authorization, extra) = build()?;
+            response = self.post(&form, authorization, client).await?;
         }
     }
 }
@@ -829,11 +972,13 @@ impl Dialect for OAuth2 {
                 Some(ExchangeStyle::OnBehalfOf) => "token_exchange (Entra on_behalf_of)",
                 _ => "token_exchange",
             },
+            GrantType::JwtBearer => "jwt_bearer",
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
             ClientAuth::ClientSecretPost => "client_secret_post",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
         };
         let mut params: Vec<String> = self
@@ -849,10 +994,14 @@ impl Dialect for OAuth2 {
                 params.push(format!("subjects checked against {}", v.jwks_url));
             }
         }
+        let client = if self.client_id.is_empty() {
+            "with no client authentication".to_string()
+        } else {
+            format!("as client {:?} ({auth})", self.client_id)
+        };
         format!(
-            "oauth2 {grant} at {} as client {:?} ({auth}){}{}",
+            "oauth2 {grant} at {} {client}{}{}",
             self.token_url,
-            self.client_id,
             if params.is_empty() {
                 String::new()
             } else {
@@ -910,6 +1059,12 @@ impl Dialect for OAuth2 {
         if let Some(s) = self.dpop.as_ref().and_then(|d| d.source.as_ref()) {
             out.push(("dpop_key".into(), s));
         }
+        if let Some(s) = &self.client_assertion {
+            out.push(("client_assertion".into(), s));
+        }
+        if let Some(s) = &self.assertion {
+            out.push(("assertion".into(), s));
+        }
         out
     }
 
@@ -918,12 +1073,7 @@ impl Dialect for OAuth2 {
     }
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {
-        let (form, authorization, kind) = self.build_form(held)?;
-        let mut response = self.post(&form, authorization, client).await?;
-        if self.wants_nonce(&response) {
-            let (form, authorization, _) = self.build_form(held)?;
-            response = self.post(&form, authorization, client).await?;
-        }
+        let (response, kind) = self.post_fresh(|| self.build_form(held), client).await?;
         if (200..300).contains(&response.status) {
             self.check_token_type(&response)?;
             parse_success(&response, kind)
@@ -948,12 +1098,16 @@ impl Dialect for OAuth2 {
             ));
         };
         let actor = actor.map(Secret::expose);
-        let (form, authorization) = self.exchange_form(subject.expose(), actor, settings)?;
-        let mut response = self.post(&form, authorization, client).await?;
-        if self.wants_nonce(&response) {
-            let (form, authorization) = self.exchange_form(subject.expose(), actor, settings)?;
-            response = self.post(&form, authorization, client).await?;
-        }
+        let (response, ()) = self
+            .post_fresh(
+                || {
+                    let (form, authorization) =
+                        self.exchange_form(subject.expose(), actor, settings)?;
+                    Ok((form, authorization, ()))
+                },
+                client,
+            )
+            .await?;
         if (200..300).contains(&response.status) {
             self.check_token_type(&response)?;
             return parse_success(&response, GrantKind::Login);
@@ -1294,6 +1448,224 @@ mod tests {
         assert!(d.wants_nonce(&asks));
         assert!(!d.wants_nonce(&resp(400, r#"{"error":"invalid_grant"}"#)));
         assert!(!dialect(&[]).unwrap().wants_nonce(&asks));
+    }
+
+    fn no_secret(extra: &[(&str, figment::value::Value)]) -> Result<OAuth2, Vec<(String, String)>> {
+        let mut d = figment::value::Dict::new();
+        d.insert("token_url".into(), "https://idp.example/token".into());
+        for (k, v) in extra {
+            d.insert((*k).into(), v.clone());
+        }
+        OAuth2::from_keys("t", d)
+    }
+
+    fn file_source(path: &std::path::Path) -> figment::value::Value {
+        let mut m = figment::value::Dict::new();
+        m.insert("file".into(), path.display().to_string().into());
+        m.into()
+    }
+
+    fn field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn client_assertion_is_read_from_its_file_at_each_use_on_every_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.first.sig\n").unwrap();
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("client_auth", "client_assertion".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, auth, _) = d.build_form(&Held::default()).unwrap();
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "client_id"), Some("app"));
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some(JWT_ASSERTION_TYPE)
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.first.sig"));
+        std::fs::write(&path, "eyJ.second.sig").unwrap();
+        let held = Held {
+            access_token: None,
+            refresh_token: Some(Secret::new("rt")),
+        };
+        let (form, _, kind) = d.build_form(&held).unwrap();
+        assert_eq!(kind, GrantKind::Refresh);
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // client_assertion alone implies client_auth = "client_assertion"; a custom type is sent.
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("grant", "token_exchange".into()),
+            ("client_assertion", file_source(&path)),
+            ("client_assertion_type", "urn:example:assertion".into()),
+        ])
+        .unwrap();
+        let (form, _) = d
+            .exchange_form("subj", None, d.exchange_settings().unwrap())
+            .unwrap();
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some("urn:example:assertion")
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // A missing file names the key and the path, and is fatal.
+        std::fs::remove_file(&path).unwrap();
+        let e = d
+            .exchange_form("subj", None, d.exchange_settings().unwrap())
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(
+            e.message.contains("`client_assertion`")
+                && e.message.contains(&path.display().to_string()),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn jwt_bearer_sends_the_assertion_file_without_client_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("assertion");
+        std::fs::write(&path, "eyJ.grant.sig").unwrap();
+        let d = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+            ("scope", "partner.read".into()),
+        ])
+        .unwrap();
+        let (form, auth, kind) = d.build_form(&Held::default()).unwrap();
+        assert_eq!(kind, GrantKind::Login);
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "grant_type"), Some(JWT_BEARER_GRANT));
+        assert_eq!(field(&form, "assertion"), Some("eyJ.grant.sig"));
+        assert_eq!(field(&form, "scope"), Some("partner.read"));
+        assert_eq!(field(&form, "client_id"), None);
+        assert!(
+            d.describe().contains("jwt_bearer")
+                && d.describe().contains("no client authentication")
+        );
+        let keys: Vec<String> = d.secret_sources().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["assertion"]);
+        // With a secret, client authentication defaults to Basic as for other grants.
+        let d = dialect(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        assert!(
+            d.build_form(&Held::default())
+                .unwrap()
+                .1
+                .unwrap()
+                .starts_with("Basic ")
+        );
+    }
+
+    #[test]
+    fn assertion_config_errors_name_keys() {
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            no_secret(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "client_assertion".into())
+            ]),
+            vec!["client_assertion"]
+        );
+        assert_eq!(keys(&[("grant", "jwt_bearer".into())]), vec!["assertion"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("assertion", "x".into())
+            ]),
+            vec!["assertion"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("client_assertion_type", "urn:x".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_assertion", "x".into()),
+                ("client_assertion_type", "not a uri".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_auth", "client_secret_post".into()),
+                ("client_assertion", "x".into()),
+                ("client_secret", "s".into())
+            ]),
+            vec!["client_id", "client_assertion"]
+        );
+        assert_eq!(keys(&[("client_auth", "none".into())]), vec!["client_id"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("extra_params", {
+                    let mut m = figment::value::Dict::new();
+                    m.insert("assertion".into(), "x".into());
+                    m.into()
+                }),
+                ("client_auth", "none".into())
+            ]),
+            vec!["extra_params.assertion"]
+        );
+    }
+
+    #[test]
+    fn only_a_refusal_of_a_changed_assertion_file_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "old").unwrap();
+        let d = no_secret(&[
+            ("client_id", "a".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = d.build_form(&Held::default()).unwrap();
+        let refused = resp(401, r#"{"error":"invalid_client"}"#);
+        assert_eq!(d.rotated_since(&form, &refused), None, "unchanged file");
+        std::fs::write(&path, "new").unwrap();
+        assert_eq!(d.rotated_since(&form, &refused), Some("client_assertion"));
+        assert_eq!(
+            d.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            None
+        );
+        assert_eq!(d.rotated_since(&form, &resp(503, "")), None);
+        assert_eq!(
+            d.rotated_since(&form, &resp(200, r#"{"access_token":"x"}"#)),
+            None
+        );
+        let j = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = j.build_form(&Held::default()).unwrap();
+        std::fs::write(&path, "newer").unwrap();
+        assert_eq!(
+            j.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            Some("assertion")
+        );
+        assert_eq!(j.rotated_since(&form, &refused), None);
     }
 
     #[test]

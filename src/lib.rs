@@ -8,6 +8,7 @@ pub mod dev;
 pub mod dialect;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mtls;
 pub mod proxy;
 pub mod secret;
 pub mod server;

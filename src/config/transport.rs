@@ -1,5 +1,6 @@
 //! How tokenward reaches providers (a credential's own forward proxy and CA bundle, never the
-//! environment's proxy variables), and the start-up warnings for plaintext HTTP off loopback.
+//! environment's proxy variables), its client certificate for mutual TLS, and the start-up
+//! warnings for plaintext HTTP off loopback.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +8,8 @@ use std::path::PathBuf;
 use url::Url;
 
 use super::{Collector, Config};
+use crate::mtls::{ClientCertSource, Part};
+use crate::secret::SecretSource;
 
 /// How one credential's provider client connects: its `proxy` and `ca_file` keys.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,6 +20,8 @@ pub struct ProviderTransport {
     pub proxy: Option<Url>,
     /// PEM CAs for the token endpoint, replacing the built-in roots.
     pub ca_file: Option<PathBuf>,
+    /// The certificate presented to the token endpoint (RFC 8705 `tls_client_auth`).
+    pub client_cert: Option<ClientCertSource>,
 }
 
 /// Validates a credential's `proxy` and `ca_file`, reporting problems under `key`.
@@ -39,7 +44,59 @@ pub(super) fn validate(
             c.push(format!("{key}.ca_file"), reason);
         }
     }
-    ProviderTransport { proxy, ca_file }
+    ProviderTransport {
+        proxy,
+        ca_file,
+        client_cert: None,
+    }
+}
+
+/// `tls_client_cert` and `tls_client_key` under `key` (a credential or a route): both or
+/// neither. A pair written inline is checked now; one read from a file or the environment is
+/// checked by `check` and at start, like other secrets.
+pub(super) fn client_cert(
+    c: &mut Collector,
+    key: &str,
+    cert: Option<SecretSource>,
+    private_key: Option<SecretSource>,
+) -> Option<ClientCertSource> {
+    let (cert_key, key_key) = (
+        format!("{key}.tls_client_cert"),
+        format!("{key}.tls_client_key"),
+    );
+    let (cert, private_key) = match (cert, private_key) {
+        (None, None) => return None,
+        (Some(cert), Some(private_key)) => (cert, private_key),
+        (Some(_), None) => {
+            c.push(key_key, "is required with tls_client_cert (the certificate's PEM private key)");
+            return None;
+        }
+        (None, Some(_)) => {
+            c.push(cert_key, "is required with tls_client_key (the PEM certificate chain)");
+            return None;
+        }
+    };
+    let source = ClientCertSource {
+        cert,
+        key: private_key,
+        cert_key,
+        key_key,
+    };
+    if let (SecretSource::Literal(cert), SecretSource::Literal(private_key)) =
+        (&source.cert, &source.key)
+    {
+        if let Err((part, reason)) =
+            crate::mtls::parse_identity(cert.expose(), private_key.expose())
+        {
+            let at = match part {
+                Part::Cert => &source.cert_key,
+                Part::Key => &source.key_key,
+            };
+            c.push(at.clone(), reason);
+            return None;
+        }
+    }
+    Some(source)
 }
 
 /// Parses `proxy = "http://host:port"`. The raw value is never echoed: a mistyped URL could

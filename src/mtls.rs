@@ -77,7 +77,8 @@ impl ClientCertSource {
     /// Whether nothing is read from a file or the environment: then the config loader can check
     /// the pair at once.
     pub fn is_literal(&self) -> bool {
-        matches!(self.cert, SecretSource::Literal(_)) && matches!(self.key, SecretSource::Literal(_))
+        matches!(self.cert, SecretSource::Literal(_))
+            && matches!(self.key, SecretSource::Literal(_))
     }
 
     /// Reads and checks both; the error names the config key (and path), never the content.
@@ -124,7 +125,10 @@ pub fn parse_identity(cert_pem: &str, key_pem: &str) -> Result<ClientIdentity, (
         if store.add(der.clone()).is_err() {
             return Err((
                 Part::Cert,
-                format!("certificate {} of the chain is not a valid X.509 certificate", i + 1),
+                format!(
+                    "certificate {} of the chain is not a valid X.509 certificate",
+                    i + 1
+                ),
             ));
         }
     }
@@ -157,8 +161,7 @@ pub fn parse_identity(cert_pem: &str, key_pem: &str) -> Result<ClientIdentity, (
         Err(_) => {
             return Err((
                 Part::Key,
-                "is not a private key of a supported type (RSA, ECDSA P-256/P-384, Ed25519)"
-                    .into(),
+                "is not a private key of a supported type (RSA, ECDSA P-256/P-384, Ed25519)".into(),
             ));
         }
     }
@@ -408,7 +411,10 @@ mod tests {
         assert!(!e.contains(key_b.lines().nth(1).unwrap()), "{e}");
         std::fs::remove_file(dir.path().join("c.pem")).unwrap();
         let e = s.load().unwrap_err();
-        assert!(e.contains("routes[0].tls_client_cert") && e.contains("c.pem"), "{e}");
+        assert!(
+            e.contains("routes[0].tls_client_cert") && e.contains("c.pem"),
+            "{e}"
+        );
         let _ = key_a;
     }
 

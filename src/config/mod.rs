@@ -703,7 +703,10 @@ fn validate_credential(
         );
     }
     let mut transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
-    let (cert, cert_key) = (common.tls_client_cert.clone(), common.tls_client_key.clone());
+    let (cert, cert_key) = (
+        common.tls_client_cert.clone(),
+        common.tls_client_key.clone(),
+    );
     if built.tls_client_auth() {
         if cert.is_none() && cert_key.is_none() {
             c.push(
@@ -713,7 +716,10 @@ fn validate_credential(
         }
         transport.client_cert = transport::client_cert(c, key, cert, cert_key);
     } else {
-        for (k, given) in [("tls_client_cert", cert.is_some()), ("tls_client_key", cert_key.is_some())] {
+        for (k, given) in [
+            ("tls_client_cert", cert.is_some()),
+            ("tls_client_key", cert_key.is_some()),
+        ] {
             if given {
                 c.push(
                     format!("{key}.{k}"),

@@ -68,11 +68,17 @@ pub(super) fn client_cert(
         (None, None) => return None,
         (Some(cert), Some(private_key)) => (cert, private_key),
         (Some(_), None) => {
-            c.push(key_key, "is required with tls_client_cert (the certificate's PEM private key)");
+            c.push(
+                key_key,
+                "is required with tls_client_cert (the certificate's PEM private key)",
+            );
             return None;
         }
         (None, Some(_)) => {
-            c.push(cert_key, "is required with tls_client_key (the PEM certificate chain)");
+            c.push(
+                cert_key,
+                "is required with tls_client_key (the PEM certificate chain)",
+            );
             return None;
         }
     };
@@ -260,7 +266,8 @@ mod tests {
 
     #[test]
     fn tls_client_auth_keys_are_validated_and_named() {
-        let files = "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { file = \"/k.pem\" }";
+        let files =
+            "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { file = \"/k.pem\" }";
         for auth in ["tls_client_auth", "self_signed_tls_client_auth"] {
             let cfg = mtls_config(&format!("client_auth = \"{auth}\"\n{files}"), "").unwrap();
             let cert = cfg.credentials[0].transport.client_cert.as_ref().unwrap();
@@ -282,12 +289,17 @@ mod tests {
         let keys: Vec<_> = e.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             keys,
-            ["credentials.c.tls_client_cert", "credentials.c.tls_client_key"],
+            [
+                "credentials.c.tls_client_cert",
+                "credentials.c.tls_client_key"
+            ],
             "{e:?}"
         );
         assert!(e[0].1.contains("only with client_auth"), "{e:?}");
         let e = errors(mtls_config(
-            &format!("client_auth = \"tls_client_auth\"\nclient_secret = \"s3cret-value\"\n{files}"),
+            &format!(
+                "client_auth = \"tls_client_auth\"\nclient_secret = \"s3cret-value\"\n{files}"
+            ),
             "",
         ));
         assert_eq!(e[0].0, "credentials.c.client_secret", "{e:?}");
@@ -317,13 +329,17 @@ mod tests {
     #[test]
     fn route_client_certificates_need_both_keys_and_an_https_upstream() {
         let secret = "client_secret = \"s\"";
-        let files = "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { env = \"TW_KEY\" }";
+        let files =
+            "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { env = \"TW_KEY\" }";
         let cfg = mtls_config(secret, files).unwrap();
         assert_eq!(
             cfg.routes[0].client_cert.as_ref().unwrap().key_key,
             "routes[0].tls_client_key"
         );
-        let e = errors(mtls_config(secret, "tls_client_key = { file = \"/k.pem\" }"));
+        let e = errors(mtls_config(
+            secret,
+            "tls_client_key = { file = \"/k.pem\" }",
+        ));
         assert_eq!(e[0].0, "routes[0].tls_client_cert", "{e:?}");
         let text = format!(
             "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://api.example.com\"\ncredential = \"c\"\n{files}\n\

@@ -131,6 +131,8 @@ enum Trust {
     Ca(Arc<dyn ClientCertVerifier>),
     /// RFC 8705 §2.2: exactly these (self-signed) certificates, by SHA-256.
     Pinned(Vec<[u8; 32]>),
+    /// Asks for a certificate but does not require one: shows whether a client offers one.
+    Optional,
 }
 
 impl Trust {
@@ -144,13 +146,14 @@ impl Trust {
 
     fn accepts(&self, chain: &[CertificateDer<'static>]) -> bool {
         let Some(leaf) = chain.first() else {
-            return false;
+            return matches!(self, Trust::Optional);
         };
         match self {
             Trust::Ca(v) => v
                 .verify_client_cert(leaf, &chain[1..], UnixTime::now())
                 .is_ok(),
             Trust::Pinned(pins) => pins.contains(&sha256(leaf)),
+            Trust::Optional => true,
         }
     }
 }
@@ -173,7 +176,7 @@ impl ClientCertVerifier for Policy {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        !matches!(*self.trust.lock().unwrap(), Trust::Optional)
     }
 
     fn verify_client_cert(
@@ -190,6 +193,7 @@ impl ClientCertVerifier for Policy {
             Trust::Pinned(_) => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::UnknownIssuer,
             )),
+            Trust::Optional => Ok(ClientCertVerified::assertion()),
         }
     }
 
@@ -513,11 +517,13 @@ async fn tls_client_auth_presents_the_certificate_to_the_token_endpoint_only() {
     assert!(idp.hits().is_empty());
     assert!(idp.handshakes_refused.load(Ordering::SeqCst) >= 2);
 
-    let upstream = FakeUpstream::start().await;
+    // The upstream asks every client for a certificate without requiring one.
+    let upstream = MtlsServer::start(Role::Upstream, &server_ca, Trust::Optional).await;
     let (proxy, admin) = (free_port(), free_port());
     let routes = format!(
-        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
-        upstream.addr()
+        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"{}\"\ncredential = \"api\"\nca_file = \"{}\"\n",
+        upstream.url(""),
+        dir.path().join("server-ca.pem").display()
     );
     let credential = mtls_credential(
         &idp.url("/token"),
@@ -557,11 +563,15 @@ async fn tls_client_auth_presents_the_certificate_to_the_token_endpoint_only() {
         ["grant_type", "client_id"],
         "client_id in the body and no secret"
     );
-    let seen = upstream.seen();
+    let seen = upstream.hits();
     assert_eq!(seen.len(), 1);
     assert_eq!(
-        seen[0].all("authorization"),
-        [format!("Bearer {}", hits[0].issued.as_deref().unwrap())]
+        seen[0].authorization,
+        Some(format!("Bearer {}", hits[0].issued.as_deref().unwrap()))
+    );
+    assert_eq!(
+        seen[0].cert, [0; 32],
+        "the upstream asked, but the credential's certificate is for its token endpoint only"
     );
 
     let mut secrets = leaf.key_material();

@@ -9,6 +9,7 @@ pub mod dialect;
 pub mod dpop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mtls;
 pub mod proxy;
 pub mod secret;
 pub mod server;

@@ -98,6 +98,8 @@ pub struct RouteConfig {
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
     pub reauth_statuses: Vec<u16>,
+    /// The client certificate presented to the upstream (mutual TLS).
+    pub client_cert: Option<crate::mtls::ClientCertSource>,
 }
 
 /// Where a route's requests go: parsed once from `upstream = "https://host:port/base"`.
@@ -550,6 +552,15 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             c.push(format!("{key}.ca_file"), reason);
         }
     }
+    let client_cert = transport::client_cert(c, key, raw.tls_client_cert, raw.tls_client_key);
+    if let (Some(cert), Some(u)) = (&client_cert, &upstream) {
+        if !u.tls {
+            c.push(
+                cert.cert_key.clone(),
+                "is presented only over TLS: the upstream must be https://",
+            );
+        }
+    }
     Some(RouteConfig {
         name: raw.name,
         listen,
@@ -563,6 +574,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
         idle_timeout,
         reauth_statuses,
+        client_cert,
     })
 }
 
@@ -728,7 +740,32 @@ fn validate_credential(
             "must not be shorter than probe_interval",
         );
     }
-    let transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
+    let mut transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
+    let (cert, cert_key) = (
+        common.tls_client_cert.clone(),
+        common.tls_client_key.clone(),
+    );
+    if built.tls_client_auth() {
+        if cert.is_none() && cert_key.is_none() {
+            c.push(
+                format!("{key}.tls_client_cert"),
+                "is required (with tls_client_key) by client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\"",
+            );
+        }
+        transport.client_cert = transport::client_cert(c, key, cert, cert_key);
+    } else {
+        for (k, given) in [
+            ("tls_client_cert", cert.is_some()),
+            ("tls_client_key", cert_key.is_some()),
+        ] {
+            if given {
+                c.push(
+                    format!("{key}.{k}"),
+                    "is used only with client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\" (the certificate goes to the token endpoint only)",
+                );
+            }
+        }
+    }
     let mut fingerprint = fingerprint;
     if let Some(dpop) = built.dpop() {
         // RFC 9449 §7.1: a DPoP-bound token goes in Authorization with the DPoP scheme.

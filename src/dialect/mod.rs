@@ -215,6 +215,12 @@ pub trait Dialect: Send + Sync {
         None
     }
 
+    /// Whether the client authenticates by its TLS certificate (RFC 8705): then the credential
+    /// needs `tls_client_cert` and `tls_client_key`, and no other credential may have them.
+    fn tls_client_auth(&self) -> bool {
+        false
+    }
+
     /// Obtains a token: a refresh when `held.refresh_token` is set, otherwise a login.
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError>;
 

@@ -40,6 +40,10 @@ pub enum ClientAuth {
     /// projected service-account token of a workload identity federation).
     ClientAssertion,
     None,
+    /// RFC 8705 §2.1: a certificate from a CA the provider trusts; `client_id` in the body.
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed certificate the provider has registered for the client.
+    SelfSignedTlsClientAuth,
 }
 
 #[derive(Deserialize)]
@@ -218,6 +222,14 @@ impl OAuth2 {
                 "private_key",
                 "is required by client_auth = \"private_key_jwt\"",
             ),
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+                if k.client_secret.is_some() =>
+            {
+                err(
+                    "client_secret",
+                    "is never sent with a TLS client certificate (RFC 8705); remove it",
+                )
+            }
             _ => {}
         }
         match k.grant {
@@ -495,6 +507,10 @@ impl OAuth2 {
             }
             ClientAuth::None if self.client_id.is_empty() => {}
             ClientAuth::None => form.push(("client_id".into(), self.client_id.clone())),
+            // RFC 8705 §2: the certificate on the connection authenticates; only the id is sent.
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+                form.push(("client_id".into(), self.client_id.clone()))
+            }
         }
         Ok(authorization)
     }
@@ -980,6 +996,8 @@ impl Dialect for OAuth2 {
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
             ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         };
         let mut params: Vec<String> = self
             .params
@@ -1070,6 +1088,13 @@ impl Dialect for OAuth2 {
 
     fn bootstrap_refresh_token(&self) -> Option<&SecretSource> {
         self.bootstrap_refresh.as_ref()
+    }
+
+    fn tls_client_auth(&self) -> bool {
+        matches!(
+            self.client_auth,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
     }
 
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {

@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the request path's own work: route lookup, the lock-free token read,
-//! and the header a token is presented in. Run: `cargo bench --bench hot_path`.
+//! the header a token is presented in, and a DPoP proof. Run: `cargo bench --bench hot_path`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +57,7 @@ impl Dialect for InstantExchange {
     async fn exchange(
         &self,
         _subject: &Secret,
+        _actor: Option<&Secret>,
         _client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         Instant.obtain(&Held::default(), _client).await
@@ -121,6 +122,10 @@ fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
         requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         cache_max_entries: 10_000,
         negative_ttl: Duration::from_secs(5),
+        actor: None,
+        actor_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
+        subject_validation: None,
+        style: tokenward::dialect::ExchangeStyle::Rfc8693,
     };
     let cred_config = CredentialConfig {
         dialect: Arc::new(InstantExchange(settings)),
@@ -163,6 +168,28 @@ fn hot_path(c: &mut Criterion) {
     rt.block_on(exchanger.token(&subject)).unwrap();
     c.bench_function("exchange_cache_hit_hash_and_lookup", |b| {
         b.iter(|| black_box(rt.block_on(exchanger.token(black_box(&subject))).is_ok()))
+    });
+    // One ES256 proof for a typical upstream URL and an access token of JWT size (~800 bytes):
+    // what a DPoP route adds to each request.
+    let dpop = tokenward::dpop::DpopKey::generate().unwrap();
+    dpop.set_nonce("https://orders.example.com", b"eyJ7S_zG.eyJH0-Z.HX4w-7v");
+    let access_token = format!(
+        "eyJhbGciOiJSUzI1NiJ9.{}.{}",
+        "e".repeat(600),
+        "s".repeat(171)
+    );
+    c.bench_function("dpop_proof", |b| {
+        b.iter(|| {
+            black_box(
+                dpop.proof(
+                    "GET",
+                    black_box("https://orders.example.com"),
+                    black_box("/api/v1/orders/42"),
+                    Some(black_box(&access_token)),
+                )
+                .unwrap(),
+            )
+        })
     });
     let p = Presentation::parse("Authorization", "Bearer {token}").unwrap();
     c.bench_function("presentation_render", |b| {

@@ -438,6 +438,43 @@ PYEOF
 }
 check "native sidecar shape (manifests and rendered chart)" sidecar_shape
 
+# The workload-identity example: the projected service-account token reaches the sidecar only,
+# at the path its embedded tokenward.toml reads (`tokenward check` of that config runs in the
+# Rust suite, tests/cli.rs).
+workload_identity_shape() {
+    "$PY" - deploy/kubernetes/workload-identity.yaml deploy/kubernetes/kustomization.yaml <<'PYEOF'
+import sys, tomllib, yaml
+errors = []
+def expect(cond, what):
+    print(("ok:    " if cond else "FAIL:  ") + what)
+    if not cond:
+        errors.append(what)
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = {d["kind"]: d for d in docs}
+expect({"ServiceAccount", "ConfigMap", "Deployment"} <= set(kinds), "ServiceAccount, ConfigMap and Deployment")
+spec = kinds["Deployment"]["spec"]["template"]["spec"]
+expect(spec.get("automountServiceAccountToken") is False, "no API service-account token in the pod")
+vols = {v["name"]: v for v in spec.get("volumes", [])}
+sources = [s["serviceAccountToken"] for v in vols.values() for s in v.get("projected", {}).get("sources", []) if "serviceAccountToken" in s]
+expect(len(sources) == 1 and sources[0].get("audience") == "api://AzureADTokenExchange", "one projected token with audience api://AzureADTokenExchange")
+token_vol = next((n for n, v in vols.items() if "projected" in v), None)
+sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "tokenward"]
+expect(len(sidecars) == 1 and sidecars[0].get("restartPolicy") == "Always", "tokenward is a native sidecar")
+mounts = {m["name"]: m for m in sidecars[0].get("volumeMounts", [])} if sidecars else {}
+expect(mounts.get(token_vol, {}).get("mountPath") == "/var/run/secrets/azure/tokens" and mounts.get(token_vol, {}).get("readOnly") is True,
+       "token mounted read-only at /var/run/secrets/azure/tokens in tokenward")
+others = [c["name"] for c in spec.get("containers", []) if any(m["name"] == token_vol for m in c.get("volumeMounts", []))]
+expect(not others, "the app containers do not get the token")
+cfg = tomllib.loads(kinds["ConfigMap"]["data"]["tokenward.toml"])
+creds = [c for c in cfg.get("credentials", {}).values() if c.get("client_auth") == "client_assertion"]
+path = "/var/run/secrets/azure/tokens/" + (sources[0].get("path", "") if sources else "")
+expect(len(creds) == 1 and creds[0].get("client_assertion") == {"file": path}, f"tokenward.toml reads the client assertion from {path}")
+expect("workload-identity.yaml" not in open(sys.argv[2]).read(), "standalone: not in kustomization.yaml")
+sys.exit(1 if errors else 0)
+PYEOF
+}
+check "workload identity example (projected token to the sidecar only)" workload_identity_shape
+
 # --- tokenward.toml files: TOML syntax and the settings each deployment shape depends on.
 # (`tokenward check --config ... --skip-secrets` validates their meaning on the Rust side.)
 toml_configs() {

@@ -156,6 +156,31 @@ fn warn_at_start(config: &Config) {
     }
 }
 
+/// Reads and checks a client certificate and its key; says which certificate, never the key.
+fn check_client_cert(
+    path: &std::path::Path,
+    cert: &crate::mtls::ClientCertSource,
+    skip_secrets: bool,
+    problems: &mut Vec<String>,
+) {
+    if skip_secrets {
+        println!(
+            "           client certificate: {:?}, key {:?} (not read: --skip-secrets)",
+            cert.cert, cert.key
+        );
+        return;
+    }
+    match cert.load() {
+        Ok(identity) => println!(
+            "           client certificate: {:?} (sha256 {}), key {:?} (matches)",
+            cert.cert,
+            identity.thumbprint_hex(),
+            cert.key
+        ),
+        Err(e) => problems.push(format!("config error: {}: {e}", path.display())),
+    }
+}
+
 fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -207,6 +232,9 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             "route     {}: {}{} -> {} with credential {}",
             r.name, r.listen, matcher, r.upstream, r.credential
         );
+        if let Some(cert) = &r.client_cert {
+            check_client_cert(path, cert, skip_secrets, &mut problems);
+        }
     }
     for c in &config.credentials {
         let t = &c.timing;
@@ -230,13 +258,20 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
                 None => String::new(),
             }
         );
+        if let Some(cert) = &c.transport.client_cert {
+            check_client_cert(path, cert, skip_secrets, &mut problems);
+        }
         for (key, source) in c.dialect.secret_sources() {
             if skip_secrets {
                 println!("           secret {key}: {source:?} (not read: --skip-secrets)");
                 continue;
             }
-            match source.resolve() {
-                Ok(_) => println!("           secret {key}: {source:?} (readable)"),
+            match source
+                .resolve()
+                .map_err(|e| e.to_string())
+                .and_then(|value| c.dialect.check_secret(&key, &value))
+            {
+                Ok(()) => println!("           secret {key}: {source:?} (readable)"),
                 Err(e) => problems.push(format!(
                     "config error: {}: `credentials.{}.{key}`: {e}",
                     path.display(),

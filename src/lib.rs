@@ -6,8 +6,10 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 pub mod dialect;
+pub mod dpop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mtls;
 pub mod proxy;
 pub mod secret;
 pub mod server;

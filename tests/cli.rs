@@ -65,11 +65,33 @@ fn configmap_config(dir: &Path) -> PathBuf {
     path
 }
 
+/// The tokenward.toml of the ConfigMap in the multi-document workload-identity example.
+fn workload_identity_config(dir: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("deploy/kubernetes/workload-identity.yaml")).unwrap();
+    let config = text
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: ConfigMap"))
+        .and_then(|doc| doc.split_once("  tokenward.toml: |\n"))
+        .map(|(_, body)| {
+            body.lines()
+                .map(|l| l.strip_prefix("    ").unwrap_or(l))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .expect("workload-identity.yaml has a ConfigMap with tokenward.toml");
+    let path = dir.join("workload-identity-tokenward.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
 #[test]
 fn check_passes_on_every_shipped_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut configs = shipped_configs();
     configs.push(configmap_config(dir.path()));
+    configs.push(workload_identity_config(dir.path()));
     assert!(configs.len() >= 10, "{configs:?}");
     for path in configs {
         let out = tokenward(&[

@@ -79,6 +79,10 @@ pub struct RouteFile {
     pub idle_timeout: Option<HumanDuration>,
     /// Upstream statuses that mean "this token was rejected" (default [401]; [] turns it off).
     pub reauth_statuses: Option<Vec<u16>>,
+    /// PEM client certificate (chain allowed) presented to an https upstream (mutual TLS).
+    pub tls_client_cert: Option<SecretSource>,
+    /// PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<SecretSource>,
 }
 
 /// Keys every credential accepts whatever its dialect: how the token is presented upstream and
@@ -100,6 +104,10 @@ pub struct CommonCredentialFile {
     pub proxy: Option<String>,
     /// PEM bundle of CAs that sign the token endpoint's certificate, replacing the built-in roots.
     pub ca_file: Option<String>,
+    /// PEM client certificate (chain allowed) presented to the token endpoint (RFC 8705).
+    pub tls_client_cert: Option<SecretSource>,
+    /// PEM private key of `tls_client_cert`.
+    pub tls_client_key: Option<SecretSource>,
 }
 
 impl CommonCredentialFile {
@@ -116,6 +124,8 @@ impl CommonCredentialFile {
         "timeout",
         "proxy",
         "ca_file",
+        "tls_client_cert",
+        "tls_client_key",
     ];
 }
 

@@ -98,6 +98,8 @@ pub struct RouteConfig {
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
     pub reauth_statuses: Vec<u16>,
+    /// The client certificate presented to the upstream (mutual TLS).
+    pub client_cert: Option<crate::mtls::ClientCertSource>,
 }
 
 /// Where a route's requests go: parsed once from `upstream = "https://host:port/base"`.
@@ -349,6 +351,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         raw.admin.listen.as_deref().unwrap_or("127.0.0.1:9901"),
     );
     let state_dir = PathBuf::from(raw.state.dir.as_deref().unwrap_or("./state"));
+    let shared_store = raw.state.redis.is_some();
     let state_redis = validate_state_redis(&mut c, raw.state);
 
     let mut credentials = Vec::new();
@@ -365,7 +368,20 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
             credentials.push(cred);
         }
     }
+    for cred in &credentials {
+        // Each replica would generate its own key, and a token bound to one is useless to the
+        // others that share it through the store.
+        if shared_store && cred.dialect.dpop().is_some_and(|k| k.generated()) {
+            c.push(
+                format!("credentials.{}.dpop", cred.name),
+                "a key generated at start differs on every replica, but `state.redis` shares \
+                 the DPoP-bound token between them; give every replica the same key with \
+                 dpop_key = { file = \"…\" }",
+            );
+        }
+    }
 
+    check_actors(&mut c, &credentials);
     let known: BTreeSet<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
     let mut routes = Vec::new();
     let mut names = BTreeSet::new();
@@ -536,6 +552,15 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
             c.push(format!("{key}.ca_file"), reason);
         }
     }
+    let client_cert = transport::client_cert(c, key, raw.tls_client_cert, raw.tls_client_key);
+    if let (Some(cert), Some(u)) = (&client_cert, &upstream) {
+        if !u.tls {
+            c.push(
+                cert.cert_key.clone(),
+                "is presented only over TLS: the upstream must be https://",
+            );
+        }
+    }
     Some(RouteConfig {
         name: raw.name,
         listen,
@@ -549,7 +574,32 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
         idle_timeout,
         reauth_statuses,
+        client_cert,
     })
+}
+
+/// A token-exchange credential's `actor` must name another credential that has a token of its
+/// own (a per-caller credential has none to act with).
+fn check_actors(c: &mut Collector, credentials: &[CredentialConfig]) {
+    for cred in credentials {
+        let Some(actor) = cred
+            .dialect
+            .exchange_settings()
+            .and_then(|s| s.actor.as_deref())
+        else {
+            continue;
+        };
+        let key = format!("credentials.{}.actor", cred.name);
+        match credentials.iter().find(|a| a.name == actor) {
+            _ if actor == cred.name => c.push(key, "cannot name the credential itself"),
+            None => c.push(key, format!("no credential named {actor:?} is defined")),
+            Some(a) if a.dialect.exchange_settings().is_some() => c.push(
+                key,
+                format!("credential {actor:?} exchanges tokens per caller and has no token of its own to act with"),
+            ),
+            Some(_) => {}
+        }
+    }
 }
 
 /// Two routes on one listener that match exactly the same requests would make one unreachable.
@@ -690,7 +740,61 @@ fn validate_credential(
             "must not be shorter than probe_interval",
         );
     }
-    let transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
+    let mut transport = transport::validate(c, key, common.proxy.clone(), common.ca_file.clone());
+    let (cert, cert_key) = (
+        common.tls_client_cert.clone(),
+        common.tls_client_key.clone(),
+    );
+    if built.tls_client_auth() {
+        if cert.is_none() && cert_key.is_none() {
+            c.push(
+                format!("{key}.tls_client_cert"),
+                "is required (with tls_client_key) by client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\"",
+            );
+        }
+        transport.client_cert = transport::client_cert(c, key, cert, cert_key);
+    } else {
+        for (k, given) in [
+            ("tls_client_cert", cert.is_some()),
+            ("tls_client_key", cert_key.is_some()),
+        ] {
+            if given {
+                c.push(
+                    format!("{key}.{k}"),
+                    "is used only with client_auth = \"tls_client_auth\" or \"self_signed_tls_client_auth\" (the certificate goes to the token endpoint only)",
+                );
+            }
+        }
+    }
+    let mut fingerprint = fingerprint;
+    if let Some(dpop) = built.dpop() {
+        // RFC 9449 §7.1: a DPoP-bound token goes in Authorization with the DPoP scheme.
+        if common
+            .header
+            .as_deref()
+            .is_some_and(|h| !h.eq_ignore_ascii_case("authorization"))
+        {
+            c.push(
+                format!("{key}.header"),
+                "a DPoP credential's token is sent in Authorization; leave `header` unset",
+            );
+        }
+        if common
+            .format
+            .as_deref()
+            .is_some_and(|f| f != "DPoP {token}")
+        {
+            c.push(
+                format!("{key}.format"),
+                "a DPoP credential's token is sent as `DPoP {token}`; leave `format` unset",
+            );
+        }
+        // A new key file is a new credential (a token bound to the old key is useless).
+        if !dpop.generated() {
+            fingerprint.push('-');
+            fingerprint.push_str(dpop.thumbprint());
+        }
+    }
     let header = common.header.as_deref().unwrap_or("Authorization");
     let format = common
         .format
@@ -753,6 +857,33 @@ client_secret = "s3cret"
         assert!(cfg.routes[0].upstream.tls);
         assert_eq!(cfg.credentials[0].presentation.render("abc"), "Bearer abc");
         assert_eq!(cfg.credentials[0].timing, Timing::default());
+    }
+
+    #[test]
+    fn dpop_credentials_keep_authorization_and_a_shared_store_needs_a_key_file() {
+        let with = |extra: &str, state: &str| {
+            load_str(
+                "toml",
+                &format!("{state}\n{}\ndpop = true\n{extra}\n", GOOD.trim()),
+            )
+        };
+        let cfg = with("", "").unwrap();
+        assert_eq!(cfg.credentials[0].presentation.render("t"), "DPoP t");
+        let keys = |e: ConfigErrors| e.0.into_iter().map(|e| e.key).collect::<Vec<_>>();
+        let e = keys(with("format = \"Bearer {token}\"\nheader = \"X-Token\"", "").unwrap_err());
+        assert!(
+            e.contains(&"credentials.orders.format".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"credentials.orders.header".to_string()),
+            "{e:?}"
+        );
+        assert!(with("format = \"DPoP {token}\"", "").is_ok());
+        let redis = "[state]\nredis = \"redis://127.0.0.1:6379/0\"\nencryption_key = \"0000000000000000000000000000000000000000000000000000000000000000\"";
+        let e = with("", redis).unwrap_err();
+        assert_eq!(keys(e.clone()), vec!["credentials.orders.dpop".to_string()]);
+        assert!(e.to_string().contains("dpop_key"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! How tokenward reaches providers (a credential's own forward proxy and CA bundle, never the
-//! environment's proxy variables), and the start-up warnings for plaintext HTTP off loopback.
+//! environment's proxy variables), its client certificate for mutual TLS, and the start-up
+//! warnings for plaintext HTTP off loopback.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -7,6 +8,8 @@ use std::path::PathBuf;
 use url::Url;
 
 use super::{Collector, Config};
+use crate::mtls::{ClientCertSource, Part};
+use crate::secret::SecretSource;
 
 /// How one credential's provider client connects: its `proxy` and `ca_file` keys.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -17,6 +20,8 @@ pub struct ProviderTransport {
     pub proxy: Option<Url>,
     /// PEM CAs for the token endpoint, replacing the built-in roots.
     pub ca_file: Option<PathBuf>,
+    /// The certificate presented to the token endpoint (RFC 8705 `tls_client_auth`).
+    pub client_cert: Option<ClientCertSource>,
 }
 
 /// Validates a credential's `proxy` and `ca_file`, reporting problems under `key`.
@@ -39,7 +44,65 @@ pub(super) fn validate(
             c.push(format!("{key}.ca_file"), reason);
         }
     }
-    ProviderTransport { proxy, ca_file }
+    ProviderTransport {
+        proxy,
+        ca_file,
+        client_cert: None,
+    }
+}
+
+/// `tls_client_cert` and `tls_client_key` under `key` (a credential or a route): both or
+/// neither. A pair written inline is checked now; one read from a file or the environment is
+/// checked by `check` and at start, like other secrets.
+pub(super) fn client_cert(
+    c: &mut Collector,
+    key: &str,
+    cert: Option<SecretSource>,
+    private_key: Option<SecretSource>,
+) -> Option<ClientCertSource> {
+    let (cert_key, key_key) = (
+        format!("{key}.tls_client_cert"),
+        format!("{key}.tls_client_key"),
+    );
+    let (cert, private_key) = match (cert, private_key) {
+        (None, None) => return None,
+        (Some(cert), Some(private_key)) => (cert, private_key),
+        (Some(_), None) => {
+            c.push(
+                key_key,
+                "is required with tls_client_cert (the certificate's PEM private key)",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            c.push(
+                cert_key,
+                "is required with tls_client_key (the PEM certificate chain)",
+            );
+            return None;
+        }
+    };
+    let source = ClientCertSource {
+        cert,
+        key: private_key,
+        cert_key,
+        key_key,
+    };
+    if let (SecretSource::Literal(cert), SecretSource::Literal(private_key)) =
+        (&source.cert, &source.key)
+    {
+        if let Err((part, reason)) =
+            crate::mtls::parse_identity(cert.expose(), private_key.expose())
+        {
+            let at = match part {
+                Part::Cert => &source.cert_key,
+                Part::Key => &source.key_key,
+            };
+            c.push(at.clone(), reason);
+            return None;
+        }
+    }
+    Some(source)
 }
 
 /// Parses `proxy = "http://host:port"`. The raw value is never echoed: a mistyped URL could
@@ -177,6 +240,114 @@ mod tests {
             plaintext_off_loopback("HTTP://{secret.host}/login"),
             Some("http://{secret.host}".into())
         );
+    }
+
+    fn mtls_config(credential: &str, route: &str) -> Result<Config, super::super::ConfigErrors> {
+        let text = format!(
+            "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"https://api.example.com\"\ncredential = \"c\"\n{route}\n\
+             [credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"i\"\n{credential}\n"
+        );
+        Config::parse(std::path::Path::new("t.toml"), &text, false)
+    }
+
+    fn errors(result: Result<Config, super::super::ConfigErrors>) -> Vec<(String, String)> {
+        let e = result.expect_err("must be refused");
+        e.0.into_iter().map(|e| (e.key, e.reason)).collect()
+    }
+
+    fn pem_pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["tw".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn tls_client_auth_keys_are_validated_and_named() {
+        let files =
+            "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { file = \"/k.pem\" }";
+        for auth in ["tls_client_auth", "self_signed_tls_client_auth"] {
+            let cfg = mtls_config(&format!("client_auth = \"{auth}\"\n{files}"), "").unwrap();
+            let cert = cfg.credentials[0].transport.client_cert.as_ref().unwrap();
+            assert_eq!(cert.cert_key, "credentials.c.tls_client_cert");
+            assert!(cfg.credentials[0].dialect.describe().contains(auth));
+            let e = errors(mtls_config(&format!("client_auth = \"{auth}\""), ""));
+            assert_eq!(e[0].0, "credentials.c.tls_client_cert", "{e:?}");
+            assert!(e[0].1.contains("required"), "{e:?}");
+        }
+        let e = errors(mtls_config(
+            "client_auth = \"tls_client_auth\"\ntls_client_cert = { file = \"/c.pem\" }",
+            "",
+        ));
+        assert_eq!(e[0].0, "credentials.c.tls_client_key", "{e:?}");
+        let e = errors(mtls_config(
+            &format!("client_secret = \"s3cret-value\"\n{files}"),
+            "",
+        ));
+        let keys: Vec<_> = e.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "credentials.c.tls_client_cert",
+                "credentials.c.tls_client_key"
+            ],
+            "{e:?}"
+        );
+        assert!(e[0].1.contains("only with client_auth"), "{e:?}");
+        let e = errors(mtls_config(
+            &format!(
+                "client_auth = \"tls_client_auth\"\nclient_secret = \"s3cret-value\"\n{files}"
+            ),
+            "",
+        ));
+        assert_eq!(e[0].0, "credentials.c.client_secret", "{e:?}");
+    }
+
+    #[test]
+    fn inline_pairs_are_parsed_at_load_without_echoing_them() {
+        let (cert, key) = pem_pair();
+        let (_, other_key) = pem_pair();
+        let inline = |cert: &str, key: &str| {
+            format!(
+                "client_auth = \"tls_client_auth\"\ntls_client_cert = '''{cert}'''\ntls_client_key = '''{key}'''"
+            )
+        };
+        assert!(mtls_config(&inline(&cert, &key), "").is_ok());
+        let e = errors(mtls_config(&inline(&cert, &other_key), ""));
+        assert_eq!(e[0].0, "credentials.c.tls_client_key", "{e:?}");
+        assert!(e[0].1.contains("does not match"), "{e:?}");
+        let e = errors(mtls_config(&inline("not a certificate", &key), ""));
+        assert_eq!(e[0].0, "credentials.c.tls_client_cert", "{e:?}");
+        let e = errors(mtls_config(&inline(&cert, &cert), ""));
+        assert_eq!(e[0].0, "credentials.c.tls_client_key", "{e:?}");
+        let body = key.lines().nth(1).unwrap();
+        assert!(!format!("{e:?}").contains(body));
+    }
+
+    #[test]
+    fn route_client_certificates_need_both_keys_and_an_https_upstream() {
+        let secret = "client_secret = \"s\"";
+        let files =
+            "tls_client_cert = { file = \"/c.pem\" }\ntls_client_key = { env = \"TW_KEY\" }";
+        let cfg = mtls_config(secret, files).unwrap();
+        assert_eq!(
+            cfg.routes[0].client_cert.as_ref().unwrap().key_key,
+            "routes[0].tls_client_key"
+        );
+        let e = errors(mtls_config(
+            secret,
+            "tls_client_key = { file = \"/k.pem\" }",
+        ));
+        assert_eq!(e[0].0, "routes[0].tls_client_cert", "{e:?}");
+        let text = format!(
+            "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://api.example.com\"\ncredential = \"c\"\n{files}\n\
+             [credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example.com/t\"\nclient_id = \"i\"\n{secret}\n"
+        );
+        let e = errors(Config::parse(std::path::Path::new("t.toml"), &text, false));
+        assert_eq!(e[0].0, "routes[0].tls_client_cert", "{e:?}");
+        assert!(e[0].1.contains("https"), "{e:?}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The HTTP client dialects use to reach providers: bounded in time and size, with errors that
 //! never carry a URL (query strings can hold credentials) or a response body.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -11,10 +12,32 @@ use crate::config::ProviderTransport;
 /// Provider answers larger than this are refused: a token response is a few kilobytes.
 pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProviderClient {
-    client: reqwest::Client,
+    client: Clients,
     timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Clients {
+    Fixed(reqwest::Client),
+    /// With a client certificate (RFC 8705): the certificate and key files are looked at before
+    /// each token request, and a change builds a new client. The old client's pooled
+    /// connections, made with the old certificate, go with it, so the first request after a
+    /// rotation opens a new connection that presents the new certificate.
+    Rotating(Arc<crate::mtls::Rotating<reqwest::Client>>),
+}
+
+impl std::fmt::Debug for ProviderClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderClient")
+            .field("timeout", &self.timeout)
+            .field(
+                "client_certificate",
+                &matches!(self.client, Clients::Rotating(_)),
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug)]
@@ -28,6 +51,25 @@ impl ProviderClient {
     /// A client that goes through `transport.proxy` or straight to the provider: reqwest would
     /// otherwise follow `HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`/`NO_PROXY` from the environment.
     pub fn new(timeout: Duration, transport: &ProviderTransport) -> Result<Self, String> {
+        let client = match &transport.client_cert {
+            None => Clients::Fixed(Self::build(timeout, transport, None)?),
+            Some(source) => {
+                let transport = transport.clone();
+                Clients::Rotating(Arc::new(crate::mtls::Rotating::new(
+                    source.clone(),
+                    Duration::ZERO,
+                    move |identity| Self::build(timeout, &transport, Some(identity)),
+                )?))
+            }
+        };
+        Ok(ProviderClient { client, timeout })
+    }
+
+    fn build(
+        timeout: Duration,
+        transport: &ProviderTransport,
+        identity: Option<&crate::mtls::ClientIdentity>,
+    ) -> Result<reqwest::Client, String> {
         let mut builder = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -48,14 +90,19 @@ impl ProviderClient {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let client = builder
+        if let Some(identity) = identity {
+            builder = builder.identity(identity.reqwest_identity()?);
+        }
+        builder
             .build()
-            .map_err(|e| format!("cannot build the provider HTTP client: {e}"))?;
-        Ok(ProviderClient { client, timeout })
+            .map_err(|e| format!("cannot build the provider HTTP client: {e}"))
     }
 
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        self.client.request(method, url)
+        match &self.client {
+            Clients::Fixed(client) => client.request(method, url),
+            Clients::Rotating(clients) => clients.current().request(method, url),
+        }
     }
 
     /// Sends `request` and reads at most [`MAX_RESPONSE_BYTES`] of the answer.
@@ -63,7 +110,20 @@ impl ProviderClient {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<ProviderResponse, DialectError> {
+        self.send_keeping(request, None).await.map(|(r, _)| r)
+    }
+
+    /// Like [`Self::send`], and returns the raw value of the response header `keep` too (the
+    /// DPoP nonce a token endpoint sends).
+    pub async fn send_keeping(
+        &self,
+        request: reqwest::RequestBuilder,
+        keep: Option<&str>,
+    ) -> Result<(ProviderResponse, Option<Bytes>), DialectError> {
         let mut response = request.send().await.map_err(|e| self.transport_error(e))?;
+        let kept = keep
+            .and_then(|name| response.headers().get(name))
+            .map(|v| Bytes::copy_from_slice(v.as_bytes()));
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -90,11 +150,12 @@ impl ProviderClient {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(ProviderResponse {
+        let response = ProviderResponse {
             status,
             retry_after,
             body: body.freeze(),
-        })
+        };
+        Ok((response, kept))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> DialectError {

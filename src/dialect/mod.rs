@@ -5,6 +5,7 @@ pub mod babelbird;
 pub mod cloudreve;
 pub mod custom;
 pub mod enos_apim;
+pub mod google;
 pub mod http;
 pub mod oauth2;
 pub mod quectel_accesskey;
@@ -29,6 +30,7 @@ pub const NAMES: &[&str] = &[
     "babelbird",
     "cloudreve",
     "custom",
+    "google-service-account",
 ];
 
 /// Builds the dialect named by `dialect = "…"` from the rest of the credential's keys.
@@ -51,6 +53,9 @@ pub fn build(
         "babelbird" => boxed(babelbird::BabelBird::from_keys(keys)),
         "cloudreve" => boxed(cloudreve::Cloudreve::from_keys(keys)),
         "custom" => boxed(custom::Custom::from_keys(keys)),
+        "google-service-account" => {
+            boxed(google::GoogleServiceAccount::from_keys(credential, keys))
+        }
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),
@@ -186,6 +191,12 @@ pub trait Dialect: Send + Sync {
     /// `secrets.NAME`), so `check` can name and verify each and the reloader can watch its file.
     fn secret_sources(&self) -> Vec<(String, &SecretSource)>;
 
+    /// Checks what a readable secret holds (a key file's format), for `tokenward check`. The
+    /// reason names the field and the problem, never the value.
+    fn check_secret(&self, _key: &str, _value: &Secret) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The operator-provided refresh token that starts a refresh chain, if this dialect uses one.
     fn bootstrap_refresh_token(&self) -> Option<&SecretSource> {
         None
@@ -198,6 +209,18 @@ pub trait Dialect: Send + Sync {
         None
     }
 
+    /// Set for a credential whose tokens are DPoP-bound (RFC 9449): the key that signs a proof
+    /// for each of its token requests and each upstream request that presents its token.
+    fn dpop(&self) -> Option<&Arc<crate::dpop::DpopKey>> {
+        None
+    }
+
+    /// Whether the client authenticates by its TLS certificate (RFC 8705): then the credential
+    /// needs `tls_client_cert` and `tls_client_key`, and no other credential may have them.
+    fn tls_client_auth(&self) -> bool {
+        false
+    }
+
     /// Obtains a token: a refresh when `held.refresh_token` is set, otherwise a login.
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError>;
 
@@ -206,11 +229,13 @@ pub trait Dialect: Send + Sync {
         None
     }
 
-    /// Exchanges a caller's token (RFC 8693). A refusal of the subject itself is
+    /// Exchanges a caller's token (RFC 8693, or Entra's on-behalf-of), with `actor` as the
+    /// `actor_token` when the credential names one. A refusal of the subject itself is
     /// [`ErrorClass::Relogin`]; provider trouble is transient as for [`Dialect::obtain`].
     async fn exchange(
         &self,
         _subject: &Secret,
+        _actor: Option<&Secret>,
         _client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         Err(DialectError::fatal(
@@ -229,6 +254,29 @@ pub struct ExchangeSettings {
     pub cache_max_entries: u64,
     /// How long a refused subject token is answered 401 without asking the provider again.
     pub negative_ttl: Duration,
+    /// Another credential whose current token is sent as `actor_token` (RFC 8693 §2.1).
+    pub actor: Option<String>,
+    pub actor_token_type: String,
+    /// Set when the subject is checked locally against its issuer's JWKS before any exchange.
+    pub subject_validation: Option<SubjectValidation>,
+    pub style: ExchangeStyle,
+}
+
+/// Which request form exchanges a caller's token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeStyle {
+    /// RFC 8693 token exchange.
+    Rfc8693,
+    /// Entra ID on-behalf-of: the jwt-bearer grant with `requested_token_use=on_behalf_of`.
+    OnBehalfOf,
+}
+
+/// Where and how a subject token is validated locally (`subject_jwks_url` and friends).
+#[derive(Debug, Clone)]
+pub struct SubjectValidation {
+    pub jwks_url: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// The per-request part of the request that a [`RequestSigner`] sees.

@@ -1,7 +1,9 @@
 //! The standard OAuth 2.0 token endpoint (RFC 6749 §4.4, §4.3, §6) with the client
-//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`).
+//! authentication methods of RFC 6749 §2.3 and RFC 7523 (`private_key_jwt`, or a ready
+//! `client_assertion` read from a file), and the JWT bearer grant (RFC 7523 §2.1).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -10,9 +12,10 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Dialect, DialectError, ErrorClass, ExchangeSettings, Expiry, Grant, GrantKind, Held,
-    ProviderClient, parse_keys,
+    Dialect, DialectError, ErrorClass, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
+    Held, ProviderClient, SubjectValidation, parse_keys,
 };
+use crate::dpop::DpopKey;
 use crate::secret::{Secret, SecretSource};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -23,6 +26,8 @@ pub enum GrantType {
     Password,
     /// RFC 8693: each caller's token is exchanged for one minted for the upstream.
     TokenExchange,
+    /// RFC 7523 §2.1: a ready assertion (read from a file at each use) is the grant.
+    JwtBearer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -31,7 +36,14 @@ pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
     PrivateKeyJwt,
+    /// RFC 7521 §4.2 / RFC 7523 §2.2: a ready assertion read from a file at each use (a
+    /// projected service-account token of a workload identity federation).
+    ClientAssertion,
     None,
+    /// RFC 8705 §2.1: a certificate from a CA the provider trusts; `client_id` in the body.
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed certificate the provider has registered for the client.
+    SelfSignedTlsClientAuth,
 }
 
 #[derive(Deserialize)]
@@ -40,10 +52,13 @@ struct Keys {
     token_url: String,
     #[serde(default = "default_grant")]
     grant: GrantType,
+    #[serde(default)]
     client_id: String,
     client_secret: Option<SecretSource>,
-    #[serde(default = "default_client_auth")]
-    client_auth: ClientAuth,
+    client_auth: Option<ClientAuth>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: Option<String>,
+    assertion: Option<SecretSource>,
     scope: Option<String>,
     audience: Option<String>,
     resource: Option<String>,
@@ -60,11 +75,23 @@ struct Keys {
     requested_token_type: Option<String>,
     cache_max_entries: Option<u64>,
     negative_ttl: Option<String>,
+    dpop: Option<bool>,
+    dpop_key: Option<SecretSource>,
+    actor: Option<String>,
+    actor_token_type: Option<String>,
+    subject_jwks_url: Option<String>,
+    subject_issuer: Option<String>,
+    subject_audience: Option<String>,
+    exchange_style: Option<String>,
 }
 
 /// RFC 8693 §3: the type of a token that is an OAuth 2.0 access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 7523 §2.1; Entra ID's on-behalf-of sends it too, with `requested_token_use`.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7523 §2.2: the default `client_assertion_type`.
+const JWT_ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// A rejected subject is remembered at most this long: beyond it a fixed token would stay
 /// refused for no reason.
 const MAX_NEGATIVE_TTL: Duration = Duration::from_secs(3600);
@@ -73,11 +100,9 @@ fn default_grant() -> GrantType {
     GrantType::ClientCredentials
 }
 
-fn default_client_auth() -> ClientAuth {
-    ClientAuth::ClientSecretBasic
-}
-
 pub struct OAuth2 {
+    /// The credential's name, for the log line of a retry after a rotation.
+    credential: String,
     token_url: String,
     grant: GrantType,
     client_id: String,
@@ -89,7 +114,21 @@ pub struct OAuth2 {
     password: Option<SecretSource>,
     private_key: Option<(SecretSource, jsonwebtoken::Algorithm)>,
     private_key_kid: Option<String>,
+    client_assertion: Option<SecretSource>,
+    client_assertion_type: String,
+    assertion: Option<SecretSource>,
     exchange: Option<ExchangeSettings>,
+    dpop: Option<TokenDpop>,
+}
+
+/// A DPoP credential's key and where its token requests go, split as proofs need them.
+struct TokenDpop {
+    key: Arc<DpopKey>,
+    /// `dpop_key`, when the key is read from a file rather than generated.
+    source: Option<SecretSource>,
+    /// The token URL's origin (whose nonce the proofs carry) and path: `htu` without a query.
+    origin: String,
+    path: String,
 }
 
 /// Parameters a user may not set through `extra_params`: they carry the grant or a credential.
@@ -108,11 +147,13 @@ const RESERVED: &[&str] = &[
     "requested_token_type",
     "actor_token",
     "actor_token_type",
+    "assertion",
+    "requested_token_use",
 ];
 
 impl OAuth2 {
     pub fn from_keys(
-        _credential: &str,
+        credential: &str,
         keys: figment::value::Dict,
     ) -> Result<Self, Vec<(String, String)>> {
         let k: Keys = parse_keys(keys)?;
@@ -122,10 +163,53 @@ impl OAuth2 {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
             _ => err("token_url", "must be an http or https URL"),
         }
-        if k.client_id.is_empty() {
-            err("client_id", "must not be empty");
+        // The JWT bearer grant authenticates with its assertion: the client is optional there
+        // (RFC 7523 §3.1), so without a secret it defaults to no client authentication.
+        let client_auth = k.client_auth.unwrap_or(if k.client_assertion.is_some() {
+            ClientAuth::ClientAssertion
+        } else if k.grant == GrantType::JwtBearer && k.client_secret.is_none() {
+            ClientAuth::None
+        } else {
+            ClientAuth::ClientSecretBasic
+        });
+        let anonymous = k.grant == GrantType::JwtBearer && client_auth == ClientAuth::None;
+        if k.client_id.is_empty() && !anonymous {
+            err("client_id", "is required and must not be empty");
         }
-        match k.client_auth {
+        match (client_auth, &k.client_assertion) {
+            (ClientAuth::ClientAssertion, None) => err(
+                "client_assertion",
+                "is required by client_auth = \"client_assertion\" (e.g. { file = \"/var/run/secrets/azure/tokens/azure-identity-token\" })",
+            ),
+            (ClientAuth::ClientAssertion, Some(_)) => {}
+            (_, Some(_)) => err(
+                "client_assertion",
+                "is used only with client_auth = \"client_assertion\"",
+            ),
+            (_, None) => {}
+        }
+        if let Some(t) = &k.client_assertion_type {
+            if client_auth != ClientAuth::ClientAssertion {
+                err(
+                    "client_assertion_type",
+                    "is used only with client_auth = \"client_assertion\"",
+                );
+            } else if url::Url::parse(t).is_err() || t.chars().any(|c| c.is_whitespace()) {
+                err(
+                    "client_assertion_type",
+                    "must be an assertion type URI such as urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                );
+            }
+        }
+        match (k.grant, &k.assertion) {
+            (GrantType::JwtBearer, None) => err(
+                "assertion",
+                "grant = \"jwt_bearer\" needs the assertion (e.g. { file = \"/var/run/secrets/tokens/assertion\" })",
+            ),
+            (GrantType::JwtBearer, Some(_)) | (_, None) => {}
+            (_, Some(_)) => err("assertion", "is used only with grant = \"jwt_bearer\""),
+        }
+        match client_auth {
             ClientAuth::ClientSecretBasic | ClientAuth::ClientSecretPost
                 if k.client_secret.is_none() =>
             {
@@ -138,6 +222,14 @@ impl OAuth2 {
                 "private_key",
                 "is required by client_auth = \"private_key_jwt\"",
             ),
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+                if k.client_secret.is_some() =>
+            {
+                err(
+                    "client_secret",
+                    "is never sent with a TLS client certificate (RFC 8705); remove it",
+                )
+            }
             _ => {}
         }
         match k.grant {
@@ -184,6 +276,7 @@ impl OAuth2 {
             }
         };
         let exchange = exchange_settings(&k, &mut err);
+        let dpop = token_dpop(&k, &mut err);
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -199,18 +292,25 @@ impl OAuth2 {
         }
         params.extend(k.extra_params);
         Ok(OAuth2 {
+            credential: credential.to_string(),
             token_url: k.token_url,
             grant: k.grant,
             client_id: k.client_id,
             client_secret: k.client_secret,
-            client_auth: k.client_auth,
+            client_auth,
             params,
             bootstrap_refresh: k.refresh_token,
             username: k.username,
             password: k.password,
             private_key: k.private_key.map(|p| (p, alg)),
             private_key_kid: k.private_key_kid,
+            client_assertion: k.client_assertion,
+            client_assertion_type: k
+                .client_assertion_type
+                .unwrap_or_else(|| JWT_ASSERTION_TYPE.to_string()),
+            assertion: k.assertion,
             exchange,
+            dpop,
         })
     }
 
@@ -295,6 +395,17 @@ impl OAuth2 {
                         "a token-exchange credential has no token of its own: it exchanges each caller's",
                     ));
                 }
+                GrantType::JwtBearer => {
+                    let source = self
+                        .assertion
+                        .as_ref()
+                        .ok_or_else(|| DialectError::fatal("`assertion` is not configured"))?;
+                    form.push(("grant_type".into(), JWT_BEARER_GRANT.into()));
+                    form.push((
+                        "assertion".into(),
+                        Self::secret(source, "assertion")?.expose().to_string(),
+                    ));
+                }
             }
             form.extend(self.params.iter().cloned());
             GrantKind::Login
@@ -304,24 +415,37 @@ impl OAuth2 {
     }
 
     /// RFC 8693 §2.1: the form that exchanges `subject` for a token for this credential's
-    /// audience/resource/scope, with the credential's client authentication.
+    /// audience/resource/scope (with `actor` as the actor token when set), or Entra's
+    /// on-behalf-of form, with the credential's client authentication.
     fn exchange_form(
         &self,
         subject: &str,
+        actor: Option<&str>,
         settings: &ExchangeSettings,
     ) -> Result<(Vec<(String, String)>, Option<String>), DialectError> {
-        let mut form: Vec<(String, String)> = vec![
-            ("grant_type".into(), EXCHANGE_GRANT.into()),
-            ("subject_token".into(), subject.to_string()),
-            (
-                "subject_token_type".into(),
-                settings.subject_token_type.clone(),
-            ),
-            (
-                "requested_token_type".into(),
-                settings.requested_token_type.clone(),
-            ),
-        ];
+        let mut form: Vec<(String, String)> = match settings.style {
+            ExchangeStyle::Rfc8693 => vec![
+                ("grant_type".into(), EXCHANGE_GRANT.into()),
+                ("subject_token".into(), subject.to_string()),
+                (
+                    "subject_token_type".into(),
+                    settings.subject_token_type.clone(),
+                ),
+                (
+                    "requested_token_type".into(),
+                    settings.requested_token_type.clone(),
+                ),
+            ],
+            ExchangeStyle::OnBehalfOf => vec![
+                ("grant_type".into(), JWT_BEARER_GRANT.into()),
+                ("assertion".into(), subject.to_string()),
+                ("requested_token_use".into(), "on_behalf_of".into()),
+            ],
+        };
+        if let (ExchangeStyle::Rfc8693, Some(actor)) = (settings.style, actor) {
+            form.push(("actor_token".into(), actor.to_string()));
+            form.push(("actor_token_type".into(), settings.actor_token_type.clone()));
+        }
         form.extend(self.params.iter().cloned());
         let authorization = self.client_auth(&mut form)?;
         Ok((form, authorization))
@@ -367,7 +491,26 @@ impl OAuth2 {
                 ));
                 form.push(("client_assertion".into(), self.client_assertion()?));
             }
+            ClientAuth::ClientAssertion => {
+                let source = self
+                    .client_assertion
+                    .as_ref()
+                    .ok_or_else(|| DialectError::fatal("`client_assertion` is not configured"))?;
+                // Read at each use: a projected token is rotated by the kubelet.
+                let assertion = Self::secret(source, "client_assertion")?;
+                form.push(("client_id".into(), self.client_id.clone()));
+                form.push((
+                    "client_assertion_type".into(),
+                    self.client_assertion_type.clone(),
+                ));
+                form.push(("client_assertion".into(), assertion.expose().to_string()));
+            }
+            ClientAuth::None if self.client_id.is_empty() => {}
             ClientAuth::None => form.push(("client_id".into(), self.client_id.clone())),
+            // RFC 8705 §2: the certificate on the connection authenticates; only the id is sent.
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth => {
+                form.push(("client_id".into(), self.client_id.clone()))
+            }
         }
         Ok(authorization)
     }
@@ -393,7 +536,107 @@ impl OAuth2 {
         if let Some(value) = authorization {
             request = request.header(reqwest::header::AUTHORIZATION, value);
         }
-        client.send(request).await
+        let Some(dpop) = &self.dpop else {
+            return client.send(request).await;
+        };
+        let proof = dpop
+            .key
+            .proof("POST", &dpop.origin, &dpop.path, None)
+            .map_err(DialectError::fatal)?;
+        let request = request.header(crate::dpop::HEADER, proof);
+        let (response, nonce) = client
+            .send_keeping(request, Some(crate::dpop::NONCE_HEADER))
+            .await?;
+        if let Some(nonce) = nonce {
+            dpop.key.set_nonce(&dpop.origin, &nonce);
+        }
+        Ok(response)
+    }
+
+    /// RFC 9449 §8: the token endpoint wants a nonce it has just sent; the request is built
+    /// again (a client assertion's `jti` is single-use) and sent once more.
+    fn wants_nonce(&self, response: &ProviderResponse) -> bool {
+        self.dpop.as_ref().is_some_and(|d| {
+            matches!(response.status, 400 | 401)
+                && crate::dpop::body_asks_for_nonce(&response.body)
+                && d.key.nonce(&d.origin).is_some()
+        })
+    }
+
+    /// A DPoP credential asked for a DPoP-bound token; a Bearer one would be presented with a
+    /// scheme the upstream does not expect, and asking again cannot change the provider's mind.
+    fn check_token_type(&self, response: &ProviderResponse) -> Result<(), DialectError> {
+        if self.dpop.is_none() {
+            return Ok(());
+        }
+        let body = response.json()?;
+        match body.get("token_type").and_then(|t| t.as_str()) {
+            Some(t) if !t.eq_ignore_ascii_case("DPoP") => Err(DialectError::fatal(format!(
+                "token endpoint issued a token of type {:?}, not a DPoP-bound one: does the provider support DPoP for this client?",
+                if t.len() <= 16 && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    t
+                } else {
+                    "other"
+                }
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Which assertion file changed since `form` was built, when the token endpoint refused
+    /// that assertion (RFC 7523 §3.1: `invalid_grant` for the grant's; §3.2: `invalid_client`
+    /// for the client's): the kubelet rotated the file while the request was in flight, and
+    /// one more try with the new content is worth it before the refusal counts as fatal.
+    fn rotated_since(
+        &self,
+        form: &[(String, String)],
+        response: &ProviderResponse,
+    ) -> Option<&'static str> {
+        if (200..300).contains(&response.status) {
+            return None;
+        }
+        let body = response.json().ok()?;
+        let code = error_code(&body)?;
+        let candidates = [
+            ("client_assertion", "invalid_client", &self.client_assertion),
+            ("assertion", "invalid_grant", &self.assertion),
+        ];
+        candidates.into_iter().find_map(|(key, refusal, source)| {
+            let sent = form.iter().find(|(k, _)| k == key).map(|(_, v)| v)?;
+            let now = source.as_ref()?.resolve().ok()?;
+            (code == refusal && now.expose() != sent.as_str()).then_some(key)
+        })
+    }
+
+    /// Posts the form `build` makes, and once more with a form built again (so with files read
+    /// again) for each of: a DPoP nonce challenge, and a refusal of an assertion whose file has
+    /// changed since it was read.
+    async fn post_fresh<T>(
+        &self,
+        build: impl Fn() -> Result<(Vec<(String, String)>, Option<String>, T), DialectError>,
+        client: &ProviderClient,
+    ) -> Result<(ProviderResponse, T), DialectError> {
+        let (mut form, authorization, mut extra) = build()?;
+        let mut response = self.post(&form, authorization, client).await?;
+        let (mut nonce_retried, mut rotation_retried) = (false, false);
+        loop {
+            if !nonce_retried && self.wants_nonce(&response) {
+                // RFC 9449 §8: the form is built again too (a client assertion's `jti` is
+                // single-use).
+                nonce_retried = true;
+            } else if let Some(key) = self
+                .rotated_since(&form, &response)
+                .filter(|_| !rotation_retried)
+            {
+                tracing::info!(credential = %self.credential, key, status = response.status, "the token endpoint refused an assertion whose file has changed since it was read; retrying once with the new one");
+                rotation_retried = true;
+            } else {
+                return Ok((response, extra));
+            }
+            let authorization;
+            (form, authorization, extra) = build()?;
+            response = self.post(&form, authorization, client).await?;
+        }
     }
 }
 
@@ -406,6 +649,12 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
             ("negative_ttl", k.negative_ttl.is_some()),
+            ("actor", k.actor.is_some()),
+            ("actor_token_type", k.actor_token_type.is_some()),
+            ("subject_jwks_url", k.subject_jwks_url.is_some()),
+            ("subject_issuer", k.subject_issuer.is_some()),
+            ("subject_audience", k.subject_audience.is_some()),
+            ("exchange_style", k.exchange_style.is_some()),
         ] {
             if set {
                 err(key, "is used only with grant = \"token_exchange\"");
@@ -434,6 +683,46 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     };
     let subject_token_type = token_type("subject_token_type", &k.subject_token_type);
     let requested_token_type = token_type("requested_token_type", &k.requested_token_type);
+    let actor_token_type = token_type("actor_token_type", &k.actor_token_type);
+    let style = match k.exchange_style.as_deref() {
+        None | Some("rfc8693") => ExchangeStyle::Rfc8693,
+        Some("on_behalf_of") => ExchangeStyle::OnBehalfOf,
+        Some(_) => {
+            err(
+                "exchange_style",
+                "must be one of \"rfc8693\" (the default), \"on_behalf_of\"",
+            );
+            ExchangeStyle::Rfc8693
+        }
+    };
+    if style == ExchangeStyle::OnBehalfOf {
+        // Entra's on-behalf-of request has no place for these: sending them would be ignored
+        // at best, so a config that sets them says something tokenward would not do.
+        for (key, set) in [
+            ("actor", k.actor.is_some()),
+            ("actor_token_type", k.actor_token_type.is_some()),
+            ("subject_token_type", k.subject_token_type.is_some()),
+            ("requested_token_type", k.requested_token_type.is_some()),
+            ("audience", k.audience.is_some()),
+        ] {
+            if set {
+                err(
+                    key,
+                    "is an RFC 8693 parameter; exchange_style = \"on_behalf_of\" does not send it (use scope)",
+                );
+            }
+        }
+        if k.scope.is_none() {
+            err(
+                "scope",
+                "is required by exchange_style = \"on_behalf_of\" (e.g. \"https://graph.microsoft.com/.default\")",
+            );
+        }
+    }
+    if k.actor.as_deref().is_some_and(str::is_empty) {
+        err("actor", "must name another credential");
+    }
+    let subject_validation = subject_validation(k, err);
     let cache_max_entries = k.cache_max_entries.unwrap_or(10_000);
     if cache_max_entries == 0 {
         err("cache_max_entries", "must be at least 1");
@@ -455,6 +744,84 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         requested_token_type,
         cache_max_entries,
         negative_ttl,
+        actor: k.actor.clone(),
+        actor_token_type,
+        subject_validation,
+        style,
+    })
+}
+
+/// `subject_jwks_url`, `subject_issuer`, `subject_audience`: the last two only with the first.
+fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<SubjectValidation> {
+    let Some(url) = &k.subject_jwks_url else {
+        for (key, set) in [
+            ("subject_issuer", k.subject_issuer.is_some()),
+            ("subject_audience", k.subject_audience.is_some()),
+        ] {
+            if set {
+                err(key, "is checked only with subject_jwks_url set");
+            }
+        }
+        return None;
+    };
+    match url::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        _ => err("subject_jwks_url", "must be an http or https URL"),
+    }
+    for (key, value) in [
+        ("subject_issuer", &k.subject_issuer),
+        ("subject_audience", &k.subject_audience),
+    ] {
+        if value.as_deref().is_some_and(str::is_empty) {
+            err(key, "must not be empty (leave it out to skip the check)");
+        }
+    }
+    Some(SubjectValidation {
+        jwks_url: url.clone(),
+        issuer: k.subject_issuer.clone(),
+        audience: k.subject_audience.clone(),
+    })
+}
+
+/// `dpop = true` (a key generated now) or `dpop_key` (read now: its thumbprint is part of the
+/// credential's identity, so a new key file makes a new credential at the next reload).
+fn token_dpop(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<TokenDpop> {
+    let key = match (k.dpop, &k.dpop_key) {
+        (Some(false), Some(_)) => {
+            err(
+                "dpop",
+                "is false, but `dpop_key` is set (a key implies dpop = true)",
+            );
+            return None;
+        }
+        (None | Some(false), None) => return None,
+        (Some(true), None) => match DpopKey::generate() {
+            Ok(key) => key,
+            Err(e) => {
+                err("dpop", &e);
+                return None;
+            }
+        },
+        (_, Some(source)) => {
+            let read = source
+                .resolve()
+                .map_err(|e| e.to_string())
+                .and_then(|pem| DpopKey::from_pem(pem.expose()));
+            match read {
+                Ok(key) => key,
+                Err(reason) => {
+                    err("dpop_key", &reason);
+                    return None;
+                }
+            }
+        }
+    };
+    let url = url::Url::parse(&k.token_url).ok()?;
+    Some(TokenDpop {
+        key: Arc::new(key),
+        source: k.dpop_key.clone(),
+        origin: url.origin().ascii_serialization(),
+        path: url.path().to_string(),
     })
 }
 
@@ -564,17 +931,50 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
 /// this caller's token, not of the credential as a whole.
 fn exchange_failure(response: &ProviderResponse) -> DialectError {
     let failure = parse_failure(response, GrantKind::Login);
-    match failure.class {
-        ErrorClass::Transient { .. } => failure,
-        _ => DialectError::relogin(format!(
-            "{}: the subject token was refused",
-            failure
-                .message
-                .split(':')
-                .next()
-                .unwrap_or("token endpoint refused")
-        )),
+    if let ErrorClass::Transient { .. } = failure.class {
+        return failure;
     }
+    let body = response.json().ok();
+    // These name tokenward's own client or settings, whatever subject came with them: the
+    // credential is at fault, so every caller gets a 503 and the credential backs off, rather
+    // than each caller being told (and remembered) that its token was refused.
+    if matches!(
+        body.as_ref().and_then(error_code),
+        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope")
+    ) {
+        return failure;
+    }
+    let what = failure
+        .message
+        .split(':')
+        .next()
+        .unwrap_or("token endpoint refused");
+    // Entra names the cause in `error_codes` (AADSTS50013: bad assertion, …): numbers only,
+    // so they are safe to log, unlike its `error_description`.
+    let aadsts: Vec<String> = body
+        .as_ref()
+        .and_then(|b| b.get("error_codes"))
+        .and_then(|c| c.as_array())
+        .map(|codes| {
+            codes
+                .iter()
+                .filter_map(|c| c.as_u64())
+                .take(4)
+                .map(|c| format!("AADSTS{c}"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let codes = if aadsts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", aadsts.join(", "))
+    };
+    let why = if body.as_ref().and_then(error_code) == Some("interaction_required") {
+        "interaction_required: the caller must sign in or consent again"
+    } else {
+        "the subject token was refused"
+    };
+    DialectError::relogin(format!("{what}{codes}: {why}"))
 }
 
 #[async_trait]
@@ -584,33 +984,80 @@ impl Dialect for OAuth2 {
             GrantType::ClientCredentials => "client_credentials",
             GrantType::RefreshToken => "refresh_token",
             GrantType::Password => "password",
-            GrantType::TokenExchange => "token_exchange",
+            GrantType::TokenExchange => match self.exchange.as_ref().map(|x| x.style) {
+                Some(ExchangeStyle::OnBehalfOf) => "token_exchange (Entra on_behalf_of)",
+                _ => "token_exchange",
+            },
+            GrantType::JwtBearer => "jwt_bearer",
         };
         let auth = match self.client_auth {
             ClientAuth::ClientSecretBasic => "client_secret_basic",
             ClientAuth::ClientSecretPost => "client_secret_post",
             ClientAuth::PrivateKeyJwt => "private_key_jwt",
+            ClientAuth::ClientAssertion => "client_assertion",
             ClientAuth::None => "none",
+            ClientAuth::TlsClientAuth => "tls_client_auth",
+            ClientAuth::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
         };
-        let params: Vec<String> = self
+        let mut params: Vec<String> = self
             .params
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
+        if let Some(x) = &self.exchange {
+            if let Some(actor) = &x.actor {
+                params.push(format!("actor={actor}"));
+            }
+            if let Some(v) = &x.subject_validation {
+                params.push(format!("subjects checked against {}", v.jwks_url));
+            }
+        }
+        let client = if self.client_id.is_empty() {
+            "with no client authentication".to_string()
+        } else {
+            format!("as client {:?} ({auth})", self.client_id)
+        };
         format!(
-            "oauth2 {grant} at {} as client {:?} ({auth}){}",
+            "oauth2 {grant} at {} {client}{}{}",
             self.token_url,
-            self.client_id,
             if params.is_empty() {
                 String::new()
             } else {
                 format!(" with {}", params.join(" "))
+            },
+            // The thumbprint is in the chain identity: a token bound to another key (another
+            // replica's, or this one's before a restart) is never adopted from a store.
+            match &self.dpop {
+                Some(d) if d.key.generated() => {
+                    format!(", DPoP key generated at start (jkt {})", d.key.thumbprint())
+                }
+                Some(d) => format!(", DPoP key jkt {}", d.key.thumbprint()),
+                None => String::new(),
             }
         )
     }
 
+    fn default_format(&self) -> &'static str {
+        if self.dpop.is_some() {
+            "DPoP {token}"
+        } else {
+            "Bearer {token}"
+        }
+    }
+
+    fn dpop(&self) -> Option<&Arc<DpopKey>> {
+        self.dpop.as_ref().map(|d| &d.key)
+    }
+
     fn endpoints(&self) -> Vec<String> {
-        vec![self.token_url.clone()]
+        let jwks = self
+            .exchange
+            .as_ref()
+            .and_then(|x| x.subject_validation.as_ref())
+            .map(|v| v.jwks_url.clone());
+        std::iter::once(self.token_url.clone())
+            .chain(jwks)
+            .collect()
     }
 
     fn secret_sources(&self) -> Vec<(String, &SecretSource)> {
@@ -627,6 +1074,15 @@ impl Dialect for OAuth2 {
         if let Some((s, _)) = &self.private_key {
             out.push(("private_key".into(), s));
         }
+        if let Some(s) = self.dpop.as_ref().and_then(|d| d.source.as_ref()) {
+            out.push(("dpop_key".into(), s));
+        }
+        if let Some(s) = &self.client_assertion {
+            out.push(("client_assertion".into(), s));
+        }
+        if let Some(s) = &self.assertion {
+            out.push(("assertion".into(), s));
+        }
         out
     }
 
@@ -634,10 +1090,17 @@ impl Dialect for OAuth2 {
         self.bootstrap_refresh.as_ref()
     }
 
+    fn tls_client_auth(&self) -> bool {
+        matches!(
+            self.client_auth,
+            ClientAuth::TlsClientAuth | ClientAuth::SelfSignedTlsClientAuth
+        )
+    }
+
     async fn obtain(&self, held: &Held, client: &ProviderClient) -> Result<Grant, DialectError> {
-        let (form, authorization, kind) = self.build_form(held)?;
-        let response = self.post(&form, authorization, client).await?;
+        let (response, kind) = self.post_fresh(|| self.build_form(held), client).await?;
         if (200..300).contains(&response.status) {
+            self.check_token_type(&response)?;
             parse_success(&response, kind)
         } else {
             Err(parse_failure(&response, kind))
@@ -651,6 +1114,7 @@ impl Dialect for OAuth2 {
     async fn exchange(
         &self,
         subject: &Secret,
+        actor: Option<&Secret>,
         client: &ProviderClient,
     ) -> Result<Grant, DialectError> {
         let Some(settings) = &self.exchange else {
@@ -658,9 +1122,19 @@ impl Dialect for OAuth2 {
                 "this credential does not exchange tokens",
             ));
         };
-        let (form, authorization) = self.exchange_form(subject.expose(), settings)?;
-        let response = self.post(&form, authorization, client).await?;
+        let actor = actor.map(Secret::expose);
+        let (response, ()) = self
+            .post_fresh(
+                || {
+                    let (form, authorization) =
+                        self.exchange_form(subject.expose(), actor, settings)?;
+                    Ok((form, authorization, ()))
+                },
+                client,
+            )
+            .await?;
         if (200..300).contains(&response.status) {
+            self.check_token_type(&response)?;
             return parse_success(&response, GrantKind::Login);
         }
         Err(exchange_failure(&response))
@@ -752,7 +1226,7 @@ mod tests {
         assert_eq!(settings.subject_header, http::header::AUTHORIZATION);
         assert_eq!(settings.cache_max_entries, 10_000);
         assert_eq!(settings.negative_ttl, Duration::from_secs(5));
-        let (form, auth) = d.exchange_form("subj", settings).unwrap();
+        let (form, auth) = d.exchange_form("subj", None, settings).unwrap();
         assert!(form.contains(&("grant_type".into(), EXCHANGE_GRANT.into())));
         assert!(form.contains(&("subject_token".into(), "subj".into())));
         assert!(form.contains(&("subject_token_type".into(), ACCESS_TOKEN_TYPE.into())));
@@ -800,6 +1274,97 @@ mod tests {
     }
 
     #[test]
+    fn on_behalf_of_sends_entras_form_and_refuses_rfc8693_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "on_behalf_of".into()),
+            ("client_auth", "client_secret_post".into()),
+            ("scope", "api://x/.default".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.style, ExchangeStyle::OnBehalfOf);
+        let (form, auth) = d.exchange_form("subj", None, settings).unwrap();
+        assert!(auth.is_none());
+        assert!(form.contains(&("grant_type".into(), JWT_BEARER_GRANT.into())));
+        assert!(form.contains(&("assertion".into(), "subj".into())));
+        assert!(form.contains(&("requested_token_use".into(), "on_behalf_of".into())));
+        assert!(form.contains(&("scope".into(), "api://x/.default".into())));
+        assert!(form.contains(&("client_secret".into(), "p&ss".into())));
+        for k in [
+            "subject_token",
+            "subject_token_type",
+            "requested_token_type",
+        ] {
+            assert!(!form.iter().any(|(n, _)| n == k), "{k} sent");
+        }
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            let mut all = vec![
+                ("grant", "token_exchange".into()),
+                ("exchange_style", "on_behalf_of".into()),
+            ];
+            all.extend(extra.iter().cloned());
+            dialect(&all)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[("scope", "s".into()), ("actor", "svc".into())]),
+            vec!["actor"]
+        );
+        assert_eq!(
+            keys(&[
+                ("scope", "s".into()),
+                ("requested_token_type", ACCESS_TOKEN_TYPE.into())
+            ]),
+            vec!["requested_token_type"]
+        );
+        assert_eq!(keys(&[]), vec!["scope"]);
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("exchange_style", "obo".into()),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(errs[0].0, "exchange_style");
+        assert!(errs[0].1.contains("rfc8693") && errs[0].1.contains("on_behalf_of"));
+    }
+
+    #[test]
+    fn actor_and_subject_validation_keys() {
+        let d = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("actor", "svc".into()),
+            ("subject_jwks_url", "https://idp.example/jwks".into()),
+            ("subject_issuer", "https://idp.example".into()),
+        ])
+        .unwrap();
+        let settings = d.exchange_settings().unwrap();
+        assert_eq!(settings.actor.as_deref(), Some("svc"));
+        let v = settings.subject_validation.as_ref().unwrap();
+        assert_eq!(v.issuer.as_deref(), Some("https://idp.example"));
+        assert!(v.audience.is_none());
+        let (form, _) = d.exchange_form("subj", Some("act"), settings).unwrap();
+        assert!(form.contains(&("actor_token".into(), "act".into())));
+        assert!(form.contains(&("actor_token_type".into(), ACCESS_TOKEN_TYPE.into())));
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("subject_issuer", "https://idp.example".into()),
+            ("actor_token_type", "not a uri".into()),
+        ])
+        .err()
+        .unwrap();
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        assert!(keys.contains(&"subject_issuer"), "{keys:?}");
+        assert!(keys.contains(&"actor_token_type"), "{keys:?}");
+        let errs = dialect(&[("actor", "svc".into())]).err().unwrap();
+        assert_eq!(errs[0].0, "actor");
+    }
+
+    #[test]
     fn a_refused_subject_is_told_apart_from_an_outage() {
         let class = |status, body| exchange_failure(&resp(status, body)).class;
         assert_eq!(
@@ -820,6 +1385,312 @@ mod tests {
             msg.contains("invalid_grant") && msg.contains("subject token"),
             "{msg}"
         );
+        let msg = exchange_failure(&resp(
+            400,
+            r#"{"error":"invalid_grant","error_description":"AADSTS50013: secret-ish","error_codes":[50013]}"#,
+        ))
+        .message;
+        assert!(msg.contains("AADSTS50013"), "{msg}");
+        assert!(!msg.contains("secret-ish"), "{msg}");
+        let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
+        assert_eq!(e.class, ErrorClass::Relogin);
+        assert!(e.message.contains("interaction_required"), "{}", e.message);
+    }
+
+    #[test]
+    fn dpop_keys_validate_and_name_the_key() {
+        let d = dialect(&[("dpop", true.into())]).unwrap();
+        let key = d.dpop().expect("a generated key");
+        assert!(key.generated());
+        assert_eq!(d.default_format(), "DPoP {token}");
+        assert!(d.describe().contains(key.thumbprint()), "{}", d.describe());
+        // Another parse generates another key, so another chain identity.
+        let again = dialect(&[("dpop", true.into())]).unwrap();
+        assert_ne!(d.describe(), again.describe());
+        let plain = dialect(&[("dpop", false.into())]).unwrap();
+        assert!(plain.dpop().is_none());
+        assert_eq!(plain.default_format(), "Bearer {token}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("dpop.pem");
+        let secret = p256::SecretKey::from_slice(&[9u8; 32]).unwrap();
+        std::fs::write(
+            &pem,
+            secret.to_sec1_pem(p256::pkcs8::LineEnding::LF).unwrap(),
+        )
+        .unwrap();
+        let file = |path: &std::path::Path| -> figment::value::Value {
+            let mut m = figment::value::Dict::new();
+            m.insert("file".into(), path.display().to_string().into());
+            m.into()
+        };
+        let a = dialect(&[("dpop_key", file(&pem))]).unwrap();
+        let b = dialect(&[("dpop_key", file(&pem)), ("dpop", true.into())]).unwrap();
+        let (ka, kb) = (a.dpop().unwrap(), b.dpop().unwrap());
+        assert!(!ka.generated());
+        assert_eq!(ka.thumbprint(), kb.thumbprint());
+        assert_eq!(a.describe(), b.describe(), "a key file keeps the identity");
+        assert!(a.secret_sources().iter().any(|(k, _)| k == "dpop_key"));
+
+        let errs = |extra: &[(&str, figment::value::Value)]| dialect(extra).err().unwrap();
+        let e = errs(&[("dpop_key", file(&pem)), ("dpop", false.into())]);
+        assert_eq!(e[0].0, "dpop");
+        let missing = dir.path().join("absent.pem");
+        let e = errs(&[("dpop_key", file(&missing))]);
+        assert_eq!(e[0].0, "dpop_key");
+        assert!(e[0].1.contains("absent.pem"), "{e:?}");
+        let not_p256 = dir.path().join("rsa.pem");
+        std::fs::write(
+            &not_p256,
+            "-----BEGIN PRIVATE KEY-----\nTUlJQ2Rn\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let e = errs(&[("dpop_key", file(&not_p256))]);
+        assert_eq!(e[0].0, "dpop_key");
+        assert!(
+            e[0].1.contains("P-256") && !e[0].1.contains("TUlJ"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_dpop_credential_refuses_a_bearer_token_and_retries_only_for_a_nonce() {
+        let d = dialect(&[("dpop", true.into())]).unwrap();
+        let ok = resp(200, r#"{"access_token":"a","token_type":"DPoP"}"#);
+        assert!(d.check_token_type(&ok).is_ok());
+        let bearer = resp(200, r#"{"access_token":"a","token_type":"Bearer"}"#);
+        let e = d.check_token_type(&bearer).unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(e.message.contains("Bearer"), "{}", e.message);
+        assert!(dialect(&[]).unwrap().check_token_type(&bearer).is_ok());
+
+        let asks = resp(400, r#"{"error":"use_dpop_nonce"}"#);
+        assert!(!d.wants_nonce(&asks), "no nonce received yet");
+        let dpop = d.dpop.as_ref().unwrap();
+        dpop.key.set_nonce(&dpop.origin, b"n1");
+        assert_eq!(dpop.origin, "https://idp.example");
+        assert_eq!(dpop.path, "/token");
+        assert!(d.wants_nonce(&asks));
+        assert!(!d.wants_nonce(&resp(400, r#"{"error":"invalid_grant"}"#)));
+        assert!(!dialect(&[]).unwrap().wants_nonce(&asks));
+    }
+
+    fn no_secret(extra: &[(&str, figment::value::Value)]) -> Result<OAuth2, Vec<(String, String)>> {
+        let mut d = figment::value::Dict::new();
+        d.insert("token_url".into(), "https://idp.example/token".into());
+        for (k, v) in extra {
+            d.insert((*k).into(), v.clone());
+        }
+        OAuth2::from_keys("t", d)
+    }
+
+    fn file_source(path: &std::path::Path) -> figment::value::Value {
+        let mut m = figment::value::Dict::new();
+        m.insert("file".into(), path.display().to_string().into());
+        m.into()
+    }
+
+    fn field<'a>(form: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn client_assertion_is_read_from_its_file_at_each_use_on_every_grant() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "eyJ.first.sig\n").unwrap();
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("client_auth", "client_assertion".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, auth, _) = d.build_form(&Held::default()).unwrap();
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "client_id"), Some("app"));
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some(JWT_ASSERTION_TYPE)
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.first.sig"));
+        std::fs::write(&path, "eyJ.second.sig").unwrap();
+        let held = Held {
+            access_token: None,
+            refresh_token: Some(Secret::new("rt")),
+        };
+        let (form, _, kind) = d.build_form(&held).unwrap();
+        assert_eq!(kind, GrantKind::Refresh);
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // client_assertion alone implies client_auth = "client_assertion"; a custom type is sent.
+        let d = no_secret(&[
+            ("client_id", "app".into()),
+            ("grant", "token_exchange".into()),
+            ("client_assertion", file_source(&path)),
+            ("client_assertion_type", "urn:example:assertion".into()),
+        ])
+        .unwrap();
+        let (form, _) = d
+            .exchange_form("subj", None, d.exchange_settings().unwrap())
+            .unwrap();
+        assert_eq!(
+            field(&form, "client_assertion_type"),
+            Some("urn:example:assertion")
+        );
+        assert_eq!(field(&form, "client_assertion"), Some("eyJ.second.sig"));
+        // A missing file names the key and the path, and is fatal.
+        std::fs::remove_file(&path).unwrap();
+        let e = d
+            .exchange_form("subj", None, d.exchange_settings().unwrap())
+            .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(
+            e.message.contains("`client_assertion`")
+                && e.message.contains(&path.display().to_string()),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn jwt_bearer_sends_the_assertion_file_without_client_authentication() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("assertion");
+        std::fs::write(&path, "eyJ.grant.sig").unwrap();
+        let d = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+            ("scope", "partner.read".into()),
+        ])
+        .unwrap();
+        let (form, auth, kind) = d.build_form(&Held::default()).unwrap();
+        assert_eq!(kind, GrantKind::Login);
+        assert!(auth.is_none());
+        assert_eq!(field(&form, "grant_type"), Some(JWT_BEARER_GRANT));
+        assert_eq!(field(&form, "assertion"), Some("eyJ.grant.sig"));
+        assert_eq!(field(&form, "scope"), Some("partner.read"));
+        assert_eq!(field(&form, "client_id"), None);
+        assert!(
+            d.describe().contains("jwt_bearer")
+                && d.describe().contains("no client authentication")
+        );
+        let keys: Vec<String> = d.secret_sources().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec!["assertion"]);
+        // With a secret, client authentication defaults to Basic as for other grants.
+        let d = dialect(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        assert!(
+            d.build_form(&Held::default())
+                .unwrap()
+                .1
+                .unwrap()
+                .starts_with("Basic ")
+        );
+    }
+
+    #[test]
+    fn assertion_config_errors_name_keys() {
+        let keys = |extra: &[(&str, figment::value::Value)]| -> Vec<String> {
+            no_secret(extra)
+                .err()
+                .unwrap()
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect()
+        };
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "client_assertion".into())
+            ]),
+            vec!["client_assertion"]
+        );
+        assert_eq!(keys(&[("grant", "jwt_bearer".into())]), vec!["assertion"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("assertion", "x".into())
+            ]),
+            vec!["assertion"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_auth", "none".into()),
+                ("client_assertion_type", "urn:x".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("client_assertion", "x".into()),
+                ("client_assertion_type", "not a uri".into())
+            ]),
+            vec!["client_assertion_type"]
+        );
+        assert_eq!(
+            keys(&[
+                ("client_auth", "client_secret_post".into()),
+                ("client_assertion", "x".into()),
+                ("client_secret", "s".into())
+            ]),
+            vec!["client_id", "client_assertion"]
+        );
+        assert_eq!(keys(&[("client_auth", "none".into())]), vec!["client_id"]);
+        assert_eq!(
+            keys(&[
+                ("client_id", "a".into()),
+                ("extra_params", {
+                    let mut m = figment::value::Dict::new();
+                    m.insert("assertion".into(), "x".into());
+                    m.into()
+                }),
+                ("client_auth", "none".into())
+            ]),
+            vec!["extra_params.assertion"]
+        );
+    }
+
+    #[test]
+    fn only_a_refusal_of_a_changed_assertion_file_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "old").unwrap();
+        let d = no_secret(&[
+            ("client_id", "a".into()),
+            ("client_assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = d.build_form(&Held::default()).unwrap();
+        let refused = resp(401, r#"{"error":"invalid_client"}"#);
+        assert_eq!(d.rotated_since(&form, &refused), None, "unchanged file");
+        std::fs::write(&path, "new").unwrap();
+        assert_eq!(d.rotated_since(&form, &refused), Some("client_assertion"));
+        assert_eq!(
+            d.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            None
+        );
+        assert_eq!(d.rotated_since(&form, &resp(503, "")), None);
+        assert_eq!(
+            d.rotated_since(&form, &resp(200, r#"{"access_token":"x"}"#)),
+            None
+        );
+        let j = no_secret(&[
+            ("grant", "jwt_bearer".into()),
+            ("assertion", file_source(&path)),
+        ])
+        .unwrap();
+        let (form, _, _) = j.build_form(&Held::default()).unwrap();
+        std::fs::write(&path, "newer").unwrap();
+        assert_eq!(
+            j.rotated_since(&form, &resp(400, r#"{"error":"invalid_grant"}"#)),
+            Some("assertion")
+        );
+        assert_eq!(j.rotated_since(&form, &refused), None);
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct RequestCtx {
     token: Option<Arc<Token>>,
     /// Set once the request has been replayed after the upstream rejected its token.
     replayed: bool,
+    /// Set once the request has been replayed with the DPoP nonce the upstream asked for.
+    nonce_replayed: bool,
     /// Set once the request has been sent again after a failed upstream attempt.
     resent: bool,
     /// For credentials that sign each request: the signer and the whole buffered body.
@@ -117,12 +119,28 @@ const TOKEN_REJECTED: ErrorType = ErrorType::Custom("TokenRejected");
 fn replay_with(ctx: &mut RequestCtx, fresh: Arc<Token>, status: u16) -> Result<()> {
     ctx.token = Some(fresh);
     ctx.replayed = true;
+    replay(status)
+}
+
+fn replay(status: u16) -> Result<()> {
     let mut e = Error::explain(
         TOKEN_REJECTED,
         format!("upstream answered {status} to the token"),
     );
     e.set_retry(true);
     Err(e)
+}
+
+/// The origin of a route's upstream as the upstream sees it: the first part of each proof's
+/// `htu`, and the key its DPoP nonces are kept under.
+fn dpop_origin(route: &Route) -> String {
+    let scheme = if route.upstream.tls { "https" } else { "http" };
+    let authority = route.upstream.host_header.to_str().unwrap_or_default();
+    let mut origin = String::with_capacity(scheme.len() + 3 + authority.len());
+    origin.push_str(scheme);
+    origin.push_str("://");
+    origin.push_str(authority);
+    origin
 }
 
 #[async_trait]
@@ -136,6 +154,7 @@ impl ProxyHttp for TokenwardProxy {
             route: None,
             token: None,
             replayed: false,
+            nonce_replayed: false,
             resent: false,
             signed: None,
             subject: None,
@@ -201,8 +220,11 @@ impl ProxyHttp for TokenwardProxy {
                     return Ok(true);
                 }
             }
-        } else if !route.reauth_statuses.is_empty() {
-            // Keeps the first 64 KiB of the body so a rejected request can be sent again.
+        } else if !route.reauth_statuses.is_empty()
+            || route.credential.config().dialect.dpop().is_some()
+        {
+            // Keeps the first 64 KiB of the body so a rejected request (or one whose DPoP
+            // proof lacked the nonce the upstream wants) can be sent again.
             session.as_mut().enable_retry_buffering();
         }
         ctx.route = Some(route);
@@ -262,6 +284,19 @@ impl ProxyHttp for TokenwardProxy {
             })?;
             upstream_request.set_uri(uri);
         }
+        if let Some(dpop) = route.credential.config().dialect.dpop() {
+            // One fresh proof per attempt, for the URL the upstream sees (RFC 9449 §4.2): signed
+            // here, after the lock-free token read, and never logged.
+            let proof = dpop
+                .proof(
+                    upstream_request.method.as_str(),
+                    &dpop_origin(route),
+                    upstream_request.uri.path(),
+                    Some(token.value().expose()),
+                )
+                .map_err(|reason| Error::explain(ErrorType::InternalError, reason))?;
+            upstream_request.insert_header(crate::dpop::HEADER, proof)?;
+        }
         Ok(())
     }
 
@@ -292,6 +327,31 @@ impl ProxyHttp for TokenwardProxy {
         let (Some(route), Some(token)) = (ctx.route.as_ref(), ctx.token.as_ref()) else {
             return Ok(());
         };
+        if let Some(dpop) = route.credential.config().dialect.dpop() {
+            let nonce = response.headers.get(crate::dpop::NONCE_HEADER);
+            if let Some(nonce) = nonce {
+                dpop.set_nonce(&dpop_origin(route), nonce.as_bytes());
+            }
+            let asks_for_nonce = status == 401
+                && response
+                    .headers
+                    .get_all(http::header::WWW_AUTHENTICATE)
+                    .iter()
+                    .any(|v| crate::dpop::asks_for_nonce(v.as_bytes()));
+            if asks_for_nonce {
+                // RFC 9449 §9: the token was not rejected, the proof lacked the nonce. Replay
+                // once with it, keeping the token; a second such answer passes through.
+                if nonce.is_none()
+                    || ctx.nonce_replayed
+                    || session.as_ref().retry_buffer_truncated()
+                {
+                    return Ok(());
+                }
+                ctx.nonce_replayed = true;
+                info!(route = %route.name, "upstream asked for a DPoP nonce; replaying with it");
+                return replay(status);
+            }
+        }
         if !route.reauth_statuses.contains(&status) {
             return Ok(());
         }

@@ -1,6 +1,7 @@
 //! Upstream targets: the resolved address (re-resolved in the background, so DNS changes are
-//! followed without a restart), the Host header, the CA bundle for https upstreams, the
-//! keep-alive pool's idle timeout, and which failed upstream exchanges may be sent again.
+//! followed without a restart), the Host header, the CA bundle for https upstreams, the client
+//! certificate for mutual TLS, the keep-alive pool's idle timeout, and which failed upstream
+//! exchanges may be sent again.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,12 +13,19 @@ use http::HeaderValue;
 use pingora::prelude::{Error, ErrorType, RetryType};
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
-use pingora::utils::tls::WrappedX509;
+use pingora::utils::tls::{CertKey, WrappedX509};
 
 use crate::config::RouteConfig;
 
 /// How often upstream host names are resolved again.
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How often a route's client certificate and key files are looked at (one `stat` each, on the
+/// request path, by one request at a time).
+pub const CLIENT_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A client certificate as pingora takes it, with the pool key of its exact chain.
+type PeerCert = (Arc<CertKey>, u64);
 
 pub struct UpstreamTarget {
     pub tls: bool,
@@ -30,6 +38,7 @@ pub struct UpstreamTarget {
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
     ca: Option<Arc<[WrappedX509]>>,
+    client_cert: Option<crate::mtls::Rotating<PeerCert>>,
     addr: ArcSwapOption<SocketAddr>,
 }
 
@@ -70,6 +79,14 @@ impl UpstreamTarget {
             }
             None => None,
         };
+        let client_cert = match &route.client_cert {
+            Some(source) => Some(crate::mtls::Rotating::new(
+                source.clone(),
+                CLIENT_CERT_CHECK_INTERVAL,
+                |identity| Ok((Arc::new(identity.cert_key()), identity.pool_key())),
+            )?),
+            None => None,
+        };
         let host_header = HeaderValue::from_str(&u.authority)
             .map_err(|_| format!("invalid upstream host {:?}", u.authority))?;
         // An IP literal needs no resolver: set it now so the first request does not wait.
@@ -89,6 +106,7 @@ impl UpstreamTarget {
             read_timeout: route.read_timeout,
             idle_timeout: route.idle_timeout,
             ca,
+            client_cert,
             addr: ArcSwapOption::new(literal.map(|ip| Arc::new(SocketAddr::new(ip, u.port)))),
         })
     }
@@ -147,6 +165,13 @@ impl UpstreamTarget {
         if self.tls {
             peer.options.alpn = if self.http2 { ALPN::H2H1 } else { ALPN::H1 };
             peer.options.ca = self.ca.clone();
+            if let Some(rotating) = &self.client_cert {
+                let (cert, pool_key) = &*rotating.current();
+                peer.client_cert_key = Some(cert.clone());
+                // Keeps connections made with another certificate (another route's, or this
+                // route's before a rotation) out of this request's reach in the shared pool.
+                peer.group_key = *pool_key;
+            }
         }
         peer
     }

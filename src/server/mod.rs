@@ -131,6 +131,12 @@ fn assemble(
         };
         by_name.insert(c.name.clone(), credential);
     }
+    // A kept token-exchange credential follows its actor into the new configuration.
+    for credential in by_name.values() {
+        if let Some(x) = credential.exchanger() {
+            x.set_actor(x.actor_name().and_then(|n| by_name.get(n).cloned()));
+        }
+    }
     let mut routes = Vec::new();
     for r in &config.routes {
         let credential = by_name

@@ -2,19 +2,23 @@
 //! for the upstream, cached per caller in a bounded moka cache keyed by a hash of the subject
 //! token, with single flight per caller, a negative cache for refused subjects, back-off per
 //! credential (an outage costs one provider call per step, not one per caller) and refresh ahead.
+//! Optionally the subject is validated locally first ([`super::subject`]), and another
+//! credential's token is sent as the actor token.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use arc_swap::ArcSwapOption;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::credential::{Unavailable, backoff, chain_identity};
+use super::credential::{Credential, Unavailable, backoff, chain_identity};
 use super::metrics::ExchangeMetrics;
 use super::model::{SentAt, Token};
+use super::subject::{SubjectError, SubjectValidator};
 use crate::config::CredentialConfig;
 use crate::dialect::{DialectError, ErrorClass, ExchangeSettings, ProviderClient};
 use crate::secret::Secret;
@@ -22,6 +26,14 @@ use crate::secret::Secret;
 /// The cache key: SHA-256 of the credential's identity and the subject token, so neither the
 /// subject nor a prefix of it is kept as a key, and two credentials never share an entry.
 pub type Key = [u8; 32];
+
+/// The largest exchanged token kept. Servers commonly cap one request header at 8–16 KiB
+/// (nginx's default large header buffer is 8 KiB, Node's whole header block 16 KiB), so a larger
+/// token could not be presented upstream anyway; and with it the cache holds at most about
+/// `cache_max_entries` × 2 × this (the token and its rendered header) plus fixed overhead.
+pub const MAX_EXCHANGED_TOKEN_BYTES: usize = 16 * 1024;
+/// How long an upstream rejection is remembered until the exchange it caused completes.
+const REJECTION_MARK_TTL: Duration = Duration::from_secs(60);
 
 /// One caller's exchanged token and the instant it stops being served.
 pub struct Entry {
@@ -75,7 +87,16 @@ pub struct Exchanger {
     client: ProviderClient,
     identity: String,
     cache: Cache<Key, Arc<Entry>>,
-    negative: Cache<Key, ()>,
+    /// Subjects answered without an exchange for `negative_ttl`: refused ones (401) and ones
+    /// whose exchanged token was over the size bound (503).
+    negative: Cache<Key, Refusal>,
+    /// Callers whose token an upstream rejected: their next token is obtained because of it.
+    rejected: Cache<Key, ()>,
+    /// The credential named by `actor`, set (and reset at each reload) by the server.
+    actor: ArcSwapOption<Credential>,
+    validator: Option<Arc<SubjectValidator>>,
+    rejected_locally: AtomicU64,
+    rejections_kept: AtomicU64,
     refreshing: Mutex<HashSet<Key>>,
     health: Mutex<Health>,
     generation: AtomicU64,
@@ -124,6 +145,18 @@ impl Exchanger {
             .max_capacity(settings.cache_max_entries)
             .time_to_live(settings.negative_ttl.max(Duration::from_millis(1)))
             .build();
+        let rejected = Cache::builder()
+            .max_capacity(settings.cache_max_entries)
+            .time_to_live(REJECTION_MARK_TTL)
+            .build();
+        let validator = settings.subject_validation.clone().map(|v| {
+            Arc::new(SubjectValidator::new(
+                Arc::from(config.name.as_str()),
+                v,
+                client.clone(),
+                config.timing.min_refresh_interval,
+            ))
+        });
         Ok(Exchanger {
             name: Arc::from(config.name.as_str()),
             identity: chain_identity(config),
@@ -132,6 +165,11 @@ impl Exchanger {
             client,
             cache,
             negative,
+            rejected,
+            actor: ArcSwapOption::empty(),
+            validator,
+            rejected_locally: AtomicU64::new(0),
+            rejections_kept: AtomicU64::new(0),
             refreshing: Mutex::new(HashSet::new()),
             health: Mutex::new(Health::default()),
             generation: AtomicU64::new(0),
@@ -145,6 +183,16 @@ impl Exchanger {
 
     pub fn subject_header(&self) -> &http::HeaderName {
         &self.settings.subject_header
+    }
+
+    /// The credential `actor` names, if any.
+    pub fn actor_name(&self) -> Option<&str> {
+        self.settings.actor.as_deref()
+    }
+
+    /// Points `actor` at the credential of that name in the configuration now serving.
+    pub fn set_actor(&self, actor: Option<Arc<Credential>>) {
+        self.actor.store(actor);
     }
 
     pub fn key(&self, subject: &str) -> Key {
@@ -175,9 +223,9 @@ impl Exchanger {
             }
             return Ok(entry.token.clone());
         }
-        if self.negative.get(&key).await.is_some() {
+        if let Some(refusal) = self.negative.get(&key).await {
             self.count_lookup(2);
-            return Err(Refusal::Rejected);
+            return Err(refusal);
         }
         self.count_lookup(1);
         let subject_exp = subject_expiry(subject.expose());
@@ -188,7 +236,11 @@ impl Exchanger {
         let init_subject = subject.clone();
         match self
             .cache
-            .try_get_with(key, async move { me.exchange(key, &init_subject).await })
+            .try_get_with(key, async move {
+                // Inside the single flight: one caller's burst costs one check.
+                me.check_subject(&init_subject).await?;
+                me.exchange(key, &init_subject).await
+            })
             .await
         {
             Ok(entry) => Ok(entry.token.clone()),
@@ -196,12 +248,80 @@ impl Exchanger {
         }
     }
 
+    /// Validates the subject locally when `subject_jwks_url` is set; a token that fails is
+    /// never sent to the provider.
+    async fn check_subject(&self, subject: &Secret) -> Result<(), Refusal> {
+        let Some(validator) = &self.validator else {
+            return Ok(());
+        };
+        match validator.validate(subject.expose()).await {
+            Ok(()) => Ok(()),
+            Err(SubjectError::Rejected(reason)) => {
+                self.rejected_locally.fetch_add(1, Ordering::Relaxed);
+                warn!(credential = %self.name, reason = %reason, "subject token failed local validation; not exchanged");
+                Err(Refusal::Rejected)
+            }
+            Err(SubjectError::Unavailable {
+                reason,
+                retry_after,
+            }) => {
+                warn!(credential = %self.name, reason = %reason, "cannot validate the subject token");
+                Err(Refusal::Unavailable(Unavailable {
+                    credential: self.name.clone(),
+                    class: "provider_unavailable",
+                    reason,
+                    retry_after,
+                }))
+            }
+        }
+    }
+
+    /// The actor credential's current token, through its own engine (cached, refreshed and
+    /// single-flighted like any service token); its refusal is this request's 503.
+    async fn actor_token(&self) -> Result<Option<Arc<Token>>, Refusal> {
+        let Some(name) = self.settings.actor.as_deref() else {
+            return Ok(None);
+        };
+        let Some(actor) = self.actor.load_full() else {
+            return Err(Refusal::Unavailable(Unavailable {
+                credential: self.name.clone(),
+                class: "pending",
+                reason: format!("the actor credential {name:?} is not running"),
+                retry_after: Duration::from_secs(1),
+            }));
+        };
+        match actor.token().await {
+            Ok(token) => Ok(Some(token)),
+            Err(u) => {
+                warn!(credential = %self.name, actor = name, class = u.class, reason = %u.reason, "no actor token; not exchanging");
+                Err(Refusal::Unavailable(Unavailable {
+                    credential: self.name.clone(),
+                    class: u.class,
+                    reason: format!("actor credential {name:?}: {}", u.reason),
+                    retry_after: u.retry_after,
+                }))
+            }
+        }
+    }
+
     /// An upstream rejected `token`: drops this caller's entry if it still holds that token (a
-    /// late report cannot evict a newer one). Says whether a new token may now be obtained.
+    /// late report cannot evict a newer one). As for service tokens, a token that was itself
+    /// obtained because of a rejection less than `min_refresh_interval` ago is kept and the
+    /// rejection passed on, so an upstream that refuses every token costs one re-exchange per
+    /// caller, not one per request. Says whether a new token may now be obtained.
     pub async fn reject(&self, subject: &Secret, token: &Arc<Token>) -> bool {
         let key = self.key(subject.expose());
         match self.cache.get(&key).await {
             Some(entry) if Arc::ptr_eq(&entry.token, token) => {
+                if token.after_rejection
+                    && token.issued_at.elapsed() < self.config.timing.min_refresh_interval
+                {
+                    self.rejections_kept.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.rejections_kept.inc();
+                    warn!(credential = %self.name, generation = token.generation, "upstream rejected a caller's token obtained for its rejection of the previous one; keeping it and passing the rejection on (min_refresh_interval)");
+                    return false;
+                }
+                self.rejected.insert(key, ()).await;
                 self.cache.invalidate(&key).await;
                 warn!(credential = %self.name, generation = token.generation, "upstream rejected a caller's exchanged token; exchanging again");
                 true
@@ -273,17 +393,27 @@ impl Exchanger {
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
             h.probing.then(|| ProbeGuard(&self.health))
         };
+        let actor = self.actor_token().await?;
         let sent = SentAt::now();
         let result = tokio::time::timeout(
             self.config.timing.timeout + Duration::from_secs(1),
-            self.config.dialect.exchange(subject, &self.client),
+            self.config
+                .dialect
+                .exchange(subject, actor.as_ref().map(|t| t.value()), &self.client),
         )
         .await
         .unwrap_or_else(|_| Err(DialectError::transient("the token exchange timed out")));
         self.metrics
             .duration
             .observe(sent.instant.elapsed().as_secs_f64());
-        let result = result.and_then(|grant| {
+        let grant = match result {
+            Ok(grant) if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES => {
+                return Err(self.oversized(key, grant.access_token.expose().len()).await);
+            }
+            other => other,
+        };
+        let after_rejection = grant.is_ok() && self.rejected.remove(&key).await.is_some();
+        let result = grant.and_then(|grant| {
             let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
             Token::from_grant(
                 grant,
@@ -291,7 +421,7 @@ impl Exchanger {
                 &self.config.presentation,
                 &self.config.timing,
                 generation,
-                false,
+                after_rejection,
             )
             .map_err(DialectError::transient)
         });
@@ -318,6 +448,7 @@ impl Exchanger {
             }
             Err(e) if e.class == ErrorClass::Relogin => {
                 self.count_outcome(OUTCOME_REJECTED);
+                info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token");
                 {
                     // A refusal is an answer: the provider is up.
                     let mut h = self.health();
@@ -327,7 +458,7 @@ impl Exchanger {
                     h.last_error = Some(e.message.clone());
                     h.last_error_at = Some(SystemTime::now());
                 }
-                self.negative.insert(key, ()).await;
+                self.negative.insert(key, Refusal::Rejected).await;
                 Err(Refusal::Rejected)
             }
             Err(e) => {
@@ -357,6 +488,32 @@ impl Exchanger {
         }
     }
 
+    /// A token over [`MAX_EXCHANGED_TOKEN_BYTES`]: not cached, and this caller is answered 503
+    /// without another exchange for `negative_ttl`. The provider is up, so no back-off.
+    async fn oversized(&self, key: Key, len: usize) -> Refusal {
+        self.count_outcome(OUTCOME_FATAL);
+        let reason = format!(
+            "credential {:?}: the exchanged token is {len} bytes, over the {MAX_EXCHANGED_TOKEN_BYTES}-byte bound; not cached",
+            &*self.name
+        );
+        warn!(credential = %self.name, bytes = len, bound = MAX_EXCHANGED_TOKEN_BYTES, "exchanged token too large; refused");
+        {
+            let mut h = self.health();
+            h.last_error = Some(reason.clone());
+            h.last_error_at = Some(SystemTime::now());
+        }
+        let refusal = Refusal::Unavailable(Unavailable {
+            credential: self.name.clone(),
+            class: "provider_unavailable",
+            reason,
+            retry_after: Duration::from_secs(
+                self.settings.negative_ttl.as_secs_f64().ceil().max(1.0) as u64,
+            ),
+        });
+        self.negative.insert(key, refusal.clone()).await;
+        refusal
+    }
+
     fn count_lookup(&self, i: usize) {
         [&self.hits, &self.misses, &self.negatives][i].fetch_add(1, Ordering::Relaxed);
         self.metrics.lookups[i].inc();
@@ -371,6 +528,7 @@ impl Exchanger {
     pub async fn settle(&self) {
         self.cache.run_pending_tasks().await;
         self.negative.run_pending_tasks().await;
+        self.rejected.run_pending_tasks().await;
         self.update_gauges();
     }
 
@@ -398,6 +556,9 @@ impl Exchanger {
                 "transient_error": o(OUTCOME_TRANSIENT),
                 "fatal_error": o(OUTCOME_FATAL),
             },
+            "actor": self.settings.actor,
+            "subject_rejected_locally": self.rejected_locally.load(Ordering::Relaxed),
+            "rejections_kept": self.rejections_kept.load(Ordering::Relaxed),
             "consecutive_failures": h.failures,
             "next_attempt_in_s": h.not_before.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
             "last_error": h.last_error,

@@ -24,6 +24,7 @@ pub struct TokenMetrics {
     exchange_lookups: IntCounterVec,
     exchanges: IntCounterVec,
     exchange_duration: HistogramVec,
+    exchange_rejections_kept: IntCounterVec,
 }
 
 /// How a per-caller lookup was answered.
@@ -38,6 +39,7 @@ pub struct ExchangeMetrics {
     pub lookups: [IntCounter; 3],
     pub exchanges: [IntCounter; 4],
     pub duration: Histogram,
+    pub rejections_kept: IntCounter,
 }
 
 pub const LEASE_EVENTS: [&str; 3] = ["acquired", "waited", "taken_over"];
@@ -66,6 +68,7 @@ pub struct ExchangeFamilies {
     lookups: IntCounterVec,
     exchanges: IntCounterVec,
     duration: HistogramVec,
+    rejections_kept: IntCounterVec,
 }
 
 impl ExchangeFamilies {
@@ -75,6 +78,7 @@ impl ExchangeFamilies {
             lookups: LOOKUP_RESULTS.map(|r| self.lookups.with_label_values(&[name, r])),
             exchanges: EXCHANGE_OUTCOMES.map(|o| self.exchanges.with_label_values(&[name, o])),
             duration: self.duration.with_label_values(&[name]),
+            rejections_kept: self.rejections_kept.with_label_values(&[name]),
         }
     }
 }
@@ -186,7 +190,15 @@ impl TokenMetrics {
                 ]),
                 &["credential"],
             )?,
+            exchange_rejections_kept: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_exchange_rejections_kept_total",
+                    "Upstream rejections of a caller's exchanged token passed on without a new exchange: the token was itself obtained for a rejection less than min_refresh_interval before.",
+                ),
+                &["credential"],
+            )?,
         };
+        registry.register(Box::new(m.exchange_rejections_kept.clone()))?;
         registry.register(Box::new(m.exchange_entries.clone()))?;
         registry.register(Box::new(m.exchange_lookups.clone()))?;
         registry.register(Box::new(m.exchanges.clone()))?;
@@ -221,6 +233,7 @@ impl TokenMetrics {
                 lookups: self.exchange_lookups.clone(),
                 exchanges: self.exchanges.clone(),
                 duration: self.exchange_duration.clone(),
+                rejections_kept: self.exchange_rejections_kept.clone(),
             },
         }
     }
@@ -251,6 +264,7 @@ impl TokenMetrics {
             let _ = self.exchanges.remove_label_values(&[name, o]);
         }
         let _ = self.exchange_duration.remove_label_values(&[name]);
+        let _ = self.exchange_rejections_kept.remove_label_values(&[name]);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod model;
 pub mod refresher;
 pub mod store;
+pub mod subject;
 
 pub use credential::{Chain, Credential, StoreMode, Unavailable};
 pub use exchange::Exchanger;

@@ -2,6 +2,7 @@
 //! the real `tokenward` binary run against them with its logs captured.
 #![allow(dead_code)]
 
+pub mod assertion;
 pub mod redis;
 
 use std::collections::HashMap;

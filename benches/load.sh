@@ -2,7 +2,7 @@
 # Whole-proxy cost against nginx, on loopback, on this machine. Three proxies sit in front of the
 # same nginx upstream, each adding an `Authorization` header over a keep-alive upstream pool:
 #   nginx      1 worker, a static header (the reference)
-#   minimal    the least pingora ProxyHttp doing the same (benches/minimal_proxy.rs): the framework's floor
+#   minimal    the least pingora ProxyHttp doing the same (benches/tools/minimal_proxy.rs): the framework's floor
 #   tokenward  the release binary with a real cached token from the demo provider
 # and each is measured, in alternating rounds, two ways:
 #   cpu    CPU µs per request: utime+stime of all the proxy's threads/processes (/proc/PID/stat)
@@ -16,7 +16,8 @@
 #   ROUNDS=3 SIZES=small CONNS=1000 benches/load.sh  # one size, 1,000 keep-alive connections
 #   TARGETS="nginx tokenward" TW_THREADS=2 benches/load.sh
 #   TARGETS="nginx tokenward alt" ALT_BIN=/tmp/tokenward-before SIZES=small benches/load.sh
-#       alt: another tokenward binary with the same config (an A/B of a change, in one run)
+#       alt: another tokenward binary (ALT_BIN) with the same config but ALT_THREADS threads
+#       (default TW_THREADS): an A/B of a change, in one run
 #   TARGETS="nginx tokenward tokenward1k" SIZES=small benches/load.sh
 #       tokenward1k: a second tokenward whose config also holds 999 credentials without routes,
 #       each refreshing on schedule (60 s tokens from a second demo provider): what background
@@ -48,8 +49,13 @@ for tool in nginx wrk hey; do
     fi
 done
 PATH=$PATH:/usr/sbin
-cargo build --release --locked --quiet --bin tokenward --example minimal_proxy
 OUT=${CARGO_TARGET_DIR:-target}/release
+# TW_BIN / MINIMAL_BIN: measure binaries built elsewhere (an A/B of a change) instead.
+if [ -z "${TW_BIN:-}" ] || [ -z "${MINIMAL_BIN:-}" ]; then
+    cargo build --release --locked --quiet --bin tokenward --example minimal_proxy
+fi
+TW_BIN=${TW_BIN:-$OUT/tokenward}
+MINIMAL_BIN=${MINIMAL_BIN:-$OUT/examples/minimal_proxy}
 ulimit -n "$(ulimit -Hn)"
 
 if [ "$(nproc)" -ge 2 ]; then
@@ -61,12 +67,23 @@ fi
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    # SIGKILL: pingora drains for minutes on SIGTERM, and a survivor would share the next run's
+    # port (SO_REUSEPORT) and take part of its load unmeasured.
+    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     for conf in "$WORK"/nginx-*.conf; do [ -e "$conf" ] && nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true; done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+for port in "$UPSTREAM" "$PROVIDER" "$ADMIN" "$PROVIDER_1K" "$ADMIN_1K" "$ADMIN_ALT" "${PORT[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "127.0.0.1:$port is taken: stop what listens there (or set BASE_PORT)" >&2
+        exit 1
+    fi
+done
 
+# nginx's workers run unprivileged: they must be able to read the bodies they serve.
+chmod 755 "$WORK"
 head -c 10240 /dev/zero | tr '\0' 'x' >"$WORK/10k"
 head -c 1048576 /dev/zero | tr '\0' 'x' >"$WORK/1m"
 
@@ -95,9 +112,9 @@ until_up() { # url
 nginx_conf upstream "$UPSTREAM" "root $WORK; location = / { default_type text/plain; return 200 \"ok\\n\"; }"
 nginx_conf proxy "${PORT[nginx]}" 'location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_set_header Host 127.0.0.1:'"$UPSTREAM"'; proxy_set_header Authorization "Bearer static-token-for-the-benchmark"; }'
 
-"$OUT/tokenward" dev --component provider --listen "127.0.0.1:$PROVIDER" --token-lifetime 1h >"$WORK/provider.log" 2>&1 &
+"$TW_BIN" dev --component provider --listen "127.0.0.1:$PROVIDER" --token-lifetime 1h >"$WORK/provider.log" 2>&1 &
 PIDS+=($!)
-"${SERVER_CPU[@]}" "$OUT/examples/minimal_proxy" "127.0.0.1:${PORT[minimal]}" "127.0.0.1:$UPSTREAM" 1 >"$WORK/minimal.log" 2>&1 &
+"${SERVER_CPU[@]}" "$MINIMAL_BIN" "127.0.0.1:${PORT[minimal]}" "127.0.0.1:$UPSTREAM" 1 >"$WORK/minimal.log" 2>&1 &
 PIDS+=($!)
 MINIMAL_PID=$!
 cat >"$WORK/tokenward.toml" <<CONF
@@ -120,25 +137,26 @@ token_url = "http://127.0.0.1:$PROVIDER/oauth2/token"
 client_id = "demo"
 client_secret = "demo-secret"
 CONF
-"${SERVER_CPU[@]}" "$OUT/tokenward" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
+"${SERVER_CPU[@]}" "$TW_BIN" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
 PIDS+=($!)
 TOKENWARD_PID=$!
 until_up "http://127.0.0.1:$ADMIN/readyz"
 if [[ " $TARGETS " == *" alt "* ]]; then
-    sed -e "s/$ADMIN/$ADMIN_ALT/" -e "s/${PORT[tokenward]}/${PORT[alt]}/" -e "s|state\"|state-alt\"|" "$WORK/tokenward.toml" >"$WORK/tokenward-alt.toml"
+    sed -e "s/$ADMIN/$ADMIN_ALT/" -e "s/${PORT[tokenward]}/${PORT[alt]}/" -e "s|state\"|state-alt\"|" \
+        -e "s/^threads = .*/threads = ${ALT_THREADS:-$TW_THREADS}/" "$WORK/tokenward.toml" >"$WORK/tokenward-alt.toml"
     "${SERVER_CPU[@]}" "${ALT_BIN:?ALT_BIN names the other tokenward binary}" run --config "$WORK/tokenward-alt.toml" >"$WORK/tokenward-alt.log" 2>&1 &
     PIDS+=($!)
     ALT_PID=$!
     until_up "http://127.0.0.1:$ADMIN_ALT/readyz"
 fi
 if [[ " $TARGETS " == *" tokenward1k "* ]]; then
-    "$OUT/tokenward" dev --component provider --listen "127.0.0.1:$PROVIDER_1K" --token-lifetime 60s >"$WORK/provider-1k.log" 2>&1 &
+    "$TW_BIN" dev --component provider --listen "127.0.0.1:$PROVIDER_1K" --token-lifetime 60s >"$WORK/provider-1k.log" 2>&1 &
     PIDS+=($!)
     sed -e "s/$ADMIN/$ADMIN_1K/" -e "s/${PORT[tokenward]}/${PORT[tokenward1k]}/" -e "s|state\"|state-1k\"|" "$WORK/tokenward.toml" >"$WORK/tokenward-1k.toml"
     for i in $(seq 1 999); do
         printf '[credentials.bg%d]\ndialect = "oauth2"\ntoken_url = "http://127.0.0.1:%d/oauth2/token"\nclient_id = "demo"\nclient_secret = "demo-secret"\n' "$i" "$PROVIDER_1K"
     done >>"$WORK/tokenward-1k.toml"
-    "${SERVER_CPU[@]}" "$OUT/tokenward" run --config "$WORK/tokenward-1k.toml" >"$WORK/tokenward-1k.log" 2>&1 &
+    "${SERVER_CPU[@]}" "$TW_BIN" run --config "$WORK/tokenward-1k.toml" >"$WORK/tokenward-1k.log" 2>&1 &
     PIDS+=($!)
     TOKENWARD_1K_PID=$!
     for _ in $(seq 1 300); do curl -sf -o /dev/null "http://127.0.0.1:$ADMIN_1K/readyz" && break; sleep 0.1; done

@@ -28,6 +28,7 @@ pub struct FileConfig {
 pub struct ServerFile {
     pub threads: Option<usize>,
     pub grace_period: Option<HumanDuration>,
+    pub upstream_keepalive_pool_size: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -70,6 +70,8 @@ pub enum LogFormat {
 pub struct Config {
     pub source: PathBuf,
     pub threads: usize,
+    /// Idle upstream connections kept for reuse, across all upstreams.
+    pub upstream_keepalive_pool_size: usize,
     pub grace_period: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -325,9 +327,18 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         file: path.display().to_string(),
         errors: Vec::new(),
     };
-    let threads = raw.server.threads.unwrap_or(2);
+    // One proxy thread: a sidecar serves one pod, which usually has a core or less, and a
+    // second thread there only adds wake-ups and cross-thread hand-offs (benches/README.md).
+    let threads = raw.server.threads.unwrap_or(1);
     if threads == 0 || threads > 256 {
         c.push("server.threads", "must be between 1 and 256");
+    }
+    let upstream_keepalive_pool_size = raw.server.upstream_keepalive_pool_size.unwrap_or(128);
+    if upstream_keepalive_pool_size > 100_000 {
+        c.push(
+            "server.upstream_keepalive_pool_size",
+            "must be at most 100000 (0 turns upstream keep-alive off)",
+        );
     }
     let grace_period = HumanDuration::or(raw.server.grace_period, Duration::from_secs(10));
     let log_format = match raw.log.format.as_deref().unwrap_or("text") {
@@ -427,6 +438,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     Ok(Config {
         source: path.to_path_buf(),
         threads,
+        upstream_keepalive_pool_size,
         grace_period,
         log_format,
         log_level,
@@ -884,6 +896,24 @@ client_secret = "s3cret"
         let e = with("", redis).unwrap_err();
         assert_eq!(keys(e.clone()), vec!["credentials.orders.dpop".to_string()]);
         assert!(e.to_string().contains("dpop_key"), "{e}");
+    }
+
+    #[test]
+    fn a_sidecar_runs_one_proxy_thread_and_pingoras_pool_size_unless_told() {
+        let cfg = load_str("toml", GOOD).unwrap();
+        assert_eq!((cfg.threads, cfg.upstream_keepalive_pool_size), (1, 128));
+        let cfg = load_str(
+            "toml",
+            &format!("[server]\nthreads = 4\nupstream_keepalive_pool_size = 0\n{GOOD}"),
+        )
+        .unwrap();
+        assert_eq!((cfg.threads, cfg.upstream_keepalive_pool_size), (4, 0));
+        let err = load_str(
+            "toml",
+            &format!("[server]\nupstream_keepalive_pool_size = 1000000\n{GOOD}"),
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "server.upstream_keepalive_pool_size");
     }
 
     #[test]

@@ -302,6 +302,28 @@ impl BackgroundService for Drain {
     }
 }
 
+/// The long-lived background work, on one runtime thread: pingora gives each service its own
+/// runtime, and four mostly idle loops do not need four threads on a pod that often has one
+/// core.
+struct Housekeeping {
+    refresher: Refresher,
+    reloader: reload::Reloader,
+    resolver: Resolver,
+    drain: Drain,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        tokio::join!(
+            self.refresher.start(shutdown.clone()),
+            self.reloader.start(shutdown.clone()),
+            self.resolver.start(shutdown.clone()),
+            self.drain.start(shutdown),
+        );
+    }
+}
+
 /// Fails early, with the address, when a listener cannot be bound.
 fn check_bindable(addrs: &[SocketAddr]) -> anyhow::Result<()> {
     for addr in addrs {
@@ -340,6 +362,7 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
 
     let conf = ServerConf {
         threads: config.threads,
+        upstream_keepalive_pool_size: config.upstream_keepalive_pool_size,
         work_stealing: true,
         grace_period_seconds: Some(config.grace_period.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
@@ -365,24 +388,22 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
         HttpServer::new_app(AdminApp::new(shared.clone())),
     );
     admin.add_tcp(&config.admin_listen.to_string());
+    // Probes and scrapes are a few requests a second: a thread of their own is plenty.
+    admin.threads = Some(1);
     server.add_service(admin);
 
-    server.add_service(background_service("token refresher", refresher));
     server.add_service(background_service(
-        "config reloader",
-        reload::Reloader::new(shared.clone()),
-    ));
-    server.add_service(background_service(
-        "upstream resolver",
-        Resolver {
-            shared: shared.clone(),
-        },
-    ));
-    server.add_service(background_service(
-        "drain",
-        Drain {
-            shared: shared.clone(),
-            grace: config.grace_period,
+        "housekeeping",
+        Housekeeping {
+            refresher,
+            reloader: reload::Reloader::new(shared.clone()),
+            resolver: Resolver {
+                shared: shared.clone(),
+            },
+            drain: Drain {
+                shared: shared.clone(),
+                grace: config.grace_period,
+            },
         },
     ));
     for service in extra {

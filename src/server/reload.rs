@@ -82,6 +82,10 @@ impl Shared {
                 new.state_redis != old.state_redis,
             ),
             ("server.threads", new.threads != old.threads),
+            (
+                "server.upstream_keepalive_pool_size",
+                new.upstream_keepalive_pool_size != old.upstream_keepalive_pool_size,
+            ),
             // pingora's own shutdown wait is fixed at start, so a new grace period could not be
             // honoured; the formatter is fixed at start too.
             ("server.grace_period", new.grace_period != old.grace_period),
@@ -94,7 +98,7 @@ impl Shared {
             .collect();
         if !changed.is_empty() {
             return Err(format!(
-                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, server.threads, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
+                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, server.threads, server.upstream_keepalive_pool_size, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
                 old.source.display(),
                 changed.join(", ")
             ));

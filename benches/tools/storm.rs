@@ -77,6 +77,20 @@ fn serve_on_own_thread(app: Router) -> SocketAddr {
     addr
 }
 
+/// Waits until tokenward's RSS stops changing (it accepts and frees at its own pace), at most
+/// 10 s.
+async fn wait_for_rss_to_settle(pid: u32) {
+    let mut last = rss_kib(pid);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(last) < 256 {
+            return;
+        }
+        last = now;
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -296,6 +310,12 @@ client_secret = "storm-secret"
             streams.push(joined.expect("task").expect("connect"));
         }
     }
+    wait_for_rss_to_settle(child.id()).await;
+    println!(
+        "RSS with {:>6} connected   {:>7.1} MiB  (accepted, no request yet)",
+        streams.len(),
+        rss_kib(child.id()) as f64 / 1024.0
+    );
     let request: Arc<[u8]> = format!("GET / HTTP/1.1\r\nHost: {listen}\r\n\r\n")
         .into_bytes()
         .into();
@@ -306,9 +326,9 @@ client_secret = "storm-secret"
         &warm,
         calls.load(Ordering::SeqCst) - before,
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_rss_to_settle(child.id()).await;
     println!(
-        "RSS with {:>6} keep-alive  {:>7.1} MiB",
+        "RSS with {:>6} keep-alive  {:>7.1} MiB  (each has made one request)",
         streams.len(),
         rss_kib(child.id()) as f64 / 1024.0
     );

@@ -70,6 +70,7 @@ cleanup() {
     # SIGKILL: pingora drains for minutes on SIGTERM, and a survivor would share the next run's
     # port (SO_REUSEPORT) and take part of its load unmeasured.
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     for conf in "$WORK"/nginx-*.conf; do [ -e "$conf" ] && nginx -c "$conf" -p "$WORK" -s stop 2>/dev/null || true; done
     rm -rf "$WORK"
 }

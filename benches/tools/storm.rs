@@ -295,10 +295,17 @@ client_secret = "storm-secret"
             .map(|d| d.count())
             .unwrap_or(0),
     );
-    assert_eq!(http(listen, "GET", "/", false).await, Some(200), "first request");
+    assert_eq!(
+        http(listen, "GET", "/", false).await,
+        Some(200),
+        "first request"
+    );
     // Let allocations made at start and by the first request settle into the resident set.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    println!("RSS idle, one route        {:>7.1} MiB", rss_kib(child.id()) as f64 / 1024.0);
+    println!(
+        "RSS idle, one route        {:>7.1} MiB",
+        rss_kib(child.id()) as f64 / 1024.0
+    );
 
     let mut streams = Vec::with_capacity(args.connections);
     let mut connecting = tokio::task::JoinSet::new();

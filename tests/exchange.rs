@@ -566,15 +566,6 @@ fn exchanged_to(provider: &FakeExchange) -> Vec<String> {
     provider.calls().into_iter().map(|(s, _)| s).collect()
 }
 
-async fn metrics_text(tw: &Tokenward) -> String {
-    reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 // ---- actor = "NAME" ----
 
 /// A second credential `svc` (client credentials at `actor`), the actor of `api`.
@@ -1079,7 +1070,7 @@ async fn an_upstream_rejecting_every_exchanged_token_costs_at_most_two_exchanges
     assert_eq!(calls, 2, "the first rejection re-exchanges once");
     // 1 original + 1 replay, then one attempt per further request.
     assert_eq!(upstream.seen().len(), 31);
-    let text = metrics_text(&tw).await;
+    let text = tw.get_text("/metrics").await;
     let kept = metric(
         &text,
         "tokenward_exchange_rejections_kept_total{credential=\"api\"}",
@@ -1185,7 +1176,7 @@ async fn five_thousand_callers_stay_within_cache_max_entries_and_bounded_memory(
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let entries = loop {
-        let text = metrics_text(&tw).await;
+        let text = tw.get_text("/metrics").await;
         let entries = metric(
             &text,
             "tokenward_exchange_cache_entries{credential=\"api\"}",

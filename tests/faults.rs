@@ -363,12 +363,7 @@ async fn hostile_clients_cannot_reach_another_host_or_the_token() {
             );
         }
     }
-    let admin = reqwest::get(tw.admin_url("/tokens"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let admin = tw.get_text("/tokens").await;
     for secret in provider.issued() {
         assert!(!admin.contains(&secret));
     }

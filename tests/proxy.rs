@@ -328,12 +328,7 @@ async fn an_upstream_that_rejects_every_token_cannot_make_tokenward_spin() {
         provider.calls(),
         tw.logs()
     );
-    let metrics = reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tw.get_text("/metrics").await;
     let kept = metric(
         &metrics,
         "tokenward_token_rejections_kept_total{credential=\"api\"}",

@@ -42,15 +42,6 @@ fn rotating_keys(provider: &FakeProvider, extra: &str) -> String {
     )
 }
 
-async fn metrics(tw: &Tokenward) -> String {
-    reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Sends a request every `every` through each replica until `until`; returns (sent, failed).
 async fn load(urls: Vec<String>, every: Duration, until: Instant) -> (usize, Vec<String>) {
     let mut tasks = Vec::new();
@@ -135,12 +126,12 @@ async fn eight_replicas_make_one_refresh_per_lifetime_between_them() {
     let mut waited = 0.0;
     for tw in &replicas {
         waited += metric(
-            &metrics(tw).await,
+            &tw.get_text("/metrics").await,
             "tokenward_store_leases_total{credential=\"api\",event=\"waited\"}",
         );
     }
     assert!(waited >= 1.0, "replicas waited for the holder's refresh");
-    let shared = metrics(&replicas[0]).await;
+    let shared = replicas[0].get_text("/metrics").await;
     assert_eq!(
         metric(
             &shared,
@@ -212,7 +203,7 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let m = metrics(&other).await;
+    let m = other.get_text("/metrics").await;
     assert_eq!(
         metric(
             &m,

@@ -56,12 +56,7 @@ async fn a_thousand_concurrent_requests_on_a_cold_cache_cause_one_provider_call(
         provider.calls()
     );
     assert_eq!(upstream.seen().len(), 1000);
-    let metrics = reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tw.get_text("/metrics").await;
     assert!(
         metric(
             &metrics,
@@ -129,12 +124,7 @@ async fn refreshes_ahead_of_expiry_without_making_requests_wait() {
             "refresh {gap:?} after the previous one: spinning"
         );
     }
-    let metrics = reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tw.get_text("/metrics").await;
     assert_eq!(
         metric(
             &metrics,
@@ -363,12 +353,7 @@ async fn bad_client_credentials_are_fatal_and_not_retried() {
     );
     let status = tw.get_json("/tokens").await;
     assert_eq!(status["credentials"][0]["state"], "fatal");
-    let metrics = reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tw.get_text("/metrics").await;
     assert_eq!(
         metric(&metrics, "tokenward_credential_fatal{credential=\"api\"}"),
         1.0

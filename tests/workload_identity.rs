@@ -55,15 +55,6 @@ async fn through(client: &reqwest::Client, tw: &Tokenward, path: &str) -> (u16, 
     )
 }
 
-async fn metrics(tw: &Tokenward) -> String {
-    reqwest::get(tw.admin_url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn refreshes(text: &str, outcome: &str) -> f64 {
     metric(
         text,
@@ -283,7 +274,7 @@ async fn a_refusal_right_after_a_rotation_is_retried_once_with_the_new_file() {
         assert_eq!(calls[0].status, refused, "{mode:?}");
         assert_eq!(calls[1].assertion, new, "{mode:?}");
         assert_eq!(calls[1].status, 200, "{mode:?}: {calls:?}");
-        let m = metrics(&tw).await;
+        let m = tw.get_text("/metrics").await;
         assert_eq!(
             refreshes(&m, "fatal_error"),
             0.0,
@@ -391,7 +382,7 @@ async fn assertion_rotated_under_load() {
     // Each rotation caught a request in flight, refused and retried.
     let refused = idp.calls().iter().filter(|c| c.status == 401).count();
     assert!(refused >= 6, "{:?}", idp.calls());
-    let m = metrics(&tw).await;
+    let m = tw.get_text("/metrics").await;
     assert_eq!(refreshes(&m, "fatal_error"), 0.0, "{}", tw.logs());
     assert!(refreshes(&m, "success") >= 6.0, "{m}");
     let mut secrets = rotated;

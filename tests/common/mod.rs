@@ -661,21 +661,19 @@ impl Tokenward {
             .unwrap()
     }
 
+    pub async fn get_text(&self, path: &str) -> String {
+        reqwest::get(self.admin_url(path))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Fails when any of `secrets` appears in the captured logs, `/tokens` or `/metrics`.
     pub async fn assert_no_leaks(&self, secrets: &[String]) {
-        let tokens = reqwest::get(self.admin_url("/tokens"))
-            .await
-            .map(|r| r)
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let metrics = reqwest::get(self.admin_url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let tokens = self.get_text("/tokens").await;
+        let metrics = self.get_text("/metrics").await;
         let logs = self.logs();
         for s in secrets.iter().filter(|s| s.len() >= 6) {
             assert!(

@@ -131,18 +131,6 @@ fn replay(status: u16) -> Result<()> {
     Err(e)
 }
 
-/// The origin of a route's upstream as the upstream sees it: the first part of each proof's
-/// `htu`, and the key its DPoP nonces are kept under.
-fn dpop_origin(route: &Route) -> String {
-    let scheme = if route.upstream.tls { "https" } else { "http" };
-    let authority = route.upstream.host_header.to_str().unwrap_or_default();
-    let mut origin = String::with_capacity(scheme.len() + 3 + authority.len());
-    origin.push_str(scheme);
-    origin.push_str("://");
-    origin.push_str(authority);
-    origin
-}
-
 #[async_trait]
 impl ProxyHttp for TokenwardProxy {
     type CTX = RequestCtx;
@@ -290,7 +278,7 @@ impl ProxyHttp for TokenwardProxy {
             let proof = dpop
                 .proof(
                     upstream_request.method.as_str(),
-                    &dpop_origin(route),
+                    &route.upstream.origin,
                     upstream_request.uri.path(),
                     Some(token.value().expose()),
                 )
@@ -330,7 +318,7 @@ impl ProxyHttp for TokenwardProxy {
         if let Some(dpop) = route.credential.config().dialect.dpop() {
             let nonce = response.headers.get(crate::dpop::NONCE_HEADER);
             if let Some(nonce) = nonce {
-                dpop.set_nonce(&dpop_origin(route), nonce.as_bytes());
+                dpop.set_nonce(&route.upstream.origin, nonce.as_bytes());
             }
             let asks_for_nonce = status == 401
                 && response

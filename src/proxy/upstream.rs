@@ -32,6 +32,9 @@ pub struct UpstreamTarget {
     pub host: String,
     pub port: u16,
     pub host_header: HeaderValue,
+    /// `scheme://host[:port]` as the upstream sees it: the first part of each DPoP proof's
+    /// `htu`, and the key its DPoP nonces are kept under. Fixed per route, so built once.
+    pub origin: String,
     pub base_path: String,
     pub http2: bool,
     pub connect_timeout: Duration,
@@ -100,6 +103,7 @@ impl UpstreamTarget {
             host: u.host.trim_matches(['[', ']']).to_string(),
             port: u.port,
             host_header,
+            origin: format!("{}://{}", if u.tls { "https" } else { "http" }, u.authority),
             base_path: u.base_path.clone(),
             http2: route.http2,
             connect_timeout: route.connect_timeout,

@@ -433,7 +433,7 @@ impl Request {
         if let Some(url) = &url {
             let src = url.source();
             let ok = if url.is_literal() {
-                url::Url::parse(src).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+                super::is_http_url(src)
             } else {
                 src.starts_with("http://") || src.starts_with("https://")
             };

@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 use super::http::ProviderResponse;
 use super::oauth2::{JWT_BEARER_GRANT, parse_failure, parse_success};
-use super::{Dialect, DialectError, Grant, GrantKind, Held, ProviderClient, parse_keys};
+use super::{
+    Dialect, DialectError, Grant, GrantKind, Held, ProviderClient, is_http_url, parse_keys,
+};
 use crate::secret::{Secret, SecretSource};
 
 /// Google signs its own assertions for an hour, the longest it accepts.
@@ -213,10 +215,6 @@ impl GoogleServiceAccount {
         let response = self.post(&token_url, &assertion, client).await?;
         Ok((raw, response))
     }
-}
-
-fn is_http_url(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
 }
 
 #[async_trait]

@@ -64,6 +64,11 @@ pub fn build(
 }
 
 /// Deserializes a dialect's own keys, turning figment's errors into `(key, reason)` pairs.
+/// A provider endpoint must be an absolute http or https URL.
+pub fn is_http_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+}
+
 pub fn parse_keys<T: serde::de::DeserializeOwned>(
     keys: figment::value::Dict,
 ) -> Result<T, Vec<(String, String)>> {

@@ -159,9 +159,8 @@ impl OAuth2 {
         let k: Keys = parse_keys(keys)?;
         let mut errors = Vec::new();
         let mut err = |key: &str, reason: &str| errors.push((key.to_string(), reason.to_string()));
-        match url::Url::parse(&k.token_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            _ => err("token_url", "must be an http or https URL"),
+        if !super::is_http_url(&k.token_url) {
+            err("token_url", "must be an http or https URL");
         }
         // The JWT bearer grant authenticates with its assertion: the client is optional there
         // (RFC 7523 §3.1), so without a secret it defaults to no client authentication.
@@ -764,9 +763,8 @@ fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Subj
         }
         return None;
     };
-    match url::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-        _ => err("subject_jwks_url", "must be an http or https URL"),
+    if !super::is_http_url(url) {
+        err("subject_jwks_url", "must be an http or https URL");
     }
     for (key, value) in [
         ("subject_issuer", &k.subject_issuer),

@@ -4,6 +4,8 @@
 #   nginx      1 worker, a static header (the reference)
 #   minimal    the least pingora ProxyHttp doing the same (benches/tools/minimal_proxy.rs): the framework's floor
 #   tokenward  the release binary with a real cached token from the demo provider
+#   lean       (opt-in) the same job on pingora-core's HTTP/1 pieces with no ProxyHttp
+#              (benches/tools/lean_proxy.rs): what pingora-proxy's orchestration costs
 # and each is measured, in alternating rounds, two ways:
 #   cpu    CPU µs per request: utime+stime of all the proxy's threads/processes (/proc/PID/stat)
 #          around a fixed number of requests at a fixed rate (hey -n N -c 50 -q RATE/50)
@@ -40,7 +42,7 @@ TW_THREADS=${TW_THREADS:-1}
 BASE=${BASE_PORT:-18080}
 UPSTREAM=$((BASE + 1)) PROVIDER=$((BASE + 2)) ADMIN=$((BASE + 3))
 PROVIDER_1K=$((BASE + 4)) ADMIN_1K=$((BASE + 5))
-declare -A PORT=([nginx]=$((BASE + 10)) [minimal]=$((BASE + 11)) [tokenward]=$((BASE + 12)) [tokenward1k]=$((BASE + 13)) [alt]=$((BASE + 14)))
+declare -A PORT=([nginx]=$((BASE + 10)) [minimal]=$((BASE + 11)) [tokenward]=$((BASE + 12)) [tokenward1k]=$((BASE + 13)) [alt]=$((BASE + 14)) [lean]=$((BASE + 15)))
 ADMIN_ALT=$((BASE + 6))
 
 for tool in nginx wrk hey; do
@@ -50,12 +52,13 @@ for tool in nginx wrk hey; do
 done
 PATH=$PATH:/usr/sbin
 OUT=${CARGO_TARGET_DIR:-target}/release
-# TW_BIN / MINIMAL_BIN: measure binaries built elsewhere (an A/B of a change) instead.
-if [ -z "${TW_BIN:-}" ] || [ -z "${MINIMAL_BIN:-}" ]; then
-    cargo build --release --locked --quiet --bin tokenward --example minimal_proxy
+# TW_BIN / MINIMAL_BIN / LEAN_BIN: measure binaries built elsewhere (an A/B of a change) instead.
+if [ -z "${TW_BIN:-}" ] || [ -z "${MINIMAL_BIN:-}" ] || [ -z "${LEAN_BIN:-}" ]; then
+    cargo build --release --locked --quiet --bin tokenward --example minimal_proxy --example lean_proxy
 fi
 TW_BIN=${TW_BIN:-$OUT/tokenward}
 MINIMAL_BIN=${MINIMAL_BIN:-$OUT/examples/minimal_proxy}
+LEAN_BIN=${LEAN_BIN:-$OUT/examples/lean_proxy}
 ulimit -n "$(ulimit -Hn)"
 
 if [ "$(nproc)" -ge 2 ]; then
@@ -118,6 +121,11 @@ PIDS+=($!)
 "${SERVER_CPU[@]}" "$MINIMAL_BIN" "127.0.0.1:${PORT[minimal]}" "127.0.0.1:$UPSTREAM" 1 >"$WORK/minimal.log" 2>&1 &
 PIDS+=($!)
 MINIMAL_PID=$!
+if [[ " $TARGETS " == *" lean "* ]]; then
+    "${SERVER_CPU[@]}" "$LEAN_BIN" "127.0.0.1:${PORT[lean]}" "127.0.0.1:$UPSTREAM" 1 >"$WORK/lean.log" 2>&1 &
+    PIDS+=($!)
+    LEAN_PID=$!
+fi
 cat >"$WORK/tokenward.toml" <<CONF
 [server]
 threads = $TW_THREADS
@@ -169,6 +177,7 @@ pids_of() { # target → the pids whose CPU time counts
     case $1 in
         nginx) local master; master=$(cat "$WORK/nginx-proxy.pid"); echo "$master $(pgrep -P "$master" | tr '\n' ' ')" ;;
         minimal) echo "$MINIMAL_PID" ;;
+        lean) echo "$LEAN_PID" ;;
         tokenward) echo "$TOKENWARD_PID" ;;
         tokenward1k) echo "$TOKENWARD_1K_PID" ;;
         alt) echo "$ALT_PID" ;;

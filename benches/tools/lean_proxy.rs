@@ -59,7 +59,11 @@ impl Lean {
 
 #[async_trait]
 impl ServerApp for Lean {
-    async fn process_new(self: &Arc<Self>, stream: Stream, _shutdown: &ShutdownWatch) -> Option<Stream> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        _shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let mut stream = stream;
         loop {
             let mut downstream = Downstream::new(stream);

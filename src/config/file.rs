@@ -29,6 +29,7 @@ pub struct ServerFile {
     pub threads: Option<usize>,
     pub grace_period: Option<HumanDuration>,
     pub upstream_keepalive_pool_size: Option<usize>,
+    pub http1_fast_path: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

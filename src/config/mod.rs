@@ -72,6 +72,8 @@ pub struct Config {
     pub threads: usize,
     /// Idle upstream connections kept for reuse, across all upstreams.
     pub upstream_keepalive_pool_size: usize,
+    /// Plain HTTP/1 requests skip pingora-proxy's orchestration (`proxy::lean`).
+    pub http1_fast_path: bool,
     pub grace_period: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -439,6 +441,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         source: path.to_path_buf(),
         threads,
         upstream_keepalive_pool_size,
+        http1_fast_path: raw.server.http1_fast_path.unwrap_or(true),
         grace_period,
         log_format,
         log_level,

@@ -11,12 +11,14 @@ pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"
 pub struct ProxyMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
+    fast_path: IntCounterVec,
 }
 
 #[derive(Clone)]
 pub struct RouteMetrics {
     requests: [IntCounter; 6],
     duration: [Histogram; 6],
+    fast_path: IntCounter,
 }
 
 impl ProxyMetrics {
@@ -40,9 +42,18 @@ impl ProxyMetrics {
                 ]),
                 &["route", "status_class"],
             )?,
+            fast_path: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_fast_path_requests_total",
+                    "Requests served by the lean HTTP/1 path (server.http1_fast_path), by route; \
+                     the rest of tokenward_requests_total went through pingora-proxy.",
+                ),
+                &["route"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
+        registry.register(Box::new(m.fast_path.clone()))?;
         Ok(m)
     }
 
@@ -50,6 +61,7 @@ impl ProxyMetrics {
         RouteMetrics {
             requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[route, c])),
             duration: STATUS_CLASSES.map(|c| self.duration.with_label_values(&[route, c])),
+            fast_path: self.fast_path.with_label_values(&[route]),
         }
     }
 }
@@ -63,5 +75,9 @@ impl RouteMetrics {
         };
         self.requests[i].inc();
         self.duration[i].observe(seconds);
+    }
+
+    pub fn served_on_fast_path(&self) {
+        self.fast_path.inc();
     }
 }

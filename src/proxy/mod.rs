@@ -2,6 +2,7 @@
 //! `request_filter`, the peer in `upstream_peer`, the token in `upstream_request_filter`,
 //! metrics in `logging`.
 
+pub mod lean;
 pub mod metrics;
 pub mod respond;
 pub mod routing;
@@ -33,6 +34,11 @@ pub struct InFlight(AtomicUsize);
 impl InFlight {
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Acquire)
+    }
+
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self.clone())
     }
 }
 
@@ -136,7 +142,6 @@ impl ProxyHttp for TokenwardProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        self.in_flight.0.fetch_add(1, Ordering::AcqRel);
         RequestCtx {
             started: Instant::now(),
             route: None,
@@ -146,7 +151,7 @@ impl ProxyHttp for TokenwardProxy {
             resent: false,
             signed: None,
             subject: None,
-            _in_flight: InFlightGuard(self.in_flight.clone()),
+            _in_flight: self.in_flight.enter(),
         }
     }
 
@@ -157,7 +162,7 @@ impl ProxyHttp for TokenwardProxy {
             .find_for(self.listener, session.req_header())
             .cloned();
         let Some(route) = route else {
-            respond::json(session, 404, json!({"error": "no_route", "message": "no route matches this request's host and path"}), None).await?;
+            respond::json(session, 404, no_route(), None).await?;
             return Ok(true);
         };
         let outcome = match route.credential.exchanger() {
@@ -173,24 +178,7 @@ impl ProxyHttp for TokenwardProxy {
         match outcome {
             Ok(token) => ctx.token = Some(token),
             Err(unavailable) => {
-                warn!(
-                    route = %route.name,
-                    credential = %unavailable.credential,
-                    class = unavailable.class,
-                    reason = %unavailable.reason,
-                    retry_after_s = unavailable.retry_after.as_secs(),
-                    "request refused: no valid token"
-                );
-                // The client learns the class only: the detail can name secret files,
-                // environment variables or the provider's own words (it is in the log and
-                // `/tokens` for operators).
-                let body = json!({
-                    "error": "token_unavailable",
-                    "route": &*route.name,
-                    "credential": &*unavailable.credential,
-                    "reason": unavailable.class,
-                    "retry_after": unavailable.retry_after.as_secs(),
-                });
+                let body = token_unavailable(&route, &unavailable);
                 ctx.route = Some(route);
                 respond::json(session, 503, body, Some(unavailable.retry_after)).await?;
                 return Ok(true);
@@ -241,7 +229,7 @@ impl ProxyHttp for TokenwardProxy {
         let (Some(route), Some(token)) = (ctx.route.as_ref(), ctx.token.as_ref()) else {
             return Error::e_explain(ErrorType::InternalError, "no token for this request");
         };
-        upstream_request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+        retarget(route, upstream_request)?;
         if ctx.subject.is_some()
             && let Some(exchanger) = route.credential.exchanger()
         {
@@ -254,23 +242,6 @@ impl ProxyHttp for TokenwardProxy {
                 let (name, value) = token.header();
                 upstream_request.insert_header(name.clone(), value.clone())?;
             }
-        }
-        // An absolute-form target names another host: send only its path, to our upstream.
-        let absolute = !upstream_request.raw_path().starts_with(b"/")
-            || upstream_request.uri.authority().is_some();
-        if absolute || !route.upstream.base_path.is_empty() {
-            let pq = upstream_request
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str());
-            let target = format!("{}{}", route.upstream.base_path, pq);
-            let uri = target.parse::<http::Uri>().map_err(|_| {
-                Error::explain(
-                    ErrorType::InvalidHTTPHeader,
-                    "request target cannot be rewritten",
-                )
-            })?;
-            upstream_request.set_uri(uri);
         }
         if let Some(dpop) = route.credential.config().dialect.dpop() {
             // One fresh proof per attempt, for the URL the upstream sees (RFC 9449 §4.2): signed
@@ -359,16 +330,17 @@ impl ProxyHttp for TokenwardProxy {
                 _ => Ok(()),
             };
         }
-        let renewable = route.credential.reject(token.generation);
-        if !renewable || ctx.replayed || session.as_ref().retry_buffer_truncated() {
+        if ctx.replayed || session.as_ref().retry_buffer_truncated() {
+            // Still dropped: the next request must not carry a token the upstream refused.
+            route.credential.reject(token.generation);
             return Ok(());
         }
-        match route.credential.token().await {
-            Ok(fresh) if fresh.generation != token.generation => {
+        match renewed(route, token).await {
+            Some(fresh) => {
                 info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
                 replay_with(ctx, fresh, status)
             }
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
@@ -407,25 +379,10 @@ impl ProxyHttp for TokenwardProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            _ => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
+        let code = failure_status(e);
         if code > 0 && session.response_written().is_none() {
             let route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
-            let error = if code == 502 {
-                "upstream_unavailable"
-            } else {
-                "proxy_error"
-            };
-            let body = json!({"error": error, "route": route, "reason": e.etype().as_str()});
+            let body = failure_body(code, route, e);
             if let Err(write_err) = respond::json(session, code, body, None).await {
                 warn!(route, error = %write_err, "cannot write the error response");
             }
@@ -441,11 +398,96 @@ impl ProxyHttp for TokenwardProxy {
             return;
         };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        route
-            .metrics
-            .observe(status, ctx.started.elapsed().as_secs_f64());
-        if let Some(e) = e {
-            warn!(route = %route.name, credential = %route.credential.name(), status, error = %e.etype().as_str(), "request failed");
-        }
+        log_outcome(route, status, ctx.started, e);
+    }
+}
+
+fn no_route() -> serde_json::Value {
+    json!({"error": "no_route", "message": "no route matches this request's host and path"})
+}
+
+/// The 503 body for a request refused for want of a token, logged with its reason.
+fn token_unavailable(route: &Route, unavailable: &Unavailable) -> serde_json::Value {
+    warn!(
+        route = %route.name,
+        credential = %unavailable.credential,
+        class = unavailable.class,
+        reason = %unavailable.reason,
+        retry_after_s = unavailable.retry_after.as_secs(),
+        "request refused: no valid token"
+    );
+    // The client learns the class only: the detail can name secret files, environment
+    // variables or the provider's own words (it is in the log and `/tokens` for operators).
+    json!({
+        "error": "token_unavailable",
+        "route": &*route.name,
+        "credential": &*unavailable.credential,
+        "reason": unavailable.class,
+        "retry_after": unavailable.retry_after.as_secs(),
+    })
+}
+
+/// Points a request at the route's upstream: its Host, and its target below the upstream's
+/// base path.
+fn retarget(route: &Route, request: &mut RequestHeader) -> Result<()> {
+    request.insert_header(http::header::HOST, route.upstream.host_header.clone())?;
+    // An absolute-form target names another host: send only its path, to our upstream.
+    let absolute = !request.raw_path().starts_with(b"/") || request.uri.authority().is_some();
+    if absolute || !route.upstream.base_path.is_empty() {
+        let pq = request.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = format!("{}{}", route.upstream.base_path, pq);
+        let uri = target.parse::<http::Uri>().map_err(|_| {
+            Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "request target cannot be rewritten",
+            )
+        })?;
+        request.set_uri(uri);
+    }
+    Ok(())
+}
+
+/// After the upstream refused `token`: drops it (only if it is still the current one) and
+/// returns a new one from the single flight, or `None` when there is none to replay with.
+async fn renewed(route: &Route, token: &Token) -> Option<Arc<Token>> {
+    if !route.credential.reject(token.generation) {
+        return None;
+    }
+    match route.credential.token().await {
+        Ok(fresh) if fresh.generation != token.generation => Some(fresh),
+        _ => None,
+    }
+}
+
+/// The status a failed request is answered with; 0 when the client is gone.
+fn failure_status(e: &Error) -> u16 {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    }
+}
+
+fn failure_body(code: u16, route: &str, e: &Error) -> serde_json::Value {
+    let error = if code == 502 {
+        "upstream_unavailable"
+    } else {
+        "proxy_error"
+    };
+    json!({"error": error, "route": route, "reason": e.etype().as_str()})
+}
+
+fn log_outcome(route: &Route, status: u16, started: Instant, e: Option<&Error>) {
+    route
+        .metrics
+        .observe(status, started.elapsed().as_secs_f64());
+    if let Some(e) = e {
+        warn!(route = %route.name, credential = %route.credential.name(), status, error = %e.etype().as_str(), "request failed");
     }
 }

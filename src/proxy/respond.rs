@@ -14,6 +14,20 @@ pub async fn json(
     body: serde_json::Value,
     retry_after: Option<Duration>,
 ) -> Result<()> {
+    let (header, body) = json_parts(status, body, retry_after)?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(())
+}
+
+/// The header and body of a JSON answer, for whichever session writes it.
+pub fn json_parts(
+    status: u16,
+    body: serde_json::Value,
+    retry_after: Option<Duration>,
+) -> Result<(ResponseHeader, Bytes)> {
     let body = Bytes::from(body.to_string());
     let mut header = ResponseHeader::build(status, Some(5))?;
     header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -25,9 +39,5 @@ pub async fn json(
             after.as_secs().max(1).to_string(),
         )?;
     }
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    Ok((header, body))
 }

@@ -59,6 +59,18 @@ impl Route {
         }
     }
 
+    /// Whether `proxy::lean` can serve this route: the credential's one current token in a
+    /// header, over HTTP/1. Per-caller exchange, signed requests, DPoP proofs and HTTP/2
+    /// upstreams stay with the `ProxyHttp` path.
+    pub fn forwards_plainly(&self) -> bool {
+        let dialect = &self.credential.config().dialect;
+        self.credential.exchanger().is_none()
+            && dialect.request_signer().is_none()
+            && dialect.dpop().is_none()
+            // HTTP/2 is only ever negotiated by ALPN, over TLS.
+            && !(self.upstream.tls && self.upstream.http2)
+    }
+
     fn specificity(&self) -> (bool, usize) {
         (
             self.host.is_some(),
@@ -101,6 +113,13 @@ impl RouteTable {
         };
         let path = req.uri.path();
         routes.iter().find(|r| r.matches(host.as_deref(), path))
+    }
+
+    /// Whether every route on `listener` can be served by `proxy::lean`.
+    pub fn forwards_plainly(&self, listener: SocketAddr) -> bool {
+        self.by_listener
+            .get(&listener)
+            .is_none_or(|routes| routes.iter().all(|r| r.forwards_plainly()))
     }
 
     pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::proxy::lean::ListenerApp;
 use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::routing::{Route, RouteTable};
 use crate::proxy::upstream::RESOLVE_INTERVAL;
@@ -378,8 +379,8 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
             table: shared.routes.clone(),
             in_flight: shared.in_flight.clone(),
         };
-        let mut service =
-            pingora::proxy::http_proxy_service_with_name(&conf, proxy, &format!("proxy {addr}"));
+        let app = ListenerApp::new(proxy, &conf, config.http1_fast_path);
+        let mut service = Service::new(format!("proxy {addr}"), app);
         service.add_tcp(&addr.to_string());
         server.add_service(service);
     }

@@ -86,6 +86,10 @@ impl Shared {
                 "server.upstream_keepalive_pool_size",
                 new.upstream_keepalive_pool_size != old.upstream_keepalive_pool_size,
             ),
+            (
+                "server.http1_fast_path",
+                new.http1_fast_path != old.http1_fast_path,
+            ),
             // pingora's own shutdown wait is fixed at start, so a new grace period could not be
             // honoured; the formatter is fixed at start too.
             ("server.grace_period", new.grace_period != old.grace_period),
@@ -98,7 +102,7 @@ impl Shared {
             .collect();
         if !changed.is_empty() {
             return Err(format!(
-                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, server.threads, server.upstream_keepalive_pool_size, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
+                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, server.threads, server.upstream_keepalive_pool_size, server.http1_fast_path, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
                 old.source.display(),
                 changed.join(", ")
             ));

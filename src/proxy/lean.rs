@@ -1,0 +1,563 @@
+//! The lean HTTP/1 path: plain keep-alive HTTP/1 requests, on listeners whose routes all forward
+//! plainly, served on pingora-core's own pieces (its HTTP/1 server session, HTTP/1 connector and
+//! keep-alive pool) without pingora-proxy's per-request orchestration, which costs about a third
+//! of a proxied request's CPU (benches/README.md). Everything else — HTTP/2, upgrades, per-caller
+//! exchange, signed requests, DPoP — goes to the `ProxyHttp` path. Both share the route table,
+//! the token engine, the JSON answers and the replay and resend rules.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use http::header;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::connectors::http::v1::Connector;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::Stream;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::v1::client::HttpSession as Upstream;
+use pingora::protocols::http::v1::server::HttpSession as Downstream;
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use serde_json::json;
+use tracing::info;
+
+use super::routing::{Route, RouteTable};
+use super::upstream::{FailedAttempt, retry_failed_attempt};
+use super::{
+    InFlight, TokenwardProxy, failure_body, failure_status, log_outcome, no_route, renewed,
+    respond, retarget, token_unavailable,
+};
+use crate::token::Token;
+
+/// How long an idle client connection is kept, as pingora's own HTTP/1 service does.
+const KEEPALIVE_SECONDS: u64 = 60;
+
+/// At most this many names in one `Connection` header; more is refused, as pingora does.
+const MAX_CONNECTION_OPTIONS: usize = 32;
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1): they describe this connection, not the request.
+const HOP_BY_HOP: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// One route listener: its connections go to the lean path when it is on and every route on
+/// the listener forwards plainly, else to the `ProxyHttp` path.
+pub struct ListenerApp {
+    listener: SocketAddr,
+    table: Arc<ArcSwap<RouteTable>>,
+    in_flight: Arc<InFlight>,
+    lean: bool,
+    max_attempts: usize,
+    connector: Connector,
+    full: Arc<HttpProxy<TokenwardProxy>>,
+}
+
+impl ListenerApp {
+    pub fn new(
+        proxy: TokenwardProxy,
+        conf: &Arc<pingora::server::configuration::ServerConf>,
+        lean: bool,
+    ) -> Self {
+        ListenerApp {
+            listener: proxy.listener,
+            table: proxy.table.clone(),
+            in_flight: proxy.in_flight.clone(),
+            lean,
+            max_attempts: conf.max_retries.max(1),
+            connector: Connector::new(Some(
+                pingora::connectors::ConnectorOptions::from_server_conf(conf),
+            )),
+            full: Arc::new(pingora::proxy::http_proxy(conf, proxy)),
+        }
+    }
+}
+
+/// What becomes of the client connection after one request.
+enum Next {
+    KeepAlive,
+    Close,
+    /// The request is for the `ProxyHttp` path, which reads it again from its raw header.
+    HandOff,
+}
+
+#[async_trait]
+impl ServerApp for ListenerApp {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !self.lean || !self.table.load().forwards_plainly(self.listener) {
+            return self.full.process_new(stream, shutdown).await;
+        }
+        let mut stream = stream;
+        loop {
+            let mut downstream = Downstream::new(stream);
+            let stopping = *shutdown.borrow();
+            // A stopping service lets no connection be reused.
+            downstream.set_server_keepalive((!stopping).then_some(KEEPALIVE_SECONDS));
+            let mut stop = shutdown.clone();
+            let read = tokio::select! {
+                biased;
+                read = downstream.read_request() => read,
+                _ = stop.wait_for(|stopping| *stopping) => return None,
+            };
+            match read {
+                Ok(Some(_)) => {}
+                Ok(None) => return None,
+                Err(e) => {
+                    if e.etype() == &ErrorType::InvalidHTTPHeader {
+                        let mut session = ServerSession::H1(downstream);
+                        let _ = session.respond_error(400).await;
+                    }
+                    return None;
+                }
+            }
+            match self.serve(&mut downstream).await {
+                Next::KeepAlive => {}
+                Next::Close => return None,
+                Next::HandOff => return self.hand_off(downstream, shutdown).await,
+            }
+            stream = downstream.reuse().await.ok()??.into_parts().0;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.full.http_cleanup().await;
+    }
+}
+
+impl ListenerApp {
+    /// Gives the request just read to the `ProxyHttp` path, which parses it again from its raw
+    /// header. Only requests without a body are handed over, so nothing of theirs is lost; the
+    /// connection closes after the answer, since any bytes read past the header stayed here.
+    async fn hand_off(&self, downstream: Downstream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let header = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
+        let mut session = ServerSession::new_http1(downstream.into_inner());
+        let mut settings = HttpPersistentSettings::for_session(&session);
+        settings.set_pipelined_prefix(header);
+        settings.apply_to_session(&mut session);
+        session.set_keepalive(None);
+        self.full.process_new_http(session, shutdown).await;
+        None
+    }
+
+    async fn serve(&self, downstream: &mut Downstream) -> Next {
+        let started = Instant::now();
+        let _in_flight = self.in_flight.enter();
+        let route = self
+            .table
+            .load()
+            .find_for(self.listener, downstream.req_header())
+            .cloned();
+        let Some(route) = route else {
+            return answer(downstream, 404, no_route(), None).await;
+        };
+        let upgrade = downstream
+            .req_header()
+            .headers
+            .contains_key(header::UPGRADE);
+        if upgrade || !route.forwards_plainly() {
+            if downstream.is_body_empty() {
+                return Next::HandOff;
+            }
+            if !route.forwards_plainly() {
+                // A reload gave this route what only the full path does while this connection
+                // was open, and its body has been read in part: the client's next connection
+                // goes to the full path.
+                let body = json!({
+                    "error": "route_changed",
+                    "route": &*route.name,
+                    "message": "the route changed with a reload; send the request again",
+                });
+                downstream.set_server_keepalive(None);
+                let next = answer(downstream, 503, body, Some(Duration::from_secs(1))).await;
+                log_outcome(&route, 503, started, None);
+                return next;
+            }
+            // An upgrade with a body is forwarded as a plain request, its upgrade fields
+            // stripped, as pingora does with any upgrade other than WebSocket.
+        }
+        route.metrics.served_on_fast_path();
+        let token = match route.credential.token().await {
+            Ok(token) => token,
+            Err(unavailable) => {
+                let body = token_unavailable(&route, &unavailable);
+                let next = answer(downstream, 503, body, Some(unavailable.retry_after)).await;
+                log_outcome(&route, 503, started, None);
+                return next;
+            }
+        };
+        let outcome = self.forward(downstream, &route, token).await;
+        let written = |d: &Downstream| d.response_written().map_or(0, |r| r.status.as_u16());
+        match outcome {
+            Ok(()) => {
+                log_outcome(&route, written(downstream), started, None);
+                Next::KeepAlive
+            }
+            Err(e) => {
+                let code = failure_status(&e);
+                if code > 0 && downstream.response_written().is_none() {
+                    let body = failure_body(code, &route.name, &e);
+                    answer(downstream, code, body, None).await;
+                }
+                log_outcome(&route, written(downstream), started, Some(&e));
+                Next::Close
+            }
+        }
+    }
+
+    /// Sends the request upstream with `token` and streams the answer back: again once with a
+    /// new token when the upstream rejects this one, and again on another connection when an
+    /// attempt failed in a way `upstream::retry_failed_attempt` allows.
+    async fn forward(
+        &self,
+        downstream: &mut Downstream,
+        route: &Route,
+        mut token: Arc<Token>,
+    ) -> Result<()> {
+        let has_body = !downstream.is_body_empty();
+        let continue_asked = downstream
+            .req_header()
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let mut request = upstream_request(downstream.req_header(), route, has_body)?;
+        if has_body && !route.reauth_statuses.is_empty() {
+            // Keeps the first 64 KiB of the body so a rejected request can be sent again.
+            downstream.enable_retry_buffering();
+        }
+        let idempotent = downstream.req_header().method.is_idempotent();
+        let (mut replayed, mut resent) = (false, false);
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let peer = route.upstream.current_peer()?;
+            let (name, value) = token.header();
+            request.insert_header(name.clone(), value.clone())?;
+            let (mut upstream, reused) = match self.connector.get_http_session(&peer).await {
+                Ok(got) => got,
+                Err(e) => {
+                    let mut retry = e.retry;
+                    retry.decide_reuse(false);
+                    if retry.retry() && attempts < self.max_attempts {
+                        continue;
+                    }
+                    return Err(e.into_up());
+                }
+            };
+            upstream.read_timeout = peer.options.read_timeout;
+            upstream.write_timeout = peer.options.write_timeout;
+            let sent = send(downstream, &mut upstream, &request, continue_asked).await;
+            if let Err(e) = sent {
+                if e.esource() == &ErrorSource::Downstream {
+                    return Err(e);
+                }
+                let kept = body_to_send(downstream).is_some();
+                let retry = attempts < self.max_attempts
+                    && retry_failed_attempt(&FailedAttempt {
+                        error: &e,
+                        reused,
+                        idempotent,
+                        body_kept: kept,
+                        resent_before: resent,
+                    });
+                if !retry {
+                    return Err(e);
+                }
+                resent = true;
+                continue;
+            }
+            let response = upstream
+                .resp_header()
+                .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
+                .map_err(|e| e.into_up())?;
+            let status = response.status.as_u16();
+            if route.reauth_statuses.contains(&status) {
+                if replayed || body_to_send(downstream).is_none() {
+                    // Still dropped: the next request must not carry a token the upstream refused.
+                    route.credential.reject(token.generation);
+                } else if let Some(fresh) = renewed(route, &token).await {
+                    info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
+                    token = fresh;
+                    replayed = true;
+                    continue;
+                }
+            }
+            let response = downstream_response(response, &downstream.req_header().method);
+            downstream
+                .write_response_header(Box::new(response))
+                .await
+                .map_err(|e| e.into_down())?;
+            while let Some(chunk) = upstream.read_body_bytes().await.map_err(|e| e.into_up())? {
+                downstream
+                    .write_body(&chunk)
+                    .await
+                    .map_err(|e| e.into_down())?;
+            }
+            downstream.finish_body().await.map_err(|e| e.into_down())?;
+            if upstream.is_body_done() {
+                self.connector
+                    .release_http_session(upstream, &peer, peer.options.idle_timeout)
+                    .await;
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// The body an attempt sends: `Some(None)` to stream it from the client (none of it read yet),
+/// `Some(Some(kept))` for the whole body already read, `None` when part of it was read and not
+/// kept, so the request cannot be sent again.
+fn body_to_send(downstream: &mut Downstream) -> Option<Option<Bytes>> {
+    if downstream.is_body_done() {
+        if downstream.body_bytes_read() == 0 {
+            return Some(Some(Bytes::new()));
+        }
+        return downstream.get_retry_buffer().map(Some);
+    }
+    (downstream.body_bytes_read() == 0).then_some(None)
+}
+
+/// One attempt: the request head, the body, and the answer's head (after any 1xx).
+async fn send(
+    downstream: &mut Downstream,
+    upstream: &mut Upstream,
+    request: &RequestHeader,
+    continue_asked: bool,
+) -> Result<()> {
+    let body = body_to_send(downstream).ok_or_else(|| {
+        Error::explain(ErrorType::InternalError, "the request body was not kept").into_in()
+    })?;
+    upstream
+        .write_request_header(Box::new(request.clone()))
+        .await
+        .map_err(|e| e.into_up())?;
+    match body {
+        Some(kept) => {
+            if !kept.is_empty() {
+                upstream.write_body(&kept).await.map_err(|e| e.into_up())?;
+            }
+        }
+        None => {
+            if continue_asked {
+                // Expect is not forwarded: this proxy asks for the body itself, once it has a
+                // token and a connection (RFC 9110 §10.1.1).
+                downstream
+                    .write_continue_response()
+                    .await
+                    .map_err(|e| e.into_down())?;
+            }
+            while let Some(chunk) = downstream
+                .read_body_bytes()
+                .await
+                .map_err(|e| e.into_down())?
+            {
+                upstream.write_body(&chunk).await.map_err(|e| e.into_up())?;
+            }
+        }
+    }
+    upstream.finish_body().await.map_err(|e| e.into_up())?;
+    loop {
+        upstream.read_response().await.map_err(|e| e.into_up())?;
+        let Some(response) = upstream.resp_header() else {
+            return Err(
+                Error::explain(ErrorType::InvalidHTTPHeader, "no response header").into_up(),
+            );
+        };
+        if !response.status.is_informational() {
+            return Ok(());
+        }
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "upstream switched protocols on a request that asked for no upgrade",
+            )
+            .into_up());
+        }
+        if response.status != http::StatusCode::CONTINUE || !continue_asked {
+            let info = Box::new(response.clone());
+            downstream
+                .write_response_header(info)
+                .await
+                .map_err(|e| e.into_down())?;
+        }
+    }
+}
+
+/// The request as it goes upstream, without its token: HTTP/1.1, no hop-by-hop field, no
+/// `Expect`, the route's Host and target, and chunked framing for a body of unknown length.
+fn upstream_request(
+    client: &RequestHeader,
+    route: &Route,
+    has_body: bool,
+) -> Result<RequestHeader> {
+    let mut request = client.clone();
+    request.set_version(http::Version::HTTP_11);
+    strip_hop_by_hop(&mut request)
+        .map_err(|reason| Error::explain(ErrorType::InvalidHTTPHeader, reason).into_down())?;
+    request.remove_header(&header::EXPECT);
+    retarget(route, &mut request)?;
+    if has_body && !request.headers.contains_key(header::CONTENT_LENGTH) {
+        request.insert_header(header::TRANSFER_ENCODING, "chunked")?;
+    }
+    Ok(request)
+}
+
+/// Removes the fields `Connection` names and the standard hop-by-hop ones. A `Connection`
+/// naming Host, a forwarding field or a pseudo-header, or one that is not a list of tokens, is
+/// refused: a client must not be able to strip what the upstream relies on.
+fn strip_hop_by_hop(request: &mut RequestHeader) -> std::result::Result<(), &'static str> {
+    let mut named = Vec::new();
+    for option in request
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|o| !o.is_empty())
+    {
+        if named.len() >= MAX_CONNECTION_OPTIONS {
+            return Err("too many Connection options");
+        }
+        if !option.iter().all(|b| is_token_char(*b)) {
+            return Err("a Connection option is not a token");
+        }
+        let name = header::HeaderName::from_bytes(option)
+            .map_err(|_| "a Connection option is not a field name")?;
+        if matches!(
+            name.as_str(),
+            "host" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+        ) {
+            return Err("Connection names a field that must reach the upstream");
+        }
+        named.push(name);
+    }
+    for name in named {
+        request.remove_header(&name);
+    }
+    for name in HOP_BY_HOP {
+        request.remove_header(name);
+    }
+    Ok(())
+}
+
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_token_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The upstream's answer as the client gets it: a body that ends with the connection becomes
+/// chunked, so the client connection can be kept.
+fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> ResponseHeader {
+    let mut response = upstream.clone();
+    let bodiless = method == http::Method::HEAD || matches!(response.status.as_u16(), 204 | 304);
+    if !bodiless
+        && !response.headers.contains_key(header::CONTENT_LENGTH)
+        && !response.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        response.set_version(http::Version::HTTP_11);
+        // Cannot fail: a static, valid value.
+        let _ = response.insert_header(header::TRANSFER_ENCODING, "chunked");
+    }
+    response
+}
+
+/// Writes one of tokenward's own JSON answers. A client that cannot take it is gone.
+async fn answer(
+    downstream: &mut Downstream,
+    status: u16,
+    body: serde_json::Value,
+    retry_after: Option<Duration>,
+) -> Next {
+    let written = async {
+        let (header, body) = respond::json_parts(status, body, retry_after)?;
+        downstream.write_response_header(Box::new(header)).await?;
+        downstream.write_body(&body).await?;
+        downstream.finish_body().await
+    };
+    match written.await {
+        Ok(_) => Next::KeepAlive,
+        Err(_) => Next::Close,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(fields: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/x", None).unwrap();
+        for (name, value) in fields {
+            r.append_header(name.to_string(), *value).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_removed() {
+        let mut r = request(&[
+            ("Connection", "keep-alive, X-Session"),
+            ("Connection", "x-trace"),
+            ("X-Session", "s"),
+            ("X-Trace", "t"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Transfer-Encoding", "chunked"),
+            ("Proxy-Authorization", "Basic c2VjcmV0"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+            ("X-Kept", "k"),
+        ]);
+        strip_hop_by_hop(&mut r).unwrap();
+        let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
+
+    #[test]
+    fn a_connection_naming_what_the_upstream_needs_or_no_token_is_refused() {
+        for bad in [
+            "Host",
+            "x-forwarded-for",
+            "X-Forwarded-Proto",
+            ":authority",
+            "\"x-a\"",
+            "x a",
+        ] {
+            let mut r = request(&[("Connection", bad), ("Host", "h")]);
+            assert!(strip_hop_by_hop(&mut r).is_err(), "{bad}");
+        }
+        let many = vec!["x"; MAX_CONNECTION_OPTIONS + 1].join(",");
+        assert!(strip_hop_by_hop(&mut request(&[("Connection", &many)])).is_err());
+    }
+
+    #[test]
+    fn a_body_that_ends_with_the_connection_is_sent_chunked() {
+        let close_delimited = ResponseHeader::build(200, None).unwrap();
+        let r = downstream_response(&close_delimited, &http::Method::GET);
+        assert_eq!(r.headers[header::TRANSFER_ENCODING], "chunked");
+        let r = downstream_response(&close_delimited, &http::Method::HEAD);
+        assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+        let mut sized = ResponseHeader::build(200, None).unwrap();
+        sized.insert_header("Content-Length", "3").unwrap();
+        let r = downstream_response(&sized, &http::Method::GET);
+        assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+        let empty = ResponseHeader::build(204, None).unwrap();
+        let r = downstream_response(&empty, &http::Method::GET);
+        assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+    }
+}

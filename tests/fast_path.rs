@@ -1,0 +1,316 @@
+//! Black-box tests of the lean HTTP/1 path (`server.http1_fast_path`): that plain requests take
+//! it, that it answers exactly as the `ProxyHttp` path does, and that what it does not serve
+//! (upgrades) reaches the `ProxyHttp` path on the same connection.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const FAST_PATH_VAR: &str = "TOKENWARD_SERVER__HTTP1_FAST_PATH";
+
+async fn fast_path_count(tw: &Tokenward) -> u64 {
+    let metrics = tw.get_text("/metrics").await;
+    metrics
+        .lines()
+        .find(|l| l.starts_with("tokenward_fast_path_requests_total{route=\"api\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no fast path counter in:\n{metrics}"))
+}
+
+/// Writes `head` (and `body` once the proxy asks for it with a 100 when `expect` is set) on a
+/// new connection and reads the answer to the end; `Connection: close` ends it.
+async fn raw(proxy: SocketAddr, head: &str, body: &[u8], expect: bool) -> String {
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    if expect {
+        let mut buf = [0u8; 25];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+            .await
+            .expect("no 100 Continue")
+            .unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+    s.write_all(body).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+        .await
+        .expect("the answer did not end")
+        .unwrap();
+    String::from_utf8_lossy(&answer).to_string()
+}
+
+/// The JSON body of a `Connection: close` answer from the fake upstream.
+fn json_body(answer: &str) -> serde_json::Value {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // One data chunk, then the last.
+        body.split("\r\n").nth(1).unwrap().to_string()
+    } else {
+        body.to_string()
+    };
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+/// What the upstream saw of each request, keyed by what the test sent, with its answer.
+async fn run_requests(fast_path: bool) -> (BTreeMap<&'static str, serde_json::Value>, u64) {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let path = dir.path().join("tokenward.toml");
+    std::fs::write(
+        &path,
+        config(
+            proxy,
+            admin,
+            &format!("http://{}", upstream.addr()),
+            &dir.path().join("state"),
+            &oauth2_keys(&provider, ""),
+        ),
+    )
+    .unwrap();
+    let value = if fast_path { "true" } else { "false" };
+    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, value)]);
+    tw.wait_ready().await;
+
+    let mut seen = BTreeMap::new();
+    let hops = "GET /hops HTTP/1.1\r\nHost: app\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\
+                Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n\
+                Authorization: Bearer the-callers-own\r\nX-Kept: 2\r\n\r\n";
+    seen.insert("hop-by-hop", json_body(&raw(proxy, hops, b"", false).await));
+    let sized =
+        "POST /sized HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nConnection: close\r\n\r\n";
+    seen.insert(
+        "content-length",
+        json_body(&raw(proxy, sized, b"12345", false).await),
+    );
+    let chunked = "POST /chunked HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let body = b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n";
+    seen.insert(
+        "chunked",
+        json_body(&raw(proxy, chunked, body, false).await),
+    );
+    let expect = "PUT /continue HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 6\r\nConnection: close\r\n\r\n";
+    seen.insert(
+        "expect",
+        json_body(&raw(proxy, expect, b"abcdef", true).await),
+    );
+    let old = "GET /old HTTP/1.0\r\nHost: app\r\n\r\n";
+    seen.insert("http/1.0", json_body(&raw(proxy, old, b"", false).await));
+    let absolute = "GET http://elsewhere.example/abs?q=1 HTTP/1.1\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n";
+    seen.insert(
+        "absolute-form",
+        json_body(&raw(proxy, absolute, b"", false).await),
+    );
+
+    // Keep-alive: many requests on one connection, each with the token.
+    let client = reqwest::Client::new();
+    for i in 0..20 {
+        let r = client.get(tw.url(&format!("/k/{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let token = format!("Bearer {}", provider.issued()[0]);
+    for s in upstream.seen() {
+        assert_eq!(s.all("authorization"), vec![token.as_str()], "{s:?}");
+    }
+    let counted = fast_path_count(&tw).await;
+    (seen, counted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fast_path_serves_plain_requests_exactly_as_the_full_path_does() {
+    let (lean, lean_count) = run_requests(true).await;
+    let (full, full_count) = run_requests(false).await;
+    assert_eq!(lean_count, 26, "every request took the fast path");
+    assert_eq!(full_count, 0, "with the fast path off, none did");
+
+    let hops = lean["hop-by-hop"]["headers"].as_object().unwrap();
+    for gone in [
+        "x-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert!(
+            !hops.contains_key(gone),
+            "{gone} reached the upstream: {hops:?}"
+        );
+    }
+    assert_eq!(hops["x-kept"], "2");
+    assert!(
+        !hops["authorization"]
+            .as_str()
+            .unwrap()
+            .contains("the-callers-own"),
+        "{hops:?}"
+    );
+    assert_eq!(lean["content-length"]["body_bytes"], 5);
+    assert_eq!(lean["chunked"]["body_bytes"], 7);
+    assert_eq!(lean["expect"]["body_bytes"], 6);
+    assert!(
+        !lean["expect"]["headers"]
+            .as_object()
+            .unwrap()
+            .contains_key("expect")
+    );
+    assert_eq!(lean["absolute-form"]["path"], "/abs?q=1");
+
+    // The same request reaches the upstream the same way from either path: the same path,
+    // version, fields and body (the token and the upstream's port aside, which differ per run).
+    for (case, lean_seen) in &lean {
+        let full_seen = &full[case];
+        let fields = |v: &serde_json::Value| {
+            let mut h = v["headers"].as_object().unwrap().clone();
+            h.remove("authorization");
+            h.remove("host");
+            // The one difference: the fast path answers a client's 100-continue itself, as
+            // nginx does, where pingora-proxy passes Expect on and relays the upstream's 100.
+            h.remove("expect");
+            h
+        };
+        assert_eq!(
+            (
+                &lean_seen["path"],
+                &lean_seen["version"],
+                &lean_seen["body_bytes"]
+            ),
+            (
+                &full_seen["path"],
+                &full_seen["version"],
+                &full_seen["body_bytes"]
+            ),
+            "{case}"
+        );
+        assert_eq!(fields(lean_seen), fields(full_seen), "{case}");
+    }
+}
+
+/// An upstream that answers one plain request, then takes the same connection's Upgrade and
+/// echoes bytes, as a WebSocket server does after its handshake.
+async fn plain_then_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>)
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+                    got.clear();
+                    seen.lock().unwrap().push(head.clone());
+                    if !head.contains("upgrade: websocket") {
+                        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+                            .await
+                            .unwrap();
+                        continue;
+                    }
+                    s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+                    loop {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        s.write_all(&buf[..n]).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full_path() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let (addr, heads) = plain_then_upgrade_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let path = dir.path().join("tokenward.toml");
+    std::fs::write(
+        &path,
+        config(
+            proxy,
+            admin,
+            &format!("http://{addr}"),
+            &dir.path().join("state"),
+            &oauth2_keys(&provider, ""),
+        ),
+    )
+    .unwrap();
+    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, "true")]);
+    tw.wait_ready().await;
+
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..2 {
+        s.write_all(b"GET /plain HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"plain") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed after a plain request");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    assert_eq!(fast_path_count(&tw).await, 2);
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    s.write_all(b"frames both ways").await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 16 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "upgraded stream closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"frames both ways");
+    assert_eq!(
+        fast_path_count(&tw).await,
+        2,
+        "the upgrade was not counted as served lean"
+    );
+    let heads = heads.lock().unwrap().clone();
+    let token = format!("authorization: bearer {}", provider.issued()[0]);
+    assert_eq!(heads.len(), 3, "{heads:?}");
+    assert!(heads.iter().all(|h| h.contains(&token)), "{heads:?}");
+    assert!(heads[2].contains("upgrade: websocket"), "{heads:?}");
+}

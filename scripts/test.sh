@@ -10,5 +10,9 @@ cargo fmt --all -- --check
 # Benches and every test target build in the dev profile, so a broken benchmark fails here too.
 cargo build --all-targets --locked
 cargo nextest run --locked --no-fail-fast
+# The proxy-path tests again with the lean HTTP/1 path off, so the ProxyHttp path stays proven
+# for the plain routes the lean path serves by default.
+TOKENWARD_SERVER__HTTP1_FAST_PATH=false cargo nextest run --locked --no-fail-fast \
+    --test proxy --test keepalive --test faults
 scripts/fuzz.sh
 scripts/validate-deploy.sh

@@ -314,3 +314,121 @@ async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full
     assert!(heads.iter().all(|h| h.contains(&token)), "{heads:?}");
     assert!(heads[2].contains("upgrade: websocket"), "{heads:?}");
 }
+
+/// Sends one request on an open connection and reads its answer: head, then a body of the
+/// length it declares.
+async fn exchange_on(s: &mut tokio::net::TcpStream, request: &[u8]) -> String {
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return String::from_utf8_lossy(&got).to_string();
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Whether the proxy closed the connection (it is read to its end within 5 s).
+async fn closed(s: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_a_reload_takes_off_the_fast_path_is_served_by_the_full_path_at_once() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let path = dir.path().join("tokenward.toml");
+    std::fs::write(
+        &path,
+        config(
+            proxy,
+            admin,
+            &format!("http://{}", upstream.addr()),
+            &dir.path().join("state"),
+            &oauth2_keys(&provider, ""),
+        ),
+    )
+    .unwrap();
+    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, "true")]);
+    tw.wait_ready().await;
+
+    // Two keep-alive connections, each in the fast path's loop.
+    let get = b"GET /before HTTP/1.1\r\nHost: app\r\n\r\n";
+    let mut quiet = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let mut with_body = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    for s in [&mut quiet, &mut with_body] {
+        assert!(exchange_on(s, get).await.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(fast_path_count(&tw).await, 2);
+
+    // The route's credential becomes a per-caller exchange, which only the full path serves.
+    let offset = tw.logs().len();
+    rewrite_config(
+        &tw,
+        "dialect = \"oauth2\"",
+        "dialect = \"oauth2\"\ngrant = \"token_exchange\"\naudience = \"api://orders\"",
+    );
+    tw.signal("HUP");
+    wait_for("the reload", Duration::from_secs(10), || {
+        tw.logs()[offset..].contains("configuration reloaded")
+    })
+    .await;
+
+    // A request without a body is handed over on its connection: the full path asks for the
+    // caller's token (a 401 the fast path cannot give), and nothing goes upstream.
+    let seen_before = upstream.seen().len();
+    let answer = exchange_on(&mut quiet, b"GET /after HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("missing_subject_token"), "{answer}");
+    assert!(
+        closed(&mut quiet).await,
+        "a handed-over connection is closed after its answer"
+    );
+
+    // One whose body was already being read cannot be handed over: a JSON 503 with Retry-After,
+    // and the connection closes so the client's retry takes a new one.
+    let post = b"POST /after HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello";
+    let answer = exchange_on(&mut with_body, post).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(answer.contains("route_changed"), "{answer}");
+    assert!(closed(&mut with_body).await);
+
+    // That retry, on a new connection, goes to the full path.
+    let mut fresh = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let answer = exchange_on(&mut fresh, post).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(answer.contains("missing_subject_token"), "{answer}");
+    assert_eq!(
+        upstream.seen().len(),
+        seen_before,
+        "nothing went upstream without its token"
+    );
+    assert_eq!(fast_path_count(&tw).await, 2);
+}

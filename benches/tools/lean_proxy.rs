@@ -102,7 +102,11 @@ fn main() {
         connector: Connector::new(None),
     };
     let mut service = Service::new("lean".to_string(), lean);
-    service.add_tcp(&listen);
+    // Unbuffered client reads, as tokenward's listeners (src/server/mod.rs).
+    service.add_listener(
+        pingora::listeners::ListenerConfig::tcp(listen.as_str())
+            .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::default().read(0)),
+    );
     server.add_service(service);
     server.run_forever();
 }

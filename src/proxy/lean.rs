@@ -105,12 +105,12 @@ impl ServerApp for ListenerApp {
             return self.full.process_new(stream, shutdown).await;
         }
         let mut stream = stream;
+        let mut stop = shutdown.clone();
         loop {
             let mut downstream = Downstream::new(stream);
             let stopping = *shutdown.borrow();
             // A stopping service lets no connection be reused.
             downstream.set_server_keepalive((!stopping).then_some(KEEPALIVE_SECONDS));
-            let mut stop = shutdown.clone();
             let read = tokio::select! {
                 biased;
                 read = downstream.read_request() => read,
@@ -127,7 +127,9 @@ impl ServerApp for ListenerApp {
                     return None;
                 }
             }
-            match self.serve(&mut downstream).await {
+            // Boxed: an idle keep-alive connection then holds its session, not the space of a
+            // whole request's state machine (benches/README.md, memory per connection).
+            match Box::pin(self.serve(&mut downstream)).await {
                 Next::KeepAlive => {}
                 Next::Close => return None,
                 Next::HandOff => return self.hand_off(downstream, shutdown).await,
@@ -236,7 +238,6 @@ impl ListenerApp {
             .headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let mut request = upstream_request(downstream.req_header(), route, has_body)?;
         if has_body && !route.reauth_statuses.is_empty() {
             // Keeps the first 64 KiB of the body so a rejected request can be sent again.
             downstream.enable_retry_buffering();
@@ -247,6 +248,7 @@ impl ListenerApp {
         loop {
             attempts += 1;
             let peer = route.upstream.current_peer()?;
+            let mut request = upstream_request(downstream.req_header(), route, has_body)?;
             let (name, value) = token.header();
             request.insert_header(name.clone(), value.clone())?;
             let (mut upstream, reused) = match self.connector.get_http_session(&peer).await {
@@ -262,7 +264,7 @@ impl ListenerApp {
             };
             upstream.read_timeout = peer.options.read_timeout;
             upstream.write_timeout = peer.options.write_timeout;
-            let sent = send(downstream, &mut upstream, &request, continue_asked).await;
+            let sent = send(downstream, &mut upstream, request, continue_asked).await;
             if let Err(e) = sent {
                 if e.esource() == &ErrorSource::Downstream {
                     return Err(e);
@@ -337,14 +339,14 @@ fn body_to_send(downstream: &mut Downstream) -> Option<Option<Bytes>> {
 async fn send(
     downstream: &mut Downstream,
     upstream: &mut Upstream,
-    request: &RequestHeader,
+    request: RequestHeader,
     continue_asked: bool,
 ) -> Result<()> {
     let body = body_to_send(downstream).ok_or_else(|| {
         Error::explain(ErrorType::InternalError, "the request body was not kept").into_in()
     })?;
     upstream
-        .write_request_header(Box::new(request.clone()))
+        .write_request_header(Box::new(request))
         .await
         .map_err(|e| e.into_up())?;
     match body {

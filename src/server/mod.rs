@@ -29,6 +29,8 @@ use crate::proxy::{InFlight, TokenwardProxy};
 use crate::token::metrics::TokenMetrics;
 use crate::token::refresher::Refresher;
 use crate::token::{Credential, TokenStore};
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 
 mod reload;
 
@@ -381,7 +383,12 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
         };
         let app = ListenerApp::new(proxy, &conf, config.http1_fast_path);
         let mut service = Service::new(format!("proxy {addr}"), app);
-        service.add_tcp(&addr.to_string());
+        // Unbuffered client reads: pingora reads each request into its own buffer anyway, and
+        // its default 64 KiB read buffer per connection would be a copy on every request and
+        // up to 64 KiB of memory on every idle connection (benches/README.md).
+        service.add_listener(
+            ListenerConfig::tcp(&addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
         server.add_service(service);
     }
     let mut admin = Service::new(

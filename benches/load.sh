@@ -18,8 +18,10 @@
 #   ROUNDS=3 SIZES=small CONNS=1000 benches/load.sh  # one size, 1,000 keep-alive connections
 #   TARGETS="nginx tokenward" TW_THREADS=2 benches/load.sh
 #   TARGETS="nginx tokenward alt" ALT_BIN=/tmp/tokenward-before SIZES=small benches/load.sh
-#       alt: another tokenward binary (ALT_BIN) with the same config but ALT_THREADS threads
-#       (default TW_THREADS): an A/B of a change, in one run
+#   TARGETS="nginx tokenward alt" ALT_FAST_PATH=false SIZES=small benches/load.sh
+#       alt: a second tokenward (ALT_BIN, default the same binary) with the same config but
+#       ALT_THREADS threads (default TW_THREADS) and server.http1_fast_path = ALT_FAST_PATH
+#       (default true): an A/B of a change, in one run
 #   TARGETS="nginx tokenward tokenward1k" SIZES=small benches/load.sh
 #       tokenward1k: a second tokenward whose config also holds 999 credentials without routes,
 #       each refreshing on schedule (60 s tokens from a second demo provider): what background
@@ -152,8 +154,9 @@ TOKENWARD_PID=$!
 until_up "http://127.0.0.1:$ADMIN/readyz"
 if [[ " $TARGETS " == *" alt "* ]]; then
     sed -e "s/$ADMIN/$ADMIN_ALT/" -e "s/${PORT[tokenward]}/${PORT[alt]}/" -e "s|state\"|state-alt\"|" \
-        -e "s/^threads = .*/threads = ${ALT_THREADS:-$TW_THREADS}/" "$WORK/tokenward.toml" >"$WORK/tokenward-alt.toml"
-    "${SERVER_CPU[@]}" "${ALT_BIN:?ALT_BIN names the other tokenward binary}" run --config "$WORK/tokenward-alt.toml" >"$WORK/tokenward-alt.log" 2>&1 &
+        -e "s/^threads = .*/threads = ${ALT_THREADS:-$TW_THREADS}\nhttp1_fast_path = ${ALT_FAST_PATH:-true}/" \
+        "$WORK/tokenward.toml" >"$WORK/tokenward-alt.toml"
+    "${SERVER_CPU[@]}" "${ALT_BIN:-$TW_BIN}" run --config "$WORK/tokenward-alt.toml" >"$WORK/tokenward-alt.log" 2>&1 &
     PIDS+=($!)
     ALT_PID=$!
     until_up "http://127.0.0.1:$ADMIN_ALT/readyz"

@@ -11,7 +11,18 @@ use std::time::Duration;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const FAST_PATH_VAR: &str = "TOKENWARD_SERVER__HTTP1_FAST_PATH";
+/// Tokenward in front of `upstream` with `server.http1_fast_path` set through the environment
+/// (which overrides the file, and whatever the test run itself sets), once ready.
+async fn with_fast_path(upstream: &str, provider: &FakeProvider, on: bool) -> Tokenward {
+    let value = if on { "true" } else { "false" };
+    let tw = Tokenward::start_in_env(
+        upstream,
+        &oauth2_keys(provider, ""),
+        &[("TOKENWARD_SERVER__HTTP1_FAST_PATH", value)],
+    );
+    tw.wait_ready().await;
+    tw
+}
 
 async fn fast_path_count(tw: &Tokenward) -> u64 {
     let metrics = tw.get_text("/metrics").await;
@@ -65,23 +76,8 @@ fn json_body(answer: &str) -> serde_json::Value {
 async fn run_requests(fast_path: bool) -> (BTreeMap<&'static str, serde_json::Value>, u64) {
     let provider = FakeProvider::start(300, false, None).await;
     let upstream = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let path = dir.path().join("tokenward.toml");
-    std::fs::write(
-        &path,
-        config(
-            proxy,
-            admin,
-            &format!("http://{}", upstream.addr()),
-            &dir.path().join("state"),
-            &oauth2_keys(&provider, ""),
-        ),
-    )
-    .unwrap();
-    let value = if fast_path { "true" } else { "false" };
-    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, value)]);
-    tw.wait_ready().await;
+    let tw = with_fast_path(&format!("http://{}", upstream.addr()), &provider, fast_path).await;
+    let proxy = tw.proxy;
 
     let mut seen = BTreeMap::new();
     let hops = "GET /hops HTTP/1.1\r\nHost: app\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\n\
@@ -249,22 +245,8 @@ async fn plain_then_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync:
 async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full_path() {
     let provider = FakeProvider::start(300, false, None).await;
     let (addr, heads) = plain_then_upgrade_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let path = dir.path().join("tokenward.toml");
-    std::fs::write(
-        &path,
-        config(
-            proxy,
-            admin,
-            &format!("http://{addr}"),
-            &dir.path().join("state"),
-            &oauth2_keys(&provider, ""),
-        ),
-    )
-    .unwrap();
-    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, "true")]);
-    tw.wait_ready().await;
+    let tw = with_fast_path(&format!("http://{addr}"), &provider, true).await;
+    let proxy = tw.proxy;
 
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
     let mut buf = vec![0u8; 4096];
@@ -358,22 +340,8 @@ async fn closed(s: &mut tokio::net::TcpStream) -> bool {
 async fn a_route_a_reload_takes_off_the_fast_path_is_served_by_the_full_path_at_once() {
     let provider = FakeProvider::start(300, false, None).await;
     let upstream = FakeUpstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let path = dir.path().join("tokenward.toml");
-    std::fs::write(
-        &path,
-        config(
-            proxy,
-            admin,
-            &format!("http://{}", upstream.addr()),
-            &dir.path().join("state"),
-            &oauth2_keys(&provider, ""),
-        ),
-    )
-    .unwrap();
-    let tw = Tokenward::start_with_env(dir, path, proxy, admin, &[(FAST_PATH_VAR, "true")]);
-    tw.wait_ready().await;
+    let tw = with_fast_path(&format!("http://{}", upstream.addr()), &provider, true).await;
+    let proxy = tw.proxy;
 
     // Two keep-alive connections, each in the fast path's loop.
     let get = b"GET /before HTTP/1.1\r\nHost: app\r\n\r\n";

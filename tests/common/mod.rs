@@ -489,6 +489,11 @@ pub async fn oauth2_setup(lifetime_s: u64, extra: &str) -> (FakeProvider, FakeUp
 impl Tokenward {
     /// Starts tokenward with one route to `upstream` and credential keys `credential`.
     pub fn start(upstream: &str, credential: &str) -> Self {
+        Self::start_in_env(upstream, credential, &[])
+    }
+
+    /// Like [`Tokenward::start`], with `env` set in the binary's environment.
+    pub fn start_in_env(upstream: &str, credential: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (proxy, admin) = (free_port(), free_port());
         let config_path = dir.path().join("tokenward.toml");
@@ -503,7 +508,7 @@ impl Tokenward {
             ),
         )
         .unwrap();
-        Self::start_with(dir, config_path, proxy, admin)
+        Self::start_with_env(dir, config_path, proxy, admin, env)
     }
 
     pub fn start_with(

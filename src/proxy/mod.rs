@@ -1,6 +1,7 @@
-//! The proxy: one pingora `ProxyHttp` per listener, kept thin — route and token in
-//! `request_filter`, the peer in `upstream_peer`, the token in `upstream_request_filter`,
-//! metrics in `logging`.
+//! The proxy: per listener, `lean::ListenerApp` serves plain HTTP/1 requests itself and gives
+//! the rest to a pingora `ProxyHttp` kept thin — route and token in `request_filter`, the peer
+//! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
+//! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
 pub mod lean;
 pub mod metrics;

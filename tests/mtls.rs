@@ -763,6 +763,13 @@ async fn pooled_upstream_connections_never_carry_another_routes_certificate() {
     for h in &hits {
         assert_eq!(conns[&h.conn], h.cert);
     }
+    // With `http2 = false` these TLS routes take the fast path (the default), so its pool is
+    // the one proven here; `scripts/test.sh` does not turn it off for this file.
+    let metrics = tw.get_text("/metrics").await;
+    for route in ["a", "b"] {
+        let line = format!("tokenward_fast_path_requests_total{{route=\"{route}\"}} 15");
+        assert!(metrics.contains(&line), "{line} not in\n{metrics}");
+    }
     tw.assert_no_leaks(&[a.key_material(), b.key_material()].concat())
         .await;
 }

@@ -400,3 +400,99 @@ async fn a_route_a_reload_takes_off_the_fast_path_is_served_by_the_full_path_at_
     );
     assert_eq!(fast_path_count(&tw).await, 2);
 }
+
+/// An upstream written by hand, for what a framework would not send: `/close` answers with a
+/// body that ends with the connection, `/hints` with a 103 before its 200.
+async fn hand_written_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                loop {
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let head = String::from_utf8_lossy(&got).to_string();
+                    got.clear();
+                    if head.starts_with("GET /close ") {
+                        let _ = s
+                            .write_all(
+                                b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nclose-delimited body",
+                            )
+                            .await;
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </app.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one answer's bytes on `s` up to and including `end`.
+async fn read_until(s: &mut tokio::net::TcpStream, end: &[u8]) -> String {
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !got.windows(end.len()).any(|w| w == end) {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {end:?} in {:?}", String::from_utf8_lossy(&got)))
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&got).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn close_delimited_answers_become_chunked_and_early_hints_are_relayed_on_both_paths() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = hand_written_upstream().await;
+    for on in [true, false] {
+        let tw = with_fast_path(&format!("http://{upstream}"), &provider, on).await;
+        let mut s = tokio::net::TcpStream::connect(tw.proxy).await.unwrap();
+        // The client connection outlives the upstream's: the body is re-framed as chunked.
+        s.write_all(b"GET /close HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until(&mut s, b"0\r\n\r\n").await;
+        let lower = answer.to_ascii_lowercase();
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "fast path {on}: {answer}"
+        );
+        assert!(
+            lower.contains("transfer-encoding: chunked"),
+            "fast path {on}: {answer}"
+        );
+        assert!(
+            answer.contains("close-delimited body"),
+            "fast path {on}: {answer}"
+        );
+        // The same connection then carries a 103 and its 200.
+        s.write_all(b"GET /hints HTTP/1.1\r\nHost: app\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until(&mut s, b"\r\n\r\nok").await;
+        assert!(
+            answer.starts_with("HTTP/1.1 103"),
+            "fast path {on}: {answer}"
+        );
+        assert!(
+            answer.contains("</app.css>; rel=preload"),
+            "fast path {on}: {answer}"
+        );
+        assert!(answer.contains("HTTP/1.1 200"), "fast path {on}: {answer}");
+        assert_eq!(fast_path_count(&tw).await, if on { 2 } else { 0 });
+    }
+}

@@ -496,3 +496,26 @@ async fn close_delimited_answers_become_chunked_and_early_hints_are_relayed_on_b
         assert_eq!(fast_path_count(&tw).await, if on { 2 } else { 0 });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turning_the_fast_path_off_by_reload_is_refused_naming_the_key() {
+    let (_provider, _upstream, tw) = oauth2_setup(300, "").await;
+    tw.wait_ready().await;
+    let offset = tw.logs().len();
+    rewrite_config(&tw, "[server]\n", "[server]\nhttp1_fast_path = false\n");
+    tw.signal("HUP");
+    wait_for("the refusal", Duration::from_secs(10), || {
+        tw.logs()[offset..].contains("take effect only at start")
+    })
+    .await;
+    let logs = tw.logs()[offset..].to_string();
+    assert!(logs.contains("server.http1_fast_path"), "{logs}");
+    assert!(!logs.contains("configuration reloaded"), "{logs}");
+    let r = reqwest::get(tw.url("/still-served")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        fast_path_count(&tw).await,
+        1,
+        "the running config keeps its fast path"
+    );
+}

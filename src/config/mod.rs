@@ -920,6 +920,18 @@ client_secret = "s3cret"
     }
 
     #[test]
+    fn the_http1_fast_path_is_on_unless_turned_off() {
+        assert!(load_str("toml", GOOD).unwrap().http1_fast_path);
+        let off = format!("[server]\nhttp1_fast_path = false\n{GOOD}");
+        assert!(!load_str("toml", &off).unwrap().http1_fast_path);
+        let wrong = format!("[server]\nhttp1_fast_path = \"sometimes\"\n{GOOD}");
+        assert_eq!(
+            load_str("toml", &wrong).unwrap_err().0[0].key,
+            "server.http1_fast_path"
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_file_and_key() {
         let err = load_str(
             "toml",

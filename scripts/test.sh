@@ -11,8 +11,11 @@ cargo fmt --all -- --check
 cargo build --all-targets --locked
 cargo nextest run --locked --no-fail-fast
 # The proxy-path tests again with the lean HTTP/1 path off, so the ProxyHttp path stays proven
-# for the plain routes the lean path serves by default.
+# for the plain routes the lean path serves by default, and with the default single proxy
+# thread (tokio's single-threaded runtime; the harness config runs two, work-stealing).
 TOKENWARD_SERVER__HTTP1_FAST_PATH=false cargo nextest run --locked --no-fail-fast \
+    --test proxy --test keepalive --test faults
+TOKENWARD_SERVER__THREADS=1 cargo nextest run --locked --no-fail-fast \
     --test proxy --test keepalive --test faults
 scripts/fuzz.sh
 scripts/validate-deploy.sh

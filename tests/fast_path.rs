@@ -12,13 +12,18 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Tokenward in front of `upstream` with `server.http1_fast_path` set through the environment
-/// (which overrides the file, and whatever the test run itself sets), once ready.
+/// (which overrides the file, and whatever the test run itself sets), once ready. It runs the
+/// default single proxy thread (tokio's single-threaded runtime), where the harness config
+/// runs two.
 async fn with_fast_path(upstream: &str, provider: &FakeProvider, on: bool) -> Tokenward {
     let value = if on { "true" } else { "false" };
     let tw = Tokenward::start_in_env(
         upstream,
         &oauth2_keys(provider, ""),
-        &[("TOKENWARD_SERVER__HTTP1_FAST_PATH", value)],
+        &[
+            ("TOKENWARD_SERVER__HTTP1_FAST_PATH", value),
+            ("TOKENWARD_SERVER__THREADS", "1"),
+        ],
     );
     tw.wait_ready().await;
     tw

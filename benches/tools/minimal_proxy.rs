@@ -52,7 +52,8 @@ fn main() {
     let threads = args.next().and_then(|t| t.parse().ok()).unwrap_or(1);
     let conf = ServerConf {
         threads,
-        work_stealing: true,
+        // As tokenward (src/server/mod.rs): no work stealing for a single thread.
+        work_stealing: threads > 1,
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

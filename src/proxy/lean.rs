@@ -173,11 +173,12 @@ impl ListenerApp {
             .req_header()
             .headers
             .contains_key(header::UPGRADE);
-        if upgrade || !route.forwards_plainly() {
+        let plain = route.forwards_plainly();
+        if upgrade || !plain {
             if downstream.is_body_empty() {
                 return Next::HandOff;
             }
-            if !route.forwards_plainly() {
+            if !plain {
                 // A reload gave this route what only the full path does while this connection
                 // was open, and its body has been read in part: the client's next connection
                 // goes to the full path.

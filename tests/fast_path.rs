@@ -197,99 +197,31 @@ async fn the_fast_path_serves_plain_requests_exactly_as_the_full_path_does() {
     }
 }
 
-/// An upstream that answers one plain request, then takes the same connection's Upgrade and
-/// echoes bytes, as a WebSocket server does after its handshake.
-async fn plain_then_upgrade_upstream() -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>)
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = heads.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut got = Vec::new();
-                loop {
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
-                    got.clear();
-                    seen.lock().unwrap().push(head.clone());
-                    if !head.contains("upgrade: websocket") {
-                        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
-                            .await
-                            .unwrap();
-                        continue;
-                    }
-                    s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
-                    loop {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        s.write_all(&buf[..n]).await.unwrap();
-                    }
-                }
-            });
-        }
-    });
-    (addr, heads)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full_path() {
     let provider = FakeProvider::start(300, false, None).await;
-    let (addr, heads) = plain_then_upgrade_upstream().await;
+    let (addr, heads) = upgrade_echo_upstream().await;
     let tw = with_fast_path(&format!("http://{addr}"), &provider, true).await;
     let proxy = tw.proxy;
 
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    let mut buf = vec![0u8; 4096];
     for _ in 0..2 {
         s.write_all(b"GET /plain HTTP/1.1\r\nHost: app\r\n\r\n")
             .await
             .unwrap();
-        let mut got = Vec::new();
-        while !got.ends_with(b"plain") {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0, "closed after a plain request");
-            got.extend_from_slice(&buf[..n]);
-        }
+        read_until(&mut s, b"plain").await;
     }
     assert_eq!(fast_path_count(&tw).await, 2);
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .await
         .unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
-    let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+    let answer = read_until(&mut s, b"\r\n\r\n").await;
     assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
     s.write_all(b"frames both ways").await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < 16 {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "upgraded stream closed");
-        got.extend_from_slice(&buf[..n]);
-    }
-    assert_eq!(got, b"frames both ways");
+    assert_eq!(
+        read_until(&mut s, b"frames both ways").await,
+        "frames both ways"
+    );
     assert_eq!(
         fast_path_count(&tw).await,
         2,
@@ -414,19 +346,9 @@ async fn hand_written_upstream() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
                 let mut got = Vec::new();
-                loop {
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = s.read(&mut buf).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        got.extend_from_slice(&buf[..n]);
-                    }
-                    let head = String::from_utf8_lossy(&got).to_string();
-                    got.clear();
-                    if head.starts_with("GET /close ") {
+                while let Some(head) = read_request_head(&mut s, &mut got).await {
+                    if head.starts_with("get /close ") {
                         let _ = s
                             .write_all(
                                 b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nclose-delimited body",

@@ -362,48 +362,11 @@ async fn a_young_token_revoked_by_the_provider_is_replaced_at_once() {
     );
 }
 
-/// An upstream that accepts an HTTP/1.1 Upgrade and then echoes bytes, as a WebSocket server does
-/// after its handshake.
-async fn upgrade_echo_upstream() -> (
-    std::net::SocketAddr,
-    std::sync::Arc<std::sync::Mutex<String>>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let head = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let seen = head.clone();
-    tokio::spawn(async move {
-        let Ok((mut s, _)) = listener.accept().await else {
-            return;
-        };
-        let mut buf = vec![0u8; 8192];
-        let mut got = Vec::new();
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                return;
-            }
-            got.extend_from_slice(&buf[..n]);
-        }
-        *seen.lock().unwrap() = String::from_utf8_lossy(&got).to_string();
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
-        for _ in 0..3 {
-            let n = s.read(&mut buf).await.unwrap_or(0);
-            if n == 0 {
-                return;
-            }
-            s.write_all(&buf[..n]).await.unwrap();
-        }
-    });
-    (addr, head)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websocket_upgrades_pass_with_the_token() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let provider = FakeProvider::start(300, false, None).await;
-    let (addr, head) = upgrade_echo_upstream().await;
+    let (addr, heads) = upgrade_echo_upstream().await;
     let tw = Tokenward::start(&format!("http://{addr}"), &oauth2_keys(&provider, ""));
     tw.wait_ready().await;
     let mut s = tokio::net::TcpStream::connect(tw.proxy).await.unwrap();
@@ -430,7 +393,7 @@ async fn websocket_upgrades_pass_with_the_token() {
         }
         assert_eq!(got, msg);
     }
-    let head = head.lock().unwrap().to_ascii_lowercase();
+    let head = heads.lock().unwrap()[0].clone();
     assert!(
         head.contains(&format!("authorization: bearer {}", provider.issued()[0])),
         "{head}"

@@ -719,3 +719,59 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Reads one request head from `s` (through `got`, which keeps any bytes past it), lower-cased;
+/// `None` once the peer has closed.
+pub async fn read_request_head(s: &mut tokio::net::TcpStream, got: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end + 4]).to_ascii_lowercase();
+            got.drain(..end + 4);
+            return Some(head);
+        }
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// An upstream written by hand that answers plain requests with `plain`, and on a WebSocket
+/// upgrade switches protocols and echoes bytes, as a WebSocket server does after its handshake.
+/// Keeps every request head it saw, lower-cased.
+pub async fn upgrade_echo_upstream() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(head) = read_request_head(&mut s, &mut got).await {
+                    seen.lock().unwrap().push(head.clone());
+                    if !head.contains("upgrade: websocket") {
+                        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain";
+                        s.write_all(plain).await.unwrap();
+                        continue;
+                    }
+                    s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n").await.unwrap();
+                    let mut buf = vec![0u8; 8192];
+                    loop {
+                        let n = s.read(&mut buf).await.unwrap_or(0);
+                        if n == 0 {
+                            return;
+                        }
+                        s.write_all(&buf[..n]).await.unwrap();
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}

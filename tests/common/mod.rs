@@ -605,13 +605,18 @@ impl Tokenward {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(r) = client.get(self.admin_url(path)).send().await {
-                if r.status() == 200 {
+                // pingora binds each service's listener on that service's own thread, so the
+                // admin can answer before the proxy listener exists: wait for both.
+                if r.status() == 200 && tokio::net::TcpStream::connect(self.proxy).await.is_ok() {
                     return;
                 }
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("tokenward {path} not OK within 20s; logs:\n{}", self.logs());
+        panic!(
+            "tokenward {path} not OK, or its proxy listener not accepting, within 20s; logs:\n{}",
+            self.logs()
+        );
     }
 
     pub fn signal(&self, sig: &str) {

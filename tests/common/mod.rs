@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod assertion;
+pub mod nginx;
+pub mod raw;
 pub mod redis;
 
 use std::collections::HashMap;

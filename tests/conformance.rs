@@ -528,5 +528,250 @@ async fn corpus_on_the_full_path() {
     run_path(Path::Full).await;
 }
 
-#[allow(unused)]
-fn unused(_: Nginx, _: Duration) {}
+// ---------------------------------------------------------------------------------------------
+// nginx as the upstream
+
+/// nginx as an origin: every request is logged with its body (read whole, through a second
+/// server the first proxies to, which is what makes nginx keep `$request_body`), and answered
+/// `200` with its method and target.
+fn nginx_origin() -> Nginx {
+    let sink = free_port();
+    Nginx::start(&format!(
+        r#"
+  log_format conformance escape=json '$request_method $request_uri $status body=[$request_body] auth=[$http_authorization] cl=[$http_content_length] te=[$http_transfer_encoding] upgrade=[$http_upgrade]';
+  server {{
+    listen {{listen}};
+    keepalive_requests 100000;
+    client_body_buffer_size 16m;
+    client_max_body_size 16m;
+    access_log {{dir}}/origin.log conformance;
+    location / {{ proxy_pass http://{sink}; }}
+  }}
+  server {{
+    listen {sink};
+    access_log off;
+    location / {{ return 200 "$request_method $request_uri
+"; }}
+  }}
+"#
+    ))
+}
+
+/// What nginx must log for the requests `case` expects upstream: method, target, body and
+/// the framing fields, the token normalised.
+fn nginx_expected_log(case: &Case, path: Path) -> Vec<String> {
+    let (up, _) = case.expected(path);
+    up.iter()
+        .flat_map(|conn| requests(conn).messages)
+        .filter(|m| m.head.target() != SENTINEL_TARGET)
+        .map(|m| {
+            let field = |name: &str| {
+                m.head
+                    .values(name)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "{} {} 200 body=[{}] auth=[{}] cl=[{}] te=[{}] upgrade=[{}]",
+                m.head.method(),
+                m.head.target(),
+                json_escape(&m.body),
+                field("authorization"),
+                field("content-length"),
+                field("transfer-encoding"),
+                field("upgrade"),
+            )
+        })
+        .collect()
+}
+
+/// Bytes escaped as nginx's `escape=json` log format does.
+fn json_escape(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for &b in bytes {
+        match b {
+            b'"' => out.push_str("\\\""),
+            b'\\' => out.push_str("\\\\"),
+            b'\n' => out.push_str("\\n"),
+            b'\r' => out.push_str("\\r"),
+            b'\t' => out.push_str("\\t"),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\u{b:04x}")),
+        }
+    }
+    out
+}
+
+/// The answers' statuses and bodies, one line each, and whether the connection stayed usable.
+fn answers_summary(sent: &[u8], received: &[u8], eof: bool) -> Vec<String> {
+    let t = responses(received, &methods_of(sent), eof);
+    let mut out: Vec<String> = t
+        .messages
+        .iter()
+        .map(|m| format!("{} body=[{}]", m.head.status(), json_escape(&m.body)))
+        .collect();
+    if !t.rest.is_empty() {
+        out.push(format!("then, not an answer: {}", json_escape(&t.rest)));
+    }
+    out
+}
+
+/// Runs the cases marked for it with nginx as the upstream, on `path`: nginx must log exactly
+/// the requests the case expects upstream, and the client must get nginx's answers to them.
+async fn run_against_nginx_origin(path: Path) -> (usize, usize, Vec<String>, Vec<String>) {
+    let nginx = nginx_origin();
+    let provider = FakeProvider::start(3600, false, None).await;
+    let fast = if path == Path::Lean { "true" } else { "false" };
+    let tw = Tokenward::start_in_env(
+        &format!("http://{}", nginx.addr),
+        &oauth2_keys(&provider, ""),
+        &[
+            ("TOKENWARD_SERVER__HTTP1_FAST_PATH", fast),
+            ("TOKENWARD_SERVER__THREADS", "1"),
+        ],
+    );
+    tw.wait_ready().await;
+    let corpus: Vec<Case> = selected()
+        .into_iter()
+        .filter(|c| c.nginx_upstream)
+        .collect();
+    let proxy = tw.proxy;
+    tokio::task::spawn_blocking(move || {
+        let (mut runs, mut failures, mut known) = (0, Vec::new(), Vec::new());
+        for case in &corpus {
+            let mut report = None;
+            for boundary in &case.boundaries {
+                runs += 1;
+                let logged_before = nginx.log_lines("origin.log").len();
+                let client = run_client(
+                    proxy,
+                    &case.client,
+                    boundary,
+                    case.end,
+                    case.final_answers(path),
+                    None,
+                );
+                let tokens = provider.issued();
+                let want_log = nginx_expected_log(case, path);
+                let sentinel = usize::from(case.end == End::KeepAlive);
+                // nginx logs a request once its answer is sent: wait for the lines to be there.
+                let deadline = Instant::now() + STEP_WAIT;
+                let mut log = Vec::new();
+                while Instant::now() < deadline {
+                    log = nginx.log_lines("origin.log")[logged_before..].to_vec();
+                    if log.len() >= want_log.len() + sentinel {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let log: Vec<String> = log
+                    .iter()
+                    .map(|l| {
+                        let mut l = l.clone();
+                        for t in &tokens {
+                            l = l.replace(t.as_str(), "<TOKEN>");
+                        }
+                        l
+                    })
+                    .filter(|l| !l.starts_with(&format!("GET {SENTINEL_TARGET} ")))
+                    .collect();
+                let want_answers: Vec<String> = want_log
+                    .iter()
+                    .map(|l| {
+                        let mut words = l.split(' ');
+                        let (method, target) = (words.next().unwrap(), words.next().unwrap());
+                        let body = if method == "HEAD" {
+                            String::new()
+                        } else {
+                            format!("{method} {target}\\n")
+                        };
+                        format!("200 body=[{body}]")
+                    })
+                    .collect();
+                let mut got_answers =
+                    answers_summary(&client.sent, &client.received, client.closed);
+                got_answers.retain(|a| !a.starts_with("100 "));
+                if case.end == End::KeepAlive
+                    && got_answers
+                        .last()
+                        .is_some_and(|a| a == "200 body=[GET /__end\\n]")
+                {
+                    got_answers.pop();
+                }
+                let mut problems = String::new();
+                if log != want_log {
+                    problems.push_str(&format!(
+                        "nginx logged (- expected, + actual):\n{}",
+                        diff(want_log.join("\n").as_bytes(), log.join("\n").as_bytes())
+                    ));
+                }
+                if got_answers != want_answers {
+                    problems.push_str(&format!(
+                        "client answers (- expected, + actual):\n{}",
+                        diff(
+                            want_answers.join("\n").as_bytes(),
+                            got_answers.join("\n").as_bytes()
+                        )
+                    ));
+                }
+                if case.end == End::Closed && !client.closed {
+                    problems.push_str("the connection was expected to close\n");
+                }
+                for n in &client.notes {
+                    problems.push_str(&format!("note: {n}\n"));
+                }
+                if !problems.is_empty() && report.is_none() {
+                    report = Some(format!(
+                        "--- {} with nginx as the upstream, {} path, boundary {}:\n{problems}",
+                        case.name,
+                        path.name(),
+                        boundary.name()
+                    ));
+                }
+            }
+            match (report, known_failing(case.name, path)) {
+                (Some(r), None) => failures.push(r),
+                (Some(_), Some(why)) => known.push(format!("{} ({why})", case.name)),
+                (None, _) => {}
+            }
+        }
+        drop(tw);
+        (corpus.len(), runs, failures, known)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_with_nginx_as_the_upstream() {
+    let started = Instant::now();
+    let mut all_failures = Vec::new();
+    let mut summary = Vec::new();
+    for path in [Path::Lean, Path::Full] {
+        let (cases, runs, failures, known) = run_against_nginx_origin(path).await;
+        for f in &failures {
+            println!("FAILED {f}");
+        }
+        for k in &known {
+            println!("KNOWN FAILING against nginx: {k}");
+        }
+        summary.push(format!(
+            "{} path: {cases} cases, {runs} runs, {} failed, {} known failing",
+            path.name(),
+            failures.len(),
+            known.len()
+        ));
+        all_failures.extend(failures);
+    }
+    println!(
+        "conformance with nginx as the upstream, in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        summary.join("; ")
+    );
+    assert!(
+        all_failures.is_empty(),
+        "{} cases failed against nginx (see above)",
+        all_failures.len()
+    );
+}

@@ -993,6 +993,8 @@ pub enum Step {
     SendAfterContinue(Vec<u8>),
     /// Wait until the upstream's script has run to its end.
     AwaitUpstream,
+    /// Wait until this many final answers (in all) have come whole.
+    WaitForAnswers(usize),
 }
 
 /// How a case's client connection ends.
@@ -1072,6 +1074,13 @@ pub fn run_client(
             i = inbox.1.wait_timeout(i, left).unwrap().0;
         }
     };
+    let finals = |i: &Inbox, sent: &[u8]| {
+        responses(&i.bytes, &methods_of(sent), false)
+            .messages
+            .iter()
+            .filter(|m| !(100..200).contains(&m.head.status()))
+            .count()
+    };
     let mut seen = 0usize;
     let mut ok = true;
     for step in steps {
@@ -1126,6 +1135,15 @@ pub fn run_client(
                     }
                 }
             }
+            Step::WaitForAnswers(n) => {
+                let sent = record.sent.clone();
+                if !wait(&|i: &Inbox| finals(i, &sent) >= *n) {
+                    record
+                        .notes
+                        .push(format!("client: never received {n} answers"));
+                    ok = false;
+                }
+            }
             Step::AwaitUpstream => {
                 if let Some(up) = upstream {
                     if !up.await_scripts(STEP_WAIT) {
@@ -1144,18 +1162,11 @@ pub fn run_client(
         End::KeepAlive if ok => {
             // The sentinel goes once the answers the case expects are in: sent earlier, it
             // would be a pipelined request, which only the pipelining cases are about.
-            let methods = methods_of(&record.sent);
-            let finals = |i: &Inbox| {
-                responses(&i.bytes, &methods, false)
-                    .messages
-                    .iter()
-                    .filter(|m| !(100..200).contains(&m.head.status()))
-                    .count()
-            };
-            if !wait(&|i: &Inbox| finals(i) >= answers) {
+            let sent = record.sent.clone();
+            if !wait(&|i: &Inbox| finals(i, &sent) >= answers) {
                 record.notes.push(format!(
                     "client: {answers} answers expected before the sentinel, {} came",
-                    finals(&inbox.0.lock().unwrap())
+                    finals(&inbox.0.lock().unwrap(), &sent)
                 ));
             }
             record.sent.extend_from_slice(SENTINEL_REQUEST);
@@ -1164,7 +1175,8 @@ pub fn run_client(
                     .notes
                     .push("client: the sentinel could not be written".into());
             }
-            let answered = wait(&|i: &Inbox| i.bytes.ends_with(b"\r\n\r\nend"));
+            let sent = record.sent.clone();
+            let answered = wait(&|i: &Inbox| finals(i, &sent) > answers);
             if !answered {
                 record
                     .notes

@@ -673,3 +673,252 @@ async fn error_answers_that_end_the_connection_say_so() {
         }
     }
 }
+
+const WS_HEAD: &str = "HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bytes_sent_with_an_upgrade_head_are_carried_on_both_paths() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let (addr, heads) = upgrade_echo_upstream().await;
+    for lean in [true, false] {
+        let tw = proxy(&format!("http://{addr}"), &provider, lean).await;
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        // A client that sends its first frame without waiting for the 101.
+        s.write_all(format!("GET /ws {WS_HEAD}\r\nfirst frame").as_bytes())
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let answer = read_answer(&mut s, &mut buf, "GET").await;
+        assert_eq!(answer.status, 101, "{}: {answer:?}", path_name(lean));
+        while buf.len() < b"first frame".len() {
+            assert!(fill(&mut s, &mut buf).await, "{}: closed", path_name(lean));
+        }
+        assert_eq!(buf, b"first frame", "{}", path_name(lean));
+        s.write_all(b"and the next").await.unwrap();
+        buf.clear();
+        while buf.len() < b"and the next".len() {
+            assert!(fill(&mut s, &mut buf).await, "{}: closed", path_name(lean));
+        }
+        assert_eq!(buf, b"and the next", "{}", path_name(lean));
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    for (head, token) in heads.iter().zip(provider.issued()) {
+        assert!(
+            head.contains(&format!("authorization: bearer {token}")),
+            "{head}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_upgrade_and_an_h2c_upgrade_keep_the_connection_as_their_answers_say() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| match target(head) {
+        "/ws-refused" => vec![send(
+            b"HTTP/1.1 426 Upgrade Required\r\nContent-Length: 4\r\n\r\nnope",
+        )],
+        _ => vec![Step::ReadBody, send(OK)],
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for (request, status) in [
+            (format!("GET /ws-refused {WS_HEAD}\r\n"), 426),
+            (
+                "GET /h2c HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                 Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+                    .to_string(),
+                200,
+            ),
+        ] {
+            let case = format!("{}, {}", path_name(lean), request.lines().next().unwrap());
+            let (first, next) =
+                request_then_next(&tw, &[request.into_bytes()], Duration::ZERO, "GET").await;
+            assert_eq!(first.status, status, "{case}: {first:?}");
+            assert!(!first.says_close(), "{case}: {first:?}");
+            assert_eq!(next.status, 200, "{case}");
+        }
+        let got = up.got();
+        let h2c = got.iter().find(|g| target(&g.head) == "/h2c").unwrap();
+        assert!(
+            field(&h2c.head, "upgrade").is_none(),
+            "{}: {h2c:?}",
+            path_name(lean)
+        );
+        assert!(field(&h2c.head, "http2-settings").is_none(), "{h2c:?}");
+        up.got.lock().unwrap().clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_paths_take_the_same_connection_options_and_treat_an_upgrade_with_a_body_alike() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    let options = |n: usize| {
+        (0..n)
+            .map(|i| format!("x-opt-{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let case = path_name(lean);
+        let request = format!(
+            "GET /nine HTTP/1.1\r\nHost: app\r\nConnection: {}\r\n\r\n",
+            options(9)
+        );
+        let (answer, _) =
+            request_then_next(&tw, &[request.into_bytes()], Duration::ZERO, "GET").await;
+        assert_eq!(answer.status, 200, "{case}: nine options");
+        let request = format!(
+            "GET /ten HTTP/1.1\r\nHost: app\r\nConnection: {}\r\n\r\n",
+            options(10)
+        );
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+        assert_eq!(answer.status, 400, "{case}: ten options");
+        // A WebSocket upgrade with a body: a plain POST, its upgrade fields stripped.
+        let request = format!("POST /ws-body {WS_HEAD}Content-Length: 5\r\n\r\nhello");
+        let (answer, _) =
+            request_then_next(&tw, &[request.into_bytes()], Duration::ZERO, "POST").await;
+        assert_eq!(answer.status, 200, "{case}: {answer:?}");
+        let got = up.got();
+        let posted = got.iter().find(|g| target(&g.head) == "/ws-body").unwrap();
+        assert!(
+            field(&posted.head, "upgrade").is_none(),
+            "{case}: {posted:?}"
+        );
+        assert_eq!(posted.body, Some(Ok(b"hello".to_vec())), "{case}");
+        assert!(!got.iter().any(|g| target(&g.head) == "/ten"), "{case}");
+        up.got.lock().unwrap().clear();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hop_by_hop_fields_of_answers_stay_on_the_upstream_connection() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let answer: &[u8] = match target(head) {
+            "/hints" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nKeep-Alive: timeout=1\r\nConnection: keep-alive, X-Hint-Hop\r\nX-Hint-Hop: 1\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            _ => b"HTTP/1.1 200 OK\r\nConnection: X-Session-Hop\r\nX-Session-Hop: secret\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: h2c\r\nX-Kept: yes\r\nContent-Length: 2\r\n\r\nok",
+        };
+        vec![Step::ReadBody, send(answer)]
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let case = path_name(lean);
+        let request = b"GET /hops HTTP/1.1\r\nHost: app\r\n\r\n".to_vec();
+        let (answer, _) = request_then_next(&tw, &[request], Duration::ZERO, "GET").await;
+        assert_eq!(answer.status, 200, "{case}");
+        for hop in [
+            "x-session-hop",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "upgrade",
+        ] {
+            assert!(
+                field(&answer.head, hop).is_none(),
+                "{case}: {hop} in {answer:?}"
+            );
+        }
+        assert_eq!(field(&answer.head, "x-kept"), Some("yes"), "{case}");
+        assert_eq!(
+            field(&answer.head, "connection"),
+            Some("keep-alive"),
+            "{case}"
+        );
+        let request = b"GET /hints HTTP/1.1\r\nHost: app\r\n\r\n".to_vec();
+        let (answer, _) = request_then_next(&tw, &[request], Duration::ZERO, "GET").await;
+        assert_eq!(answer.informational.len(), 1, "{case}: {answer:?}");
+        let hint = &answer.informational[0];
+        assert!(
+            hint.contains("link: </a.css>; rel=preload"),
+            "{case}: {hint}"
+        );
+        for hop in ["x-hint-hop", "keep-alive", "connection"] {
+            assert!(field(hint, hop).is_none(), "{case}: {hop} in {hint}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn informational_answers_are_bounded_never_reach_http10_and_a_101_must_be_asked_for() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let mut steps = vec![Step::ReadBody];
+        match target(head) {
+            "/flood" => {
+                steps.extend((0..20).map(|_| send(b"HTTP/1.1 102 Processing\r\n\r\n")));
+                steps.push(send(OK));
+            }
+            "/hints" => {
+                steps.extend((0..3).map(|_| send(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n")));
+                steps.push(send(OK));
+            }
+            "/switch" => steps.extend([
+                send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nraw bytes"),
+                Step::Pause(Duration::from_millis(500)),
+            ]),
+            _ => steps.push(send(OK)),
+        }
+        steps
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let case = path_name(lean);
+        for (request, status, informational) in [
+            ("GET /hints HTTP/1.1\r\nHost: app\r\n\r\n", 200, 3),
+            ("GET /hints HTTP/1.0\r\nHost: app\r\n\r\n", 200, 0),
+            ("GET /flood HTTP/1.1\r\nHost: app\r\n\r\n", 502, 16),
+            ("GET /switch HTTP/1.1\r\nHost: app\r\n\r\n", 502, 0),
+        ] {
+            let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+            s.write_all(request.as_bytes()).await.unwrap();
+            let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+            let case = format!("{case}, {}", request.lines().next().unwrap());
+            assert_eq!(answer.status, status, "{case}: {answer:?}");
+            // The full path may drop the last few relayed before its pipe saw one too many.
+            assert!(
+                answer.informational.len() <= informational,
+                "{case}: {answer:?}"
+            );
+            if status == 200 {
+                assert_eq!(
+                    answer.informational.len(),
+                    informational,
+                    "{case}: {answer:?}"
+                );
+            }
+            if status == 502 {
+                assert!(answer.says_close() && closed(&mut s).await, "{case}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_content_length_list_of_one_value_goes_upstream_as_that_value() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for request in [
+            &b"POST /list HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello"[..],
+            b"POST /twice HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+        ] {
+            let case = format!("{}, {}", path_name(lean), String::from_utf8_lossy(request));
+            let (answer, _) = request_then_next(&tw, &[request.to_vec()], Duration::ZERO, "POST").await;
+            assert_eq!(answer.status, 200, "{case}");
+            let got = up.got();
+            assert_eq!(got[0].head.matches("content-length").count(), 1, "{case}: {got:?}");
+            assert_eq!(field(&got[0].head, "content-length"), Some("5"), "{case}");
+            assert_eq!(got[0].body, Some(Ok(b"hello".to_vec())), "{case}");
+            up.got.lock().unwrap().clear();
+        }
+    }
+}

@@ -388,9 +388,6 @@ async fn websocket_upgrades_pass_with_the_token() {
                 .await
                 .unwrap()
                 .unwrap();
-            if n == 0 {
-                eprintln!("LOGS:\n{}", tw.logs());
-            }
             assert!(n > 0, "upgraded stream closed");
             got.extend_from_slice(&buf[..n]);
         }

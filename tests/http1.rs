@@ -922,3 +922,32 @@ async fn a_content_length_list_of_one_value_goes_upstream_as_that_value() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_listener_closes_an_http10_connection_that_did_not_ask_to_stay() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    let tw = proxy(&up.url(), &provider, true).await;
+    for (request, kept) in [
+        (&b"GET /healthz HTTP/1.0\r\n\r\n"[..], false),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            false,
+        ),
+        (
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+            true,
+        ),
+        (b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n", true),
+    ] {
+        let case = String::from_utf8_lossy(request).to_string();
+        let mut s = TcpStream::connect(tw.admin).await.unwrap();
+        s.write_all(request).await.unwrap();
+        let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+        assert_eq!(answer.status, 200, "{case}");
+        assert_eq!(answer.says_close(), !kept, "{case}: {answer:?}");
+        if !kept {
+            assert!(closed(&mut s).await, "{case}: still open");
+        }
+    }
+}

@@ -27,6 +27,8 @@ enum Step {
     Pause(Duration),
     /// Closes the connection without reading what is left.
     Close,
+    /// Records that the steps before it are done (see `RawUpstream::marks`).
+    Mark(&'static str),
 }
 
 fn send(bytes: &[u8]) -> Step {
@@ -37,7 +39,6 @@ fn send(bytes: &[u8]) -> Step {
 /// or why its framing was refused.
 #[derive(Clone, Debug)]
 struct Got {
-    #[allow(dead_code)]
     conn: usize,
     head: String,
     body: Option<Result<Vec<u8>, String>>,
@@ -49,6 +50,7 @@ type Script = Arc<dyn Fn(&str) -> Vec<Step> + Send + Sync>;
 struct RawUpstream {
     addr: SocketAddr,
     got: Arc<Mutex<Vec<Got>>>,
+    marks: Arc<Mutex<Vec<&'static str>>>,
 }
 
 impl RawUpstream {
@@ -58,15 +60,17 @@ impl RawUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
-        let log = got.clone();
+        let marks = Arc::new(Mutex::new(Vec::new()));
+        let (log, marked) = (got.clone(), marks.clone());
         tokio::spawn(async move {
             let mut conn = 0;
             while let Ok((s, _)) = listener.accept().await {
                 conn += 1;
-                tokio::spawn(serve_upstream(s, conn, script.clone(), log.clone()));
+                let (script, log, marked) = (script.clone(), log.clone(), marked.clone());
+                tokio::spawn(serve_upstream(s, conn, script, log, marked));
             }
         });
-        RawUpstream { addr, got }
+        RawUpstream { addr, got, marks }
     }
 
     /// Answers every request `OK` once its body is read.
@@ -83,7 +87,13 @@ impl RawUpstream {
     }
 }
 
-async fn serve_upstream(mut s: TcpStream, conn: usize, script: Script, log: Arc<Mutex<Vec<Got>>>) {
+async fn serve_upstream(
+    mut s: TcpStream,
+    conn: usize,
+    script: Script,
+    log: Arc<Mutex<Vec<Got>>>,
+    marks: Arc<Mutex<Vec<&'static str>>>,
+) {
     let mut buf = Vec::new();
     while let Some(head) = read_request_head(&mut s, &mut buf).await {
         let index = {
@@ -112,6 +122,7 @@ async fn serve_upstream(mut s: TcpStream, conn: usize, script: Script, log: Arc<
                 }
                 Step::Pause(d) => tokio::time::sleep(d).await,
                 Step::Close => return,
+                Step::Mark(mark) => marks.lock().unwrap().push(mark),
             }
         }
     }
@@ -949,5 +960,110 @@ async fn the_admin_listener_closes_an_http10_connection_that_did_not_ask_to_stay
         if !kept {
             assert!(closed(&mut s).await, "{case}: still open");
         }
+    }
+}
+
+/// Tokenward on `lean` or the full path in front of `upstream`, its route carrying `line`.
+async fn proxy_with_route_line(
+    upstream: &str,
+    provider: &FakeProvider,
+    lean: bool,
+    line: &str,
+) -> Tokenward {
+    let dir = tempfile::tempdir().unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    let path = dir.path().join("tokenward.toml");
+    let text = config(
+        proxy,
+        admin,
+        upstream,
+        &dir.path().join("state"),
+        &oauth2_keys(provider, ""),
+    );
+    let anchor = "credential = \"api\"\n";
+    std::fs::write(
+        &path,
+        text.replacen(anchor, &format!("{anchor}{line}\n"), 1),
+    )
+    .unwrap();
+    let fast_path = if lean { "true" } else { "false" };
+    let tw = Tokenward::start_with_env(
+        dir,
+        path,
+        proxy,
+        admin,
+        &[("TOKENWARD_SERVER__HTTP1_FAST_PATH", fast_path)],
+    );
+    tw.wait_ready().await;
+    tw
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_bytes_from_an_upstream_never_reach_the_next_request_and_keepalive_can_be_turned_off()
+{
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let mut steps = vec![Step::ReadBody];
+        match target(head) {
+            // A HEAD answered with a body, and an answer followed by a second one nobody asked
+            // for: the extra bytes arrive while the connection idles in the pool.
+            "/head" => steps.extend([
+                send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"),
+                Step::Pause(Duration::from_millis(50)),
+                send(b"stale"),
+                Step::Mark("late"),
+            ]),
+            "/twice" => steps.extend([
+                send(OK),
+                Step::Pause(Duration::from_millis(50)),
+                send(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale"),
+                Step::Mark("late"),
+            ]),
+            _ => steps.push(send(OK)),
+        }
+        steps
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for (method, path) in [("HEAD", "/head"), ("GET", "/twice")] {
+            let case = format!("{}, {method} {path}", path_name(lean));
+            let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+            let request = format!("{method} {path} HTTP/1.1\r\nHost: app\r\n\r\n");
+            s.write_all(request.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            let answer = read_answer(&mut s, &mut buf, method).await;
+            assert_eq!(answer.status, 200, "{case}");
+            let marks = up.marks.clone();
+            wait_for("the late bytes", Duration::from_secs(5), || {
+                marks.lock().unwrap().contains(&"late")
+            })
+            .await;
+            s.write_all(NEXT).await.unwrap();
+            let next = read_answer(&mut s, &mut buf, "GET").await;
+            assert_eq!((next.status, next.text().as_str()), (200, "ok"), "{case}");
+            up.marks.lock().unwrap().clear();
+        }
+    }
+    // A route whose upstream is known to do that takes a new connection for every request.
+    up.got.lock().unwrap().clear();
+    for lean in [true, false] {
+        let tw =
+            proxy_with_route_line(&up.url(), &provider, lean, "upstream_keepalive = false").await;
+        let pieces = [b"GET /one HTTP/1.1\r\nHost: app\r\n\r\n".to_vec()];
+        let (first, next) = request_then_next(&tw, &pieces, Duration::ZERO, "GET").await;
+        assert_eq!((first.status, next.status), (200, 200));
+        let got = up.got();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_ne!(
+            got[0].conn,
+            got[1].conn,
+            "{}: one upstream connection",
+            path_name(lean)
+        );
+        for g in &got {
+            assert_eq!(field(&g.head, "connection"), Some("close"), "{g:?}");
+        }
+        up.got.lock().unwrap().clear();
     }
 }

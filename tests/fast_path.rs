@@ -1,6 +1,6 @@
 //! Black-box tests of the lean HTTP/1 path (`server.http1_fast_path`): that plain requests take
 //! it, that it answers exactly as the `ProxyHttp` path does, and that what it does not serve
-//! (upgrades) reaches the `ProxyHttp` path on the same connection.
+//! (routes a reload gave per-caller features) reaches the `ProxyHttp` path on the same connection.
 
 mod common;
 
@@ -198,7 +198,7 @@ async fn the_fast_path_serves_plain_requests_exactly_as_the_full_path_does() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full_path() {
+async fn a_websocket_upgrade_after_plain_requests_on_one_connection_is_served_lean() {
     let provider = FakeProvider::start(300, false, None).await;
     let (addr, heads) = upgrade_echo_upstream().await;
     let tw = with_fast_path(&format!("http://{addr}"), &provider, true).await;
@@ -224,7 +224,7 @@ async fn an_upgrade_after_plain_requests_on_one_connection_is_handed_to_the_full
     );
     assert_eq!(
         fast_path_count(&tw).await,
-        2,
+        3,
         "the upgrade was not counted as served lean"
     );
     let heads = heads.lock().unwrap().clone();
@@ -309,9 +309,14 @@ async fn a_route_a_reload_takes_off_the_fast_path_is_served_by_the_full_path_at_
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     assert!(answer.contains("missing_subject_token"), "{answer}");
     assert!(
-        closed(&mut quiet).await,
-        "a handed-over connection is closed after its answer"
+        answer
+            .to_ascii_lowercase()
+            .contains("connection: keep-alive"),
+        "{answer}"
     );
+    // The connection lives on after the handed-over answer, as it says.
+    let answer = exchange_on(&mut quiet, b"GET /again HTTP/1.1\r\nHost: app\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 
     // One whose body was already being read cannot be handed over: a JSON 503 with Retry-After,
     // and the connection closes so the client's retry takes a new one.

@@ -196,9 +196,34 @@ impl AdminApp {
     }
 }
 
+/// Whether the client asked to keep its connection (RFC 9112 §9.3): HTTP/1.1 unless it sent
+/// `Connection: close`, HTTP/1.0 only with `Connection: keep-alive`.
+fn client_keeps_alive(request: &pingora::http::RequestHeader) -> bool {
+    let has = |option: &str| {
+        request
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|o| o.trim_ascii().eq_ignore_ascii_case(option.as_bytes()))
+    };
+    match request.version {
+        http::Version::HTTP_11 => !has("close"),
+        http::Version::HTTP_10 => has("keep-alive") && !has("close"),
+        _ => false,
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        if !client_keeps_alive(session.req_header()) {
+            // pingora-core's `HttpServer::process_new_http` turns keep-alive on for every
+            // request after reading it, an HTTP/1.0 one without `Connection: keep-alive` and
+            // one with `Connection: close` included: the answer would say keep-alive to a
+            // client that then waits for the close its request asked for.
+            session.set_keepalive(None);
+        }
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();

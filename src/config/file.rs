@@ -79,6 +79,9 @@ pub struct RouteFile {
     /// How long an upstream connection is kept in the pool unused; shorter than the upstream's
     /// own keep-alive timeout, so tokenward never sends on a connection the upstream is closing.
     pub idle_timeout: Option<HumanDuration>,
+    /// `false` sends each request on a new upstream connection (`Connection: close`), for
+    /// upstreams known to send bytes after their answers (default true).
+    pub upstream_keepalive: Option<bool>,
     /// Upstream statuses that mean "this token was rejected" (default [401]; [] turns it off).
     pub reauth_statuses: Option<Vec<u16>>,
     /// PEM client certificate (chain allowed) presented to an https upstream (mutual TLS).

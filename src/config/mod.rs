@@ -101,6 +101,8 @@ pub struct RouteConfig {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Whether upstream connections are kept for further requests (`upstream_keepalive`).
+    pub upstream_keepalive: bool,
     pub reauth_statuses: Vec<u16>,
     /// The client certificate presented to the upstream (mutual TLS).
     pub client_cert: Option<crate::mtls::ClientCertSource>,
@@ -588,6 +590,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         connect_timeout: HumanDuration::or(raw.connect_timeout, Duration::from_secs(5)),
         read_timeout: HumanDuration::or(raw.read_timeout, Duration::from_secs(60)),
         idle_timeout,
+        upstream_keepalive: raw.upstream_keepalive.unwrap_or(true),
         reauth_statuses,
         client_cert,
     })

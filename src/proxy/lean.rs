@@ -29,16 +29,17 @@ use tracing::info;
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
-    InFlight, TokenwardProxy, failure_body, failure_status, log_outcome, no_route, renewed,
-    respond, retarget, token_unavailable,
+    InFlight, TokenwardProxy, connect_refused, failure_body, failure_status, log_outcome, no_route,
+    renewed, respond, retarget, token_unavailable,
 };
 use crate::token::Token;
 
 /// How long an idle client connection is kept, as pingora's own HTTP/1 service does.
 const KEEPALIVE_SECONDS: u64 = 60;
 
-/// At most this many names in one `Connection` header; more is refused, as pingora does.
-const MAX_CONNECTION_OPTIONS: usize = 32;
+/// At most this many names in `Connection`; more is refused, as the full path does
+/// (pingora-proxy's `ConnectionNominations::parse` refuses a tenth).
+const MAX_CONNECTION_OPTIONS: usize = 9;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1): they describe this connection, not the request.
 const HOP_BY_HOP: [&str; 10] = [
@@ -81,9 +82,23 @@ impl ListenerApp {
             connector: Connector::new(Some(
                 pingora::connectors::ConnectorOptions::from_server_conf(conf),
             )),
-            full: Arc::new(pingora::proxy::http_proxy(conf, proxy)),
+            full: Arc::new(full_path(conf, proxy)),
         }
     }
+}
+
+/// pingora-proxy's `HttpProxy` for what the lean path does not serve. `CONNECT` reaches its
+/// `request_filter`, which refuses it with the same JSON 405 as the lean path, instead of
+/// pingora-proxy's bare one (`handle_new_request`).
+fn full_path(
+    conf: &Arc<pingora::server::configuration::ServerConf>,
+    proxy: TokenwardProxy,
+) -> HttpProxy<TokenwardProxy> {
+    let mut full = pingora::proxy::http_proxy(conf, proxy);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    full.server_options = Some(options);
+    full
 }
 
 /// What becomes of the client connection after one request.
@@ -105,9 +120,14 @@ impl ServerApp for ListenerApp {
             return self.full.process_new(stream, shutdown).await;
         }
         let mut stream = stream;
+        // Bytes read past the previous request that belong to the next one.
+        let mut prefix: Option<BytesMut> = None;
         let mut stop = shutdown.clone();
         loop {
             let mut downstream = Downstream::new(stream);
+            if let Some(prefix) = prefix.take() {
+                downstream.set_pipelined_prefix(prefix);
+            }
             let stopping = *shutdown.borrow();
             // A stopping service lets no connection be reused.
             downstream.set_server_keepalive((!stopping).then_some(KEEPALIVE_SECONDS));
@@ -130,11 +150,14 @@ impl ServerApp for ListenerApp {
             // Boxed: an idle keep-alive connection then holds its session, not the space of a
             // whole request's state machine (benches/README.md, memory per connection).
             match Box::pin(self.serve(&mut downstream)).await {
-                Next::KeepAlive => {}
+                Next::KeepAlive => {
+                    (stream, prefix) = downstream.reuse().await.ok()??.into_parts();
+                }
                 Next::Close => return None,
-                Next::HandOff => return self.hand_off(downstream, shutdown).await,
+                Next::HandOff => {
+                    (stream, prefix) = Box::pin(self.hand_off(downstream, shutdown)).await?;
+                }
             }
-            stream = downstream.reuse().await.ok()??.into_parts().0;
         }
     }
 
@@ -145,22 +168,49 @@ impl ServerApp for ListenerApp {
 
 impl ListenerApp {
     /// Gives the request just read to the `ProxyHttp` path, which parses it again from its raw
-    /// header. Only requests without a body are handed over, so nothing of theirs is lost; the
-    /// connection closes after the answer, since any bytes read past the header stayed here.
-    async fn hand_off(&self, downstream: Downstream, shutdown: &ShutdownWatch) -> Option<Stream> {
-        let header = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
-        let mut session = ServerSession::new_http1(downstream.into_inner());
+    /// header and the bytes read past it (a request without a body, so those can only belong to
+    /// the next request), and takes the connection back after its answer.
+    async fn hand_off(
+        &self,
+        mut downstream: Downstream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(Stream, Option<BytesMut>)> {
+        let mut prefix = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
+        // pingora-core's `HttpSession::reuse` hands over what its body reader read past the
+        // request only when pipelining is on; without it those bytes would be dropped.
+        downstream.set_pipelining_enabled(true);
+        downstream.set_server_keepalive(Some(KEEPALIVE_SECONDS));
+        let (stream, past) = downstream.reuse().await.ok()??.into_parts();
+        if let Some(past) = past {
+            prefix.extend_from_slice(&past);
+        }
+        let mut session = ServerSession::new_http1(stream);
         let mut settings = HttpPersistentSettings::for_session(&session);
-        settings.set_pipelined_prefix(header);
+        settings.set_pipelined_prefix(prefix);
         settings.apply_to_session(&mut session);
-        session.set_keepalive(None);
-        self.full.process_new_http(session, shutdown).await;
-        None
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        } else {
+            session.set_keepalive(Some(KEEPALIVE_SECONDS));
+        }
+        // The full path leaves pipelining off, so it hands back no bytes of a next request
+        // (pingora-proxy's `finish` closes a connection that has any): only the stream.
+        let (stream, _settings) = self
+            .full
+            .process_new_http(session, shutdown)
+            .await?
+            .consume();
+        Some((stream, None))
     }
 
     async fn serve(&self, downstream: &mut Downstream) -> Next {
         let started = Instant::now();
         let _in_flight = self.in_flight.enter();
+        if downstream.req_header().method == http::Method::CONNECT {
+            // Never forwarded: the full path refuses it the same way (`request_filter`).
+            downstream.set_server_keepalive(None);
+            return answer(downstream, 405, connect_refused(), None).await;
+        }
         let route = self
             .table
             .load()
@@ -169,31 +219,22 @@ impl ListenerApp {
         let Some(route) = route else {
             return answer(downstream, 404, no_route(), None).await;
         };
-        let upgrade = downstream
-            .req_header()
-            .headers
-            .contains_key(header::UPGRADE);
-        let plain = route.forwards_plainly();
-        if upgrade || !plain {
+        if !route.forwards_plainly() {
             if downstream.is_body_empty() {
                 return Next::HandOff;
             }
-            if !plain {
-                // A reload gave this route what only the full path does while this connection
-                // was open, and its body has been read in part: the client's next connection
-                // goes to the full path.
-                let body = json!({
-                    "error": "route_changed",
-                    "route": &*route.name,
-                    "message": "the route changed with a reload; send the request again",
-                });
-                downstream.set_server_keepalive(None);
-                let next = answer(downstream, 503, body, Some(Duration::from_secs(1))).await;
-                log_outcome(&route, 503, started, None);
-                return next;
-            }
-            // An upgrade with a body is forwarded as a plain request, its upgrade fields
-            // stripped, as pingora does with any upgrade other than WebSocket.
+            // A reload gave this route what only the full path does while this connection was
+            // open, and the start of its body was read here: the client's next connection goes
+            // to the full path.
+            let body = json!({
+                "error": "route_changed",
+                "route": &*route.name,
+                "message": "the route changed with a reload; send the request again",
+            });
+            downstream.set_server_keepalive(None);
+            let next = answer(downstream, 503, body, Some(Duration::from_secs(1))).await;
+            log_outcome(&route, 503, started, None);
+            return next;
         }
         route.metrics.served_on_fast_path();
         let token = match route.credential.token().await {
@@ -206,19 +247,20 @@ impl ListenerApp {
             }
         };
         let outcome = self.forward(downstream, &route, token).await;
-        let written = |d: &Downstream| d.response_written().map_or(0, |r| r.status.as_u16());
         match outcome {
             Ok(()) => {
-                log_outcome(&route, written(downstream), started, None);
+                log_outcome(&route, final_status(downstream), started, None);
                 Next::KeepAlive
             }
             Err(e) => {
                 let code = failure_status(&e);
-                if code > 0 && downstream.response_written().is_none() {
+                if code > 0 && final_status(downstream) == 0 {
+                    // The connection ends after this answer, and the answer says so.
+                    downstream.set_server_keepalive(None);
                     let body = failure_body(code, &route.name, &e);
                     answer(downstream, code, body, None).await;
                 }
-                log_outcome(&route, written(downstream), started, Some(&e));
+                log_outcome(&route, final_status(downstream), started, Some(&e));
                 Next::Close
             }
         }
@@ -226,7 +268,8 @@ impl ListenerApp {
 
     /// Sends the request upstream with `token` and streams the answer back: again once with a
     /// new token when the upstream rejects this one, and again on another connection when an
-    /// attempt failed in a way `upstream::retry_failed_attempt` allows.
+    /// attempt failed in a way `upstream::retry_failed_attempt` allows. A WebSocket upgrade the
+    /// upstream accepts becomes a tunnel.
     async fn forward(
         &self,
         downstream: &mut Downstream,
@@ -234,22 +277,40 @@ impl ListenerApp {
         mut token: Arc<Token>,
     ) -> Result<()> {
         let has_body = !downstream.is_body_empty();
-        let continue_asked = downstream
-            .req_header()
-            .headers
-            .get(header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let client = downstream.req_header();
+        // Only an HTTP/1.1 client can take a 1xx (RFC 9110 §15.2, §10.1.1).
+        let http11 = client.version == http::Version::HTTP_11;
+        let continue_asked = http11
+            && client
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        // A WebSocket upgrade with a body is forwarded as a plain request, its upgrade fields
+        // stripped, on both paths (`upstream_request_filter`).
+        let websocket = !has_body && is_websocket_upgrade(client);
+        let idempotent = client.method.is_idempotent();
         if has_body && !route.reauth_statuses.is_empty() {
             // Keeps the first 64 KiB of the body so a rejected request can be sent again.
             downstream.enable_retry_buffering();
         }
-        let idempotent = downstream.req_header().method.is_idempotent();
+        let exchange = Exchange {
+            continue_asked,
+            http11,
+            websocket,
+        };
         let (mut replayed, mut resent) = (false, false);
         let mut attempts = 0;
         loop {
             attempts += 1;
             let peer = route.upstream.current_peer()?;
             let mut request = upstream_request(downstream.req_header(), route, has_body)?;
+            if websocket {
+                // As pingora-proxy does for the upgrades it passes (`sanitize_h1_upstream_request`).
+                request.insert_header(header::CONNECTION, "Upgrade")?;
+                request.insert_header(header::UPGRADE, "websocket")?;
+            } else if !route.upstream.keepalive {
+                request.insert_header(header::CONNECTION, "close")?;
+            }
             let (name, value) = token.header();
             request.insert_header(name.clone(), value.clone())?;
             let (mut upstream, reused) = match self.connector.get_http_session(&peer).await {
@@ -265,33 +326,35 @@ impl ListenerApp {
             };
             upstream.read_timeout = peer.options.read_timeout;
             upstream.write_timeout = peer.options.write_timeout;
-            let sent = send(downstream, &mut upstream, request, continue_asked).await;
-            if let Err(e) = sent {
-                if e.esource() == &ErrorSource::Downstream {
-                    return Err(e);
+            let whole = match send(downstream, &mut upstream, request, &exchange).await {
+                Ok(whole) => whole,
+                Err(e) => {
+                    if e.esource() == &ErrorSource::Downstream {
+                        return Err(e);
+                    }
+                    let kept = body_to_send(downstream).is_some();
+                    let retry = attempts < self.max_attempts
+                        && retry_failed_attempt(&FailedAttempt {
+                            error: &e,
+                            reused,
+                            idempotent,
+                            body_kept: kept,
+                            resent_before: resent,
+                        });
+                    if !retry {
+                        return Err(e);
+                    }
+                    resent = true;
+                    continue;
                 }
-                let kept = body_to_send(downstream).is_some();
-                let retry = attempts < self.max_attempts
-                    && retry_failed_attempt(&FailedAttempt {
-                        error: &e,
-                        reused,
-                        idempotent,
-                        body_kept: kept,
-                        resent_before: resent,
-                    });
-                if !retry {
-                    return Err(e);
-                }
-                resent = true;
-                continue;
-            }
+            };
             let response = upstream
                 .resp_header()
                 .ok_or_else(|| Error::explain(ErrorType::InvalidHTTPHeader, "no response header"))
                 .map_err(|e| e.into_up())?;
             let status = response.status.as_u16();
             if route.reauth_statuses.contains(&status) {
-                if replayed || body_to_send(downstream).is_none() {
+                if !whole || replayed || body_to_send(downstream).is_none() {
                     // Still dropped: the next request must not carry a token the upstream refused.
                     route.credential.reject(token.generation);
                 } else if let Some(fresh) = renewed(route, &token).await {
@@ -306,14 +369,23 @@ impl ListenerApp {
                 .write_response_header(Box::new(response))
                 .await
                 .map_err(|e| e.into_down())?;
+            if downstream.was_upgraded() {
+                // The 101 ends the client connection's HTTP/1 life too (pingora-core's
+                // `prepare_response_header` turns its keep-alive off).
+                return tunnel(downstream, &mut upstream).await;
+            }
             while let Some(chunk) = upstream.read_body_bytes().await.map_err(|e| e.into_up())? {
+                // As for the request body in `relay_body`: an empty read is not the end.
+                if chunk.is_empty() {
+                    continue;
+                }
                 downstream
                     .write_body(&chunk)
                     .await
                     .map_err(|e| e.into_down())?;
             }
             downstream.finish_body().await.map_err(|e| e.into_down())?;
-            if upstream.is_body_done() {
+            if whole && route.upstream.keepalive && upstream.is_body_done() {
                 self.connector
                     .release_http_session(upstream, &peer, peer.options.idle_timeout)
                     .await;
@@ -321,6 +393,40 @@ impl ListenerApp {
             return Ok(());
         }
     }
+}
+
+/// What one request asks of each attempt's exchange with the upstream.
+struct Exchange {
+    /// The client sent `Expect: 100-continue` (HTTP/1.1 only): it gets our own 100 once a
+    /// token and a connection are at hand.
+    continue_asked: bool,
+    /// The client can take 1xx answers.
+    http11: bool,
+    /// A WebSocket upgrade without a body: a 101 is its answer.
+    websocket: bool,
+}
+
+/// How many 1xx answers one request may get before the upstream is taken to be broken.
+pub(crate) const MAX_INFORMATIONAL: usize = 16;
+
+/// A WebSocket upgrade as pingora-proxy recognises one (`is_websocket_upgrade_request`): the
+/// only upgrade either path passes on.
+pub(crate) fn is_websocket_upgrade(request: &RequestHeader) -> bool {
+    request.version == http::Version::HTTP_11
+        && request
+            .headers
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// The status of the final answer written to the client, 0 when none was (a 1xx is not one).
+fn final_status(downstream: &Downstream) -> u16 {
+    downstream
+        .response_written()
+        .filter(|r| {
+            !r.status.is_informational() || r.status == http::StatusCode::SWITCHING_PROTOCOLS
+        })
+        .map_or(0, |r| r.status.as_u16())
 }
 
 /// The body an attempt sends: `Some(None)` to stream it from the client (none of it read yet),
@@ -336,13 +442,15 @@ fn body_to_send(downstream: &mut Downstream) -> Option<Option<Bytes>> {
     (downstream.body_bytes_read() == 0).then_some(None)
 }
 
-/// One attempt: the request head, the body, and the answer's head (after any 1xx).
+/// One attempt: the request head, the body, and the answer's head (after any 1xx). `Ok(false)`
+/// when the upstream answered before it took the whole body: the connection then cannot carry
+/// another request.
 async fn send(
     downstream: &mut Downstream,
     upstream: &mut Upstream,
     request: RequestHeader,
-    continue_asked: bool,
-) -> Result<()> {
+    exchange: &Exchange,
+) -> Result<bool> {
     let body = body_to_send(downstream).ok_or_else(|| {
         Error::explain(ErrorType::InternalError, "the request body was not kept").into_in()
     })?;
@@ -350,6 +458,29 @@ async fn send(
         .write_request_header(Box::new(request))
         .await
         .map_err(|e| e.into_up())?;
+    if let Err(e) = relay_body(downstream, upstream, body, exchange.continue_asked).await {
+        if e.esource() != &ErrorSource::Upstream || e.etype() != &ErrorType::WriteError {
+            return Err(e);
+        }
+        // An upstream may give its final answer before it has read the whole body (a 401 or a
+        // 413 after the head) and close: that answer, when it sent one, is the outcome, not the
+        // failed write (RFC 9112 §9.6; pingora-proxy's `proxy_handle_upstream` reads on too).
+        return match read_answer_head(downstream, upstream, exchange).await {
+            Ok(()) => Ok(false),
+            Err(_) => Err(e),
+        };
+    }
+    read_answer_head(downstream, upstream, exchange).await?;
+    Ok(true)
+}
+
+/// Sends the request body: the kept one, or the client's, read as it comes.
+async fn relay_body(
+    downstream: &mut Downstream,
+    upstream: &mut Upstream,
+    body: Option<Bytes>,
+    continue_asked: bool,
+) -> Result<()> {
     match body {
         Some(kept) => {
             if !kept.is_empty() {
@@ -370,11 +501,31 @@ async fn send(
                 .await
                 .map_err(|e| e.into_down())?
             {
+                // pingora-core's `BodyReader::do_read_chunked_body` and `..._final` return an
+                // empty read in ordinary states (a chunk-size line cut by a read, a chunk's
+                // CRLF in the next read, trailers), and `HttpSession::write_body` encodes an
+                // empty write as the last chunk `0\r\n\r\n`: passed on, it would end the
+                // body early and leave the rest to be taken for a second request. pingora-proxy
+                // skips them too (`send_body_to_pipe`).
+                if chunk.is_empty() {
+                    continue;
+                }
                 upstream.write_body(&chunk).await.map_err(|e| e.into_up())?;
             }
         }
     }
     upstream.finish_body().await.map_err(|e| e.into_up())?;
+    Ok(())
+}
+
+/// Reads the answer's head, relaying 1xx answers to a client that can take them, up to
+/// `MAX_INFORMATIONAL` of them.
+async fn read_answer_head(
+    downstream: &mut Downstream,
+    upstream: &mut Upstream,
+    exchange: &Exchange,
+) -> Result<()> {
+    let mut informational = 0;
     loop {
         upstream.read_response().await.map_err(|e| e.into_up())?;
         let Some(response) = upstream.resp_header() else {
@@ -386,18 +537,63 @@ async fn send(
             return Ok(());
         }
         if response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            if exchange.websocket {
+                return Ok(());
+            }
             return Err(Error::explain(
                 ErrorType::InvalidHTTPHeader,
                 "upstream switched protocols on a request that asked for no upgrade",
             )
             .into_up());
         }
-        if response.status != http::StatusCode::CONTINUE || !continue_asked {
-            let info = Box::new(response.clone());
+        informational += 1;
+        if informational > MAX_INFORMATIONAL {
+            return Err(Error::explain(
+                ErrorType::InvalidHTTPHeader,
+                "upstream sent too many 1xx answers",
+            )
+            .into_up());
+        }
+        let ours = response.status == http::StatusCode::CONTINUE && exchange.continue_asked;
+        if exchange.http11 && !ours {
+            let mut info = response.clone();
+            super::strip_answer_hop_by_hop(&mut info);
             downstream
-                .write_response_header(info)
+                .write_response_header(Box::new(info))
                 .await
                 .map_err(|e| e.into_down())?;
+        }
+    }
+}
+
+/// Carries bytes both ways between the client and the upstream after a 101, until either side
+/// ends (as pingora-proxy ends an upgraded request). Bytes that came with either side's head
+/// are the first carried: pingora-core's body readers turn them into the upgraded body.
+async fn tunnel(downstream: &mut Downstream, upstream: &mut Upstream) -> Result<()> {
+    upstream.maybe_upgrade_body_writer();
+    enum Read {
+        FromClient(Option<Bytes>),
+        FromUpstream(Option<Bytes>),
+    }
+    loop {
+        // Both reads are cancel-safe: a close-delimited read takes its buffered bytes without
+        // waiting, and otherwise waits in one `read_buf`.
+        let read = tokio::select! {
+            read = downstream.read_body_bytes() => Read::FromClient(read.map_err(|e| e.into_down())?),
+            read = upstream.read_body_bytes() => Read::FromUpstream(read.map_err(|e| e.into_up())?),
+        };
+        match read {
+            Read::FromClient(Some(bytes)) if !bytes.is_empty() => {
+                upstream.write_body(&bytes).await.map_err(|e| e.into_up())?;
+            }
+            Read::FromUpstream(Some(bytes)) if !bytes.is_empty() => {
+                downstream
+                    .write_body(&bytes)
+                    .await
+                    .map_err(|e| e.into_down())?;
+            }
+            Read::FromClient(Some(_)) | Read::FromUpstream(Some(_)) => {}
+            Read::FromClient(None) | Read::FromUpstream(None) => return Ok(()),
         }
     }
 }
@@ -415,6 +611,7 @@ fn upstream_request(
         .map_err(|reason| Error::explain(ErrorType::InvalidHTTPHeader, reason).into_down())?;
     request.remove_header(&header::EXPECT);
     retarget(route, &mut request)?;
+    super::normalise_content_length(&mut request)?;
     if has_body && !request.headers.contains_key(header::CONTENT_LENGTH) {
         request.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
@@ -468,6 +665,7 @@ fn is_token_char(b: u8) -> bool {
 /// chunked, so the client connection can be kept.
 fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> ResponseHeader {
     let mut response = upstream.clone();
+    super::strip_answer_hop_by_hop(&mut response);
     let bodiless = method == http::Method::HEAD || matches!(response.status.as_u16(), 204 | 304);
     if !bodiless
         && !response.headers.contains_key(header::CONTENT_LENGTH)
@@ -546,6 +744,8 @@ mod tests {
         }
         let many = vec!["x"; MAX_CONNECTION_OPTIONS + 1].join(",");
         assert!(strip_hop_by_hop(&mut request(&[("Connection", &many)])).is_err());
+        let enough = vec!["x"; MAX_CONNECTION_OPTIONS].join(",");
+        assert!(strip_hop_by_hop(&mut request(&[("Connection", &enough)])).is_ok());
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct RequestCtx {
     /// For token-exchange credentials: the caller's own token, to exchange again after an
     /// upstream rejection. Dropped with the request.
     subject: Option<Secret>,
+    /// 1xx answers the upstream sent for this request so far.
+    informational: usize,
     _in_flight: InFlightGuard,
 }
 
@@ -152,11 +154,24 @@ impl ProxyHttp for TokenwardProxy {
             resent: false,
             signed: None,
             subject: None,
+            informational: 0,
             _in_flight: self.in_flight.enter(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        if session.req_header().method == http::Method::CONNECT {
+            // pingora-proxy's `handle_new_request` would refuse it with a bare 405; it is let
+            // through (`allow_connect_method_proxying`) to get the lean path's JSON answer here.
+            session.set_keepalive(None);
+            respond::json(session, 405, connect_refused(), None).await?;
+            return Ok(true);
+        }
+        if session.req_header().version == http::Version::HTTP_10 {
+            // An HTTP/1.0 client cannot take a 1xx (RFC 9110 §15.2); pingora-core's
+            // `HttpSession::write_response_header` would write them.
+            session.as_mut().set_ignore_info_resp(true);
+        }
         let route = self
             .table
             .load()
@@ -222,7 +237,7 @@ impl ProxyHttp for TokenwardProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -231,6 +246,24 @@ impl ProxyHttp for TokenwardProxy {
             return Error::e_explain(ErrorType::InternalError, "no token for this request");
         };
         retarget(route, upstream_request)?;
+        normalise_content_length(upstream_request)?;
+        if session.req_header().version == http::Version::HTTP_10 {
+            // Expect means nothing from an HTTP/1.0 client (RFC 9110 §10.1.1), and the 100 it
+            // would draw could not be relayed.
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
+        if upstream_request.headers.contains_key(http::header::UPGRADE)
+            && !session.as_mut().is_body_empty()
+        {
+            // A WebSocket upgrade with a body goes as a plain request, on both paths.
+            upstream_request.remove_header(&http::header::UPGRADE);
+            upstream_request.remove_header(&http::header::CONNECTION);
+        }
+        if !route.upstream.keepalive
+            && !upstream_request.headers.contains_key(http::header::UPGRADE)
+        {
+            upstream_request.insert_header(http::header::CONNECTION, "close")?;
+        }
         if ctx.subject.is_some()
             && let Some(exchanger) = route.credential.exchanger()
         {
@@ -284,6 +317,28 @@ impl ProxyHttp for TokenwardProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = response.status.as_u16();
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && !(lean::is_websocket_upgrade(session.req_header())
+                && session.as_mut().is_body_empty())
+        {
+            // pingora-proxy (`reject_mismatched_h1_upgrade_101`) refuses a 101 only when the
+            // two sides' upgrade requests differ; one nobody asked for would become a tunnel.
+            return Error::e_explain(
+                ErrorType::InvalidHTTPHeader,
+                "upstream switched protocols on a request that asked for no upgrade",
+            )
+            .map_err(|e| e.into_up());
+        }
+        if response.status.is_informational() && status != 101 {
+            ctx.informational += 1;
+            if ctx.informational > lean::MAX_INFORMATIONAL {
+                return Error::e_explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "upstream sent too many 1xx answers",
+                )
+                .map_err(|e| e.into_up());
+            }
+        }
         let (Some(route), Some(token)) = (ctx.route.as_ref(), ctx.token.as_ref()) else {
             return Ok(());
         };
@@ -345,6 +400,16 @@ impl ProxyHttp for TokenwardProxy {
         }
     }
 
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        strip_answer_hop_by_hop(response);
+        Ok(())
+    }
+
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -381,7 +446,12 @@ impl ProxyHttp for TokenwardProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let code = failure_status(e);
-        if code > 0 && session.response_written().is_none() {
+        let answered = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational() || r.status == 101);
+        if code > 0 && !answered {
+            // The connection ends after this answer (`can_reuse_downstream` below): say so.
+            session.set_keepalive(None);
             let route = ctx.route.as_ref().map(|r| &*r.name).unwrap_or("");
             let body = failure_body(code, route, e);
             if let Err(write_err) = respond::json(session, code, body, None).await {
@@ -400,6 +470,50 @@ impl ProxyHttp for TokenwardProxy {
         };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         log_outcome(route, status, ctx.started, e);
+    }
+}
+
+/// The 405 both paths answer `CONNECT` with: tokenward forwards requests, it opens no tunnels
+/// to where a client asks.
+fn connect_refused() -> serde_json::Value {
+    json!({"error": "method_not_allowed", "message": "CONNECT is not forwarded"})
+}
+
+/// Hop-by-hop fields an answer must not carry past this proxy (RFC 9110 §7.6.1): those its
+/// `Connection` names, `Keep-Alive`, `Proxy-Connection`, `TE`, and `Upgrade` unless it is a 101.
+/// The framing fields stay: the answer is re-framed from them. pingora writes its own
+/// `Connection` on final answers; a 101 keeps `Connection: Upgrade`.
+fn strip_answer_hop_by_hop(response: &mut ResponseHeader) {
+    /// At most this many `Connection` names are looked at; an answer naming more is odd, not
+    /// dangerous: what is not removed only reaches the client.
+    const MAX_NAMED: usize = 32;
+    let switching = response.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    let named: Vec<http::HeaderName> = response
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|o| !o.is_empty())
+        .take(MAX_NAMED)
+        .filter_map(|o| http::HeaderName::from_bytes(o).ok())
+        .collect();
+    for name in named {
+        let kept = name == http::header::CONTENT_LENGTH
+            || name == http::header::TRANSFER_ENCODING
+            || (switching && name == http::header::UPGRADE);
+        if !kept {
+            response.remove_header(&name);
+        }
+    }
+    for name in ["keep-alive", "proxy-connection", "te"] {
+        response.remove_header(name);
+    }
+    if switching {
+        let _ = response.insert_header(http::header::CONNECTION, "Upgrade");
+    } else {
+        response.remove_header(&http::header::UPGRADE);
+        response.remove_header(&http::header::CONNECTION);
     }
 }
 
@@ -426,6 +540,42 @@ fn token_unavailable(route: &Route, unavailable: &Unavailable) -> serde_json::Va
         "reason": unavailable.class,
         "retry_after": unavailable.retry_after.as_secs(),
     })
+}
+
+/// Collapses a `Content-Length` pingora accepted as a list of one repeated value (`5, 5`, or the
+/// field twice) to that one value: a strict upstream refuses the list (RFC 9110 §8.6).
+/// pingora-core's `validate_content_length` accepts such lists but forwards them as they came.
+fn normalise_content_length(request: &mut RequestHeader) -> Result<()> {
+    let values = request.headers.get_all(http::header::CONTENT_LENGTH);
+    let mut iter = values.iter();
+    let (Some(first), None) = (iter.next(), iter.next()) else {
+        return collapse(request);
+    };
+    if first.as_bytes().contains(&b',') {
+        return collapse(request);
+    }
+    Ok(())
+}
+
+fn collapse(request: &mut RequestHeader) -> Result<()> {
+    let mut length: Option<&[u8]> = None;
+    for part in request
+        .headers
+        .get_all(http::header::CONTENT_LENGTH)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+    {
+        if length.is_some_and(|l| l != part) || part.is_empty() {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "conflicting Content-Length")
+                .map_err(|e| e.into_down());
+        }
+        length = Some(part);
+    }
+    if let Some(length) = length.map(<[u8]>::to_vec) {
+        request.insert_header(http::header::CONTENT_LENGTH, length)?;
+    }
+    Ok(())
 }
 
 /// Points a request at the route's upstream: its Host, and its target below the upstream's

@@ -40,6 +40,8 @@ pub struct UpstreamTarget {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub idle_timeout: Duration,
+    /// `false`: every request on a new connection, closed after its answer.
+    pub keepalive: bool,
     ca: Option<Arc<[WrappedX509]>>,
     client_cert: Option<crate::mtls::Rotating<PeerCert>>,
     addr: ArcSwapOption<SocketAddr>,
@@ -109,6 +111,7 @@ impl UpstreamTarget {
             connect_timeout: route.connect_timeout,
             read_timeout: route.read_timeout,
             idle_timeout: route.idle_timeout,
+            keepalive: route.upstream_keepalive,
             ca,
             client_cert,
             addr: ArcSwapOption::new(literal.map(|ip| Arc::new(SocketAddr::new(ip, u.port)))),

@@ -655,6 +655,8 @@ pub enum Up {
     Close,
     /// Close the connection as soon as the next request's head has arrived.
     CloseAfterHead,
+    /// Close the connection once the next whole request has arrived, without answering it.
+    CloseAfterRequest,
     /// Wait until the peer closes the connection.
     AwaitClose,
 }
@@ -878,7 +880,7 @@ fn serve_connection(
                         Some(Up::Answer(bytes) | Up::AnswerAfterHead(bytes)) => {
                             let _ = boundary.write(&mut conn, &bytes);
                         }
-                        Some(Up::CloseAfterHead) => {
+                        Some(Up::CloseAfterHead | Up::CloseAfterRequest) => {
                             let _ = conn.shutdown(Shutdown::Both);
                             break 'conn;
                         }

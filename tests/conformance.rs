@@ -170,6 +170,7 @@ fn run_case(
         case.end,
         case.final_answers(path),
         Some(upstream),
+        STEP_WAIT,
     );
     let up = upstream.finish();
     let tokens = tokens();
@@ -519,6 +520,7 @@ async fn run_against_nginx_origin(path: Path) -> (usize, usize, Vec<String>, Vec
                     case.end,
                     case.final_answers(path),
                     None,
+                    STEP_WAIT,
                 );
                 let tokens = provider.issued();
                 let want_log = nginx_expected_log(case, path);
@@ -641,5 +643,344 @@ async fn corpus_with_nginx_as_the_upstream() {
         all_failures.is_empty(),
         "{} cases failed against nginx (see above)",
         all_failures.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// nginx as the reference proxy
+
+/// Where tokenward's framing decisions differ from nginx's in front of the same scripted
+/// upstream, and why each is allowed: every one is stricter, or follows the RFC where nginx
+/// does not. `None` for both paths.
+const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
+    (
+        "early-hints-103",
+        None,
+        "nginx 1.22 does not keep the client connection after an answer that came after a 1xx; tokenward relays the 1xx (RFC 9110 §15.2) and keeps it",
+    ),
+    (
+        "processing-102",
+        None,
+        "as early-hints-103: nginx does not keep the connection after an answer that came after a 1xx",
+    ),
+    (
+        "unsolicited-100",
+        None,
+        "as early-hints-103: nginx does not keep the connection after an answer that came after a 1xx",
+    ),
+    (
+        "1xx-flood",
+        None,
+        "stricter: tokenward relays at most 16 1xx answers to one request, then answers 502 and closes; nginx relays them all",
+    ),
+    (
+        "1xx-to-http10",
+        None,
+        "RFC 9110 §15.2: a proxy does not forward a 1xx to an HTTP/1.0 client; nginx does",
+    ),
+    (
+        "h2c-upgrade",
+        None,
+        "stricter: Upgrade is hop-by-hop (RFC 9110 §7.8) and tokenward carries only WebSocket upgrades through, so an h2c upgrade goes upstream as a plain request; nginx, configured to pass WebSocket upgrades, passes any Upgrade value on",
+    ),
+    (
+        "websocket-with-body",
+        None,
+        "stricter: a WebSocket handshake has no body (RFC 6455 §4.1), so tokenward forwards one with a body as a plain request, its upgrade fields dropped, alike on both paths (issue 18 defect 6); nginx passes the upgrade on",
+    ),
+    (
+        "connect",
+        None,
+        "both refuse CONNECT and forward nothing: tokenward with 405 (the method is not allowed on a reverse proxy), nginx with 400",
+    ),
+    (
+        "unsolicited-101",
+        None,
+        "stricter: RFC 9110 §15.2.2, a server switches only to a protocol the client asked for; tokenward answers 502 and closes, nginx relays the 101 and tunnels",
+    ),
+    (
+        "connection-10-options",
+        None,
+        "stricter: tokenward refuses more than 9 Connection options on both paths (pingora-proxy's limit, issue 18 defect 6); nginx forwards them",
+    ),
+    (
+        "connection-33-options",
+        None,
+        "stricter: as connection-10-options",
+    ),
+    (
+        "content-length-list",
+        None,
+        "RFC 9112 §6.3 lets a recipient either refuse `Content-Length: 5, 5` or replace it with one value: tokenward forwards `Content-Length: 5` (the upstream gets one valid length), nginx refuses with 400",
+    ),
+    (
+        "transfer-encoding-and-content-length",
+        None,
+        "RFC 9112 §6.1 lets a server either refuse a request with both or read it by Transfer-Encoding alone and then close the connection: tokenward reads it as chunked, forwards it without Content-Length and closes; nginx refuses with 400",
+    ),
+    (
+        "transfer-encoding-not-chunked",
+        None,
+        "both refuse and forward nothing: tokenward with 400 as RFC 9112 §6.3 says for a request whose last transfer coding is not chunked, nginx with 501",
+    ),
+    (
+        "expect-100-continue",
+        None,
+        "stricter: tokenward closes the connection after an exchange that began with a 100 (and says so); nginx keeps it",
+    ),
+    (
+        "expect-100-upstream-fails",
+        None,
+        "stricter: after its 502 tokenward closes the connection (and says so); nginx keeps it",
+    ),
+    (
+        "upstream-gone-502",
+        None,
+        "stricter: after its 502 tokenward closes the connection (and says so); nginx keeps it",
+    ),
+];
+
+/// nginx configured as a reverse proxy as it is commonly deployed in front of HTTP/1.1
+/// upstreams: keep-alive upstream connections, WebSocket upgrades passed, request and answer
+/// bodies streamed (no buffering), as tokenward does.
+fn nginx_reference(upstream: SocketAddr) -> Nginx {
+    Nginx::start(&format!(
+        r#"
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' ''; }}
+  upstream raw {{ server {upstream}; keepalive 16; }}
+  server {{
+    listen {{listen}};
+    keepalive_requests 100000;
+    client_max_body_size 16m;
+    access_log off;
+    location / {{
+      proxy_pass http://raw;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_request_buffering off;
+      proxy_buffering off;
+    }}
+  }}
+"#
+    ))
+}
+
+/// The framing decisions a proxy made in one run, one line each: every request the upstream
+/// got (method, target, body, whether it asked for an upgrade) and whatever else it got, then
+/// every answer the client got (status and body; the proxy's own error pages, which differ by
+/// design, as one word) and whatever else, then whether the connection was left usable.
+fn framing(up: &UpstreamRecord, client: &ClientRecord, sentinel: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for conn in &up.connections {
+        let t = requests(conn);
+        for m in t
+            .messages
+            .iter()
+            .filter(|m| m.head.target() != SENTINEL_TARGET)
+        {
+            let upgrade = m.head.list("upgrade").join(",");
+            out.push(format!(
+                "upstream got {} {} body=[{}]{}",
+                m.head.method(),
+                m.head.target(),
+                json_escape(&m.body),
+                if upgrade.is_empty() {
+                    String::new()
+                } else {
+                    format!(" upgrade={upgrade}")
+                }
+            ));
+        }
+        match parse_head(&t.rest) {
+            // A request cut short (its body refused half-way): how much of its body got
+            // through is timing, not a decision.
+            Ok(Some(head)) if t.invalid.is_none() => out.push(format!(
+                "upstream got the head of {} {}, then part of its body",
+                head.method(),
+                head.target()
+            )),
+            _ if !t.rest.is_empty() => out.push(format!(
+                "upstream got, not a request: {}",
+                json_escape(&t.rest)
+            )),
+            _ => {}
+        }
+    }
+    let mut t = responses(&client.received, &methods_of(&client.sent), client.closed);
+    let mut kept = false;
+    if sentinel
+        && t.rest.is_empty()
+        && t.messages
+            .last()
+            .is_some_and(|m| m.head.status() == 200 && m.body == b"end")
+    {
+        t.messages.pop();
+        kept = true;
+    }
+    for m in &t.messages {
+        let status = m.head.status();
+        let own_page = status >= 400
+            && (m.body.is_empty()
+                || m.body.starts_with(b"{\"error\"")
+                || m.body.windows(5).any(|w| w == b"nginx"));
+        out.push(format!(
+            "client got {status} body=[{}]",
+            if own_page {
+                "<the proxy's own error page>".to_string()
+            } else {
+                json_escape(&m.body)
+            }
+        ));
+    }
+    if !t.rest.is_empty() {
+        out.push(format!(
+            "client got, not an answer: {}",
+            json_escape(&t.rest)
+        ));
+    }
+    let connection = match (sentinel, kept, client.closed) {
+        (true, true, _) => "connection kept",
+        (true, false, _) => "connection not kept",
+        (false, _, true) => "connection closed",
+        (false, _, false) => "connection left open",
+    };
+    out.push(connection.to_string());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corpus_through_nginx_as_the_reference_proxy() {
+    let started = Instant::now();
+    let lean = start_subject(Path::Lean).await;
+    let full = start_subject(Path::Full).await;
+    let corpus: Vec<Case> = selected()
+        .into_iter()
+        .filter(|c| c.target == Target::Proxy)
+        .collect();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let raw = RawUpstream::start();
+        let nginx = nginx_reference(raw.addr);
+        let (mut runs, mut failures, mut allowed, mut known, mut stale) =
+            (0, Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for case in &corpus {
+            let mut differs = [None, None];
+            // Byte by byte and at each CRLF only shape reads, which the corpus proves on both
+            // paths; here the decisions are compared.
+            for boundary in case
+                .boundaries
+                .iter()
+                .filter(|b| !matches!(b, Boundary::ByteByByte | Boundary::Crlf))
+            {
+                runs += 1;
+                let sentinel = case.end == End::KeepAlive;
+                let reference = {
+                    raw.begin(case.upstream.clone(), boundary.clone());
+                    let client = run_client(
+                        nginx.addr,
+                        &case.client,
+                        boundary,
+                        case.end,
+                        case.final_answers(Path::Lean),
+                        Some(&raw),
+                        // nginx leaves open some connections tokenward closes (listed below):
+                        // no need to wait long to see that.
+                        Duration::from_secs(1),
+                    );
+                    framing(&raw.finish(), &client, sentinel)
+                };
+                for (i, (path, subject)) in [(Path::Lean, &lean), (Path::Full, &full)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    subject
+                        .upstream
+                        .begin(case.upstream.clone(), boundary.clone());
+                    let client = run_client(
+                        subject.tw.proxy,
+                        &case.client,
+                        boundary,
+                        case.end,
+                        case.final_answers(path),
+                        Some(&subject.upstream),
+                        STEP_WAIT,
+                    );
+                    let ours = framing(&subject.upstream.finish(), &client, sentinel);
+                    if ours != reference && differs[i].is_none() {
+                        differs[i] = Some(format!(
+                            "--- {} on the {} path, boundary {} (- nginx, + tokenward):\n{}",
+                            case.name,
+                            path.name(),
+                            boundary.name(),
+                            diff(reference.join("\n").as_bytes(), ours.join("\n").as_bytes())
+                        ));
+                    }
+                }
+            }
+            for (i, path) in [Path::Lean, Path::Full].into_iter().enumerate() {
+                let listed = NGINX_DIFFERENCES
+                    .iter()
+                    .find(|(c, p, _)| *c == case.name && p.is_none_or(|p| p == path))
+                    .map(|(_, _, why)| *why);
+                match (&differs[i], listed, known_failing(case.name, path)) {
+                    (Some(_), _, Some(why)) => {
+                        known.push(format!("{} on the {} path ({why})", case.name, path.name()))
+                    }
+                    (Some(d), Some(why), None) => allowed.push(format!(
+                        "{} on the {} path: {why}\n{d}",
+                        case.name,
+                        path.name()
+                    )),
+                    (Some(d), None, None) => failures.push(d.clone()),
+                    (None, Some(_), _) => {
+                        stale.push(format!("{} on the {} path", case.name, path.name()))
+                    }
+                    (None, None, _) => {}
+                }
+            }
+        }
+        drop(nginx);
+        (
+            corpus.len(),
+            runs,
+            failures,
+            allowed,
+            known,
+            stale,
+            lean,
+            full,
+        )
+    })
+    .await
+    .unwrap();
+    let (cases, runs, failures, allowed, known, stale, lean, full) = outcome;
+    drop((lean, full));
+    for f in &failures {
+        println!("DIFFERS FROM NGINX, NOT LISTED {f}");
+    }
+    for a in &allowed {
+        println!("ALLOWED DIFFERENCE FROM NGINX {a}");
+    }
+    for k in &known {
+        println!("KNOWN FAILING (differs from nginx too): {k}");
+    }
+    for s in &stale {
+        println!(
+            "LISTED DIFFERENCE FROM NGINX NO LONGER SEEN (take it off NGINX_DIFFERENCES): {s}"
+        );
+    }
+    println!(
+        "conformance against nginx as the reference proxy: {cases} cases, {runs} runs x 3 proxies in {:.1}s; {} unlisted differences, {} allowed differences, {} known failing, {} stale listings",
+        started.elapsed().as_secs_f64(),
+        failures.len(),
+        allowed.len(),
+        known.len(),
+        stale.len()
+    );
+    assert!(
+        failures.is_empty() && stale.is_empty(),
+        "{} unlisted differences from nginx, {} stale listings (see above)",
+        failures.len(),
+        stale.len()
     );
 }

@@ -1026,7 +1026,8 @@ struct Inbox {
     eof: bool,
 }
 
-/// Runs `steps` on a new connection to `addr`, then ends it as `end` says.
+/// Runs `steps` on a new connection to `addr`, then ends it as `end` says; any one wait gives
+/// up after `patience`.
 pub fn run_client(
     addr: SocketAddr,
     steps: &[Step],
@@ -1034,11 +1035,12 @@ pub fn run_client(
     end: End,
     answers: usize,
     upstream: Option<&RawUpstream>,
+    patience: Duration,
 ) -> ClientRecord {
     let mut record = ClientRecord::default();
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
-    s.set_write_timeout(Some(STEP_WAIT)).unwrap();
+    s.set_write_timeout(Some(patience)).unwrap();
     let inbox: Arc<(Mutex<Inbox>, Condvar)> = Arc::default();
     let reader = {
         let mut r = s.try_clone().unwrap();
@@ -1060,7 +1062,7 @@ pub fn run_client(
     };
     // Waits until `cond` holds for what was received (or the peer closed); false on timeout.
     let wait = |cond: &dyn Fn(&Inbox) -> bool| -> bool {
-        let deadline = Instant::now() + STEP_WAIT;
+        let deadline = Instant::now() + patience;
         let mut i = inbox.0.lock().unwrap();
         loop {
             if cond(&i) {
@@ -1148,7 +1150,7 @@ pub fn run_client(
             }
             Step::AwaitUpstream => {
                 if let Some(up) = upstream {
-                    if !up.await_scripts(STEP_WAIT) {
+                    if !up.await_scripts(patience) {
                         record
                             .notes
                             .push("the upstream's script did not end".into());
@@ -1188,7 +1190,7 @@ pub fn run_client(
         End::KeepAlive | End::Closed => {
             if !wait(&|_| false) && !inbox.0.lock().unwrap().eof {
                 record.notes.push(format!(
-                    "client: the proxy did not close the connection within {STEP_WAIT:?}"
+                    "client: the proxy did not close the connection within {patience:?}"
                 ));
             }
         }
@@ -1196,7 +1198,7 @@ pub fn run_client(
             let _ = s.shutdown(Shutdown::Write);
             if !wait(&|_| false) && !inbox.0.lock().unwrap().eof {
                 record.notes.push(format!(
-                    "client: the proxy did not close the tunnel within {STEP_WAIT:?}"
+                    "client: the proxy did not close the tunnel within {patience:?}"
                 ));
             }
         }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with the Rust toolchain lacks to build and test tokenward:
-# cmake (pingora's zlib-ng), cargo-nextest, and the real servers the tests use (Prometheus, Redis).
+# cmake (pingora's zlib-ng), cargo-nextest, and the real servers the tests use (Prometheus, Redis,
+# nginx: the HTTP/1 conformance suite's reference peer).
 # Each step runs only when its tool is missing, so running this again is cheap.
 set -euo pipefail
 
@@ -12,15 +13,20 @@ missing=()
 command -v cmake >/dev/null || missing+=(cmake)
 command -v prometheus >/dev/null || missing+=(prometheus)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# nginx lives in /usr/sbin, which is not on every user's PATH.
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's prometheus package starts a system service on port 9090; the tests run their own.
-if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
-    as_root systemctl stop prometheus || true
-fi
+# Debian's prometheus and nginx packages start system services (ports 9090 and 80); the tests
+# run their own, on ports of their own.
+for service in prometheus nginx; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+        as_root systemctl stop "$service" || true
+    fi
+done
 
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "installing cargo-nextest"

@@ -110,6 +110,9 @@ pub struct CommonCredentialFile {
     pub tls_client_cert: Option<SecretSource>,
     /// PEM private key of `tls_client_cert`.
     pub tls_client_key: Option<SecretSource>,
+    /// Names the credential's refresh chain in a shared store, in place of the identity built
+    /// from its provider, client and account.
+    pub chain: Option<String>,
 }
 
 impl CommonCredentialFile {
@@ -128,6 +131,7 @@ impl CommonCredentialFile {
         "ca_file",
         "tls_client_cert",
         "tls_client_key",
+        "chain",
     ];
 }
 

@@ -157,10 +157,10 @@ pub struct Credential {
     exchanger: Option<Arc<super::Exchanger>>,
 }
 
-/// Identifies a chain to a shared store: what makes two replicas' credentials the same one
-/// (dialect, endpoints, client, scope — all in the dialect's description, which names no
-/// secret), hashed so that neither the description nor the credential's name is stored.
-pub fn chain_identity(config: &CredentialConfig) -> String {
+/// Identifies a token-exchange credential's per-caller tokens: everything its description
+/// names (endpoints, client, scope, actor), hashed. A chain's identity is
+/// [`CredentialConfig::chain_identity`], which names the account instead.
+pub fn exchange_identity(config: &CredentialConfig) -> String {
     let digest = Sha256::new()
         .chain_update(b"tokenward chain v1\n")
         .chain_update(config.dialect_name.as_bytes())
@@ -198,7 +198,7 @@ impl Credential {
             name: Arc::from(config.name.as_str()),
             key: ChainKey {
                 name: config.name.clone(),
-                identity: chain_identity(&config),
+                identity: config.chain_identity(),
             },
             config,
             client,

@@ -22,8 +22,9 @@ use crate::dialect::GrantKind;
 use crate::secret::Secret;
 
 /// Names one refresh chain. The file store files it under the credential's name; a shared store
-/// under `identity`, a hash of what makes two replicas' credentials the same one (dialect,
-/// provider, client, scope), so neither a name nor a secret ever reaches it.
+/// under `identity`, a hash of the account the chain belongs to (provider, client and resource
+/// owner, or the operator's `chain` name: see `CredentialConfig::chain_identity`), so neither a
+/// name nor a secret ever reaches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainKey {
     pub name: String,

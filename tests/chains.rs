@@ -1,0 +1,257 @@
+//! A chain is one account with one history. Replicas of tokenward sharing a real `redis-server`
+//! against a provider that rotates strictly (each refresh token works once; a spent one answers
+//! `invalid_grant` and revokes the account's whole family): two accounts on one client never
+//! share a chain, and routine operations never make a replica present a spent refresh token.
+
+mod common;
+#[path = "common/strict_provider.rs"]
+mod strict_provider;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::redis::RedisServer;
+use common::*;
+use strict_provider::StrictProvider;
+
+const STORE_KEY: &str = "1f2e3d4c5b6a79880716253443526170ffeeddccbbaa99887766554433221100";
+
+/// One route per `(route, credential, upstream)`; each credential an oauth2 refresh-token
+/// credential on the one client, its bootstrap read from `DIR/NAME.rt`, plus `extra` lines.
+fn chain_config(
+    dir: &Path,
+    admin: SocketAddr,
+    redis: &RedisServer,
+    provider: &StrictProvider,
+    routes: &[(SocketAddr, &str, &FakeUpstream)],
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        r#"[log]
+format = "json"
+level = "debug"
+[admin]
+listen = "{admin}"
+[state]
+dir = "{state}"
+redis = "{redis}"
+encryption_key = "{STORE_KEY}"
+[server]
+threads = 2
+grace_period = "5s"
+"#,
+        state = dir.join("state").display(),
+        redis = redis.url(),
+    );
+    for (listen, name, upstream) in routes {
+        text.push_str(&format!(
+            "[[routes]]\nname = \"{name}\"\nlisten = \"{listen}\"\nupstream = \"http://{}\"\ncredential = \"{name}\"\n",
+            upstream.addr()
+        ));
+    }
+    for (_, name, _) in routes {
+        text.push_str(&format!(
+            "[credentials.{name}]\ndialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token = {{ file = \"{}\" }}\nmin_refresh_interval = \"0s\"\n{extra}\n",
+            provider.token_url(),
+            dir.join(format!("{name}.rt")).display(),
+        ));
+    }
+    text
+}
+
+/// A replica serving `accounts` (each a route and a credential of that name, to its own
+/// upstream), with bootstrap files written from the provider's current tokens of `secrets_dir`.
+fn replica(
+    redis: &RedisServer,
+    provider: &StrictProvider,
+    secrets_dir: &Path,
+    accounts: &[(&str, &FakeUpstream)],
+    extra: &str,
+) -> (Tokenward, Vec<SocketAddr>) {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = free_port();
+    let ports: Vec<SocketAddr> = accounts.iter().map(|_| free_port()).collect();
+    let routes: Vec<(SocketAddr, &str, &FakeUpstream)> = accounts
+        .iter()
+        .zip(&ports)
+        .map(|((name, up), port)| (*port, *name, *up))
+        .collect();
+    let config_path = dir.path().join("tokenward.toml");
+    std::fs::write(
+        &config_path,
+        chain_config(secrets_dir, admin, redis, provider, &routes, extra),
+    )
+    .unwrap();
+    let proxy = ports[0];
+    (Tokenward::start_with(dir, config_path, proxy, admin), ports)
+}
+
+/// Sends `n` requests to each address, `every` apart; returns the failures.
+async fn requests(addrs: &[SocketAddr], n: usize, every: Duration) -> Vec<String> {
+    let client = reqwest::Client::new();
+    let mut failed = Vec::new();
+    for _ in 0..n {
+        for addr in addrs {
+            match client.get(format!("http://{addr}/r")).send().await {
+                Ok(r) if r.status() == 200 => {}
+                Ok(r) => failed.push(format!("{addr}: {}", r.status())),
+                Err(e) => failed.push(format!("{addr}: {e}")),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+    failed
+}
+
+/// The accounts whose tokens an upstream was shown (by the provider's record of who each
+/// access token was issued to), with the count of requests per account.
+fn accounts_seen(upstream: &FakeUpstream, provider: &StrictProvider) -> Vec<(String, usize)> {
+    let mut seen = std::collections::BTreeMap::new();
+    for s in upstream.seen() {
+        for auth in s.all("authorization") {
+            let token = auth.strip_prefix("Bearer ").unwrap_or(auth);
+            let who = provider
+                .owner_of(token)
+                .unwrap_or_else(|| format!("unknown token {token:?}"));
+            *seen.entry(who).or_insert(0) += 1;
+        }
+    }
+    seen.into_iter().collect()
+}
+
+async fn force_refresh(tw: &Tokenward, credential: &str) {
+    let r = reqwest::Client::new()
+        .post(tw.admin_url(&format!("/tokens/{credential}/refresh")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        200,
+        "forced refresh of {credential}: {}",
+        r.text().await.unwrap()
+    );
+}
+
+/// Defect 1: alice's and bob's credentials differ only in the bootstrap refresh token (one
+/// token URL, one client id). Each is its own chain: every request on alice's route reaches the
+/// upstream with alice's token, on both replicas, through scheduled and forced refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_accounts_on_one_client_never_see_each_others_tokens() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(4).await;
+    let secrets = tempfile::tempdir().unwrap();
+    for account in ["alice", "bob"] {
+        let boot = format!("rt-{account}-bootstrap");
+        provider.issue_bootstrap(account, &boot);
+        std::fs::write(secrets.path().join(format!("{account}.rt")), boot).unwrap();
+    }
+    let (to_alice, to_bob) = (FakeUpstream::start().await, FakeUpstream::start().await);
+    let accounts = [("alice", &to_alice), ("bob", &to_bob)];
+    let (one, one_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    one.wait_ready().await;
+    let (two, two_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    two.wait_ready().await;
+
+    let all: Vec<SocketAddr> = one_ports.iter().chain(&two_ports).copied().collect();
+    // Past one scheduled refresh (75 % of 4 s) of each chain.
+    let mut failed = requests(&all, 25, Duration::from_millis(200)).await;
+    for tw in [&one, &two] {
+        for account in ["alice", "bob"] {
+            force_refresh(tw, account).await;
+        }
+    }
+    failed.extend(requests(&all, 5, Duration::from_millis(50)).await);
+
+    let alice = accounts_seen(&to_alice, &provider);
+    let bob = accounts_seen(&to_bob, &provider);
+    assert!(
+        alice.len() == 1 && alice[0].0 == "alice",
+        "alice's upstream saw {alice:?}"
+    );
+    assert!(
+        bob.len() == 1 && bob[0].0 == "bob",
+        "bob's upstream saw {bob:?}"
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(provider.refused().is_empty(), "{}", provider.summary());
+    assert!(!provider.revoked("alice") && !provider.revoked("bob"));
+    // Two chains in Redis, each with its lease key at most.
+    let chains: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(chains.len(), 2, "{chains:?}");
+}
+
+/// Two credentials that read their bootstrap refresh token from the same file are one account:
+/// in a shared store that is refused at load, naming both, until one names its own chain.
+#[tokio::test]
+async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("shared.rt"), "rt-x").unwrap();
+    let up = FakeUpstream::start().await;
+    let text = chain_config(
+        secrets.path(),
+        free_port(),
+        &redis,
+        &provider,
+        &[(free_port(), "orders", &up), (free_port(), "billing", &up)],
+        "",
+    )
+    .replace(
+        &format!("{}/billing.rt", secrets.path().display()),
+        &format!("{}/shared.rt", secrets.path().display()),
+    )
+    .replace(
+        &format!("{}/orders.rt", secrets.path().display()),
+        &format!("{}/shared.rt", secrets.path().display()),
+    );
+    let path = secrets.path().join("tokenward.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("credentials.orders")
+            && stderr.contains("\"billing\"")
+            && stderr.contains("tokenward.toml")
+            && stderr.contains("chain"),
+        "{stderr}"
+    );
+
+    // Named apart, they load.
+    let named = text.replace(
+        "[credentials.orders]\n",
+        "[credentials.orders]\nchain = \"orders-account\"\n",
+    );
+    std::fs::write(&path, named).unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !text.contains("same provider, client and account"),
+        "{text}"
+    );
+}
+
+/// How long a test waits for something that should happen within a few seconds.
+const SOON: Duration = Duration::from_secs(15);
+
+#[allow(dead_code)]
+fn deadline() -> Instant {
+    Instant::now() + SOON
+}

@@ -134,6 +134,32 @@ async fn force_refresh(tw: &Tokenward, credential: &str) {
     );
 }
 
+/// Forces a refresh of `api` and waits until it has ended with a new token: the forced call
+/// answers within the request wait limit, and a replica settling a store that lost its data
+/// takes longer (the flight goes on; its token then shows in `/tokens`).
+async fn refresh_and_wait(tw: &Tokenward) {
+    let before = token_served(tw).await;
+    let r = reqwest::Client::new()
+        .post(tw.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    if r.status() == 200 {
+        return;
+    }
+    let body = r.text().await.unwrap();
+    assert!(body.contains("the exchange goes on"), "{body}");
+    let deadline = Instant::now() + SOON;
+    while token_served(tw).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "no new token: {}",
+            tw.get_json("/tokens/api").await
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Defect 1: alice's and bob's credentials differ only in the bootstrap refresh token (one
 /// token URL, one client id). Each is its own chain: every request on alice's route reaches the
 /// upstream with alice's token, on both replicas, through scheduled and forced refreshes.
@@ -246,6 +272,189 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
         !text.contains("same provider, client and account"),
         "{text}"
     );
+}
+
+/// One account, `n` replicas of one credential `api` (bootstrap in `DIR/api.rt`), with `extra`
+/// lines in the credential; each ready before the next starts.
+async fn replicas_of_one_account(
+    n: usize,
+    redis: &RedisServer,
+    provider: &StrictProvider,
+    secrets: &Path,
+    upstream: &FakeUpstream,
+    extra: &str,
+) -> Vec<(Tokenward, SocketAddr)> {
+    provider.issue_bootstrap("api", "rt-api-bootstrap");
+    std::fs::write(secrets.join("api.rt"), "rt-api-bootstrap").unwrap();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (tw, ports) = replica(redis, provider, secrets, &[("api", upstream)], extra);
+        tw.wait_ready().await;
+        out.push((tw, ports[0]));
+    }
+    out
+}
+
+/// The access token a replica serves now, as its upstream is sent it.
+async fn token_served(tw: &Tokenward) -> String {
+    let r = reqwest::get(tw.url("/which")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    body["headers"]["authorization"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The chain's state key in Redis (the one key that is not a lease).
+fn chain_key(redis: &RedisServer) -> String {
+    let keys: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    keys[0].clone()
+}
+
+fn assert_chain_intact(provider: &StrictProvider) {
+    assert!(provider.refused().is_empty(), "{}", provider.summary());
+    assert!(
+        provider.presented_twice().is_empty(),
+        "{}",
+        provider.summary()
+    );
+    assert!(!provider.revoked("api"), "{}", provider.summary());
+}
+
+/// Defect 2: replica A rotates, Redis loses everything, and stale replica B (one rotation
+/// behind) writes its state back first. A's newer state wins by lineage: nobody presents the
+/// spent refresh token, and the chain goes on from A's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+    assert_eq!(provider.successes(), 1, "B adopted A's token");
+
+    // A rotates and is frozen at once, before B's sync can adopt the rotation.
+    force_refresh(&a, "api").await;
+    a.signal("STOP");
+    redis.flush_all();
+    wait_for("B's state written back", SOON, || {
+        redis.keys().iter().any(|k| !k.ends_with(":lease"))
+    })
+    .await;
+    a.signal("CONT");
+
+    // B is asked to refresh right away, and A after it: neither presents a spent token.
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    // The login, A's rotation, then one refresh each.
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+}
+
+/// Defect 3: a store rolled back to an older state (DUMP, a refresh, RESTORE — what a failover
+/// to an asynchronous replica that missed the last write leaves) is never adopted: the replicas
+/// write their newer state back and the next refreshes present the newest token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolled_back_store_is_not_adopted() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+    let key = chain_key(&redis);
+    let old = redis.dump(&key);
+
+    force_refresh(&a, "api").await;
+    let rotated = token_served(&a).await;
+    let mut adopted = false;
+    for _ in 0..150 {
+        if token_served(&b).await == rotated {
+            adopted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(adopted, "B adopts A's rotation at its sync");
+    redis.restore(&key, &old);
+
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+}
+
+/// Defect 4: Redis is emptied while the lease holder is in a 3 s provider call. Another replica
+/// then takes the (vanished) lease and finds the store empty: it must not take its own chain for
+/// the newest and present the refresh token the holder is spending. Each refresh token is
+/// presented once; the holder's rotated token lands in the emptied store and is adopted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_emptied_during_the_holders_provider_call() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"4s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+
+    provider.set_delay(Duration::from_secs(3));
+    let holder = {
+        let url = a.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    wait_for("the holder's provider call", SOON, || {
+        provider.in_flight() > 0
+    })
+    .await;
+    redis.flush_all();
+    provider.set_delay(Duration::ZERO);
+    refresh_and_wait(&b).await;
+    let r = holder.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    // The login, the holder's refresh, B's refresh from the holder's rotated token.
+    assert_eq!(provider.successes(), 3, "{}", provider.summary());
 }
 
 /// How long a test waits for something that should happen within a few seconds.

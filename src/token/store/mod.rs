@@ -40,6 +40,66 @@ pub struct SharedAccess {
     pub expires_at: SystemTime,
 }
 
+/// Where a state stands in its chain's history. Replicas compare lineages, never versions: a
+/// store that went back (a restart empty, a failover to a replica that missed writes, a
+/// restored backup) shows an older lineage than a replica holds, and a replica never replaces
+/// its state with one that does not descend from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    /// Random at the chain's birth (a bootstrap value taken up, a login): two chains never
+    /// share one, so states of different births are never mistaken for one history.
+    pub epoch: String,
+    /// Grows by one with every write of the chain's state by a refresh.
+    pub counter: u64,
+    /// Fingerprint of the refresh token this state's replaced, if it replaced one.
+    pub parent: Option<String>,
+}
+
+/// How a stored state stands to the one a replica holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    /// The same point of the same chain.
+    Same,
+    /// Further along the same chain: adopt it.
+    Newer,
+    /// Behind the replica's state on the same chain: the store went back.
+    Older,
+    /// Another chain (another birth), or one side knows no lineage.
+    Unrelated,
+}
+
+impl Lineage {
+    /// A chain's first state.
+    pub fn birth(parent: Option<String>) -> Lineage {
+        Lineage {
+            epoch: format!("{:032x}", rand::random::<u128>()),
+            counter: 1,
+            parent,
+        }
+    }
+
+    /// The state that follows this one.
+    pub fn next(&self, parent: Option<String>) -> Lineage {
+        Lineage {
+            epoch: self.epoch.clone(),
+            counter: self.counter + 1,
+            parent,
+        }
+    }
+
+    /// How `stored` stands to `mine`.
+    pub fn relation(mine: Option<&Lineage>, stored: Option<&Lineage>) -> Relation {
+        match (mine, stored) {
+            (Some(m), Some(s)) if m.epoch == s.epoch => match s.counter.cmp(&m.counter) {
+                std::cmp::Ordering::Equal => Relation::Same,
+                std::cmp::Ordering::Greater => Relation::Newer,
+                std::cmp::Ordering::Less => Relation::Older,
+            },
+            _ => Relation::Unrelated,
+        }
+    }
+}
+
 /// The state of one chain.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ChainState {
@@ -50,6 +110,14 @@ pub struct ChainState {
     pub origin: Option<String>,
     /// The newest access token, where the store shares it (the file store never keeps one).
     pub access: Option<SharedAccess>,
+    /// Where this state stands in its chain (a shared store keeps it; the file store, one
+    /// host's, does not need it).
+    pub lineage: Option<Lineage>,
+    /// Set when a replica wrote its own state back into a store that had lost it (found empty
+    /// or behind): until the store settles — every live replica has had the time to write back
+    /// a newer state, and a holder's provider call in flight the time to end — nobody presents
+    /// this state's refresh token.
+    pub restored_at: Option<SystemTime>,
 }
 
 /// A chain's state as read, with the version a write must name to replace it.
@@ -124,6 +192,21 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// As [`save`](Self::save), and also — whatever the version and the lease — when the store
+    /// holds nothing for the chain or an ancestor of `state` (its lineage's epoch with a smaller
+    /// counter): a write that only moves the chain forward. A holder whose lease vanished with
+    /// the store's data writes its rotated token this way, and so does a replica writing back a
+    /// newer state than the store kept. A store without lineages saves as `save` does.
+    async fn save_forward(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        self.save(key, lease, expected, state).await
+    }
 }
 
 /// The store `config` names: Redis when `state.redis` is set, else files in `state.dir`.

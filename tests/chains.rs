@@ -457,6 +457,109 @@ async fn redis_emptied_during_the_holders_provider_call() {
     assert_eq!(provider.successes(), 3, "{}", provider.summary());
 }
 
+/// Defect 6: a change of scope is not a change of account. Replica A is reloaded to another
+/// scope and back, B is restarted with the change (a rolling deploy): one chain throughout, no
+/// spent token presented, no failed request; the chain's key expires unless written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"\nscope = \"read\"",
+    )
+    .await;
+    let (mut b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+    let key = chain_key(&redis);
+    assert!(
+        redis.pttl(&key) > 29 * 24 * 3600 * 1000,
+        "the chain expires"
+    );
+
+    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
+    for (from, to) in [
+        ("scope = \"read\"", "scope = \"read write\""),
+        ("scope = \"read write\"", "scope = \"read\""),
+    ] {
+        let before = reloads(&a);
+        rewrite_config(&a, from, to);
+        a.signal("HUP");
+        wait_for("the reload", SOON, || reloads(&a) > before).await;
+        refresh_and_wait(&a).await;
+        refresh_and_wait(&b).await;
+    }
+    // A rolling restart of B with the change.
+    rewrite_config(&b, "scope = \"read\"", "scope = \"read write\"");
+    b.kill9_and_restart();
+    b.wait_ready().await;
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    assert_eq!(chain_key(&redis), key, "one chain throughout");
+    // The login, one call per reload that changed the credential, six forced refreshes.
+    assert_eq!(provider.successes(), 9, "{}", provider.summary());
+}
+
+/// Defect 9: a replica that waits for a live holder's slow provider call and then takes the
+/// lease after the holder wrote has not taken anything over: `taken_over` stays 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"5s\"",
+    )
+    .await;
+    let (b, _) = reps.pop().unwrap();
+    let (a, _) = reps.pop().unwrap();
+    provider.set_delay(Duration::from_secs(4));
+    let holder = {
+        let url = a.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    wait_for("the holder's provider call", SOON, || {
+        provider.in_flight() > 0
+    })
+    .await;
+    // B's forced refresh waits for the holder's lease, then makes its own call.
+    let waiter = {
+        let url = b.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+    provider.set_delay(Duration::ZERO);
+    let r = waiter.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let m = b.get_text("/metrics").await;
+    let lease = |event: &str| {
+        metric(
+            &m,
+            &format!("tokenward_store_leases_total{{credential=\"api\",event=\"{event}\"}}"),
+        )
+    };
+    assert!(lease("waited") >= 1.0, "{m}");
+    assert_eq!(lease("taken_over"), 0.0);
+    assert!(!b.logs().contains("took over the refresh lease"));
+    assert_chain_intact(&provider);
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

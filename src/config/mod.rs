@@ -488,7 +488,18 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
 fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<RedisSettings> {
     let (url, key) = (state.redis, state.encryption_key);
     let auth = (state.redis_username, state.redis_password);
+    let chain_ttl = HumanDuration::or(state.chain_ttl, crate::token::store::DEFAULT_CHAIN_TTL);
+    // Shorter than a day would drop a chain over a quiet weekend of a batch job's credential.
+    if chain_ttl < Duration::from_secs(24 * 3600) {
+        c.push(
+            "state.chain_ttl",
+            "must be at least 1 day (a chain nobody writes for this long is dropped from Redis)",
+        );
+    }
     let Some(url) = url else {
+        if state.chain_ttl.is_some() {
+            c.push("state.chain_ttl", "is only used with `state.redis`");
+        }
         if key.is_some() {
             c.push(
                 "state.encryption_key",
@@ -525,7 +536,7 @@ fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<Red
     let placeholder = || SecretSource::Env(String::new());
     match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
         Ok(settings) => match settings.with_credentials(auth.0, auth.1) {
-            Ok(settings) => key.map(|_| settings),
+            Ok(settings) => key.map(|_| settings.with_chain_ttl(chain_ttl)),
             Err((at, reason)) => {
                 c.push(at, reason);
                 None
@@ -1183,6 +1194,22 @@ credentials:
         assert_eq!(redis.describe(), "redis at redis.internal:6380/1 (TLS)");
         assert!(!format!("{redis:?}").contains("hunter2-pw"));
         assert!(with("dir = \"/var/lib/tw\"").unwrap().state_redis.is_none());
+        // Chains expire 30 days after their last write unless `chain_ttl` says otherwise.
+        assert_eq!(redis.chain_ttl(), Duration::from_secs(30 * 24 * 3600));
+        let base = format!("redis = \"redis://127.0.0.1\"\nencryption_key = \"{STORE_KEY}\"");
+        let ttl = with(&format!("{base}\nchain_ttl = \"90d\""))
+            .unwrap()
+            .state_redis
+            .unwrap()
+            .chain_ttl();
+        assert_eq!(ttl, Duration::from_secs(90 * 24 * 3600));
+        for bad in [
+            format!("{base}\nchain_ttl = \"1h\""),
+            "chain_ttl = \"90d\"".to_string(),
+        ] {
+            let err = with(&bad).unwrap_err();
+            assert_eq!(err.0[0].key, "state.chain_ttl", "{err}");
+        }
         // A key read from a file is checked when it is read (at start, and by `check`).
         let cfg =
             with("redis = \"redis://127.0.0.1\"\nencryption_key = { file = \"/nonexistent/k\" }");

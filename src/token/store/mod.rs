@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-pub use self::redis::{RedisSettings, RedisStore, decode_encryption_key};
+pub use self::redis::{DEFAULT_CHAIN_TTL, RedisSettings, RedisStore, decode_encryption_key};
 pub use file::FileStore;
 pub use metered::MeteredStore;
 

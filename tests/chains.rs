@@ -560,6 +560,65 @@ async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
     assert_chain_intact(&provider);
 }
 
+/// Defect 5: an operator rolls a new bootstrap refresh token out (a new Secret value), and it
+/// reaches the replicas at different times. The replica that sees it first starts a new chain
+/// that remembers the value it superseded; the other, still configured with the old value,
+/// continues that chain instead of restarting from a long-spent token. Both stay alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chain() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let upstream = FakeUpstream::start().await;
+    provider.issue_bootstrap("api", "rt-api-boot-1");
+    // Each replica mounts its own copy of the secret (as pods do); the operator names the
+    // chain, since the two copies live at different paths on this one host.
+    let extra = "timeout = \"1s\"\nchain = \"api-account\"";
+    let mut reps = Vec::new();
+    for _ in 0..2 {
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(secrets.path().join("api.rt"), "rt-api-boot-1").unwrap();
+        let (tw, ports) = replica(
+            &redis,
+            &provider,
+            secrets.path(),
+            &[("api", &upstream)],
+            extra,
+        );
+        tw.wait_ready().await;
+        reps.push((tw, ports[0], secrets));
+    }
+    let (b, b_addr, b_secrets) = reps.pop().unwrap();
+    let (a, a_addr, a_secrets) = reps.pop().unwrap();
+    refresh_and_wait(&a).await;
+
+    // The operator signs in again and rolls the new value out: A's copy first.
+    provider.issue_bootstrap("api", "rt-api-boot-2");
+    std::fs::write(a_secrets.path().join("api.rt"), "rt-api-boot-2").unwrap();
+    refresh_and_wait(&a).await;
+    // (A may refresh once more on its own: a changed secret file is a reason to.)
+    let deadline = Instant::now() + SOON;
+    while token_served(&b).await != token_served(&a).await {
+        assert!(
+            Instant::now() < deadline,
+            "B never adopted the new chain:\nA: {}\nB: {}",
+            a.logs(),
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // B still has the old value: it continues the chain.
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    // The rollout reaches B.
+    std::fs::write(b_secrets.path().join("api.rt"), "rt-api-boot-2").unwrap();
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

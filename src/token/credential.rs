@@ -30,6 +30,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_FLOOR: Duration = Duration::from_millis(50);
 /// What a client is told to wait when the credential has failed for good.
 const FATAL_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How many superseded bootstrap values a chain remembers (a rollout reaches every replica
+/// long before a few more are made).
+const MAX_SUPERSEDED: usize = 8;
 /// How often a flight that waits for another holder's lease looks at the store again.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a flight waits for another holder before it gives up (the holder's lease lapses
@@ -100,6 +103,8 @@ pub struct Chain {
     unsaved: bool,
     /// Where this state stands in the chain's history (a shared store compares lineages).
     lineage: Option<Lineage>,
+    /// Bootstrap values (fingerprints) this chain has superseded.
+    superseded: Vec<String>,
 }
 
 impl Chain {
@@ -108,6 +113,7 @@ impl Chain {
         self.origin = stored.state.origin.clone();
         self.version = stored.version;
         self.lineage = stored.state.lineage.clone();
+        self.superseded = stored.state.superseded.clone();
         self.loaded = true;
         self.unsaved = false;
     }
@@ -602,20 +608,17 @@ impl Credential {
             Err(e) => self.store_down(&chain, &e),
             // The store went back (a failover, a restored backup): never adopt what is behind;
             // write this replica's newer state back, which only ever moves it forward.
-            Ok(Some(stored))
-                if Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref())
-                    == Relation::Older =>
-            {
+            Ok(Some(stored)) if self.relation(&chain, &stored) == Relation::Older => {
                 warn!(credential = %self.name, "the shared store holds an older point of this chain; writing this replica's state back");
-                self.write_back_forward(&mut chain, None).await;
+                self.write_back_forward(&mut chain, None, stored.version)
+                    .await;
             }
             Ok(Some(stored)) if chain.unsaved && stored.version == chain.version => {
                 self.write_back(&mut chain, stored.version).await
             }
             Ok(Some(stored)) => {
                 self.set_mode(StoreMode::Shared);
-                let relation =
-                    Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref());
+                let relation = self.relation(&chain, &stored);
                 if relation == Relation::Same {
                     chain.version = stored.version;
                 } else if stored.version != chain.version || relation == Relation::Newer {
@@ -636,7 +639,7 @@ impl Credential {
             // Lost (a restart, a flush): write back what this replica knows; a replica holding a
             // newer point overwrites it, and nobody refreshes before the store settles.
             Ok(None) if chain.holds_history() => {
-                self.write_back_forward(&mut chain, None).await;
+                self.write_back_forward(&mut chain, None, 0).await;
             }
             Ok(None) if chain.loaded || self.current.load().is_some() => {
                 self.write_back(&mut chain, 0).await
@@ -665,6 +668,7 @@ impl Credential {
             access: self.current.load().as_ref().map(|t| t.to_shared()),
             lineage: chain.lineage.clone(),
             restored_at: (expected == 0).then(SystemTime::now),
+            superseded: chain.superseded.clone(),
         };
         match self
             .store
@@ -910,17 +914,17 @@ impl Credential {
                 // The store lost the chain (a restart, a flush, a failover) while this process
                 // holds a point of it: another replica may hold a newer one.
                 warn!(credential = %self.name, "the shared store has lost this chain; writing this replica's state back and waiting for the store to settle before a refresh");
-                return self.write_back_forward(chain, lease).await;
+                return self.write_back_forward(chain, lease, 0).await;
             }
             // First use: nothing to wait for.
             chain.version = 0;
             chain.loaded = true;
             return Reconciled::Ready;
         };
-        let relation = Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref());
+        let relation = self.relation(chain, stored);
         if self.store.is_shared() && relation == Relation::Older {
             warn!(credential = %self.name, "the shared store went back in this chain's history (a failover or a restore); writing this replica's newer state back and waiting for the store to settle before a refresh");
-            return self.write_back_forward(chain, lease).await;
+            return self.write_back_forward(chain, lease, stored.version).await;
         }
         if relation != Relation::Older {
             if let Some(t) = self.adopt_stored(stored, purpose) {
@@ -971,12 +975,38 @@ impl Credential {
     /// Whether a stored state may replace this process's chain outside a lease: never one
     /// behind it.
     fn may_adopt(&self, chain: &Chain, stored: &Stored) -> bool {
-        Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref()) != Relation::Older
+        self.relation(chain, stored) != Relation::Older
     }
 
-    /// Writes this process's state back over an empty or older store (never over a newer
-    /// one), marked restored: nobody refreshes from it before the store settles.
-    async fn write_back_forward(&self, chain: &mut Chain, lease: Option<&Lease>) -> Reconciled {
+    /// How the store's state stands to this process's chain: by lineage within one chain, by
+    /// the bootstrap values each has superseded across chains (a chain started from a newer
+    /// bootstrap value is newer than the one it replaced).
+    fn relation(&self, chain: &Chain, stored: &Stored) -> Relation {
+        match Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref()) {
+            Relation::Unrelated => {
+                let theirs = stored.state.origin.as_ref();
+                let ours = chain.origin.as_ref();
+                if theirs != ours && ours.is_some_and(|o| stored.state.superseded.contains(o)) {
+                    Relation::Newer
+                } else if theirs != ours && theirs.is_some_and(|o| chain.superseded.contains(o)) {
+                    Relation::Older
+                } else {
+                    Relation::Unrelated
+                }
+            }
+            known => known,
+        }
+    }
+
+    /// Writes this process's state back over an empty store or an older state read at version
+    /// `seen` (never over a newer one), marked restored: nobody refreshes from it before the
+    /// store settles.
+    async fn write_back_forward(
+        &self,
+        chain: &mut Chain,
+        lease: Option<&Lease>,
+        seen: u64,
+    ) -> Reconciled {
         let restored_at = SystemTime::now();
         let state = ChainState {
             refresh_token: chain.refresh.clone(),
@@ -984,10 +1014,11 @@ impl Credential {
             access: self.current.load().as_ref().map(|t| t.to_shared()),
             lineage: chain.lineage.clone(),
             restored_at: Some(restored_at),
+            superseded: chain.superseded.clone(),
         };
         match self
             .store
-            .save_forward(&self.key, lease, chain.version, &state)
+            .save_forward(&self.key, lease, seen, &state)
             .await
         {
             Ok(Some(version)) => {
@@ -1151,15 +1182,26 @@ impl Credential {
         match source.resolve() {
             Ok(bootstrap) => {
                 let fp = bootstrap.fingerprint();
-                if chain.origin.as_deref() != Some(fp.as_str()) {
-                    if chain.origin.is_some() {
-                        info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
-                    }
-                    chain.refresh = Some(bootstrap);
-                    chain.origin = Some(fp);
-                    // Born again at the next write: another family, another history.
-                    chain.lineage = None;
+                if chain.origin.as_deref() == Some(fp.as_str()) {
+                    return Ok(());
                 }
+                if chain.superseded.contains(&fp) {
+                    // A rollout of a new value has not reached this replica yet: the chain
+                    // grew past this one, which the provider has long spent.
+                    info!(credential = %self.name, "the configured bootstrap refresh token is one this chain has superseded; continuing the chain");
+                    return Ok(());
+                }
+                if let Some(old) = chain.origin.take() {
+                    info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
+                    chain.superseded.retain(|s| *s != old);
+                    chain.superseded.push(old);
+                    let excess = chain.superseded.len().saturating_sub(MAX_SUPERSEDED);
+                    chain.superseded.drain(..excess);
+                }
+                chain.refresh = Some(bootstrap);
+                chain.origin = Some(fp);
+                // Born again at the next write: another family, another history.
+                chain.lineage = None;
                 Ok(())
             }
             Err(e) if chain.refresh.is_none() => {
@@ -1186,6 +1228,7 @@ impl Credential {
             access,
             lineage: chain.lineage.clone(),
             restored_at: None,
+            superseded: chain.superseded.clone(),
         };
         // Forward: a holder whose lease vanished with the store's data (or was taken over while
         // its call was in flight) still lands its rotated token on an empty store or over the

@@ -118,6 +118,10 @@ pub struct ChainState {
     /// a newer state, and a holder's provider call in flight the time to end — nobody presents
     /// this state's refresh token.
     pub restored_at: Option<SystemTime>,
+    /// Fingerprints of the bootstrap values this chain has superseded (newest last, a few at
+    /// most): a replica still configured with one of them continues this chain rather than
+    /// restarting from a value the provider has long spent.
+    pub superseded: Vec<String>,
 }
 
 /// A chain's state as read, with the version a write must name to replace it.

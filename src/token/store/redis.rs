@@ -345,6 +345,7 @@ struct SealOut<'a> {
     access: Option<AccessOut<'a>>,
     lineage: Option<LineageOut<'a>>,
     restored_ms: Option<u64>,
+    superseded: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -378,6 +379,8 @@ struct SealIn {
     access: Option<AccessIn>,
     lineage: Option<LineageIn>,
     restored_ms: Option<u64>,
+    #[serde(default)]
+    superseded: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -615,6 +618,7 @@ impl RedisStore {
                 parent: l.parent.as_deref(),
             }),
             restored_ms: state.restored_at.map(unix_ms),
+            superseded: &state.superseded,
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
                 kind: a.kind.as_str(),
@@ -704,6 +708,7 @@ impl RedisStore {
             access,
             lineage,
             restored_at: state.restored_ms.map(from_unix_ms),
+            superseded: state.superseded,
         };
         if mirror(&state) != (epoch.to_string(), counter) {
             return Err(bad("its lineage differs from the one beside it"));

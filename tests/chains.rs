@@ -51,8 +51,14 @@ grace_period = "5s"
         ));
     }
     for (_, name, _) in routes {
+        // Forced refreshes follow each other closely in these tests, unless one says otherwise.
+        let interval = if extra.contains("min_refresh_interval") {
+            ""
+        } else {
+            "min_refresh_interval = \"0s\"\n"
+        };
         text.push_str(&format!(
-            "[credentials.{name}]\ndialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token = {{ file = \"{}\" }}\nmin_refresh_interval = \"0s\"\n{extra}\n",
+            "[credentials.{name}]\ndialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token = {{ file = \"{}\" }}\n{interval}{extra}\n",
             provider.token_url(),
             dir.join(format!("{name}.rt")).display(),
         ));
@@ -616,6 +622,54 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
 
     let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
     assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+}
+
+/// Defect 8: an upstream rejects every token. The token obtained for the first rejection is
+/// kept through further rejections for `min_refresh_interval` — by every replica that adopts
+/// it, not only the one that obtained it — so 4 replicas cost one provider call between them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let reps = replicas_of_one_account(
+        4,
+        &redis,
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"\nmin_refresh_interval = \"20s\"",
+    )
+    .await;
+    assert_eq!(provider.successes(), 1);
+    upstream.reject_every_token();
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut statuses = std::collections::BTreeMap::new();
+    while Instant::now() < until {
+        for (_, addr) in &reps {
+            let status = client
+                .get(format!("http://{addr}/r"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0);
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every answer is the upstream's 401, passed on once the fresh token was rejected too.
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        vec![401],
+        "{statuses:?}"
+    );
+    // The login and at most one call per replica (the issue's bound); one is the aim.
+    let calls = provider.successes();
+    eprintln!("{calls} provider calls with 4 replicas and an upstream rejecting every token");
+    assert!(calls <= 4, "{calls} calls: {}", provider.summary());
     assert_chain_intact(&provider);
 }
 

@@ -38,6 +38,10 @@ pub struct SharedAccess {
     pub kind: GrantKind,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+    /// Obtained because the upstream rejected the previous token: a replica that adopts it
+    /// keeps it through a rejection within `min_refresh_interval` too, so an upstream that
+    /// rejects every token costs one provider call, not one per replica.
+    pub after_rejection: bool,
 }
 
 /// Where a state stands in its chain's history. Replicas compare lineages, never versions: a

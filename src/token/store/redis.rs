@@ -369,6 +369,7 @@ struct AccessOut<'a> {
     kind: &'static str,
     issued_ms: u64,
     expires_ms: u64,
+    after_rejection: bool,
 }
 
 #[derive(Deserialize)]
@@ -390,6 +391,8 @@ struct AccessIn {
     kind: String,
     issued_ms: u64,
     expires_ms: u64,
+    #[serde(default)]
+    after_rejection: bool,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -624,6 +627,7 @@ impl RedisStore {
                 kind: a.kind.as_str(),
                 issued_ms: unix_ms(a.issued_at),
                 expires_ms: unix_ms(a.expires_at),
+                after_rejection: a.after_rejection,
             }),
         };
         let plain = Zeroizing::new(
@@ -695,6 +699,7 @@ impl RedisStore {
                 token: Secret::new(a.token),
                 issued_at: from_unix_ms(a.issued_ms),
                 expires_at: from_unix_ms(a.expires_ms),
+                after_rejection: a.after_rejection,
             }),
         };
         let lineage = state.lineage.map(|l| Lineage {
@@ -976,6 +981,7 @@ mod tests {
                 kind: GrantKind::Refresh,
                 issued_at: now,
                 expires_at: now + Duration::from_secs(600),
+                after_rejection: true,
             }),
             ..ChainState::default()
         }

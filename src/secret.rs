@@ -85,6 +85,18 @@ impl SecretSource {
         }
     }
 
+    /// Where the value comes from, naming no secret: the file or the variable, or for a value
+    /// written in the config its fingerprint. A chain's identity includes the origin of the
+    /// values that name its account, so a new value at the same place (a rotated bootstrap
+    /// refresh token) continues the chain while another place starts another one.
+    pub fn origin(&self) -> String {
+        match self {
+            SecretSource::Literal(secret) => format!("value {}", secret.fingerprint()),
+            SecretSource::File(path) => format!("file {}", path.display()),
+            SecretSource::Env(var) => format!("env {var}"),
+        }
+    }
+
     /// The file this secret is read from, for reload watchers.
     pub fn file(&self) -> Option<&PathBuf> {
         match self {

@@ -59,6 +59,8 @@ pub struct StateFile {
     pub redis_password: Option<crate::secret::SecretSource>,
     /// 32 bytes (hex or base64) sealing what is kept in `redis`.
     pub encryption_key: Option<crate::secret::SecretSource>,
+    /// How long a chain nobody writes stays in `redis` (each write renews it).
+    pub chain_ttl: Option<HumanDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +115,9 @@ pub struct CommonCredentialFile {
     pub tls_client_cert: Option<SecretSource>,
     /// PEM private key of `tls_client_cert`.
     pub tls_client_key: Option<SecretSource>,
+    /// Names the credential's refresh chain in a shared store, in place of the identity built
+    /// from its provider, client and account.
+    pub chain: Option<String>,
 }
 
 impl CommonCredentialFile {
@@ -131,6 +136,7 @@ impl CommonCredentialFile {
         "ca_file",
         "tls_client_cert",
         "tls_client_key",
+        "chain",
     ];
 }
 

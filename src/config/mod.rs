@@ -204,6 +204,31 @@ pub struct CredentialConfig {
     /// Changes whenever any setting of this credential changes: a reload keeps the token of a
     /// credential whose fingerprint is unchanged.
     pub fingerprint: String,
+    /// `chain = "NAME"`: the operator's name for this credential's chain in a shared store.
+    pub chain: Option<String>,
+}
+
+impl CredentialConfig {
+    /// Identifies the credential's refresh chain to a shared store: every replica (and every
+    /// credential) with the same identity shares one chain. It is the account — provider,
+    /// client and resource owner, see [`Dialect::account`] — or the operator's `chain` name,
+    /// hashed so that neither reaches the store.
+    pub fn chain_identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = match &self.chain {
+            Some(name) => Sha256::new()
+                .chain_update(b"tokenward chain v2 named\n")
+                .chain_update(name.as_bytes())
+                .finalize(),
+            None => Sha256::new()
+                .chain_update(b"tokenward chain v2\n")
+                .chain_update(self.dialect_name.as_bytes())
+                .chain_update(b"\n")
+                .chain_update(self.dialect.account().as_bytes())
+                .finalize(),
+        };
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl fmt::Debug for CredentialConfig {
@@ -396,6 +421,9 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         }
     }
 
+    if shared_store {
+        check_chain_collisions(&mut c, &credentials);
+    }
     check_actors(&mut c, &credentials);
     let known: BTreeSet<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
     let mut routes = Vec::new();
@@ -462,7 +490,18 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
 fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<RedisSettings> {
     let (url, key) = (state.redis, state.encryption_key);
     let auth = (state.redis_username, state.redis_password);
+    let chain_ttl = HumanDuration::or(state.chain_ttl, crate::token::store::DEFAULT_CHAIN_TTL);
+    // Shorter than a day would drop a chain over a quiet weekend of a batch job's credential.
+    if chain_ttl < Duration::from_secs(24 * 3600) {
+        c.push(
+            "state.chain_ttl",
+            "must be at least 1 day (a chain nobody writes for this long is dropped from Redis)",
+        );
+    }
     let Some(url) = url else {
+        if state.chain_ttl.is_some() {
+            c.push("state.chain_ttl", "is only used with `state.redis`");
+        }
         if key.is_some() {
             c.push(
                 "state.encryption_key",
@@ -499,7 +538,7 @@ fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<Red
     let placeholder = || SecretSource::Env(String::new());
     match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
         Ok(settings) => match settings.with_credentials(auth.0, auth.1) {
-            Ok(settings) => key.map(|_| settings),
+            Ok(settings) => key.map(|_| settings.with_chain_ttl(chain_ttl)),
             Err((at, reason)) => {
                 c.push(at, reason);
                 None
@@ -594,6 +633,38 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
         reauth_statuses,
         client_cert,
     })
+}
+
+/// Two credentials with one chain identity would share one refresh chain in the shared store:
+/// either they are one account (and the second route should name the first credential) or the
+/// identity cannot tell their accounts apart — and then one route would be served the other
+/// account's tokens. Both are refused, naming both.
+fn check_chain_collisions(c: &mut Collector, credentials: &[CredentialConfig]) {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for cred in credentials {
+        if cred.dialect.exchange_settings().is_some() {
+            // Per-caller tokens only: no chain of its own.
+            continue;
+        }
+        if let Some(first) = seen.insert(cred.chain_identity(), &cred.name) {
+            let (key, why) = match &cred.chain {
+                Some(name) => (
+                    format!("credentials.{}.chain", cred.name),
+                    format!("credential {first:?} already uses chain {name:?}"),
+                ),
+                None => (
+                    format!("credentials.{}", cred.name),
+                    format!(
+                        "has the same provider, client and account as credential {first:?}, so \
+                         both would share one refresh chain in `state.redis`; for one account \
+                         point both routes at one credential, for two accounts give each its \
+                         own `chain = \"NAME\"`"
+                    ),
+                ),
+            };
+            c.push(key, why);
+        }
+    }
 }
 
 /// A token-exchange credential's `actor` must name another credential that has a token of its
@@ -813,6 +884,15 @@ fn validate_credential(
             fingerprint.push_str(dpop.thumbprint());
         }
     }
+    let chain = common.chain.clone();
+    if let Some(name) = &chain {
+        if !valid_name(name) {
+            c.push(
+                format!("{key}.chain"),
+                "chain names use letters, digits, '-' and '_' (at most 64)",
+            );
+        }
+    }
     let header = common.header.as_deref().unwrap_or("Authorization");
     let format = common
         .format
@@ -838,6 +918,7 @@ fn validate_credential(
         timing,
         transport,
         fingerprint,
+        chain,
     })
 }
 
@@ -1021,6 +1102,90 @@ credentials:
 
     const STORE_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
+    /// The chain identity of credential `orders` written with `keys` (oauth2, one client).
+    fn identity_of(keys: &str) -> String {
+        let text = format!(
+            "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://u\"\ncredential = \"orders\"\n\
+             [credentials.orders]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\n\
+             client_id = \"c1\"\nclient_secret = \"s\"\n{keys}\n"
+        );
+        load_str("toml", &text).unwrap().credentials[0].chain_identity()
+    }
+
+    #[test]
+    fn chain_identity_names_the_account_and_leaves_out_what_does_not_change_it() {
+        let rt = |file: &str| {
+            format!("grant = \"refresh_token\"\nrefresh_token = {{ file = \"{file}\" }}")
+        };
+        let alice = identity_of(&rt("/s/alice"));
+        // Another account's refresh token (read from elsewhere) is another chain.
+        assert_ne!(alice, identity_of(&rt("/s/bob")));
+        // Scope and extra parameters choose what a token is for, not whose it is.
+        assert_eq!(
+            alice,
+            identity_of(&format!(
+                "{}\nscope = \"a b\"\nextra_params = {{ x = \"1\" }}",
+                rt("/s/alice")
+            ))
+        );
+        // A refresh token written inline is told apart by its value's fingerprint.
+        let inline = |v: &str| format!("grant = \"refresh_token\"\nrefresh_token = \"{v}\"");
+        assert_ne!(identity_of(&inline("rt-a")), identity_of(&inline("rt-b")));
+        // The user of a password grant is the account.
+        let user = |u: &str| format!("grant = \"password\"\nusername = \"{u}\"\npassword = \"p\"");
+        assert_ne!(identity_of(&user("alice")), identity_of(&user("bob")));
+        assert_eq!(identity_of(&user("alice")), identity_of(&user("alice")));
+        // The assertion's source names the account of a jwt_bearer grant.
+        let jwt = |f: &str| format!("grant = \"jwt_bearer\"\nassertion = {{ file = \"{f}\" }}");
+        assert_ne!(identity_of(&jwt("/a")), identity_of(&jwt("/b")));
+        // An explicit chain name replaces all of it.
+        assert_eq!(
+            identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice"))),
+            identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/bob")))
+        );
+        assert_ne!(
+            identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice"))),
+            alice
+        );
+        let err = load_str(
+            "toml",
+            &GOOD.replace(
+                "[credentials.orders]\n",
+                "[credentials.orders]\nchain = \"a b\"\n",
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("credentials.orders.chain"), "{err}");
+    }
+
+    #[test]
+    fn two_credentials_of_one_account_are_refused_with_a_shared_store_only() {
+        let two = |state: &str| {
+            format!(
+                "{state}[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://u\"\ncredential = \"a\"\n\
+                 [credentials.a]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c1\"\nclient_secret = \"s\"\nscope = \"read\"\n\
+                 [credentials.b]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c1\"\nclient_secret = \"s\"\nscope = \"write\"\n"
+            )
+        };
+        assert!(load_str("toml", &two("")).is_ok());
+        let shared =
+            format!("[state]\nredis = \"redis://127.0.0.1\"\nencryption_key = \"{STORE_KEY}\"\n");
+        let err = load_str("toml", &two(&shared)).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        assert_eq!(err.0[0].key, "credentials.b");
+        assert!(err.0[0].reason.contains("\"a\""), "{err}");
+        assert!(err.0[0].reason.contains("chain"), "{err}");
+        assert!(err.to_string().contains("c.toml"), "{err}");
+        // Told apart by name, they load; one name twice is refused, naming the first.
+        let named = two(&shared).replace("scope = \"write\"", "scope = \"write\"\nchain = \"w\"");
+        assert!(load_str("toml", &named).is_ok());
+        let twice = named.replace("scope = \"read\"", "scope = \"read\"\nchain = \"w\"");
+        let err = load_str("toml", &twice).unwrap_err();
+        assert_eq!(err.0[0].key, "credentials.b.chain", "{err}");
+        assert!(err.0[0].reason.contains("\"a\""), "{err}");
+    }
+
     #[test]
     fn redis_state_needs_a_valid_url_and_a_32_byte_key() {
         let with = |state: &str| load_str("toml", &format!("{GOOD}\n[state]\n{state}\n"));
@@ -1032,6 +1197,22 @@ credentials:
         assert_eq!(redis.describe(), "redis at redis.internal:6380/1 (TLS)");
         assert!(!format!("{redis:?}").contains("hunter2-pw"));
         assert!(with("dir = \"/var/lib/tw\"").unwrap().state_redis.is_none());
+        // Chains expire 30 days after their last write unless `chain_ttl` says otherwise.
+        assert_eq!(redis.chain_ttl(), Duration::from_secs(30 * 24 * 3600));
+        let base = format!("redis = \"redis://127.0.0.1\"\nencryption_key = \"{STORE_KEY}\"");
+        let ttl = with(&format!("{base}\nchain_ttl = \"90d\""))
+            .unwrap()
+            .state_redis
+            .unwrap()
+            .chain_ttl();
+        assert_eq!(ttl, Duration::from_secs(90 * 24 * 3600));
+        for bad in [
+            format!("{base}\nchain_ttl = \"1h\""),
+            "chain_ttl = \"90d\"".to_string(),
+        ] {
+            let err = with(&bad).unwrap_err();
+            assert_eq!(err.0[0].key, "state.chain_ttl", "{err}");
+        }
         // A key read from a file is checked when it is read (at start, and by `check`).
         let cfg =
             with("redis = \"redis://127.0.0.1\"\nencryption_key = { file = \"/nonexistent/k\" }");

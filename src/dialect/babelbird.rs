@@ -117,6 +117,17 @@ impl Dialect for BabelBird {
         )
     }
 
+    fn account(&self) -> String {
+        // The account is whoever the bootstrap refresh token belongs to: where it is read from
+        // names it (a new value there continues the chain, see `SecretSource::origin`).
+        format!(
+            "babelbird at {} as client {:?} for the refresh token from {}",
+            self.refresh_url,
+            self.client_id,
+            self.bootstrap.origin()
+        )
+    }
+
     fn endpoints(&self) -> Vec<String> {
         vec![self.refresh_url.clone()]
     }

@@ -164,6 +164,27 @@ impl JsonType {
 }
 
 impl JsonTemplate {
+    /// The body as written (templates unrendered), for the chain identity.
+    fn source(&self) -> String {
+        match self {
+            JsonTemplate::Str(t) => format!("{:?}", t.source()),
+            JsonTemplate::Typed(ty, t) => format!("{}({:?})", ty.name(), t.source()),
+            JsonTemplate::Lit(v) => v.to_string(),
+            JsonTemplate::Array(items) => format!(
+                "[{}]",
+                items.iter().map(Self::source).collect::<Vec<_>>().join(",")
+            ),
+            JsonTemplate::Object(fields) => format!(
+                "{{{}}}",
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("{k:?}:{}", v.source()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        }
+    }
+
     fn parse(v: &Value, key: &str, errors: &mut Vec<(String, String)>) -> JsonTemplate {
         match v {
             Value::String(s) => match Template::parse(s) {
@@ -564,6 +585,34 @@ impl Request {
         format!("{} {}", self.method, self.url.source())
     }
 
+    /// Everything the request sends, as written: a login's inputs name the account (a user
+    /// name written in the form, or the secret it is read from).
+    fn inputs(&self) -> String {
+        let pairs = |list: &[(String, Template)]| {
+            list.iter()
+                .map(|(k, t)| format!("{k}={:?}", t.source()))
+                .collect::<Vec<_>>()
+                .join("&")
+        };
+        let headers = self
+            .headers
+            .iter()
+            .map(|(h, t)| format!("{h}: {:?}", t.source()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        format!(
+            "{} query [{}] form [{}] json [{}] headers [{}]",
+            self.describe(),
+            pairs(&self.query),
+            pairs(&self.form),
+            self.json
+                .as_ref()
+                .map(JsonTemplate::source)
+                .unwrap_or_default(),
+            headers
+        )
+    }
+
     fn build(
         &self,
         client: &ProviderClient,
@@ -817,6 +866,26 @@ impl Dialect for Custom {
         format!("custom: {}", parts.join("; "))
     }
 
+    fn account(&self) -> String {
+        // The login's inputs and the secrets' origins name the account; a bootstrap refresh
+        // token by where it is read from. The refresh request's body is left out: it carries
+        // the held tokens, not the account.
+        let mut parts = Vec::new();
+        if let Some(l) = &self.login {
+            parts.push(format!("login {}", l.inputs()));
+        }
+        if let Some(r) = &self.refresh {
+            parts.push(format!("refresh {}", r.describe()));
+        }
+        for (name, source) in &self.secrets {
+            parts.push(format!("secret {name} from {}", source.origin()));
+        }
+        if let Some(b) = &self.bootstrap {
+            parts.push(format!("bootstrap refresh token from {}", b.origin()));
+        }
+        format!("custom: {}", parts.join("; "))
+    }
+
     fn endpoints(&self) -> Vec<String> {
         [&self.login, &self.refresh]
             .into_iter()
@@ -910,6 +979,28 @@ fatal_codes = [40080]
             retry_after: None,
             body: bytes::Bytes::from(body.to_string()),
         }
+    }
+
+    #[test]
+    fn the_account_is_the_login_inputs_and_the_secrets_origins() {
+        let account = |text: &str| parse(text).unwrap().account();
+        let alice = account(CLOUDREVE);
+        assert!(!alice.contains("\"pw\""), "{alice}");
+        assert_ne!(alice, account(&CLOUDREVE.replace("a@b", "c@d")));
+        assert_ne!(
+            alice,
+            account(
+                &CLOUDREVE.replace("{ password = \"pw\" }", "{ password = { file = \"/p\" } }")
+            )
+        );
+        // What the refresh sends (the held tokens) is not the account.
+        assert_eq!(
+            alice,
+            account(&CLOUDREVE.replace(
+                "json = { refresh_token = \"{refresh_token}\" }",
+                "form = { refresh_token = \"{refresh_token}\" }"
+            ))
+        );
     }
 
     #[test]

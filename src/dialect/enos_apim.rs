@@ -164,6 +164,13 @@ impl Dialect for EnosApim {
         )
     }
 
+    fn account(&self) -> String {
+        format!(
+            "enos-apim at {} and {} as app {:?}",
+            self.get_url, self.refresh_url, self.app_key
+        )
+    }
+
     fn endpoints(&self) -> Vec<String> {
         vec![self.get_url.clone(), self.refresh_url.clone()]
     }

@@ -241,6 +241,21 @@ impl Dialect for GoogleServiceAccount {
         )
     }
 
+    fn account(&self) -> String {
+        // The service account (and the user it acts for) is the account; the key's id and the
+        // scope do not change it, so a rotated key or a new scope continues the chain.
+        let who = match self.load() {
+            Ok((_, key, url)) => format!("{} at {url}", key.client_email),
+            Err(_) => format!("the key from {}", self.key_file.origin()),
+        };
+        let sub = self
+            .subject
+            .as_deref()
+            .map(|s| format!(" for subject {s}"))
+            .unwrap_or_default();
+        format!("google-service-account as {who}{sub}")
+    }
+
     fn endpoints(&self) -> Vec<String> {
         match &self.token_url {
             Some(url) => vec![url.clone()],

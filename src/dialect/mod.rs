@@ -181,6 +181,17 @@ pub trait Dialect: Send + Sync {
     /// What this dialect will do, for `tokenward check`: endpoints and grant, never a secret.
     fn describe(&self) -> String;
 
+    /// Whose tokens these are: the provider, the client and the resource owner, as text that
+    /// names no secret (a secret appears by where it is read from, see
+    /// [`SecretSource::origin`]). Two credentials with the same account share one refresh
+    /// chain in a shared store, so this holds everything that names the account and nothing
+    /// that does not change it (scope, extra parameters): a rolling change of scope keeps the
+    /// chain. The default, the whole description, suits dialects whose description names the
+    /// account and no setting beside it.
+    fn account(&self) -> String {
+        self.describe()
+    }
+
     /// The URLs this dialect calls, as configured (a `custom` template as written): for the
     /// warning about plain `http://` off loopback. Never a secret.
     fn endpoints(&self) -> Vec<String> {

@@ -1035,6 +1035,48 @@ impl Dialect for OAuth2 {
         )
     }
 
+    fn account(&self) -> String {
+        if self.grant == GrantType::TokenExchange {
+            // Per-caller tokens: the whole description keys the exchange cache.
+            return self.describe();
+        }
+        // The resource owner: the user of a password grant, where the bootstrap refresh token
+        // or the assertion comes from (a new value there continues the chain), or for
+        // client_credentials the client itself. Scope, audience, resource and extra parameters
+        // choose what a token is for, not whose it is: they stay out.
+        let owner = match self.grant {
+            GrantType::Password => format!(
+                " for user {:?}",
+                self.username.as_deref().unwrap_or_default()
+            ),
+            GrantType::RefreshToken => match &self.bootstrap_refresh {
+                Some(b) => format!(" for the refresh token from {}", b.origin()),
+                None => String::new(),
+            },
+            GrantType::JwtBearer => match &self.assertion {
+                Some(a) => format!(" for the assertion from {}", a.origin()),
+                None => String::new(),
+            },
+            GrantType::ClientCredentials | GrantType::TokenExchange => String::new(),
+        };
+        // A workload's client assertion names the client it authenticates as.
+        let assertion = self
+            .client_assertion
+            .as_ref()
+            .map(|a| format!(" with the client assertion from {}", a.origin()))
+            .unwrap_or_default();
+        // A token bound to another DPoP key is useless here: the thumbprint stays in.
+        let dpop = self
+            .dpop
+            .as_ref()
+            .map(|d| format!(", DPoP key jkt {}", d.key.thumbprint()))
+            .unwrap_or_default();
+        format!(
+            "oauth2 {:?} at {} as client {:?}{assertion}{owner}{dpop}",
+            self.grant, self.token_url, self.client_id
+        )
+    }
+
     fn default_format(&self) -> &'static str {
         if self.dpop.is_some() {
             "DPoP {token}"

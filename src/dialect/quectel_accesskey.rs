@@ -170,6 +170,14 @@ pub(crate) fn parse_grant(body: &Value, kind: GrantKind) -> Result<Grant, Dialec
 
 #[async_trait]
 impl Dialect for QuectelAccessKey {
+    fn account(&self) -> String {
+        // The access key is the account; the scope does not change it.
+        format!(
+            "quectel-accesskey at {} and {} as access key {:?}",
+            self.login_url, self.refresh_url, self.access_key
+        )
+    }
+
     fn describe(&self) -> String {
         format!(
             "quectel-accesskey login at {} as access key {:?}{}; refresh at {} with the access token",

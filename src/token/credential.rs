@@ -17,9 +17,12 @@ use tracing::{error, info, warn};
 
 use super::metrics::CredentialMetrics;
 use super::model::{SentAt, Token};
-use super::store::{ChainKey, ChainState, Lease, StoreError, Stored, TokenStore};
+use super::refresher::STORE_SYNC_INTERVAL;
+use super::store::{
+    ChainKey, ChainState, Lease, Lineage, Relation, StoreError, Stored, TokenStore,
+};
 use crate::config::CredentialConfig;
-use crate::dialect::{DialectError, ErrorClass, Grant, Held, ProviderClient};
+use crate::dialect::{DialectError, ErrorClass, Grant, GrantKind, Held, ProviderClient};
 use crate::secret::Secret;
 
 /// First back-off step; each further failure doubles it, up to the credential's cap.
@@ -27,6 +30,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_FLOOR: Duration = Duration::from_millis(50);
 /// What a client is told to wait when the credential has failed for good.
 const FATAL_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// How many superseded bootstrap values a chain remembers (a rollout reaches every replica
+/// long before a few more are made).
+const MAX_SUPERSEDED: usize = 8;
 /// How often a flight that waits for another holder's lease looks at the store again.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a flight waits for another holder before it gives up (the holder's lease lapses
@@ -95,6 +101,10 @@ pub struct Chain {
     /// A rotated refresh token the store has not accepted yet (it was down): written back as
     /// soon as it answers.
     unsaved: bool,
+    /// Where this state stands in the chain's history (a shared store compares lineages).
+    lineage: Option<Lineage>,
+    /// Bootstrap values (fingerprints) this chain has superseded.
+    superseded: Vec<String>,
 }
 
 impl Chain {
@@ -102,9 +112,39 @@ impl Chain {
         self.refresh = stored.state.refresh_token.clone();
         self.origin = stored.state.origin.clone();
         self.version = stored.version;
+        self.lineage = stored.state.lineage.clone();
+        self.superseded = stored.state.superseded.clone();
         self.loaded = true;
         self.unsaved = false;
     }
+
+    /// Whether this process knows a point of the chain's history (and so must not take an
+    /// empty store's word that nothing newer exists).
+    fn holds_history(&self) -> bool {
+        self.lineage.is_some()
+    }
+}
+
+/// What comparing the store's state with this process's chain called for.
+enum Reconciled {
+    /// A stored token makes the provider call unnecessary.
+    Adopted(Arc<Token>),
+    /// Nothing may be presented before this instant: the store lost what it knew, or a holder
+    /// may still be in its provider call.
+    SettleUntil(Instant),
+    /// A refresh elsewhere moved the chain on (the newest point there is, as the provider has
+    /// just issued it): nothing more to wait for.
+    Advanced,
+    /// Go on with the chain as it now is.
+    Ready,
+}
+
+/// A lease as [`Credential::lease`] grants it.
+struct Granted {
+    /// `None` when the shared store is down and the chain may be refreshed without it.
+    lease: Option<Lease>,
+    /// The store's version when this flight began waiting for another holder, if it waited.
+    waited_from: Option<u64>,
 }
 
 /// What a flight was started for: it decides whether a token another process stored will do.
@@ -157,10 +197,10 @@ pub struct Credential {
     exchanger: Option<Arc<super::Exchanger>>,
 }
 
-/// Identifies a chain to a shared store: what makes two replicas' credentials the same one
-/// (dialect, endpoints, client, scope — all in the dialect's description, which names no
-/// secret), hashed so that neither the description nor the credential's name is stored.
-pub fn chain_identity(config: &CredentialConfig) -> String {
+/// Identifies a token-exchange credential's per-caller tokens: everything its description
+/// names (endpoints, client, scope, actor), hashed. A chain's identity is
+/// [`CredentialConfig::chain_identity`], which names the account instead.
+pub fn exchange_identity(config: &CredentialConfig) -> String {
     let digest = Sha256::new()
         .chain_update(b"tokenward chain v1\n")
         .chain_update(config.dialect_name.as_bytes())
@@ -198,7 +238,7 @@ impl Credential {
             name: Arc::from(config.name.as_str()),
             key: ChainKey {
                 name: config.name.clone(),
-                identity: chain_identity(&config),
+                identity: config.chain_identity(),
             },
             config,
             client,
@@ -566,12 +606,22 @@ impl Credential {
         };
         match self.store.load(&self.key).await {
             Err(e) => self.store_down(&chain, &e),
+            // The store went back (a failover, a restored backup): never adopt what is behind;
+            // write this replica's newer state back, which only ever moves it forward.
+            Ok(Some(stored)) if self.relation(&chain, &stored) == Relation::Older => {
+                warn!(credential = %self.name, "the shared store holds an older point of this chain; writing this replica's state back");
+                self.write_back_forward(&mut chain, None, stored.version)
+                    .await;
+            }
             Ok(Some(stored)) if chain.unsaved && stored.version == chain.version => {
                 self.write_back(&mut chain, stored.version).await
             }
             Ok(Some(stored)) => {
                 self.set_mode(StoreMode::Shared);
-                if stored.version != chain.version {
+                let relation = self.relation(&chain, &stored);
+                if relation == Relation::Same {
+                    chain.version = stored.version;
+                } else if stored.version != chain.version || relation == Relation::Newer {
                     if chain.unsaved {
                         error!(credential = %self.name, "the shared store moved on while it was unreachable; the rotated refresh token held here is dropped for the stored chain");
                     }
@@ -585,6 +635,11 @@ impl Credential {
                         let _ = self.adopt_stored(&stored, Purpose::Missing);
                     }
                 }
+            }
+            // Lost (a restart, a flush): write back what this replica knows; a replica holding a
+            // newer point overwrites it, and nobody refreshes before the store settles.
+            Ok(None) if chain.holds_history() => {
+                self.write_back_forward(&mut chain, None, 0).await;
             }
             Ok(None) if chain.loaded || self.current.load().is_some() => {
                 self.write_back(&mut chain, 0).await
@@ -611,6 +666,9 @@ impl Credential {
             refresh_token: chain.refresh.clone(),
             origin: chain.origin.clone(),
             access: self.current.load().as_ref().map(|t| t.to_shared()),
+            lineage: chain.lineage.clone(),
+            restored_at: (expected == 0).then(SystemTime::now),
+            superseded: chain.superseded.clone(),
         };
         match self
             .store
@@ -724,38 +782,46 @@ impl Credential {
         &self,
         chain: &mut Chain,
         purpose: Purpose,
-    ) -> Result<Result<Option<Lease>, Arc<Token>>, DialectError> {
-        let deadline = Instant::now() + self.config.timing.timeout * 2 + LEASE_WAIT_EXTRA;
-        let mut waited_at: Option<u64> = None;
+    ) -> Result<Result<Granted, Arc<Token>>, DialectError> {
+        // The holder may be settling a store that lost its data before its own provider call.
+        let deadline = Instant::now() + self.call_bound() + self.settle_time() + LEASE_WAIT_EXTRA;
+        // The store's version when this flight began to wait: unchanged when the lease is
+        // ours means the holder left without writing.
+        let mut waited_from: Option<u64> = None;
         loop {
             match self.store.try_lease(&self.key).await {
                 Ok(Some(lease)) => {
-                    let event = match waited_at {
-                        None => "acquired",
-                        // The holder we waited for never wrote: it died or stalled past its lease.
-                        Some(v) if v == chain.version => "taken_over",
-                        Some(_) => "acquired",
-                    };
-                    self.metrics.lease(event).inc();
-                    if event == "taken_over" {
-                        warn!(credential = %self.name, "took over the refresh lease of a holder that did not finish");
-                    }
-                    return Ok(Ok(Some(lease)));
+                    return Ok(Ok(Granted {
+                        lease: Some(lease),
+                        waited_from,
+                    }));
                 }
                 Ok(None) => {
-                    if waited_at.is_none() {
+                    let first = waited_from.is_none();
+                    if first {
                         self.metrics.lease("waited").inc();
-                        waited_at = Some(chain.version);
                     }
                     match self.store.load(&self.key).await {
-                        Ok(Some(stored)) => {
-                            if let Some(t) = self.adopt_stored(&stored, purpose) {
-                                chain.adopt(&stored);
-                                return Ok(Err(t));
+                        Ok(stored) => {
+                            if first {
+                                waited_from = Some(stored.as_ref().map_or(0, |s| s.version));
+                            }
+                            let newer = stored.as_ref().is_some_and(|s| self.may_adopt(chain, s));
+                            if let Some(stored) = stored.filter(|_| newer) {
+                                if let Some(t) = self.adopt_stored(&stored, purpose) {
+                                    chain.adopt(&stored);
+                                    return Ok(Err(t));
+                                }
                             }
                         }
-                        Ok(None) => {}
-                        Err(e) => return self.without_store(chain, e).map(Ok),
+                        Err(e) => {
+                            return self.without_store(chain, e).map(|lease| {
+                                Ok(Granted {
+                                    lease,
+                                    waited_from: None,
+                                })
+                            });
+                        }
                     }
                     if Instant::now() >= deadline {
                         return Err(DialectError::transient(
@@ -765,9 +831,208 @@ impl Credential {
                     let jitter = rand::rng().random_range(0..50);
                     tokio::time::sleep(LEASE_POLL + Duration::from_millis(jitter)).await;
                 }
-                Err(e) => return self.without_store(chain, e).map(Ok),
+                Err(e) => {
+                    return self.without_store(chain, e).map(|lease| {
+                        Ok(Granted {
+                            lease,
+                            waited_from: None,
+                        })
+                    });
+                }
             }
         }
+    }
+
+    /// Re-reads the store under the lease and brings the chain in line with it before a provider
+    /// call; returns a token when the store's makes the call unnecessary. Unknown is not
+    /// newest: when the store lost what it knew (found empty, or behind this process) or the
+    /// lease was taken over from a holder that never wrote, this process writes its own state
+    /// back and presents nothing until the store has settled — a newer state another replica
+    /// writes back, or the late holder's rotated token, is adopted meanwhile.
+    async fn settle_under_lease(
+        &self,
+        chain: &mut Chain,
+        purpose: Purpose,
+        lease: Option<&Lease>,
+        waited_from: Option<u64>,
+    ) -> Result<Option<Arc<Token>>, DialectError> {
+        let mut quiet_until: Option<Instant> = None;
+        let mut first = true;
+        loop {
+            let stored = match self.store.load(&self.key).await {
+                Ok(stored) => stored,
+                // Degraded but allowed (the chain rotates nothing): carry on.
+                Err(e) => {
+                    self.without_store(chain, e)?;
+                    return Ok(None);
+                }
+            };
+            if first {
+                first = false;
+                let now_at = stored.as_ref().map_or(0, |s| s.version);
+                // The holder we waited for never wrote: it died, or stalled past its lease and
+                // may still be in its provider call.
+                let taken_over = waited_from == Some(now_at);
+                self.metrics
+                    .lease(if taken_over { "taken_over" } else { "acquired" })
+                    .inc();
+                if taken_over {
+                    warn!(credential = %self.name, "took over the refresh lease of a holder that did not finish; waiting out its provider call before presenting a refresh token");
+                    if self.store.is_shared() && self.rotates(chain) {
+                        quiet_until = Some(Instant::now() + self.call_bound());
+                    }
+                }
+            }
+            match self.reconcile(chain, stored.as_ref(), purpose, lease).await {
+                Reconciled::Adopted(t) => return Ok(Some(t)),
+                Reconciled::SettleUntil(until) => {
+                    quiet_until = Some(quiet_until.map_or(until, |q| q.max(until)));
+                }
+                Reconciled::Advanced => quiet_until = None,
+                Reconciled::Ready => {}
+            }
+            match quiet_until {
+                Some(until) if Instant::now() < until => {
+                    tokio::time::sleep(LEASE_POLL.min(until - Instant::now())).await;
+                }
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Compares the store's state with this process's chain (under the lease): adopts a newer
+    /// one, writes this one back over an empty or older store, and says how long to wait.
+    async fn reconcile(
+        &self,
+        chain: &mut Chain,
+        stored: Option<&Stored>,
+        purpose: Purpose,
+        lease: Option<&Lease>,
+    ) -> Reconciled {
+        let Some(stored) = stored else {
+            if self.store.is_shared() && chain.holds_history() {
+                // The store lost the chain (a restart, a flush, a failover) while this process
+                // holds a point of it: another replica may hold a newer one.
+                warn!(credential = %self.name, "the shared store has lost this chain; writing this replica's state back and waiting for the store to settle before a refresh");
+                return self.write_back_forward(chain, lease, 0).await;
+            }
+            // First use: nothing to wait for.
+            chain.version = 0;
+            chain.loaded = true;
+            return Reconciled::Ready;
+        };
+        let relation = self.relation(chain, stored);
+        if self.store.is_shared() && relation == Relation::Older {
+            warn!(credential = %self.name, "the shared store went back in this chain's history (a failover or a restore); writing this replica's newer state back and waiting for the store to settle before a refresh");
+            return self.write_back_forward(chain, lease, stored.version).await;
+        }
+        if relation != Relation::Older {
+            if let Some(t) = self.adopt_stored(stored, purpose) {
+                chain.adopt(stored);
+                return Reconciled::Adopted(t);
+            }
+        }
+        match relation {
+            Relation::Same => chain.version = stored.version,
+            Relation::Newer => chain.adopt(stored),
+            // Another chain (a new bootstrap value, a login elsewhere), or one of no lineage.
+            Relation::Unrelated | Relation::Older => {
+                if !(chain.unsaved && stored.version == chain.version) {
+                    chain.adopt(stored);
+                }
+            }
+        }
+        match stored.state.restored_at {
+            Some(at) => Reconciled::SettleUntil(self.settled_after(at)),
+            None if relation == Relation::Newer => Reconciled::Advanced,
+            None => Reconciled::Ready,
+        }
+    }
+
+    /// When a store restored at `at` (another replica's clock) has settled, on this clock.
+    fn settled_after(&self, at: SystemTime) -> Instant {
+        let settled = at + self.settle_time();
+        Instant::now()
+            + settled
+                .duration_since(SystemTime::now())
+                .unwrap_or_default()
+                .min(self.settle_time())
+    }
+
+    /// How long a store that lost what it knew needs before anyone refreshes from it: every
+    /// live replica syncs (and writes back a newer state) within a sync interval, and a
+    /// holder's provider call in flight ends within its bound.
+    fn settle_time(&self) -> Duration {
+        self.call_bound()
+            .max(STORE_SYNC_INTERVAL + Duration::from_secs(1))
+    }
+
+    /// The longest a provider exchange of this credential can last.
+    fn call_bound(&self) -> Duration {
+        self.config.timing.timeout * 2 + Duration::from_secs(1)
+    }
+
+    /// Whether a stored state may replace this process's chain outside a lease: never one
+    /// behind it.
+    fn may_adopt(&self, chain: &Chain, stored: &Stored) -> bool {
+        self.relation(chain, stored) != Relation::Older
+    }
+
+    /// How the store's state stands to this process's chain: by lineage within one chain, by
+    /// the bootstrap values each has superseded across chains (a chain started from a newer
+    /// bootstrap value is newer than the one it replaced).
+    fn relation(&self, chain: &Chain, stored: &Stored) -> Relation {
+        match Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref()) {
+            Relation::Unrelated => {
+                let theirs = stored.state.origin.as_ref();
+                let ours = chain.origin.as_ref();
+                if theirs != ours && ours.is_some_and(|o| stored.state.superseded.contains(o)) {
+                    Relation::Newer
+                } else if theirs != ours && theirs.is_some_and(|o| chain.superseded.contains(o)) {
+                    Relation::Older
+                } else {
+                    Relation::Unrelated
+                }
+            }
+            known => known,
+        }
+    }
+
+    /// Writes this process's state back over an empty store or an older state read at version
+    /// `seen` (never over a newer one), marked restored: nobody refreshes from it before the
+    /// store settles.
+    async fn write_back_forward(
+        &self,
+        chain: &mut Chain,
+        lease: Option<&Lease>,
+        seen: u64,
+    ) -> Reconciled {
+        let restored_at = SystemTime::now();
+        let state = ChainState {
+            refresh_token: chain.refresh.clone(),
+            origin: chain.origin.clone(),
+            access: self.current.load().as_ref().map(|t| t.to_shared()),
+            lineage: chain.lineage.clone(),
+            restored_at: Some(restored_at),
+            superseded: chain.superseded.clone(),
+        };
+        match self
+            .store
+            .save_forward(&self.key, lease, seen, &state)
+            .await
+        {
+            Ok(Some(version)) => {
+                chain.version = version;
+                chain.unsaved = false;
+                chain.loaded = true;
+                self.set_mode(StoreMode::Shared);
+                info!(credential = %self.name, "wrote this replica's chain back to the shared store");
+            }
+            // Another replica wrote a newer state first: the next look adopts it.
+            Ok(None) => {}
+            Err(e) => self.store_down(chain, &e),
+        }
+        Reconciled::SettleUntil(Instant::now() + self.settle_time())
     }
 
     /// The store failed before a refresh: go on alone only if that cannot fork the chain.
@@ -791,32 +1056,16 @@ impl Credential {
         chain: &mut OwnedMutexGuard<Chain>,
         purpose: Purpose,
     ) -> Result<Arc<Token>, DialectError> {
-        let lease = match self.lease(chain, purpose).await? {
-            Ok(lease) => lease,
+        let Granted { lease, waited_from } = match self.lease(chain, purpose).await? {
+            Ok(granted) => granted,
             Err(adopted) => return Ok(adopted),
         };
         if lease.is_some() {
-            // Re-read under the lease: another process may have extended the chain.
-            match self.store.load(&self.key).await {
-                Ok(Some(stored)) => {
-                    if let Some(t) = self.adopt_stored(&stored, purpose) {
-                        chain.adopt(&stored);
-                        return Ok(t);
-                    }
-                    if !(chain.unsaved && stored.version == chain.version) {
-                        chain.adopt(&stored);
-                    }
-                }
-                Ok(None) => {
-                    // Empty (first use, or a shared store that restarted): this process's chain,
-                    // if it has one, is the newest there is.
-                    chain.version = 0;
-                    chain.loaded = true;
-                }
-                // Degraded but allowed (the chain rotates nothing): carry on.
-                Err(e) => {
-                    self.without_store(chain, e)?;
-                }
+            if let Some(t) = self
+                .settle_under_lease(chain, purpose, lease.as_ref(), waited_from)
+                .await?
+            {
+                return Ok(t);
             }
             if self.store.is_shared() && self.store_mode() != StoreMode::Shared {
                 self.set_mode(StoreMode::Shared);
@@ -840,7 +1089,11 @@ impl Credential {
                     self.metrics.outcome("relogin").inc();
                     warn!(credential = %self.name, error = %e.message, "refresh token rejected; logging in again");
                     relogged = true;
-                    chain.refresh = None;
+                    let dead = chain.refresh.take();
+                    chain.lineage = chain
+                        .lineage
+                        .as_ref()
+                        .map(|l| l.next(dead.as_ref().map(Secret::fingerprint)));
                     self.persist(chain, lease.as_ref(), None).await;
                     continue;
                 }
@@ -850,6 +1103,12 @@ impl Credential {
                 .refresh_token
                 .as_ref()
                 .is_some_and(|new| chain.refresh.as_ref() != Some(new));
+            let parent = chain.refresh.as_ref().map(Secret::fingerprint);
+            // A login starts a new family at the provider, so a new chain here.
+            chain.lineage = match (&chain.lineage, grant.kind) {
+                (Some(l), GrantKind::Refresh) => Some(l.next(parent)),
+                _ => Some(Lineage::birth(parent)),
+            };
             if let Some(new) = &grant.refresh_token {
                 chain.refresh = Some(new.clone());
             }
@@ -923,13 +1182,26 @@ impl Credential {
         match source.resolve() {
             Ok(bootstrap) => {
                 let fp = bootstrap.fingerprint();
-                if chain.origin.as_deref() != Some(fp.as_str()) {
-                    if chain.origin.is_some() {
-                        info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
-                    }
-                    chain.refresh = Some(bootstrap);
-                    chain.origin = Some(fp);
+                if chain.origin.as_deref() == Some(fp.as_str()) {
+                    return Ok(());
                 }
+                if chain.superseded.contains(&fp) {
+                    // A rollout of a new value has not reached this replica yet: the chain
+                    // grew past this one, which the provider has long spent.
+                    info!(credential = %self.name, "the configured bootstrap refresh token is one this chain has superseded; continuing the chain");
+                    return Ok(());
+                }
+                if let Some(old) = chain.origin.take() {
+                    info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain");
+                    chain.superseded.retain(|s| *s != old);
+                    chain.superseded.push(old);
+                    let excess = chain.superseded.len().saturating_sub(MAX_SUPERSEDED);
+                    chain.superseded.drain(..excess);
+                }
+                chain.refresh = Some(bootstrap);
+                chain.origin = Some(fp);
+                // Born again at the next write: another family, another history.
+                chain.lineage = None;
                 Ok(())
             }
             Err(e) if chain.refresh.is_none() => {
@@ -954,10 +1226,16 @@ impl Credential {
             refresh_token: chain.refresh.clone(),
             origin: chain.origin.clone(),
             access,
+            lineage: chain.lineage.clone(),
+            restored_at: None,
+            superseded: chain.superseded.clone(),
         };
+        // Forward: a holder whose lease vanished with the store's data (or was taken over while
+        // its call was in flight) still lands its rotated token on an empty store or over the
+        // state it grew from — the replica that took over waits for exactly this.
         let result = self
             .store
-            .save(&self.key, lease, chain.version, &state)
+            .save_forward(&self.key, lease, chain.version, &state)
             .await;
         let mut s = self.status();
         match result {

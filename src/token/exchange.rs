@@ -15,7 +15,7 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::credential::{Credential, Unavailable, backoff, chain_identity};
+use super::credential::{Credential, Unavailable, backoff, exchange_identity};
 use super::metrics::ExchangeMetrics;
 use super::model::{SentAt, Token};
 use super::subject::{SubjectError, SubjectValidator};
@@ -159,7 +159,7 @@ impl Exchanger {
         });
         Ok(Exchanger {
             name: Arc::from(config.name.as_str()),
-            identity: chain_identity(config),
+            identity: exchange_identity(config),
             config: config.clone(),
             settings,
             client,

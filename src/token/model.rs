@@ -171,7 +171,7 @@ impl Token {
             presentation,
             timing,
             generation,
-            false,
+            shared.after_rejection,
         )
     }
 
@@ -215,6 +215,7 @@ impl Token {
             kind: self.kind,
             issued_at: self.issued_wall,
             expires_at: self.expires_wall(),
+            after_rejection: self.after_rejection,
         }
     }
 

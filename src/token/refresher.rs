@@ -37,7 +37,7 @@ impl Refresher {
 /// How often a credential on a shared store compares notes with it outside refreshes (adopting
 /// what other replicas stored, writing back what it missed); when the store is down, the
 /// credential's `probe_interval` instead.
-const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Keeps one credential's token fresh until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {

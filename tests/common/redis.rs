@@ -190,6 +190,69 @@ impl RedisServer {
             .expect("INFO stats has total_commands_processed")
     }
 
+    /// The key's remaining time to live in milliseconds (-1: none, -2: no such key).
+    pub fn pttl(&self, key: &str) -> i64 {
+        ::redis::cmd("PTTL")
+            .arg(key)
+            .query(&mut self.client())
+            .expect("PTTL")
+    }
+
+    /// `DUMP key`: the value as Redis serialises it, to put back later with [`Self::restore`].
+    pub fn dump(&self, key: &str) -> Vec<u8> {
+        ::redis::cmd("DUMP")
+            .arg(key)
+            .query(&mut self.client())
+            .expect("DUMP")
+    }
+
+    /// `RESTORE key 0 value REPLACE`: the key as it was when dumped (a rolled-back store).
+    pub fn restore(&self, key: &str, dumped: &[u8]) {
+        let _: () = ::redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dumped)
+            .arg("REPLACE")
+            .query(&mut self.client())
+            .expect("RESTORE");
+    }
+
+    /// `FLUSHALL`: every key gone at once, leases included (what a restart without
+    /// persistence leaves, without the outage).
+    pub fn flush_all(&self) {
+        let _: () = ::redis::cmd("FLUSHALL")
+            .query(&mut self.client())
+            .expect("FLUSHALL");
+    }
+
+    /// A second server replicating this one asynchronously (`--replicaof`), once it has
+    /// caught up.
+    pub fn start_replica(&self) -> RedisServer {
+        let port = self.port.to_string();
+        let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let deadline = Instant::now() + READY_WITHIN;
+        while Instant::now() < deadline {
+            let info: String = ::redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut replica.client())
+                .expect("INFO replication");
+            if info.contains("master_link_status:up") {
+                return replica;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the Redis replica did not catch up with its primary");
+    }
+
+    /// `REPLICAOF NO ONE`: a replica promoted to primary (a failover).
+    pub fn promote(&self) {
+        let _: () = ::redis::cmd("REPLICAOF")
+            .arg("NO")
+            .arg("ONE")
+            .query(&mut self.client())
+            .expect("REPLICAOF NO ONE");
+    }
+
     /// Starts the process on `self.port`; `false` if it exited or never answered PING.
     fn spawn(&mut self) -> bool {
         let mut child = Command::new("redis-server")

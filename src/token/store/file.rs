@@ -125,7 +125,7 @@ impl FileStore {
             state: ChainState {
                 refresh_token: disk.refresh_token.map(Secret::new),
                 origin: disk.origin,
-                access: None,
+                ..ChainState::default()
             },
         }))
     }
@@ -318,7 +318,7 @@ mod tests {
         ChainState {
             refresh_token: Some(Secret::new(refresh)),
             origin: origin.map(String::from),
-            access: None,
+            ..ChainState::default()
         }
     }
 

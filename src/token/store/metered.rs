@@ -99,4 +99,19 @@ impl TokenStore for MeteredStore {
         });
         result
     }
+
+    async fn save_forward(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.save_forward(key, lease, expected, state).await;
+        self.record("save", started, &result, |v| {
+            v.is_none().then_some("fenced")
+        });
+        result
+    }
 }

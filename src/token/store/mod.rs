@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-pub use self::redis::{RedisSettings, RedisStore, decode_encryption_key};
+pub use self::redis::{DEFAULT_CHAIN_TTL, RedisSettings, RedisStore, decode_encryption_key};
 pub use file::FileStore;
 pub use metered::MeteredStore;
 
@@ -22,8 +22,9 @@ use crate::dialect::GrantKind;
 use crate::secret::Secret;
 
 /// Names one refresh chain. The file store files it under the credential's name; a shared store
-/// under `identity`, a hash of what makes two replicas' credentials the same one (dialect,
-/// provider, client, scope), so neither a name nor a secret ever reaches it.
+/// under `identity`, a hash of the account the chain belongs to (provider, client and resource
+/// owner, or the operator's `chain` name: see `CredentialConfig::chain_identity`), so neither a
+/// name nor a secret ever reaches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainKey {
     pub name: String,
@@ -37,6 +38,70 @@ pub struct SharedAccess {
     pub kind: GrantKind,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
+    /// Obtained because the upstream rejected the previous token: a replica that adopts it
+    /// keeps it through a rejection within `min_refresh_interval` too, so an upstream that
+    /// rejects every token costs one provider call, not one per replica.
+    pub after_rejection: bool,
+}
+
+/// Where a state stands in its chain's history. Replicas compare lineages, never versions: a
+/// store that went back (a restart empty, a failover to a replica that missed writes, a
+/// restored backup) shows an older lineage than a replica holds, and a replica never replaces
+/// its state with one that does not descend from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lineage {
+    /// Random at the chain's birth (a bootstrap value taken up, a login): two chains never
+    /// share one, so states of different births are never mistaken for one history.
+    pub epoch: String,
+    /// Grows by one with every write of the chain's state by a refresh.
+    pub counter: u64,
+    /// Fingerprint of the refresh token this state's replaced, if it replaced one.
+    pub parent: Option<String>,
+}
+
+/// How a stored state stands to the one a replica holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Relation {
+    /// The same point of the same chain.
+    Same,
+    /// Further along the same chain: adopt it.
+    Newer,
+    /// Behind the replica's state on the same chain: the store went back.
+    Older,
+    /// Another chain (another birth), or one side knows no lineage.
+    Unrelated,
+}
+
+impl Lineage {
+    /// A chain's first state.
+    pub fn birth(parent: Option<String>) -> Lineage {
+        Lineage {
+            epoch: format!("{:032x}", rand::random::<u128>()),
+            counter: 1,
+            parent,
+        }
+    }
+
+    /// The state that follows this one.
+    pub fn next(&self, parent: Option<String>) -> Lineage {
+        Lineage {
+            epoch: self.epoch.clone(),
+            counter: self.counter + 1,
+            parent,
+        }
+    }
+
+    /// How `stored` stands to `mine`.
+    pub fn relation(mine: Option<&Lineage>, stored: Option<&Lineage>) -> Relation {
+        match (mine, stored) {
+            (Some(m), Some(s)) if m.epoch == s.epoch => match s.counter.cmp(&m.counter) {
+                std::cmp::Ordering::Equal => Relation::Same,
+                std::cmp::Ordering::Greater => Relation::Newer,
+                std::cmp::Ordering::Less => Relation::Older,
+            },
+            _ => Relation::Unrelated,
+        }
+    }
 }
 
 /// The state of one chain.
@@ -49,6 +114,18 @@ pub struct ChainState {
     pub origin: Option<String>,
     /// The newest access token, where the store shares it (the file store never keeps one).
     pub access: Option<SharedAccess>,
+    /// Where this state stands in its chain (a shared store keeps it; the file store, one
+    /// host's, does not need it).
+    pub lineage: Option<Lineage>,
+    /// Set when a replica wrote its own state back into a store that had lost it (found empty
+    /// or behind): until the store settles — every live replica has had the time to write back
+    /// a newer state, and a holder's provider call in flight the time to end — nobody presents
+    /// this state's refresh token.
+    pub restored_at: Option<SystemTime>,
+    /// Fingerprints of the bootstrap values this chain has superseded (newest last, a few at
+    /// most): a replica still configured with one of them continues this chain rather than
+    /// restarting from a value the provider has long spent.
+    pub superseded: Vec<String>,
 }
 
 /// A chain's state as read, with the version a write must name to replace it.
@@ -123,6 +200,21 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// As [`save`](Self::save), and also — whatever the version and the lease — when the store
+    /// holds nothing for the chain or an ancestor of `state` (its lineage's epoch with a smaller
+    /// counter): a write that only moves the chain forward. A holder whose lease vanished with
+    /// the store's data writes its rotated token this way, and so does a replica writing back a
+    /// newer state than the store kept. A store without lineages saves as `save` does.
+    async fn save_forward(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        self.save(key, lease, expected, state).await
+    }
 }
 
 /// The store `config` names: Redis when `state.redis` is set, else files in `state.dir`.

@@ -2,11 +2,14 @@
 //! `state.encryption_key`, filed under the engine's identity hash, with a renewed `SET NX PX`
 //! lease and a version checked atomically (Lua) on every write.
 //!
-//! Redis holds, per chain, `tokenward:v1:{identity}` (a hash: `v` the version, `s` the sealed
-//! state, base64 of nonce || ciphertext) and `tokenward:v1:{identity}:lease` (the holder id).
-//! The sealed state's associated data is its key name and version, so a blob cannot be moved to
-//! another chain or replayed as another version. No credential name, token or key reaches Redis
-//! in the clear.
+//! Redis holds, per chain, `tokenward:v2:{identity}` (a hash: `v` the version a write names,
+//! `s` the sealed state, base64 of nonce || ciphertext, and the state's lineage mirrored as `e`
+//! its epoch and `n` its counter, for the write fence to compare) and
+//! `tokenward:v2:{identity}:lease` (the holder id). The sealed state's associated data is its
+//! key name and lineage, so a blob cannot be moved to another chain or passed off as another
+//! point of its history. Each write renews the chain's expiry (`state.chain_ttl`), so a chain
+//! nobody uses any more (a changed account, a removed credential) does not stay forever. No
+//! credential name, token or key reaches Redis in the clear.
 
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
@@ -21,7 +24,7 @@ use base64::Engine;
 use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 
-use super::{ChainKey, ChainState, Lease, SharedAccess, StoreError, Stored, TokenStore};
+use super::{ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, TokenStore};
 use crate::dialect::GrantKind;
 use crate::secret::{Secret, SecretSource};
 
@@ -31,7 +34,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A lease lapses this long after its holder stops renewing it (it renews every third of it).
 const LEASE_TTL: Duration = Duration::from_secs(3);
 const NONCE_LEN: usize = 12;
-const KEY_PREFIX: &str = "tokenward:v1:";
+const KEY_PREFIX: &str = "tokenward:v2:";
+/// How long a chain nobody writes stays in Redis, unless `state.chain_ttl` says otherwise.
+pub const DEFAULT_CHAIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Where the shared store is and how its values are sealed: `[state] redis` and
 /// `encryption_key`, validated.
@@ -49,6 +54,8 @@ pub struct RedisSettings {
     /// `state.redis_password`: read each time a client is built (at open and by `check`).
     password_source: Option<SecretSource>,
     pub encryption_key: SecretSource,
+    /// `state.chain_ttl`: each write renews the chain's key for this long.
+    chain_ttl: Duration,
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -71,6 +78,7 @@ impl PartialEq for RedisSettings {
             _ => false,
         };
         self.url == other.url
+            && self.chain_ttl == other.chain_ttl
             && self.username == other.username
             && same_password
             && same_source(&self.encryption_key, &other.encryption_key)
@@ -137,6 +145,7 @@ impl RedisSettings {
             username: None,
             password_source: None,
             encryption_key,
+            chain_ttl: DEFAULT_CHAIN_TTL,
         };
         ::redis::Client::open(settings.url.expose())
             .map_err(|e| settings.scrub(format!("not a usable Redis URL: {e}")))?;
@@ -186,6 +195,16 @@ impl RedisSettings {
         self.username = username;
         self.password_source = password;
         Ok(self)
+    }
+
+    /// Sets `state.chain_ttl`.
+    pub fn with_chain_ttl(mut self, ttl: Duration) -> RedisSettings {
+        self.chain_ttl = ttl;
+        self
+    }
+
+    pub fn chain_ttl(&self) -> Duration {
+        self.chain_ttl
     }
 
     /// Reads `state.redis_password`, if set; the error is the reason, for that key.
@@ -324,6 +343,24 @@ struct SealOut<'a> {
     refresh_token: Option<&'a str>,
     origin: Option<&'a str>,
     access: Option<AccessOut<'a>>,
+    lineage: Option<LineageOut<'a>>,
+    restored_ms: Option<u64>,
+    superseded: &'a [String],
+}
+
+#[derive(Serialize)]
+struct LineageOut<'a> {
+    epoch: &'a str,
+    counter: u64,
+    parent: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LineageIn {
+    epoch: String,
+    counter: u64,
+    parent: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -332,6 +369,7 @@ struct AccessOut<'a> {
     kind: &'static str,
     issued_ms: u64,
     expires_ms: u64,
+    after_rejection: bool,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +378,10 @@ struct SealIn {
     refresh_token: Option<String>,
     origin: Option<String>,
     access: Option<AccessIn>,
+    lineage: Option<LineageIn>,
+    restored_ms: Option<u64>,
+    #[serde(default)]
+    superseded: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -349,6 +391,8 @@ struct AccessIn {
     kind: String,
     issued_ms: u64,
     expires_ms: u64,
+    #[serde(default)]
+    after_rejection: bool,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -361,20 +405,37 @@ fn from_unix_ms(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Writes the state only if the chain is still at the version the writer read (a missing hash is
-/// version 0) and the writer's lease, when it names one, was not taken by another holder.
-/// KEYS: state, lease. ARGV: expected, new version, holder ("" for none), sealed blob.
+/// Writes the state if the chain is still at the version the writer read (a missing hash is
+/// version 0) and the writer's lease, when it names one, was not taken by another holder — or,
+/// for a forward write, if the store holds nothing or an ancestor of the state (same epoch, a
+/// smaller counter), whatever the version and the lease. Renews the chain's expiry. Returns the
+/// new version, 0 when fenced out.
+/// KEYS: state, lease. ARGV: expected, holder ("" for none), sealed blob, forward ("1"/"0"),
+/// epoch, counter, ttl ms.
 static SAVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local v = redis.call('HGET', KEYS[1], 'v') or '0'
-if v ~= ARGV[1] then return 0 end
-if ARGV[3] ~= '' then
-  local h = redis.call('GET', KEYS[2])
-  if h and h ~= ARGV[3] then return 0 end
+local v = redis.call('HGET', KEYS[1], 'v')
+local forward = false
+if ARGV[4] == '1' then
+  if not v then
+    forward = true
+  elseif redis.call('HGET', KEYS[1], 'e') == ARGV[5]
+      and tonumber(redis.call('HGET', KEYS[1], 'n') or '0') < tonumber(ARGV[6]) then
+    forward = true
+  end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 's', ARGV[4])
-return 1
+if not forward then
+  if (v or '0') ~= ARGV[1] then return 0 end
+  if ARGV[2] ~= '' then
+    local h = redis.call('GET', KEYS[2])
+    if h and h ~= ARGV[2] then return 0 end
+  end
+end
+local next = tostring(tonumber(v or '0') + 1)
+redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[3], 'e', ARGV[5], 'n', ARGV[6])
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return tonumber(next)
 ",
     )
 });
@@ -445,9 +506,17 @@ fn lease_key(key: &ChainKey) -> String {
     format!("{KEY_PREFIX}{}:lease", key.identity)
 }
 
-/// The associated data: the entry's key name and version.
-fn aad(name: &str, version: u64) -> Vec<u8> {
-    format!("{name}\0{version}").into_bytes()
+/// The associated data: the entry's key name and lineage (as mirrored beside the blob).
+fn aad(name: &str, epoch: &str, counter: u64) -> Vec<u8> {
+    format!("{name}\0{epoch}\0{counter}").into_bytes()
+}
+
+/// A state's lineage as mirrored in the hash: `("", 0)` for a state without one.
+fn mirror(state: &ChainState) -> (String, u64) {
+    state
+        .lineage
+        .as_ref()
+        .map_or((String::new(), 0), |l| (l.epoch.clone(), l.counter))
 }
 
 impl RedisStore {
@@ -542,15 +611,23 @@ impl RedisStore {
         }
     }
 
-    fn seal(&self, name: &str, version: u64, state: &ChainState) -> Result<String, StoreError> {
+    fn seal(&self, name: &str, state: &ChainState) -> Result<String, StoreError> {
         let out = SealOut {
             refresh_token: state.refresh_token.as_ref().map(|s| s.expose()),
             origin: state.origin.as_deref(),
+            lineage: state.lineage.as_ref().map(|l| LineageOut {
+                epoch: &l.epoch,
+                counter: l.counter,
+                parent: l.parent.as_deref(),
+            }),
+            restored_ms: state.restored_at.map(unix_ms),
+            superseded: &state.superseded,
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
                 kind: a.kind.as_str(),
                 issued_ms: unix_ms(a.issued_at),
                 expires_ms: unix_ms(a.expires_at),
+                after_rejection: a.after_rejection,
             }),
         };
         let plain = Zeroizing::new(
@@ -558,7 +635,8 @@ impl RedisStore {
                 .map_err(|_| StoreError::Undecodable("cannot encode the state".into()))?,
         );
         let nonce: [u8; NONCE_LEN] = rand::random();
-        let aad = aad(name, version);
+        let (epoch, counter) = mirror(state);
+        let aad = aad(name, &epoch, counter);
         let sealed = self
             .inner
             .cipher
@@ -576,7 +654,12 @@ impl RedisStore {
         Ok(base64::engine::general_purpose::STANDARD.encode(blob))
     }
 
-    fn unseal(&self, name: &str, version: u64, blob: &[u8]) -> Result<ChainState, StoreError> {
+    fn unseal(
+        &self,
+        name: &str,
+        (epoch, counter): (&str, u64),
+        blob: &[u8],
+    ) -> Result<ChainState, StoreError> {
         let bad =
             |why: &str| StoreError::Undecodable(format!("{}: {why}", self.inner.settings.location));
         let raw = base64::engine::general_purpose::STANDARD
@@ -587,7 +670,7 @@ impl RedisStore {
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad("too short"))?;
-        let aad = aad(name, version);
+        let aad = aad(name, epoch, counter);
         let plain = Zeroizing::new(
             self.inner
                 .cipher
@@ -616,13 +699,61 @@ impl RedisStore {
                 token: Secret::new(a.token),
                 issued_at: from_unix_ms(a.issued_ms),
                 expires_at: from_unix_ms(a.expires_ms),
+                after_rejection: a.after_rejection,
             }),
         };
-        Ok(ChainState {
+        let lineage = state.lineage.map(|l| Lineage {
+            epoch: l.epoch,
+            counter: l.counter,
+            parent: l.parent,
+        });
+        let state = ChainState {
             refresh_token: state.refresh_token.map(Secret::new),
             origin: state.origin,
             access,
-        })
+            lineage,
+            restored_at: state.restored_ms.map(from_unix_ms),
+            superseded: state.superseded,
+        };
+        if mirror(&state) != (epoch.to_string(), counter) {
+            return Err(bad("its lineage differs from the one beside it"));
+        }
+        Ok(state)
+    }
+}
+
+impl RedisStore {
+    async fn write(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+        forward: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let name = state_key(key);
+        let blob = self.seal(&name, state)?;
+        let (epoch, counter) = mirror(state);
+        let lease_name = lease_key(key);
+        let holder = lease.map(|l| l.holder.clone()).unwrap_or_default();
+        let ttl_ms = u64::try_from(self.inner.settings.chain_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut conn = self.inner.conn.clone();
+        let written: u64 = self
+            .run("write", async move {
+                SAVE.key(&name)
+                    .key(&lease_name)
+                    .arg(expected.to_string())
+                    .arg(&holder)
+                    .arg(&blob)
+                    .arg(if forward { "1" } else { "0" })
+                    .arg(&epoch)
+                    .arg(counter.to_string())
+                    .arg(ttl_ms.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((written > 0).then_some(written))
     }
 }
 
@@ -671,12 +802,20 @@ impl TokenStore for RedisStore {
         let name = state_key(key);
         let mut conn = self.inner.conn.clone();
         let field = name.clone();
-        let (version, blob): (Option<String>, Option<Vec<u8>>) = self
+        type Fields = (
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<String>,
+            Option<String>,
+        );
+        let (version, blob, epoch, counter): Fields = self
             .run("read", async move {
                 ::redis::cmd("HMGET")
                     .arg(&field)
                     .arg("v")
                     .arg("s")
+                    .arg("e")
+                    .arg("n")
                     .query_async(&mut conn)
                     .await
             })
@@ -697,7 +836,20 @@ impl TokenStore for RedisStore {
                 self.inner.settings.location
             ))
         })?;
-        let state = self.unseal(&name, version, &blob)?;
+        let counter: u64 = match counter {
+            None => 0,
+            Some(n) => n.parse().map_err(|_| {
+                StoreError::Undecodable(format!(
+                    "{}: an entry's lineage is not a number",
+                    self.inner.settings.location
+                ))
+            })?,
+        };
+        let state = self.unseal(
+            &name,
+            (epoch.as_deref().unwrap_or_default(), counter),
+            &blob,
+        )?;
         Ok(Some(Stored { version, state }))
     }
 
@@ -778,26 +930,17 @@ impl TokenStore for RedisStore {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError> {
-        let version = expected + 1;
-        let name = state_key(key);
-        // Sealed for the version it becomes: the script refuses it if the chain moved on.
-        let blob = self.seal(&name, version, state)?;
-        let lease_name = lease_key(key);
-        let holder = lease.map(|l| l.holder.clone()).unwrap_or_default();
-        let mut conn = self.inner.conn.clone();
-        let written: i64 = self
-            .run("write", async move {
-                SAVE.key(&name)
-                    .key(&lease_name)
-                    .arg(expected.to_string())
-                    .arg(version.to_string())
-                    .arg(&holder)
-                    .arg(&blob)
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok((written == 1).then_some(version))
+        self.write(key, lease, expected, state, false).await
+    }
+
+    async fn save_forward(
+        &self,
+        key: &ChainKey,
+        lease: Option<&Lease>,
+        expected: u64,
+        state: &ChainState,
+    ) -> Result<Option<u64>, StoreError> {
+        self.write(key, lease, expected, state, true).await
     }
 }
 
@@ -838,8 +981,54 @@ mod tests {
                 kind: GrantKind::Refresh,
                 issued_at: now,
                 expires_at: now + Duration::from_secs(600),
+                after_rejection: true,
             }),
+            ..ChainState::default()
         }
+    }
+
+    fn at(mut state: ChainState, epoch: &str, counter: u64) -> ChainState {
+        state.lineage = Some(Lineage {
+            epoch: epoch.into(),
+            counter,
+            parent: Some("0f0f0f0f".into()),
+        });
+        state
+    }
+
+    #[tokio::test]
+    async fn a_forward_write_lands_on_an_empty_store_or_an_ancestor_only_and_keys_expire() {
+        let server = RedisServer::start();
+        let ttl = Duration::from_secs(3600);
+        let s = RedisStore::open(&settings(&server, KEY_HEX).with_chain_ttl(ttl)).unwrap();
+        let c = chain();
+        let held = s.try_lease(&c).await.unwrap().expect("free");
+        // Empty: lands whatever the version named and the lease (held by another).
+        let first = at(state("rt-5", None), "e1", 5);
+        assert_eq!(s.save_forward(&c, None, 9, &first).await.unwrap(), Some(1));
+        let got = s.load(&c).await.unwrap().unwrap();
+        assert_eq!((got.version, &got.state), (1, &first));
+        let pttl = server.pttl(&state_key(&c));
+        assert!(pttl > 3_500_000 && pttl <= 3_600_000, "{pttl}");
+        // A descendant lands over an ancestor, whatever the version named.
+        let sixth = at(state("rt-6", None), "e1", 6);
+        assert_eq!(s.save_forward(&c, None, 0, &sixth).await.unwrap(), Some(2));
+        // An ancestor, the same point, or another chain do not (the version is wrong too).
+        for refused in [
+            at(state("rt-4", None), "e1", 4),
+            at(state("rt-6b", None), "e1", 6),
+            at(state("rt-x", None), "e2", 9),
+        ] {
+            assert_eq!(s.save_forward(&c, None, 0, &refused).await.unwrap(), None);
+            assert_eq!(s.save(&c, None, 0, &refused).await.unwrap(), None);
+        }
+        // A plain save naming the version still works, under the lease.
+        let other_chain = at(state("rt-y", None), "e2", 1);
+        assert_eq!(
+            s.save(&c, Some(&held), 2, &other_chain).await.unwrap(),
+            Some(3)
+        );
+        assert_eq!(s.load(&c).await.unwrap().unwrap().state, other_chain);
     }
 
     /// Polls `f` every 20 ms until it holds, for at most `within`.
@@ -869,11 +1058,7 @@ mod tests {
         );
         let got = store.load(&chain()).await.unwrap().unwrap();
         assert_eq!((got.version, got.state), (1, first));
-        let second = ChainState {
-            refresh_token: None,
-            origin: None,
-            access: None,
-        };
+        let second = ChainState::default();
         assert_eq!(
             store.save(&chain(), None, 1, &second).await.unwrap(),
             Some(2)
@@ -1099,6 +1284,8 @@ mod tests {
             .arg("1")
             .arg("s")
             .arg(&blob)
+            .arg("n")
+            .arg("0")
             .query_async(&mut con)
             .await
             .unwrap();
@@ -1106,9 +1293,10 @@ mod tests {
             store.load(&moved).await,
             Err(StoreError::Undecodable(_))
         ));
+        // Its lineage changed beside it (a rolled-back counter) fails too.
         let _: () = ::redis::cmd("HSET")
             .arg(state_key(&chain()))
-            .arg("v")
+            .arg("n")
             .arg("7")
             .query_async(&mut con)
             .await
@@ -1138,8 +1326,8 @@ mod tests {
         assert_eq!(
             keys,
             vec![
-                format!("tokenward:v1:{}", c.identity),
-                format!("tokenward:v1:{}:lease", c.identity)
+                format!("tokenward:v2:{}", c.identity),
+                format!("tokenward:v2:{}:lease", c.identity)
             ]
         );
         let raw_key: Vec<u8> = (0u8..32).collect();

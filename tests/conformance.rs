@@ -738,7 +738,21 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
         None,
         "stricter: after its 502 tokenward closes the connection (and says so); nginx keeps it",
     ),
+    (
+        "early-401-during-upload",
+        None,
+        "nginx's timing: streaming an upload (request buffering off), nginx sometimes meets the write error before it reads the upstream's early 401 and answers 502; tokenward relays the 401 every time (issue 18 defect 2)",
+    ),
+    (
+        "early-413-during-upload",
+        None,
+        "nginx's timing: as early-401-during-upload, with a 413",
+    ),
 ];
+
+/// Listed differences that depend on nginx's own timing, so they are not seen on every run: a
+/// run where nginx happens to match is not a stale listing.
+const NGINX_SOMETIMES: &[&str] = &["early-401-during-upload", "early-413-during-upload"];
 
 /// nginx configured as a reverse proxy as it is commonly deployed in front of HTTP/1.1
 /// upstreams: keep-alive upstream connections, WebSocket upgrades passed, request and answer
@@ -932,9 +946,10 @@ async fn corpus_through_nginx_as_the_reference_proxy() {
                         path.name()
                     )),
                     (Some(d), None, None) => failures.push(d.clone()),
-                    (None, Some(_), _) => {
+                    (None, Some(_), _) if !NGINX_SOMETIMES.contains(&case.name) => {
                         stale.push(format!("{} on the {} path", case.name, path.name()))
                     }
+                    (None, Some(_), _) => {}
                     (None, None, _) => {}
                 }
             }

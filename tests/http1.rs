@@ -1077,3 +1077,48 @@ async fn late_bytes_from_an_upstream_never_reach_the_next_request_and_keepalive_
         up.got.lock().unwrap().clear();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}",
+            target(head).len(),
+            target(head)
+        );
+        vec![Step::ReadBody, Step::Send(answer.into_bytes())]
+    })
+    .await;
+    let three = b"GET /a HTTP/1.1\r\nHost: app\r\n\r\n\
+        POST /bb HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\n\r\nhello\
+        POST /ccc HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    for lean in [true, false] {
+        let case = path_name(lean);
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        s.write_all(three).await.unwrap();
+        let mut buf = Vec::new();
+        for (path, method) in [("/a", "GET"), ("/bb", "POST"), ("/ccc", "POST")] {
+            let answer = read_answer(&mut s, &mut buf, method).await;
+            assert_eq!(
+                (answer.status, answer.text().as_str()),
+                (200, path),
+                "{case}"
+            );
+            assert!(!answer.says_close(), "{case}: {answer:?}");
+        }
+        let got = up.got();
+        let bodies: Vec<_> = got.iter().map(|g| g.body.clone()).collect();
+        assert_eq!(
+            bodies,
+            [
+                Some(Ok(vec![])),
+                Some(Ok(b"hello".to_vec())),
+                Some(Ok(b"abc".to_vec()))
+            ],
+            "{case}: {got:?}"
+        );
+        up.got.lock().unwrap().clear();
+    }
+}

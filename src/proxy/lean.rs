@@ -125,6 +125,10 @@ impl ServerApp for ListenerApp {
         let mut stop = shutdown.clone();
         loop {
             let mut downstream = Downstream::new(stream);
+            // A client may send its next request before this one's answer (RFC 9112 §9.3.2):
+            // pingora-core's `HttpSession::reuse` then hands its bytes over instead of closing
+            // a connection whose answer said keep-alive.
+            downstream.set_pipelining_enabled(true);
             if let Some(prefix) = prefix.take() {
                 downstream.set_pipelined_prefix(prefix);
             }
@@ -155,7 +159,7 @@ impl ServerApp for ListenerApp {
                 }
                 Next::Close => return None,
                 Next::HandOff => {
-                    (stream, prefix) = Box::pin(self.hand_off(downstream, shutdown)).await?;
+                    return Box::pin(self.hand_off(downstream, shutdown)).await;
                 }
             }
         }
@@ -169,16 +173,16 @@ impl ServerApp for ListenerApp {
 impl ListenerApp {
     /// Gives the request just read to the `ProxyHttp` path, which parses it again from its raw
     /// header and the bytes read past it (a request without a body, so those can only belong to
-    /// the next request), and takes the connection back after its answer.
+    /// the next request), and serves the connection's next requests too, as pingora's own
+    /// service loop does: the route that sent it there is one the lean path no longer serves.
     async fn hand_off(
         &self,
         mut downstream: Downstream,
         shutdown: &ShutdownWatch,
-    ) -> Option<(Stream, Option<BytesMut>)> {
+    ) -> Option<Stream> {
         let mut prefix = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
         // pingora-core's `HttpSession::reuse` hands over what its body reader read past the
-        // request only when pipelining is on; without it those bytes would be dropped.
-        downstream.set_pipelining_enabled(true);
+        // request only with pipelining on (as it is on this path); else it would drop them.
         downstream.set_server_keepalive(Some(KEEPALIVE_SECONDS));
         let (stream, past) = downstream.reuse().await.ok()??.into_parts();
         if let Some(past) = past {
@@ -193,14 +197,15 @@ impl ListenerApp {
         } else {
             session.set_keepalive(Some(KEEPALIVE_SECONDS));
         }
-        // The full path leaves pipelining off, so it hands back no bytes of a next request
-        // (pingora-proxy's `finish` closes a connection that has any): only the stream.
-        let (stream, _settings) = self
-            .full
-            .process_new_http(session, shutdown)
-            .await?
-            .consume();
-        Some((stream, None))
+        let mut reused = self.full.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.full.process_new_http(session, shutdown).await;
+        }
+        None
     }
 
     async fn serve(&self, downstream: &mut Downstream) -> Next {

@@ -26,6 +26,7 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 use tracing::info;
 
+use super::chunk_guard::{Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
@@ -119,7 +120,7 @@ impl ServerApp for ListenerApp {
         if !self.lean || !self.table.load().forwards_plainly(self.listener) {
             return self.full.process_new(stream, shutdown).await;
         }
-        let mut stream = stream;
+        let (mut stream, guard) = Guarded::wrap(stream);
         // Bytes read past the previous request that belong to the next one.
         let mut prefix: Option<BytesMut> = None;
         let mut stop = shutdown.clone();
@@ -129,6 +130,7 @@ impl ServerApp for ListenerApp {
             // pingora-core's `HttpSession::reuse` then hands its bytes over instead of closing
             // a connection whose answer said keep-alive.
             downstream.set_pipelining_enabled(true);
+            guard.request_starts(prefix.as_deref());
             if let Some(prefix) = prefix.take() {
                 downstream.set_pipelined_prefix(prefix);
             }
@@ -151,9 +153,10 @@ impl ServerApp for ListenerApp {
                     return None;
                 }
             }
+            watch_head(&guard, &downstream);
             // Boxed: an idle keep-alive connection then holds its session, not the space of a
             // whole request's state machine (benches/README.md, memory per connection).
-            match Box::pin(self.serve(&mut downstream)).await {
+            match Box::pin(self.serve(&mut downstream, &guard)).await {
                 Next::KeepAlive => {
                     (stream, prefix) = downstream.reuse().await.ok()??.into_parts();
                 }
@@ -208,7 +211,7 @@ impl ListenerApp {
         None
     }
 
-    async fn serve(&self, downstream: &mut Downstream) -> Next {
+    async fn serve(&self, downstream: &mut Downstream, guard: &Guard) -> Next {
         let started = Instant::now();
         let _in_flight = self.in_flight.enter();
         if downstream.req_header().method == http::Method::CONNECT {
@@ -224,6 +227,14 @@ impl ListenerApp {
         let Some(route) = route else {
             return answer(downstream, 404, no_route(), None).await;
         };
+        if guard.refused() {
+            // The bad line came with the head: refused before anything goes upstream.
+            let e = refusal(guard, Error::new(ErrorType::InternalError));
+            downstream.set_server_keepalive(None);
+            answer(downstream, 400, failure_body(400, &route.name, &e), None).await;
+            log_outcome(&route, 400, started, Some(&e));
+            return Next::Close;
+        }
         if !route.forwards_plainly() {
             if downstream.is_body_empty() {
                 return Next::HandOff;
@@ -258,6 +269,7 @@ impl ListenerApp {
                 Next::KeepAlive
             }
             Err(e) => {
+                let e = refusal(guard, e);
                 let code = failure_status(&e);
                 if code > 0 && final_status(downstream) == 0 {
                     // The connection ends after this answer, and the answer says so.
@@ -398,6 +410,28 @@ impl ListenerApp {
             return Ok(());
         }
     }
+}
+
+/// Tells the guard where the request just read ends its head, and whether a chunked body
+/// follows (pingora-core's `validate_request` let through only chunked as a final coding).
+fn watch_head(guard: &Guard, downstream: &Downstream) {
+    let chunked = downstream
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING);
+    guard.head_read(&downstream.get_headers_raw_bytes(), chunked);
+}
+
+/// A read the guard failed is the client's malformed body (a 400), not a lost client.
+fn refusal(guard: &Guard, e: Box<Error>) -> Box<Error> {
+    if !guard.refused() {
+        return e;
+    }
+    Error::explain(
+        ErrorType::HTTPStatus(400),
+        "a bare LF in a chunk-size line (RFC 9112 §7.1)",
+    )
+    .into_down()
 }
 
 /// What one request asks of each attempt's exchange with the upstream.
@@ -634,13 +668,19 @@ fn unrouted_request(client: &RequestHeader, has_body: bool) -> Result<RequestHea
 /// the fuzz target `http1_request` drives over in-memory streams. `Ok(true)` when the whole
 /// request went upstream; an error says why it was refused (the lean path's 400s) or failed.
 pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Result<bool> {
+    let (client, guard) = Guarded::wrap(client);
     let mut downstream = Downstream::new(client);
+    guard.request_starts(None);
     match downstream.read_request().await {
         Ok(Some(_)) => {}
         Ok(None) => {
             return Err(Error::explain(ErrorType::ConnectionClosed, "no request").into_down());
         }
         Err(e) => return Err(e.into_down()),
+    }
+    watch_head(&guard, &downstream);
+    if guard.refused() {
+        return Err(refusal(&guard, Error::new(ErrorType::InternalError)));
     }
     if downstream.req_header().method == http::Method::CONNECT {
         return Err(Error::explain(ErrorType::HTTPStatus(405), "CONNECT").into_down());
@@ -659,7 +699,9 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
     };
     let request = unrouted_request(client, has_body)?;
     let mut upstream = Upstream::new(upstream);
-    send(&mut downstream, &mut upstream, request, &exchange).await
+    send(&mut downstream, &mut upstream, request, &exchange)
+        .await
+        .map_err(|e| refusal(&guard, e))
 }
 
 /// Removes the fields `Connection` names and the standard hop-by-hop ones. A `Connection`

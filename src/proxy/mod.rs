@@ -3,6 +3,7 @@
 //! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
 //! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
+mod chunk_guard;
 pub mod lean;
 pub mod metrics;
 pub mod respond;

@@ -3,6 +3,7 @@
 //! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
 //! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
+mod chunk_guard;
 pub mod lean;
 pub mod metrics;
 pub mod respond;
@@ -167,6 +168,10 @@ impl ProxyHttp for TokenwardProxy {
             respond::json(session, 405, connect_refused(), None).await?;
             return Ok(true);
         }
+        // Pipelined requests are answered in order, as on the lean path (RFC 9112 §9.3.2);
+        // without this pingora-core closes the connection after an answer that said
+        // keep-alive (`HttpSession::reuse`).
+        session.as_mut().set_pipelining_enabled(true);
         if session.req_header().version == http::Version::HTTP_10 {
             // An HTTP/1.0 client cannot take a 1xx (RFC 9110 §15.2); pingora-core's
             // `HttpSession::write_response_header` would write them.

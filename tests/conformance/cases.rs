@@ -35,9 +35,9 @@ pub struct Case {
     /// runner's sentinel request are left out).
     pub expect_upstream: Vec<Vec<u8>>,
     /// Each upstream connection need only start with its expected bytes, and carry no more
-    /// whole requests than they do: for requests cut short (an upload the upstream refused
-    /// early, a body the proxy found invalid half-way), where how much of the body got through
-    /// depends on timing.
+    /// whole requests than they do, and there may be fewer connections than expected: for
+    /// requests cut short (an upload the upstream refused early, a body the proxy found
+    /// invalid half-way), where how much of them got through depends on timing.
     pub upstream_prefix: bool,
     pub expect_client: Vec<u8>,
     pub full_path: Option<PathDifference>,
@@ -615,9 +615,10 @@ pub fn corpus() -> Vec<Case> {
         case("chunk-extension-bare-lf", "defect 12")
             .send(b"POST /lf HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n")
             .end(End::Closed)
+            // Refused with a 400: the upstream gets at most the head, never a whole request.
             .expect_upstream(&[&fwd("POST /lf HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
             .upstream_prefix()
-            .expect_client(json_error("400 Bad Request", "proxy_error", "InvalidHTTPHeader")),
+            .expect_client(json_error("400 Bad Request", "proxy_error", "HTTPStatus")),
         case("content-length-list", "defect 12")
             .send(b"POST /cl HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello")
             .upstream(vec![answer(OK)])

@@ -57,6 +57,11 @@ const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[
         None,
         "NOT IN ISSUE 18's LIST: an HTTP/1.0 client gets a chunked answer (RFC 9112 §6.1 forbids Transfer-Encoding in an answer to HTTP/1.0); lean.rs downstream_response, and pingora-proxy on the full path",
     ),
+    (
+        "http11-without-host",
+        None,
+        "NOT IN ISSUE 18's LIST: an HTTP/1.1 request without Host is forwarded (with the upstream's Host) where RFC 9112 §3.2 says a server MUST answer 400; nginx does",
+    ),
 ];
 
 /// Cases a documented race fails now and then: a failure is reported with its diff and does
@@ -771,6 +776,16 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
         "early-413-during-upload",
         None,
         "nginx's timing: as early-401-during-upload, with a 413",
+    ),
+    (
+        "chunk-size-overflow",
+        None,
+        "both refuse with 400 and no whole request goes upstream: tokenward streams the request, so the upstream got its head before the bad chunk size was read; nginx read the chunk size before connecting",
+    ),
+    (
+        "answer-content-length-conflict",
+        None,
+        "RFC 9112 §6.3: a proxy that gets an answer with conflicting Content-Length values closes the upstream connection and sends 502, as tokenward does; nginx relayed it",
     ),
 ];
 

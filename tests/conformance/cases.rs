@@ -640,6 +640,38 @@ pub fn corpus() -> Vec<Case> {
             .send(b"GET /sp HTTP/1.1\r\nHost: app\r\nX-A : 1\r\n\r\n")
             .end(End::Closed)
             .expect_client(PINGORA_400),
+        // Request smuggling classics: each refused with a 400, nothing upstream.
+        case("http11-without-host", "ordinary")
+            .send(b"GET /nohost HTTP/1.1\r\nUser-Agent: t\r\n\r\n")
+            .end(End::Closed)
+            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+            .upstream(vec![answer(OK)])
+            .expect_client(PINGORA_400),
+        case("content-length-negative", "ordinary")
+            .send(b"POST /neg HTTP/1.1\r\nHost: app\r\nContent-Length: -1\r\n\r\nhello")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("content-length-conflict", "ordinary")
+            .send(b"POST /two HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("chunk-size-overflow", "ordinary")
+            .send(b"POST /huge HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n")
+            .end(End::Closed)
+            .expect_upstream(&[&fwd("POST /huge HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
+            .upstream_prefix()
+            .expect_client(json_error("400 Bad Request", "proxy_error", "InvalidChunk")),
+        case("obs-fold", "ordinary")
+            .send(b"GET /fold HTTP/1.1\r\nHost: app\r\nX-A: 1\r\n 2\r\n\r\n")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("answer-content-length-conflict", "ordinary")
+            .send(b"GET /two HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!")])
+            .expect_upstream(&[&fwd("GET /two HTTP/1.1\r\nHost: <UPSTREAM>\r\n", b"")])
+            // RFC 9112 §6.3: an answer whose length cannot be known is a 502 from a proxy.
+            .expect_client(json_error("502 Bad Gateway", "upstream_unavailable", "InvalidHTTPHeader")),
         case("answer-content-length-and-chunked", "ordinary")
             .send(b"GET /cl-te HTTP/1.1\r\nHost: app\r\n\r\n")
             .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")])

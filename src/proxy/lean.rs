@@ -30,8 +30,8 @@ use super::chunk_guard::{Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
-    InFlight, TokenwardProxy, connect_refused, failure_body, failure_status, log_outcome, no_route,
-    renewed, respond, retarget, token_unavailable,
+    InFlight, MAX_INFORMATIONAL, TokenwardProxy, connect_refused, failure_body, failure_status,
+    is_websocket_upgrade, log_outcome, no_route, renewed, respond, retarget, token_unavailable,
 };
 use crate::token::Token;
 
@@ -443,19 +443,6 @@ struct Exchange {
     http11: bool,
     /// A WebSocket upgrade without a body: a 101 is its answer.
     websocket: bool,
-}
-
-/// How many 1xx answers one request may get before the upstream is taken to be broken.
-pub(crate) const MAX_INFORMATIONAL: usize = 16;
-
-/// A WebSocket upgrade as pingora-proxy recognises one (`is_websocket_upgrade_request`): the
-/// only upgrade either path passes on.
-pub(crate) fn is_websocket_upgrade(request: &RequestHeader) -> bool {
-    request.version == http::Version::HTTP_11
-        && request
-            .headers
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// The status of the final answer written to the client, 0 when none was (a 1xx is not one).

@@ -26,11 +26,12 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 use tracing::info;
 
+use super::chunk_guard::{Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
-    InFlight, TokenwardProxy, connect_refused, failure_body, failure_status, log_outcome, no_route,
-    renewed, respond, retarget, token_unavailable,
+    InFlight, MAX_INFORMATIONAL, TokenwardProxy, connect_refused, failure_body, failure_status,
+    is_websocket_upgrade, log_outcome, no_route, renewed, respond, retarget, token_unavailable,
 };
 use crate::token::Token;
 
@@ -119,12 +120,17 @@ impl ServerApp for ListenerApp {
         if !self.lean || !self.table.load().forwards_plainly(self.listener) {
             return self.full.process_new(stream, shutdown).await;
         }
-        let mut stream = stream;
+        let (mut stream, guard) = Guarded::wrap(stream);
         // Bytes read past the previous request that belong to the next one.
         let mut prefix: Option<BytesMut> = None;
         let mut stop = shutdown.clone();
         loop {
             let mut downstream = Downstream::new(stream);
+            // A client may send its next request before this one's answer (RFC 9112 §9.3.2):
+            // pingora-core's `HttpSession::reuse` then hands its bytes over instead of closing
+            // a connection whose answer said keep-alive.
+            downstream.set_pipelining_enabled(true);
+            guard.request_starts(prefix.as_deref());
             if let Some(prefix) = prefix.take() {
                 downstream.set_pipelined_prefix(prefix);
             }
@@ -147,15 +153,16 @@ impl ServerApp for ListenerApp {
                     return None;
                 }
             }
+            watch_head(&guard, &downstream);
             // Boxed: an idle keep-alive connection then holds its session, not the space of a
             // whole request's state machine (benches/README.md, memory per connection).
-            match Box::pin(self.serve(&mut downstream)).await {
+            match Box::pin(self.serve(&mut downstream, &guard)).await {
                 Next::KeepAlive => {
                     (stream, prefix) = downstream.reuse().await.ok()??.into_parts();
                 }
                 Next::Close => return None,
                 Next::HandOff => {
-                    (stream, prefix) = Box::pin(self.hand_off(downstream, shutdown)).await?;
+                    return Box::pin(self.hand_off(downstream, shutdown)).await;
                 }
             }
         }
@@ -169,16 +176,16 @@ impl ServerApp for ListenerApp {
 impl ListenerApp {
     /// Gives the request just read to the `ProxyHttp` path, which parses it again from its raw
     /// header and the bytes read past it (a request without a body, so those can only belong to
-    /// the next request), and takes the connection back after its answer.
+    /// the next request), and serves the connection's next requests too, as pingora's own
+    /// service loop does: the route that sent it there is one the lean path no longer serves.
     async fn hand_off(
         &self,
         mut downstream: Downstream,
         shutdown: &ShutdownWatch,
-    ) -> Option<(Stream, Option<BytesMut>)> {
+    ) -> Option<Stream> {
         let mut prefix = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
         // pingora-core's `HttpSession::reuse` hands over what its body reader read past the
-        // request only when pipelining is on; without it those bytes would be dropped.
-        downstream.set_pipelining_enabled(true);
+        // request only with pipelining on (as it is on this path); else it would drop them.
         downstream.set_server_keepalive(Some(KEEPALIVE_SECONDS));
         let (stream, past) = downstream.reuse().await.ok()??.into_parts();
         if let Some(past) = past {
@@ -193,17 +200,18 @@ impl ListenerApp {
         } else {
             session.set_keepalive(Some(KEEPALIVE_SECONDS));
         }
-        // The full path leaves pipelining off, so it hands back no bytes of a next request
-        // (pingora-proxy's `finish` closes a connection that has any): only the stream.
-        let (stream, _settings) = self
-            .full
-            .process_new_http(session, shutdown)
-            .await?
-            .consume();
-        Some((stream, None))
+        let mut reused = self.full.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = reused.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            reused = self.full.process_new_http(session, shutdown).await;
+        }
+        None
     }
 
-    async fn serve(&self, downstream: &mut Downstream) -> Next {
+    async fn serve(&self, downstream: &mut Downstream, guard: &Guard) -> Next {
         let started = Instant::now();
         let _in_flight = self.in_flight.enter();
         if downstream.req_header().method == http::Method::CONNECT {
@@ -219,6 +227,14 @@ impl ListenerApp {
         let Some(route) = route else {
             return answer(downstream, 404, no_route(), None).await;
         };
+        if guard.refused() {
+            // The bad line came with the head: refused before anything goes upstream.
+            let e = refusal(guard, Error::new(ErrorType::InternalError));
+            downstream.set_server_keepalive(None);
+            answer(downstream, 400, failure_body(400, &route.name, &e), None).await;
+            log_outcome(&route, 400, started, Some(&e));
+            return Next::Close;
+        }
         if !route.forwards_plainly() {
             if downstream.is_body_empty() {
                 return Next::HandOff;
@@ -253,6 +269,7 @@ impl ListenerApp {
                 Next::KeepAlive
             }
             Err(e) => {
+                let e = refusal(guard, e);
                 let code = failure_status(&e);
                 if code > 0 && final_status(downstream) == 0 {
                     // The connection ends after this answer, and the answer says so.
@@ -395,6 +412,28 @@ impl ListenerApp {
     }
 }
 
+/// Tells the guard where the request just read ends its head, and whether a chunked body
+/// follows (pingora-core's `validate_request` let through only chunked as a final coding).
+fn watch_head(guard: &Guard, downstream: &Downstream) {
+    let chunked = downstream
+        .req_header()
+        .headers
+        .contains_key(header::TRANSFER_ENCODING);
+    guard.head_read(&downstream.get_headers_raw_bytes(), chunked);
+}
+
+/// A read the guard failed is the client's malformed body (a 400), not a lost client.
+fn refusal(guard: &Guard, e: Box<Error>) -> Box<Error> {
+    if !guard.refused() {
+        return e;
+    }
+    Error::explain(
+        ErrorType::HTTPStatus(400),
+        "a bare LF in a chunk-size line (RFC 9112 §7.1)",
+    )
+    .into_down()
+}
+
 /// What one request asks of each attempt's exchange with the upstream.
 struct Exchange {
     /// The client sent `Expect: 100-continue` (HTTP/1.1 only): it gets our own 100 once a
@@ -404,19 +443,6 @@ struct Exchange {
     http11: bool,
     /// A WebSocket upgrade without a body: a 101 is its answer.
     websocket: bool,
-}
-
-/// How many 1xx answers one request may get before the upstream is taken to be broken.
-pub(crate) const MAX_INFORMATIONAL: usize = 16;
-
-/// A WebSocket upgrade as pingora-proxy recognises one (`is_websocket_upgrade_request`): the
-/// only upgrade either path passes on.
-pub(crate) fn is_websocket_upgrade(request: &RequestHeader) -> bool {
-    request.version == http::Version::HTTP_11
-        && request
-            .headers
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// The status of the final answer written to the client, 0 when none was (a 1xx is not one).
@@ -605,17 +631,64 @@ fn upstream_request(
     route: &Route,
     has_body: bool,
 ) -> Result<RequestHeader> {
+    let mut request = unrouted_request(client, has_body)?;
+    retarget(route, &mut request)?;
+    Ok(request)
+}
+
+/// [`upstream_request`] but for the route's Host and target.
+fn unrouted_request(client: &RequestHeader, has_body: bool) -> Result<RequestHeader> {
     let mut request = client.clone();
     request.set_version(http::Version::HTTP_11);
     strip_hop_by_hop(&mut request)
         .map_err(|reason| Error::explain(ErrorType::InvalidHTTPHeader, reason).into_down())?;
     request.remove_header(&header::EXPECT);
-    retarget(route, &mut request)?;
     super::normalise_content_length(&mut request)?;
     if has_body && !request.headers.contains_key(header::CONTENT_LENGTH) {
         request.insert_header(header::TRANSFER_ENCODING, "chunked")?;
     }
     Ok(request)
+}
+
+/// One request through the lean path's reading, rewriting and relaying of a request (all but
+/// routing and the token), from `client` to `upstream`, up to the upstream's answer head: what
+/// the fuzz target `http1_request` drives over in-memory streams. `Ok(true)` when the whole
+/// request went upstream; an error says why it was refused (the lean path's 400s) or failed.
+pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Result<bool> {
+    let (client, guard) = Guarded::wrap(client);
+    let mut downstream = Downstream::new(client);
+    guard.request_starts(None);
+    match downstream.read_request().await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(Error::explain(ErrorType::ConnectionClosed, "no request").into_down());
+        }
+        Err(e) => return Err(e.into_down()),
+    }
+    watch_head(&guard, &downstream);
+    if guard.refused() {
+        return Err(refusal(&guard, Error::new(ErrorType::InternalError)));
+    }
+    if downstream.req_header().method == http::Method::CONNECT {
+        return Err(Error::explain(ErrorType::HTTPStatus(405), "CONNECT").into_down());
+    }
+    let has_body = !downstream.is_body_empty();
+    let client = downstream.req_header();
+    let http11 = client.version == http::Version::HTTP_11;
+    let exchange = Exchange {
+        continue_asked: http11
+            && client
+                .headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
+        http11,
+        websocket: false,
+    };
+    let request = unrouted_request(client, has_body)?;
+    let mut upstream = Upstream::new(upstream);
+    send(&mut downstream, &mut upstream, request, &exchange)
+        .await
+        .map_err(|e| refusal(&guard, e))
 }
 
 /// Removes the fields `Connection` names and the standard hop-by-hop ones. A `Connection`

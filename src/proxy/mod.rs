@@ -3,6 +3,7 @@
 //! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
 //! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
+mod chunk_guard;
 pub mod lean;
 pub mod metrics;
 pub mod respond;
@@ -167,6 +168,10 @@ impl ProxyHttp for TokenwardProxy {
             respond::json(session, 405, connect_refused(), None).await?;
             return Ok(true);
         }
+        // Pipelined requests are answered in order, as on the lean path (RFC 9112 §9.3.2);
+        // without this pingora-core closes the connection after an answer that said
+        // keep-alive (`HttpSession::reuse`).
+        session.as_mut().set_pipelining_enabled(true);
         if session.req_header().version == http::Version::HTTP_10 {
             // An HTTP/1.0 client cannot take a 1xx (RFC 9110 §15.2); pingora-core's
             // `HttpSession::write_response_header` would write them.
@@ -318,8 +323,7 @@ impl ProxyHttp for TokenwardProxy {
     ) -> Result<()> {
         let status = response.status.as_u16();
         if response.status == http::StatusCode::SWITCHING_PROTOCOLS
-            && !(lean::is_websocket_upgrade(session.req_header())
-                && session.as_mut().is_body_empty())
+            && !(is_websocket_upgrade(session.req_header()) && session.as_mut().is_body_empty())
         {
             // pingora-proxy (`reject_mismatched_h1_upgrade_101`) refuses a 101 only when the
             // two sides' upgrade requests differ; one nobody asked for would become a tunnel.
@@ -331,7 +335,7 @@ impl ProxyHttp for TokenwardProxy {
         }
         if response.status.is_informational() && status != 101 {
             ctx.informational += 1;
-            if ctx.informational > lean::MAX_INFORMATIONAL {
+            if ctx.informational > MAX_INFORMATIONAL {
                 return Error::e_explain(
                     ErrorType::InvalidHTTPHeader,
                     "upstream sent too many 1xx answers",
@@ -471,6 +475,19 @@ impl ProxyHttp for TokenwardProxy {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         log_outcome(route, status, ctx.started, e);
     }
+}
+
+/// How many 1xx answers one request may get before the upstream is taken to be broken.
+const MAX_INFORMATIONAL: usize = 16;
+
+/// A WebSocket upgrade as pingora-proxy recognises one (`is_websocket_upgrade_request`): the
+/// only upgrade either path passes on.
+fn is_websocket_upgrade(request: &RequestHeader) -> bool {
+    request.version == http::Version::HTTP_11
+        && request
+            .headers
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
 /// The 405 both paths answer `CONNECT` with: tokenward forwards requests, it opens no tunnels
@@ -640,5 +657,70 @@ fn log_outcome(route: &Route, status: u16, started: Instant, e: Option<&Error>) 
         .observe(status, started.elapsed().as_secs_f64());
     if let Some(e) = e {
         warn!(route = %route.name, credential = %route.credential.name(), status, error = %e.etype().as_str(), "request failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: u16, fields: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in fields {
+            r.append_header(name.to_string(), *value).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn answers_lose_their_hop_by_hop_fields_but_keep_their_framing_and_a_101_its_upgrade() {
+        let mut r = answer(
+            200,
+            &[
+                ("Connection", "X-Hop, Content-Length, close"),
+                ("X-Hop", "1"),
+                ("Keep-Alive", "timeout=5"),
+                ("Proxy-Connection", "keep-alive"),
+                ("TE", "trailers"),
+                ("Upgrade", "h2c"),
+                ("Content-Length", "2"),
+                ("X-Kept", "k"),
+            ],
+        );
+        strip_answer_hop_by_hop(&mut r);
+        let left: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-length", "x-kept"]);
+        let mut r = answer(
+            101,
+            &[
+                ("Connection", "Upgrade, X-Hop"),
+                ("Upgrade", "websocket"),
+                ("X-Hop", "1"),
+            ],
+        );
+        strip_answer_hop_by_hop(&mut r);
+        assert_eq!(r.headers["connection"], "Upgrade");
+        assert_eq!(r.headers["upgrade"], "websocket");
+        assert!(!r.headers.contains_key("x-hop"));
+    }
+
+    #[test]
+    fn a_content_length_list_of_one_value_becomes_that_value_and_conflicts_are_refused() {
+        for fields in [&["5, 5"][..], &["5", "5"], &["5,5, 5"]] {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in fields {
+                r.append_header("Content-Length", *v).unwrap();
+            }
+            normalise_content_length(&mut r).unwrap();
+            let values: Vec<_> = r.headers.get_all("content-length").iter().collect();
+            assert_eq!(values, ["5"], "{fields:?}");
+        }
+        for fields in [&["5, 6"][..], &["5", "6"], &["5,"]] {
+            let mut r = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in fields {
+                r.append_header("Content-Length", *v).unwrap();
+            }
+            assert!(normalise_content_length(&mut r).is_err(), "{fields:?}");
+        }
     }
 }

@@ -35,9 +35,9 @@ pub struct Case {
     /// runner's sentinel request are left out).
     pub expect_upstream: Vec<Vec<u8>>,
     /// Each upstream connection need only start with its expected bytes, and carry no more
-    /// whole requests than they do: for requests cut short (an upload the upstream refused
-    /// early, a body the proxy found invalid half-way), where how much of the body got through
-    /// depends on timing.
+    /// whole requests than they do, and there may be fewer connections than expected: for
+    /// requests cut short (an upload the upstream refused early, a body the proxy found
+    /// invalid half-way), where how much of them got through depends on timing.
     pub upstream_prefix: bool,
     pub expect_client: Vec<u8>,
     pub full_path: Option<PathDifference>,
@@ -615,9 +615,10 @@ pub fn corpus() -> Vec<Case> {
         case("chunk-extension-bare-lf", "defect 12")
             .send(b"POST /lf HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n5;a\nb\r\nhello\r\n0\r\n\r\n")
             .end(End::Closed)
+            // Refused with a 400: the upstream gets at most the head, never a whole request.
             .expect_upstream(&[&fwd("POST /lf HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
             .upstream_prefix()
-            .expect_client(json_error("400 Bad Request", "proxy_error", "InvalidHTTPHeader")),
+            .expect_client(json_error("400 Bad Request", "proxy_error", "HTTPStatus")),
         case("content-length-list", "defect 12")
             .send(b"POST /cl HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello")
             .upstream(vec![answer(OK)])
@@ -639,6 +640,38 @@ pub fn corpus() -> Vec<Case> {
             .send(b"GET /sp HTTP/1.1\r\nHost: app\r\nX-A : 1\r\n\r\n")
             .end(End::Closed)
             .expect_client(PINGORA_400),
+        // Request smuggling classics: each refused with a 400, nothing upstream.
+        case("http11-without-host", "ordinary")
+            .send(b"GET /nohost HTTP/1.1\r\nUser-Agent: t\r\n\r\n")
+            .end(End::Closed)
+            // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+            .upstream(vec![answer(OK)])
+            .expect_client(PINGORA_400),
+        case("content-length-negative", "ordinary")
+            .send(b"POST /neg HTTP/1.1\r\nHost: app\r\nContent-Length: -1\r\n\r\nhello")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("content-length-conflict", "ordinary")
+            .send(b"POST /two HTTP/1.1\r\nHost: app\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("chunk-size-overflow", "ordinary")
+            .send(b"POST /huge HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff1\r\nhello\r\n0\r\n\r\n")
+            .end(End::Closed)
+            .expect_upstream(&[&fwd("POST /huge HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
+            .upstream_prefix()
+            .expect_client(json_error("400 Bad Request", "proxy_error", "InvalidChunk")),
+        case("obs-fold", "ordinary")
+            .send(b"GET /fold HTTP/1.1\r\nHost: app\r\nX-A: 1\r\n 2\r\n\r\n")
+            .end(End::Closed)
+            .expect_client(PINGORA_400),
+        case("answer-content-length-conflict", "ordinary")
+            .send(b"GET /two HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!")])
+            .expect_upstream(&[&fwd("GET /two HTTP/1.1\r\nHost: <UPSTREAM>\r\n", b"")])
+            // RFC 9112 §6.3: an answer whose length cannot be known is a 502 from a proxy.
+            .expect_client(json_error("502 Bad Gateway", "upstream_unavailable", "InvalidHTTPHeader")),
         case("answer-content-length-and-chunked", "ordinary")
             .send(b"GET /cl-te HTTP/1.1\r\nHost: app\r\n\r\n")
             .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")])

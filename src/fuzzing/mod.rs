@@ -45,3 +45,7 @@ pub fn templates(text: &str) {
         let _ = crate::dialect::template::Template::parse(line);
     }
 }
+
+mod http1;
+
+pub use http1::http1_request;

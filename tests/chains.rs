@@ -9,6 +9,7 @@ mod strict_provider;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
@@ -22,7 +23,7 @@ const STORE_KEY: &str = "1f2e3d4c5b6a79880716253443526170ffeeddccbbaa99887766554
 fn chain_config(
     dir: &Path,
     admin: SocketAddr,
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     routes: &[(SocketAddr, &str, &FakeUpstream)],
     extra: &str,
@@ -42,7 +43,7 @@ threads = 2
 grace_period = "5s"
 "#,
         state = dir.join("state").display(),
-        redis = redis.url(),
+        redis = redis_url,
     );
     for (listen, name, upstream) in routes {
         text.push_str(&format!(
@@ -69,7 +70,7 @@ grace_period = "5s"
 /// A replica serving `accounts` (each a route and a credential of that name, to its own
 /// upstream), with bootstrap files written from the provider's current tokens of `secrets_dir`.
 fn replica(
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     secrets_dir: &Path,
     accounts: &[(&str, &FakeUpstream)],
@@ -86,7 +87,7 @@ fn replica(
     let config_path = dir.path().join("tokenward.toml");
     std::fs::write(
         &config_path,
-        chain_config(secrets_dir, admin, redis, provider, &routes, extra),
+        chain_config(secrets_dir, admin, redis_url, provider, &routes, extra),
     )
     .unwrap();
     let proxy = ports[0];
@@ -145,17 +146,27 @@ async fn force_refresh(tw: &Tokenward, credential: &str) {
 /// takes longer (the flight goes on; its token then shows in `/tokens`).
 async fn refresh_and_wait(tw: &Tokenward) {
     let before = token_served(tw).await;
-    let r = reqwest::Client::new()
-        .post(tw.admin_url("/tokens/api/refresh"))
-        .send()
-        .await
-        .unwrap();
-    if r.status() == 200 {
-        return;
-    }
-    let body = r.text().await.unwrap();
-    assert!(body.contains("the exchange goes on"), "{body}");
     let deadline = Instant::now() + SOON;
+    loop {
+        let r = reqwest::Client::new()
+            .post(tw.admin_url("/tokens/api/refresh"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return;
+        }
+        let body = r.text().await.unwrap();
+        if body.contains("the exchange goes on") {
+            break;
+        }
+        // The first command after a failover meets the connection to the old primary.
+        assert!(
+            body.contains("token store unavailable") && Instant::now() < deadline,
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     while token_served(tw).await == before {
         assert!(
             Instant::now() < deadline,
@@ -181,9 +192,9 @@ async fn two_accounts_on_one_client_never_see_each_others_tokens() {
     }
     let (to_alice, to_bob) = (FakeUpstream::start().await, FakeUpstream::start().await);
     let accounts = [("alice", &to_alice), ("bob", &to_bob)];
-    let (one, one_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    let (one, one_ports) = replica(&redis.url(), &provider, secrets.path(), &accounts, "");
     one.wait_ready().await;
-    let (two, two_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    let (two, two_ports) = replica(&redis.url(), &provider, secrets.path(), &accounts, "");
     two.wait_ready().await;
 
     let all: Vec<SocketAddr> = one_ports.iter().chain(&two_ports).copied().collect();
@@ -230,7 +241,7 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
     let text = chain_config(
         secrets.path(),
         free_port(),
-        &redis,
+        &redis.url(),
         &provider,
         &[(free_port(), "orders", &up), (free_port(), "billing", &up)],
         "",
@@ -284,7 +295,7 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
 /// lines in the credential; each ready before the next starts.
 async fn replicas_of_one_account(
     n: usize,
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     secrets: &Path,
     upstream: &FakeUpstream,
@@ -294,7 +305,7 @@ async fn replicas_of_one_account(
     std::fs::write(secrets.join("api.rt"), "rt-api-bootstrap").unwrap();
     let mut out = Vec::new();
     for _ in 0..n {
-        let (tw, ports) = replica(redis, provider, secrets, &[("api", upstream)], extra);
+        let (tw, ports) = replica(redis_url, provider, secrets, &[("api", upstream)], extra);
         tw.wait_ready().await;
         out.push((tw, ports[0]));
     }
@@ -344,7 +355,7 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -386,7 +397,7 @@ async fn a_rolled_back_store_is_not_adopted() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -431,7 +442,7 @@ async fn redis_emptied_during_the_holders_provider_call() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -474,7 +485,7 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -526,7 +537,7 @@ async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -584,7 +595,7 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
         let secrets = tempfile::tempdir().unwrap();
         std::fs::write(secrets.path().join("api.rt"), "rt-api-boot-1").unwrap();
         let (tw, ports) = replica(
-            &redis,
+            &redis.url(),
             &provider,
             secrets.path(),
             &[("api", &upstream)],
@@ -636,7 +647,7 @@ async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
     let upstream = FakeUpstream::start().await;
     let reps = replicas_of_one_account(
         4,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -671,6 +682,106 @@ async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
     eprintln!("{calls} provider calls with 4 replicas and an upstream rejecting every token");
     assert!(calls <= 4, "{calls} calls: {}", provider.summary());
     assert_chain_intact(&provider);
+}
+
+/// A TCP forwarder standing for the address clients know Redis by: a failover points it at
+/// the promoted replica and cuts the connections to the old primary (as a Sentinel-managed
+/// address or a Kubernetes Service does).
+struct Forwarder {
+    addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Forwarder {
+    async fn start(target: SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (t, c) = (target.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = *t.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Forwarder {
+            addr,
+            target,
+            connections,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    /// Points new connections at `to` and cuts the ones open now.
+    fn switch_to(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = to;
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// Defect 3, a real failover: the primary dies with a write its asynchronous replica (started
+/// with `--replicaof`) never received, and the replica, promoted (`REPLICAOF NO ONE`), takes
+/// the primary's address. The
+/// store now holds an older point of the chain than both tokenward replicas: neither adopts it,
+/// the newer state is written back, and no spent refresh token is presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
+    let mut primary = RedisServer::start();
+    let standby = primary.start_replica();
+    let forwarder = Forwarder::start(primary.addr()).await;
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &forwarder.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+    let key = chain_key(&primary);
+    wait_for("the standby holding the chain", SOON, || {
+        standby.keys().contains(&key)
+    })
+    .await;
+
+    // The standby falls behind: it is cut off from the primary (promoted, as a failover does,
+    // before it received the next write — a stalled replica would still read what the primary
+    // had sent it), then the chain moves on on the primary and B adopts it there.
+    standby.promote();
+    force_refresh(&a, "api").await;
+    let deadline = Instant::now() + SOON;
+    while token_served(&b).await != token_served(&a).await {
+        assert!(Instant::now() < deadline, "B never adopted A's rotation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The primary dies; the standby, one write behind, takes its address.
+    assert!(!standby.holds_bytes(b"rt-api"), "sealed");
+    primary.stop();
+    forwarder.switch_to(standby.addr());
+
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
 /// How long a test waits for something that should happen within a few seconds.

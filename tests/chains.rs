@@ -784,6 +784,69 @@ async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
+/// Defect 7: the lease holder is paused (SIGSTOP, as a long stall or a VM pause) for 8 s in the
+/// middle of its provider call, past its lease. Another replica takes the lease over but waits
+/// out the longest the holder's call can last before presenting the refresh token; the holder
+/// resumes, lands its rotated token, and the other adopts it. No refresh token is presented
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"10s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+
+    provider.set_delay(Duration::from_secs(2));
+    let holder = {
+        let url = a.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    wait_for("the holder's provider call", SOON, || {
+        provider.in_flight() > 0
+    })
+    .await;
+    a.signal("STOP");
+    let paused = Instant::now();
+    provider.set_delay(Duration::ZERO);
+    let other = {
+        let url = b.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    // The pause is the scenario: 8 s, well past the holder's 3 s lease.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
+    a.signal("CONT");
+    let r = holder.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = other.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    let m = b.get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"
+        ),
+        1.0,
+        "the lapsed lease was taken over"
+    );
+    // The login, the paused holder's refresh, the other's refresh from its rotated token.
+    assert_eq!(provider.successes(), 3, "{}", provider.summary());
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

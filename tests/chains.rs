@@ -847,6 +847,109 @@ async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
     assert_eq!(provider.successes(), 3, "{}", provider.summary());
 }
 
+/// Defect 10: a file store that failed once (its state file unreadable) is reported in use
+/// again (`file`, not `hold`) as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_file_store_is_reported_in_use_again_once_it_answers() {
+    let provider = FakeProvider::start(300, true, Some("rt-bootstrap")).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(
+            &provider,
+            "grant = \"refresh_token\"\nrefresh_token = \"rt-bootstrap\"\nmin_refresh_interval = \"0s\"",
+        ),
+    );
+    tw.wait_ready().await;
+    let mode = async || tw.get_json("/tokens/api").await["store_mode"].clone();
+    assert_eq!(mode().await, "file");
+    let state = tw.dir.path().join("state").join("api.json");
+    let saved = std::fs::read(&state).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(tw.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200, "the store cannot be read");
+    assert_eq!(mode().await, "hold");
+
+    std::fs::remove_dir(&state).unwrap();
+    std::fs::write(&state, saved).unwrap();
+    let r = client
+        .post(tw.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(mode().await, "file");
+    assert!(
+        provider.refused_calls().is_empty(),
+        "{:?}",
+        provider.calls()
+    );
+}
+
+/// Defect 10: a secret read that hangs (a FIFO with no writer) holds one blocking thread, not
+/// one more per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let fifo = tempfile::tempdir().unwrap();
+    let path = fifo.path().join("client_secret");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let keys = format!(
+        "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\ntimeout = \"1s\"\nprobe_interval = \"500ms\"\nmax_backoff = \"500ms\"\n",
+        provider.token_url(),
+        path.display()
+    );
+    let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
+    tw.wait_healthy().await;
+    let threads = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tw.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap()
+    };
+    // The first exchange hangs on the read, and its flight gives up after 2 × timeout + 1 s.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = tw.get_json("/tokens/api").await;
+        if status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = threads();
+    // Retries every 500 ms (and requests) for 8 s more.
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let r = client.get(tw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let last = threads();
+    assert!(
+        last <= first + 1,
+        "threads grew from {first} to {last} while the secret read hung"
+    );
+    assert_eq!(provider.call_count(), 0);
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

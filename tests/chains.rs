@@ -9,6 +9,7 @@ mod strict_provider;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
@@ -22,7 +23,7 @@ const STORE_KEY: &str = "1f2e3d4c5b6a79880716253443526170ffeeddccbbaa99887766554
 fn chain_config(
     dir: &Path,
     admin: SocketAddr,
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     routes: &[(SocketAddr, &str, &FakeUpstream)],
     extra: &str,
@@ -42,7 +43,7 @@ threads = 2
 grace_period = "5s"
 "#,
         state = dir.join("state").display(),
-        redis = redis.url(),
+        redis = redis_url,
     );
     for (listen, name, upstream) in routes {
         text.push_str(&format!(
@@ -69,7 +70,7 @@ grace_period = "5s"
 /// A replica serving `accounts` (each a route and a credential of that name, to its own
 /// upstream), with bootstrap files written from the provider's current tokens of `secrets_dir`.
 fn replica(
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     secrets_dir: &Path,
     accounts: &[(&str, &FakeUpstream)],
@@ -86,7 +87,7 @@ fn replica(
     let config_path = dir.path().join("tokenward.toml");
     std::fs::write(
         &config_path,
-        chain_config(secrets_dir, admin, redis, provider, &routes, extra),
+        chain_config(secrets_dir, admin, redis_url, provider, &routes, extra),
     )
     .unwrap();
     let proxy = ports[0];
@@ -145,17 +146,27 @@ async fn force_refresh(tw: &Tokenward, credential: &str) {
 /// takes longer (the flight goes on; its token then shows in `/tokens`).
 async fn refresh_and_wait(tw: &Tokenward) {
     let before = token_served(tw).await;
-    let r = reqwest::Client::new()
-        .post(tw.admin_url("/tokens/api/refresh"))
-        .send()
-        .await
-        .unwrap();
-    if r.status() == 200 {
-        return;
-    }
-    let body = r.text().await.unwrap();
-    assert!(body.contains("the exchange goes on"), "{body}");
     let deadline = Instant::now() + SOON;
+    loop {
+        let r = reqwest::Client::new()
+            .post(tw.admin_url("/tokens/api/refresh"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            return;
+        }
+        let body = r.text().await.unwrap();
+        if body.contains("the exchange goes on") {
+            break;
+        }
+        // The first command after a failover meets the connection to the old primary.
+        assert!(
+            body.contains("token store unavailable") && Instant::now() < deadline,
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     while token_served(tw).await == before {
         assert!(
             Instant::now() < deadline,
@@ -181,9 +192,9 @@ async fn two_accounts_on_one_client_never_see_each_others_tokens() {
     }
     let (to_alice, to_bob) = (FakeUpstream::start().await, FakeUpstream::start().await);
     let accounts = [("alice", &to_alice), ("bob", &to_bob)];
-    let (one, one_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    let (one, one_ports) = replica(&redis.url(), &provider, secrets.path(), &accounts, "");
     one.wait_ready().await;
-    let (two, two_ports) = replica(&redis, &provider, secrets.path(), &accounts, "");
+    let (two, two_ports) = replica(&redis.url(), &provider, secrets.path(), &accounts, "");
     two.wait_ready().await;
 
     let all: Vec<SocketAddr> = one_ports.iter().chain(&two_ports).copied().collect();
@@ -230,7 +241,7 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
     let text = chain_config(
         secrets.path(),
         free_port(),
-        &redis,
+        &redis.url(),
         &provider,
         &[(free_port(), "orders", &up), (free_port(), "billing", &up)],
         "",
@@ -284,7 +295,7 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
 /// lines in the credential; each ready before the next starts.
 async fn replicas_of_one_account(
     n: usize,
-    redis: &RedisServer,
+    redis_url: &str,
     provider: &StrictProvider,
     secrets: &Path,
     upstream: &FakeUpstream,
@@ -294,7 +305,7 @@ async fn replicas_of_one_account(
     std::fs::write(secrets.join("api.rt"), "rt-api-bootstrap").unwrap();
     let mut out = Vec::new();
     for _ in 0..n {
-        let (tw, ports) = replica(redis, provider, secrets, &[("api", upstream)], extra);
+        let (tw, ports) = replica(redis_url, provider, secrets, &[("api", upstream)], extra);
         tw.wait_ready().await;
         out.push((tw, ports[0]));
     }
@@ -344,7 +355,7 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -386,7 +397,7 @@ async fn a_rolled_back_store_is_not_adopted() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -431,7 +442,7 @@ async fn redis_emptied_during_the_holders_provider_call() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -474,7 +485,7 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -526,7 +537,7 @@ async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
     let upstream = FakeUpstream::start().await;
     let mut reps = replicas_of_one_account(
         2,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -584,7 +595,7 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
         let secrets = tempfile::tempdir().unwrap();
         std::fs::write(secrets.path().join("api.rt"), "rt-api-boot-1").unwrap();
         let (tw, ports) = replica(
-            &redis,
+            &redis.url(),
             &provider,
             secrets.path(),
             &[("api", &upstream)],
@@ -636,7 +647,7 @@ async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
     let upstream = FakeUpstream::start().await;
     let reps = replicas_of_one_account(
         4,
-        &redis,
+        &redis.url(),
         &provider,
         secrets.path(),
         &upstream,
@@ -671,6 +682,272 @@ async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
     eprintln!("{calls} provider calls with 4 replicas and an upstream rejecting every token");
     assert!(calls <= 4, "{calls} calls: {}", provider.summary());
     assert_chain_intact(&provider);
+}
+
+/// A TCP forwarder standing for the address clients know Redis by: a failover points it at
+/// the promoted replica and cuts the connections to the old primary (as a Sentinel-managed
+/// address or a Kubernetes Service does).
+struct Forwarder {
+    addr: SocketAddr,
+    target: Arc<Mutex<SocketAddr>>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Forwarder {
+    async fn start(target: SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target = Arc::new(Mutex::new(target));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (t, c) = (target.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let to = *t.lock().unwrap();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                c.lock().unwrap().push(task.abort_handle());
+            }
+        });
+        Forwarder {
+            addr,
+            target,
+            connections,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/0", self.addr)
+    }
+
+    /// Points new connections at `to` and cuts the ones open now.
+    fn switch_to(&self, to: SocketAddr) {
+        *self.target.lock().unwrap() = to;
+        for c in self.connections.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// Defect 3, a real failover: the primary dies with a write its asynchronous replica (started
+/// with `--replicaof`) never received, and the replica, promoted (`REPLICAOF NO ONE`), takes
+/// the primary's address. The
+/// store now holds an older point of the chain than both tokenward replicas: neither adopts it,
+/// the newer state is written back, and no spent refresh token is presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
+    let mut primary = RedisServer::start();
+    let standby = primary.start_replica();
+    let forwarder = Forwarder::start(primary.addr()).await;
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &forwarder.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+    let key = chain_key(&primary);
+    wait_for("the standby holding the chain", SOON, || {
+        standby.keys().contains(&key)
+    })
+    .await;
+
+    // The standby falls behind: it is cut off from the primary (promoted, as a failover does,
+    // before it received the next write — a stalled replica would still read what the primary
+    // had sent it), then the chain moves on on the primary and B adopts it there.
+    standby.promote();
+    force_refresh(&a, "api").await;
+    let deadline = Instant::now() + SOON;
+    while token_served(&b).await != token_served(&a).await {
+        assert!(Instant::now() < deadline, "B never adopted A's rotation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The primary dies; the standby, one write behind, takes its address.
+    assert!(!standby.holds_bytes(b"rt-api"), "sealed");
+    primary.stop();
+    forwarder.switch_to(standby.addr());
+
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+}
+
+/// Defect 7: the lease holder is paused (SIGSTOP, as a long stall or a VM pause) for 8 s in the
+/// middle of its provider call, past its lease. Another replica takes the lease over but waits
+/// out the longest the holder's call can last before presenting the refresh token; the holder
+/// resumes, lands its rotated token, and the other adopts it. No refresh token is presented
+/// twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"10s\"",
+    )
+    .await;
+    let (b, b_addr) = reps.pop().unwrap();
+    let (a, a_addr) = reps.pop().unwrap();
+
+    provider.set_delay(Duration::from_secs(2));
+    let holder = {
+        let url = a.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    wait_for("the holder's provider call", SOON, || {
+        provider.in_flight() > 0
+    })
+    .await;
+    a.signal("STOP");
+    let paused = Instant::now();
+    provider.set_delay(Duration::ZERO);
+    let other = {
+        let url = b.admin_url("/tokens/api/refresh");
+        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+    };
+    // The pause is the scenario: 8 s, well past the holder's 3 s lease.
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
+    a.signal("CONT");
+    let r = holder.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = other.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    let m = b.get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"
+        ),
+        1.0,
+        "the lapsed lease was taken over"
+    );
+    // The login, the paused holder's refresh, the other's refresh from its rotated token.
+    assert_eq!(provider.successes(), 3, "{}", provider.summary());
+}
+
+/// Defect 10: a file store that failed once (its state file unreadable) is reported in use
+/// again (`file`, not `hold`) as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_file_store_is_reported_in_use_again_once_it_answers() {
+    let provider = FakeProvider::start(300, true, Some("rt-bootstrap")).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(
+            &provider,
+            "grant = \"refresh_token\"\nrefresh_token = \"rt-bootstrap\"\nmin_refresh_interval = \"0s\"",
+        ),
+    );
+    tw.wait_ready().await;
+    let mode = async || tw.get_json("/tokens/api").await["store_mode"].clone();
+    assert_eq!(mode().await, "file");
+    let state = tw.dir.path().join("state").join("api.json");
+    let saved = std::fs::read(&state).unwrap();
+    std::fs::remove_file(&state).unwrap();
+    std::fs::create_dir(&state).unwrap();
+    let client = reqwest::Client::new();
+    let r = client
+        .post(tw.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200, "the store cannot be read");
+    assert_eq!(mode().await, "hold");
+
+    std::fs::remove_dir(&state).unwrap();
+    std::fs::write(&state, saved).unwrap();
+    let r = client
+        .post(tw.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(mode().await, "file");
+    assert!(
+        provider.refused_calls().is_empty(),
+        "{:?}",
+        provider.calls()
+    );
+}
+
+/// Defect 10: a secret read that hangs (a FIFO with no writer) holds one blocking thread, not
+/// one more per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let fifo = tempfile::tempdir().unwrap();
+    let path = fifo.path().join("client_secret");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let keys = format!(
+        "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\ntimeout = \"1s\"\nprobe_interval = \"500ms\"\nmax_backoff = \"500ms\"\n",
+        provider.token_url(),
+        path.display()
+    );
+    let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
+    tw.wait_healthy().await;
+    let threads = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tw.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+            .unwrap()
+    };
+    // The first exchange hangs on the read, and its flight gives up after 2 × timeout + 1 s.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = tw.get_json("/tokens/api").await;
+        if status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not finish"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = threads();
+    // Retries every 500 ms (and requests) for 8 s more.
+    let client = reqwest::Client::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < until {
+        let r = client.get(tw.url("/x")).send().await.unwrap();
+        assert_eq!(r.status(), 503);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let last = threads();
+    assert!(
+        last <= first + 1,
+        "threads grew from {first} to {last} while the secret read hung"
+    );
+    assert_eq!(provider.call_count(), 0);
 }
 
 /// How long a test waits for something that should happen within a few seconds.

@@ -139,6 +139,15 @@ enum Reconciled {
     Ready,
 }
 
+/// Clears the flag when dropped: marks a blocking exchange as running for as long as it does.
+struct ClearOnDrop(Arc<AtomicBool>);
+
+impl Drop for ClearOnDrop {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A lease as [`Credential::lease`] grants it.
 struct Granted {
     /// `None` when the shared store is down and the chain may be refreshed without it.
@@ -188,6 +197,8 @@ pub struct Credential {
     generation: AtomicU64,
     /// Set when a rejection dropped the token: the next one is obtained because of it.
     rejected: AtomicBool,
+    /// Set while a provider exchange runs on the blocking pool.
+    obtaining: Arc<AtomicBool>,
     mode: AtomicU8,
     status: Mutex<Status>,
     wake: tokio::sync::Notify,
@@ -249,6 +260,7 @@ impl Credential {
             flight: Mutex::new(None),
             generation: AtomicU64::new(0),
             rejected: AtomicBool::new(false),
+            obtaining: Arc::new(AtomicBool::new(false)),
             mode: AtomicU8::new(mode as u8),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
@@ -688,6 +700,16 @@ impl Credential {
         }
     }
 
+    /// The store answered: whatever an earlier failure said, it is in use again.
+    fn store_answered(&self) {
+        let healthy = if self.store.is_shared() {
+            StoreMode::Shared
+        } else {
+            StoreMode::File
+        };
+        self.set_mode(healthy);
+    }
+
     /// The store failed: say so, in the mode that says what this replica still does.
     fn store_down(&self, chain: &Chain, e: &StoreError) {
         let mode = if self.rotates(chain) {
@@ -860,7 +882,10 @@ impl Credential {
         let mut first = true;
         loop {
             let stored = match self.store.load(&self.key).await {
-                Ok(stored) => stored,
+                Ok(stored) => {
+                    self.store_answered();
+                    stored
+                }
                 // Degraded but allowed (the chain rotates nothing): carry on.
                 Err(e) => {
                     self.without_store(chain, e)?;
@@ -1067,9 +1092,6 @@ impl Credential {
             {
                 return Ok(t);
             }
-            if self.store.is_shared() && self.store_mode() != StoreMode::Shared {
-                self.set_mode(StoreMode::Shared);
-            }
         }
         self.prepare_chain(chain)?;
         let mut relogged = false;
@@ -1153,12 +1175,23 @@ impl Credential {
     /// blocking calls, and a stalled read must not stall a runtime thread. It runs to its end
     /// even if every waiter gave up, bounded only by its own limit.
     async fn obtain(&self, held: Held) -> Result<Grant, DialectError> {
+        // A blocking exchange outlives its flight when a secret read hangs (a FIFO with no
+        // writer, a stuck network mount): starting another each retry would strand one
+        // blocking-pool thread per retry until the pool — which the file store uses too — is
+        // full. One at a time per credential.
+        if self.obtaining.swap(true, Ordering::AcqRel) {
+            return Err(DialectError::transient(
+                "the previous provider exchange has not ended (a secret read may hang); not starting another",
+            ));
+        }
+        let running = ClearOnDrop(self.obtaining.clone());
         let dialect = self.config.dialect.clone();
         let client = self.client.clone();
         // The client bounds each call; this also bounds a dialect that makes several.
         let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
         let runtime = tokio::runtime::Handle::current();
         let call = tokio::task::spawn_blocking(move || {
+            let _running = running;
             runtime.block_on(async move { dialect.obtain(&held, &client).await })
         });
         match tokio::time::timeout(limit, call).await {
@@ -1244,6 +1277,8 @@ impl Credential {
                 chain.unsaved = false;
                 chain.loaded = true;
                 s.persist_error = None;
+                drop(s);
+                self.store_answered();
             }
             Ok(None) => {
                 // Another writer extended the chain after this one read it (this process

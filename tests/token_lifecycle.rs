@@ -56,20 +56,22 @@ async fn a_thousand_concurrent_requests_on_a_cold_cache_cause_one_provider_call(
         provider.calls()
     );
     assert_eq!(upstream.seen().len(), 1000);
-    let metrics = tw.get_text("/metrics").await;
+    // A request is counted once its answer is written, so the client can see the last answer
+    // a moment before the metric does: wait for the count, then check it is exact.
+    let served = "tokenward_requests_total{route=\"api\",status_class=\"2xx\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut metrics = tw.get_text("/metrics").await;
+    while metric(&metrics, served) < 1000.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        metrics = tw.get_text("/metrics").await;
+    }
     assert!(
         metric(
             &metrics,
             "tokenward_single_flight_coalesced_total{credential=\"api\"}"
         ) >= 1.0
     );
-    assert_eq!(
-        metric(
-            &metrics,
-            "tokenward_requests_total{route=\"api\",status_class=\"2xx\"}"
-        ),
-        1000.0
-    );
+    assert_eq!(metric(&metrics, served), 1000.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

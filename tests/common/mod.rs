@@ -27,9 +27,20 @@ use serde_json::{Value, json};
 pub const CLIENT_ID: &str = "tw-client";
 pub const CLIENT_SECRET: &str = "client-secret-7f3a9c";
 
+/// A loopback port nothing listens on now. The kernel may hand the same ephemeral port to two
+/// binds in a row once the first is closed, so ports already given out in this process are
+/// never given again (a proxy and its admin listener once got the same one).
 pub fn free_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        if !given.contains(&addr.port()) {
+            given.push(addr.port());
+            return addr;
+        }
+    }
 }
 
 async fn serve(router: Router) -> SocketAddr {

@@ -748,13 +748,20 @@ impl Credential {
             return None;
         }
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        let token = Token::from_shared(
+        let token = match Token::from_shared(
             access,
             &self.config.presentation,
             &self.config.timing,
             generation,
-        )
-        .ok()?;
+        ) {
+            Ok(token) => token,
+            Err(super::model::FromShared::Skewed(ahead)) => {
+                self.metrics.skewed.inc();
+                warn!(credential = %self.name, ahead_ms = ahead.as_millis() as u64, "not adopting a token another replica issued in the future by this replica's clock; the replicas' clocks differ by more than the tolerance");
+                return None;
+            }
+            Err(super::model::FromShared::Invalid(_)) => return None,
+        };
         let now = Instant::now();
         let suits = match purpose {
             Purpose::Due => now < token.refresh_at,

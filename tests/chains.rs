@@ -950,6 +950,47 @@ async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
     assert_eq!(provider.call_count(), 0);
 }
 
+/// Defect 8: the provider refuses the client for good (`invalid_client`). The replica that met
+/// it records the failure with the chain; the other replica, due for its own refresh, stops
+/// too without repeating the call (a bad password retried by every replica locks accounts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_for_good_travels_with_the_chain() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(4).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, _) = reps.pop().unwrap();
+    let (a, _) = reps.pop().unwrap();
+    provider.refuse_the_client(true);
+    let r = reqwest::Client::new()
+        .post(a.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+    assert_eq!(a.get_json("/tokens/api").await["state"], "fatal");
+    // B's token is due within 3 s; its refresh finds the failure and stops there.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = b.get_json("/tokens/api").await;
+        if status["state"] == "fatal" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(provider.client_refusals(), 1, "{}", provider.summary());
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

@@ -681,6 +681,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: (expected == 0).then(SystemTime::now),
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         match self
             .store
@@ -697,6 +698,33 @@ impl Credential {
             // Another replica wrote first: the next sync adopts its state.
             Ok(None) => self.set_mode(StoreMode::Shared),
             Err(e) => self.store_down(chain, &e),
+        }
+    }
+
+    /// Records a failure that stops the chain in the shared store, under the lease, so the
+    /// other replicas stop too; the chain itself is left as it was.
+    async fn share_failure(&self, chain: &mut Chain, lease: Option<&Lease>, e: &DialectError) {
+        let state = ChainState {
+            refresh_token: chain.refresh.clone(),
+            origin: chain.origin.clone(),
+            access: self.current.load().as_ref().map(|t| t.to_shared()),
+            lineage: chain.lineage.clone(),
+            restored_at: None,
+            superseded: chain.superseded.clone(),
+            failure: Some(super::store::StoredFailure {
+                class: e.class.outcome().to_string(),
+                message: e.message.clone(),
+                config: self.config.fingerprint.clone(),
+            }),
+        };
+        match self
+            .store
+            .save(&self.key, lease, chain.version, &state)
+            .await
+        {
+            Ok(Some(version)) => chain.version = version,
+            Ok(None) => {}
+            Err(err) => self.store_down(chain, &err),
         }
     }
 
@@ -915,6 +943,17 @@ impl Credential {
                     }
                 }
             }
+            // Another replica's provider call failed for good with these same settings: do not
+            // repeat it (a bad password retried by every replica locks the account) unless an
+            // operator forces it.
+            if let Some(f) = stored.as_ref().and_then(|s| s.state.failure.as_ref()) {
+                if purpose != Purpose::Forced && f.config == self.config.fingerprint {
+                    return Err(DialectError::fatal(format!(
+                        "{} (met by another replica; not retried until the configuration changes or a refresh is forced)",
+                        f.message
+                    )));
+                }
+            }
             match self.reconcile(chain, stored.as_ref(), purpose, lease).await {
                 Reconciled::Adopted(t) => return Ok(Some(t)),
                 Reconciled::SettleUntil(until) => {
@@ -1047,6 +1086,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: Some(restored_at),
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         match self
             .store
@@ -1126,7 +1166,12 @@ impl Credential {
                     self.persist(chain, lease.as_ref(), None).await;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if e.class == ErrorClass::Fatal && self.store.is_shared() && lease.is_some() {
+                        self.share_failure(chain, lease.as_ref(), &e).await;
+                    }
+                    return Err(e);
+                }
             };
             let rotated = grant
                 .refresh_token
@@ -1269,6 +1314,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: None,
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         // Forward: a holder whose lease vanished with the store's data (or was taken over while
         // its call was in flight) still lands its rotated token on an empty store or over the

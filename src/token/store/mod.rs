@@ -126,6 +126,22 @@ pub struct ChainState {
     /// most): a replica still configured with one of them continues this chain rather than
     /// restarting from a value the provider has long spent.
     pub superseded: Vec<String>,
+    /// Set when a replica's provider call failed for good (bad credentials, a locked account):
+    /// the others do not retry it either until the configuration changes or an operator forces
+    /// a refresh. A successful refresh clears it.
+    pub failure: Option<StoredFailure>,
+}
+
+/// A failure that stops the chain, as the replica that met it recorded it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredFailure {
+    /// The outcome class (`fatal_error`).
+    pub class: String,
+    /// What went wrong, as the engine words it (never a secret or a provider's body).
+    pub message: String,
+    /// The fingerprint of the credential's settings that failed: a replica with other
+    /// settings (a fixed password) tries its own.
+    pub config: String,
 }
 
 /// A chain's state as read, with the version a write must name to replace it.

@@ -24,7 +24,10 @@ use base64::Engine;
 use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 
-use super::{ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, TokenStore};
+use super::{
+    ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, StoredFailure,
+    TokenStore,
+};
 use crate::dialect::GrantKind;
 use crate::secret::{Secret, SecretSource};
 
@@ -346,6 +349,22 @@ struct SealOut<'a> {
     lineage: Option<LineageOut<'a>>,
     restored_ms: Option<u64>,
     superseded: &'a [String],
+    failure: Option<FailureOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct FailureOut<'a> {
+    class: &'a str,
+    message: &'a str,
+    config: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailureIn {
+    class: String,
+    message: String,
+    config: String,
 }
 
 #[derive(Serialize)]
@@ -382,6 +401,8 @@ struct SealIn {
     restored_ms: Option<u64>,
     #[serde(default)]
     superseded: Vec<String>,
+    #[serde(default)]
+    failure: Option<FailureIn>,
 }
 
 #[derive(Deserialize)]
@@ -622,6 +643,11 @@ impl RedisStore {
             }),
             restored_ms: state.restored_at.map(unix_ms),
             superseded: &state.superseded,
+            failure: state.failure.as_ref().map(|f| FailureOut {
+                class: &f.class,
+                message: &f.message,
+                config: &f.config,
+            }),
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
                 kind: a.kind.as_str(),
@@ -714,6 +740,11 @@ impl RedisStore {
             lineage,
             restored_at: state.restored_ms.map(from_unix_ms),
             superseded: state.superseded,
+            failure: state.failure.map(|f| StoredFailure {
+                class: f.class,
+                message: f.message,
+                config: f.config,
+            }),
         };
         if mirror(&state) != (epoch.to_string(), counter) {
             return Err(bad("its lineage differs from the one beside it"));

@@ -956,9 +956,11 @@ impl Credential {
             }
             match self.reconcile(chain, stored.as_ref(), purpose, lease).await {
                 Reconciled::Adopted(t) => return Ok(Some(t)),
-                Reconciled::SettleUntil(until) => {
+                // A chain that rotates nothing has no token to spend twice: no need to wait.
+                Reconciled::SettleUntil(until) if self.rotates(chain) => {
                     quiet_until = Some(quiet_until.map_or(until, |q| q.max(until)));
                 }
+                Reconciled::SettleUntil(_) => {}
                 Reconciled::Advanced => quiet_until = None,
                 Reconciled::Ready => {}
             }

@@ -250,6 +250,12 @@ impl Credential {
             key: ChainKey {
                 name: config.name.clone(),
                 identity: config.chain_identity(),
+                // Only a chain grown from a bootstrap value is worth carrying over (and can be
+                // told to be this account's: it names the value it grew from).
+                legacy: config
+                    .dialect
+                    .bootstrap_refresh_token()
+                    .map(|_| config.legacy_chain_identity()),
             },
             config,
             client,
@@ -992,6 +998,9 @@ impl Credential {
             // First use: nothing to wait for.
             chain.version = 0;
             chain.loaded = true;
+            if self.store.is_shared() && !chain.holds_history() {
+                self.take_up_legacy_chain(chain).await;
+            }
             return Reconciled::Ready;
         };
         let relation = self.relation(chain, stored);
@@ -1019,6 +1028,33 @@ impl Credential {
             Some(at) => Reconciled::SettleUntil(self.settled_after(at)),
             None if relation == Relation::Newer => Reconciled::Advanced,
             None => Reconciled::Ready,
+        }
+    }
+
+    /// Carries a chain an earlier version kept (under its old key) across the upgrade — only
+    /// one grown from the bootstrap value configured here, so it is this account's chain.
+    async fn take_up_legacy_chain(&self, chain: &mut Chain) {
+        let Some(Ok(bootstrap)) = self
+            .config
+            .dialect
+            .bootstrap_refresh_token()
+            .map(|s| s.resolve())
+        else {
+            return;
+        };
+        let fp = bootstrap.fingerprint();
+        match self.store.load_legacy(&self.key).await {
+            Ok(Some(old)) if old.origin.as_deref() == Some(fp.as_str()) => {
+                if let Some(refresh) = old.refresh_token {
+                    info!(credential = %self.name, "continuing the chain an earlier version stored");
+                    chain.refresh = Some(refresh);
+                    chain.origin = Some(fp);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(credential = %self.name, error = %e, "cannot read the chain an earlier version stored; starting from the bootstrap value");
+            }
         }
     }
 

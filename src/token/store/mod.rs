@@ -29,6 +29,9 @@ use crate::secret::Secret;
 pub struct ChainKey {
     pub name: String,
     pub identity: String,
+    /// Where a version before chain identities by account filed this chain (a hash of the
+    /// dialect's description), read once to carry a rotated chain across the upgrade.
+    pub legacy: Option<String>,
 }
 
 /// An access token as a shared store keeps it, so a replica can serve what another obtained.
@@ -216,6 +219,11 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// The chain as a version before lineages filed it (`key.legacy`), if the store has it.
+    async fn load_legacy(&self, _key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
+        Ok(None)
+    }
 
     /// As [`save`](Self::save), and also — whatever the version and the lease — when the store
     /// holds nothing for the chain or an ancestor of `state` (its lineage's epoch with a smaller

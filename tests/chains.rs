@@ -950,6 +950,127 @@ async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
     assert_eq!(provider.call_count(), 0);
 }
 
+/// Defect 8: the provider refuses the client for good (`invalid_client`). The replica that met
+/// it records the failure with the chain; the other replica, due for its own refresh, stops
+/// too without repeating the call (a bad password retried by every replica locks accounts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_for_good_travels_with_the_chain() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(4).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    let mut reps = replicas_of_one_account(
+        2,
+        &redis.url(),
+        &provider,
+        secrets.path(),
+        &upstream,
+        "timeout = \"1s\"",
+    )
+    .await;
+    let (b, _) = reps.pop().unwrap();
+    let (a, _) = reps.pop().unwrap();
+    provider.refuse_the_client(true);
+    let r = reqwest::Client::new()
+        .post(a.admin_url("/tokens/api/refresh"))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(r.status(), 200);
+    assert_eq!(a.get_json("/tokens/api").await["state"], "fatal");
+    // B's token is due within 3 s; its refresh finds the failure and stops there.
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = b.get_json("/tokens/api").await;
+        if status["state"] == "fatal" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(provider.client_refusals(), 1, "{}", provider.summary());
+}
+
+/// Upgrading: an earlier version kept the chain under `tokenward:v1:{hash of the dialect's
+/// description}`, already rotated past the configured bootstrap value. The new version reads it
+/// once (it grew from the bootstrap value configured here) and continues it, instead of
+/// presenting the long-spent bootstrap value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chain_stored_by_an_earlier_version_is_carried_over() {
+    use aes_gcm::aead::{Aead, KeyInit, Payload};
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let upstream = FakeUpstream::start().await;
+    provider.issue_bootstrap("api", "rt-api-bootstrap");
+    // The earlier version rotated the chain: the bootstrap value is spent.
+    provider.issue_bootstrap("api", "rt-api-rotated-by-v1");
+    std::fs::write(secrets.path().join("api.rt"), "rt-api-bootstrap").unwrap();
+
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let describe = format!(
+        "oauth2 refresh_token at {} as client \"{CLIENT_ID}\" (client_secret_basic)",
+        provider.token_url()
+    );
+    let identity = hex(&Sha256::new()
+        .chain_update(b"tokenward chain v1\noauth2\n")
+        .chain_update(describe.as_bytes())
+        .finalize()[..16]);
+    let origin = hex(&Sha256::digest(b"rt-api-bootstrap")[..8]);
+    let name = format!("tokenward:v1:{identity}");
+    let key: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&STORE_KEY[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let cipher = aes_gcm::Aes256Gcm::new_from_slice(&key).unwrap();
+    let nonce = [9u8; 12];
+    let plain =
+        format!(r#"{{"refresh_token":"rt-api-rotated-by-v1","origin":"{origin}","access":null}}"#);
+    let sealed = cipher
+        .encrypt(
+            &aes_gcm::Nonce::from(nonce),
+            Payload {
+                msg: plain.as_bytes(),
+                aad: format!("{name}\x004").as_bytes(),
+            },
+        )
+        .unwrap();
+    let blob = base64::engine::general_purpose::STANDARD.encode([&nonce[..], &sealed].concat());
+    let status = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "HSET",
+            &name,
+            "v",
+            "4",
+            "s",
+            &blob,
+        ])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+
+    let (tw, ports) = replica(
+        &redis.url(),
+        &provider,
+        secrets.path(),
+        &[("api", &upstream)],
+        "timeout = \"1s\"",
+    );
+    tw.wait_ready().await;
+    let failed = requests(&ports, 3, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_chain_intact(&provider);
+    assert_eq!(provider.successes(), 1, "{}", provider.summary());
+    assert!(
+        tw.logs()
+            .contains("continuing the chain an earlier version stored")
+    );
+}
+
 /// How long a test waits for something that should happen within a few seconds.
 const SOON: Duration = Duration::from_secs(15);
 

@@ -229,6 +229,19 @@ impl CredentialConfig {
         };
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
+
+    /// Where versions before identities by account filed this credential's chain: a hash of
+    /// the dialect's whole description. Read only to carry a chain across the upgrade.
+    pub fn legacy_chain_identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"tokenward chain v1\n")
+            .chain_update(self.dialect_name.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(self.dialect.describe().as_bytes())
+            .finalize();
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 impl fmt::Debug for CredentialConfig {

@@ -250,6 +250,12 @@ impl Credential {
             key: ChainKey {
                 name: config.name.clone(),
                 identity: config.chain_identity(),
+                // Only a chain grown from a bootstrap value is worth carrying over (and can be
+                // told to be this account's: it names the value it grew from).
+                legacy: config
+                    .dialect
+                    .bootstrap_refresh_token()
+                    .map(|_| config.legacy_chain_identity()),
             },
             config,
             client,
@@ -681,6 +687,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: (expected == 0).then(SystemTime::now),
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         match self
             .store
@@ -697,6 +704,33 @@ impl Credential {
             // Another replica wrote first: the next sync adopts its state.
             Ok(None) => self.set_mode(StoreMode::Shared),
             Err(e) => self.store_down(chain, &e),
+        }
+    }
+
+    /// Records a failure that stops the chain in the shared store, under the lease, so the
+    /// other replicas stop too; the chain itself is left as it was.
+    async fn share_failure(&self, chain: &mut Chain, lease: Option<&Lease>, e: &DialectError) {
+        let state = ChainState {
+            refresh_token: chain.refresh.clone(),
+            origin: chain.origin.clone(),
+            access: self.current.load().as_ref().map(|t| t.to_shared()),
+            lineage: chain.lineage.clone(),
+            restored_at: None,
+            superseded: chain.superseded.clone(),
+            failure: Some(super::store::StoredFailure {
+                class: e.class.outcome().to_string(),
+                message: e.message.clone(),
+                config: self.config.fingerprint.clone(),
+            }),
+        };
+        match self
+            .store
+            .save(&self.key, lease, chain.version, &state)
+            .await
+        {
+            Ok(Some(version)) => chain.version = version,
+            Ok(None) => {}
+            Err(err) => self.store_down(chain, &err),
         }
     }
 
@@ -748,13 +782,20 @@ impl Credential {
             return None;
         }
         let generation = self.generation.load(Ordering::Acquire) + 1;
-        let token = Token::from_shared(
+        let token = match Token::from_shared(
             access,
             &self.config.presentation,
             &self.config.timing,
             generation,
-        )
-        .ok()?;
+        ) {
+            Ok(token) => token,
+            Err(super::model::FromShared::Skewed(ahead)) => {
+                self.metrics.skewed.inc();
+                warn!(credential = %self.name, ahead_ms = ahead.as_millis() as u64, "not adopting a token another replica issued in the future by this replica's clock; the replicas' clocks differ by more than the tolerance");
+                return None;
+            }
+            Err(super::model::FromShared::Invalid(_)) => return None,
+        };
         let now = Instant::now();
         let suits = match purpose {
             Purpose::Due => now < token.refresh_at,
@@ -908,11 +949,24 @@ impl Credential {
                     }
                 }
             }
+            // Another replica's provider call failed for good with these same settings: do not
+            // repeat it (a bad password retried by every replica locks the account) unless an
+            // operator forces it.
+            if let Some(f) = stored.as_ref().and_then(|s| s.state.failure.as_ref()) {
+                if purpose != Purpose::Forced && f.config == self.config.fingerprint {
+                    return Err(DialectError::fatal(format!(
+                        "{} (met by another replica; not retried until the configuration changes or a refresh is forced)",
+                        f.message
+                    )));
+                }
+            }
             match self.reconcile(chain, stored.as_ref(), purpose, lease).await {
                 Reconciled::Adopted(t) => return Ok(Some(t)),
-                Reconciled::SettleUntil(until) => {
+                // A chain that rotates nothing has no token to spend twice: no need to wait.
+                Reconciled::SettleUntil(until) if self.rotates(chain) => {
                     quiet_until = Some(quiet_until.map_or(until, |q| q.max(until)));
                 }
+                Reconciled::SettleUntil(_) => {}
                 Reconciled::Advanced => quiet_until = None,
                 Reconciled::Ready => {}
             }
@@ -944,6 +998,9 @@ impl Credential {
             // First use: nothing to wait for.
             chain.version = 0;
             chain.loaded = true;
+            if self.store.is_shared() && !chain.holds_history() {
+                self.take_up_legacy_chain(chain).await;
+            }
             return Reconciled::Ready;
         };
         let relation = self.relation(chain, stored);
@@ -971,6 +1028,33 @@ impl Credential {
             Some(at) => Reconciled::SettleUntil(self.settled_after(at)),
             None if relation == Relation::Newer => Reconciled::Advanced,
             None => Reconciled::Ready,
+        }
+    }
+
+    /// Carries a chain an earlier version kept (under its old key) across the upgrade — only
+    /// one grown from the bootstrap value configured here, so it is this account's chain.
+    async fn take_up_legacy_chain(&self, chain: &mut Chain) {
+        let Some(Ok(bootstrap)) = self
+            .config
+            .dialect
+            .bootstrap_refresh_token()
+            .map(|s| s.resolve())
+        else {
+            return;
+        };
+        let fp = bootstrap.fingerprint();
+        match self.store.load_legacy(&self.key).await {
+            Ok(Some(old)) if old.origin.as_deref() == Some(fp.as_str()) => {
+                if let Some(refresh) = old.refresh_token {
+                    info!(credential = %self.name, "continuing the chain an earlier version stored");
+                    chain.refresh = Some(refresh);
+                    chain.origin = Some(fp);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(credential = %self.name, error = %e, "cannot read the chain an earlier version stored; starting from the bootstrap value");
+            }
         }
     }
 
@@ -1040,6 +1124,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: Some(restored_at),
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         match self
             .store
@@ -1119,7 +1204,12 @@ impl Credential {
                     self.persist(chain, lease.as_ref(), None).await;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if e.class == ErrorClass::Fatal && self.store.is_shared() && lease.is_some() {
+                        self.share_failure(chain, lease.as_ref(), &e).await;
+                    }
+                    return Err(e);
+                }
             };
             let rotated = grant
                 .refresh_token
@@ -1262,6 +1352,7 @@ impl Credential {
             lineage: chain.lineage.clone(),
             restored_at: None,
             superseded: chain.superseded.clone(),
+            failure: None,
         };
         // Forward: a holder whose lease vanished with the store's data (or was taken over while
         // its call was in flight) still lands its rotated token on an empty store or over the

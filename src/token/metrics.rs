@@ -19,6 +19,7 @@ pub struct TokenMetrics {
     coalesced: IntCounterVec,
     rejections_kept: IntCounterVec,
     leases: IntCounterVec,
+    skewed: IntCounterVec,
     mode: GaugeVec,
     exchange_entries: GaugeVec,
     exchange_lookups: IntCounterVec,
@@ -56,6 +57,7 @@ pub struct CredentialMetrics {
     pub coalesced: IntCounter,
     pub rejections_kept: IntCounter,
     pub leases: [IntCounter; 3],
+    pub skewed: IntCounter,
     pub modes: [Gauge; 4],
     /// The token-exchange families: children are made only for credentials that exchange, so
     /// other credentials show no empty series.
@@ -152,6 +154,13 @@ impl TokenMetrics {
                 ),
                 &["credential", "event"],
             )?,
+            skewed: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_store_skewed_total",
+                    "Stored tokens not adopted because another replica issued them further in the future, by this replica's clock, than the skew tolerance: the replicas' clocks differ.",
+                ),
+                &["credential"],
+            )?,
             mode: GaugeVec::new(
                 Opts::new(
                     "tokenward_store_mode",
@@ -212,6 +221,7 @@ impl TokenMetrics {
         registry.register(Box::new(m.coalesced.clone()))?;
         registry.register(Box::new(m.rejections_kept.clone()))?;
         registry.register(Box::new(m.leases.clone()))?;
+        registry.register(Box::new(m.skewed.clone()))?;
         registry.register(Box::new(m.mode.clone()))?;
         Ok(m)
     }
@@ -227,6 +237,7 @@ impl TokenMetrics {
             coalesced: self.coalesced.with_label_values(&[name]),
             rejections_kept: self.rejections_kept.with_label_values(&[name]),
             leases: LEASE_EVENTS.map(|e| self.leases.with_label_values(&[name, e])),
+            skewed: self.skewed.with_label_values(&[name]),
             modes: StoreMode::ALL.map(|m| self.mode.with_label_values(&[name, m.as_str()])),
             exchange: ExchangeFamilies {
                 entries: self.exchange_entries.clone(),
@@ -253,6 +264,7 @@ impl TokenMetrics {
         for e in LEASE_EVENTS {
             let _ = self.leases.remove_label_values(&[name, e]);
         }
+        let _ = self.skewed.remove_label_values(&[name]);
         for m in StoreMode::ALL {
             let _ = self.mode.remove_label_values(&[name, m.as_str()]);
         }

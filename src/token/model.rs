@@ -13,6 +13,20 @@ use crate::secret::Secret;
 
 /// Lifetimes beyond this are treated as a provider fault rather than trusted.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(400 * 24 * 3600);
+/// How far in the future (by this replica's clock) another replica may have issued a token
+/// this one adopts: NTP keeps hosts well within it; beyond it the clocks are not to be trusted
+/// to say when the token stops being valid.
+pub const SKEW_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// Why a shared token cannot be taken up.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FromShared {
+    /// Issued this far in the future by this replica's clock, beyond [`SKEW_TOLERANCE`].
+    #[error("issued {0:?} in the future by this replica's clock (more than the skew tolerance)")]
+    Skewed(Duration),
+    #[error("{0}")]
+    Invalid(String),
+}
 
 pub struct Token {
     value: Secret,
@@ -143,14 +157,32 @@ impl Token {
     }
 
     /// A token another process obtained and a shared store handed over, scheduled as if this
-    /// process had obtained it (with its own jitter).
+    /// process had obtained it (with its own jitter). Its times are the issuing replica's wall
+    /// clock, read with this one's: a clock behind the issuer's sees the token younger than it
+    /// is (by at most the skew tolerance, which `expiry_margin` absorbs), and a token issued
+    /// further in the future than [`SKEW_TOLERANCE`] is refused rather than served past its
+    /// real cut-off.
     pub fn from_shared(
         shared: &SharedAccess,
         presentation: &Presentation,
         timing: &Timing,
         generation: u64,
-    ) -> Result<Token, String> {
-        let now = SentAt::now();
+    ) -> Result<Token, FromShared> {
+        Self::from_shared_at(shared, presentation, timing, generation, SentAt::now())
+    }
+
+    fn from_shared_at(
+        shared: &SharedAccess,
+        presentation: &Presentation,
+        timing: &Timing,
+        generation: u64,
+        now: SentAt,
+    ) -> Result<Token, FromShared> {
+        if let Ok(ahead) = shared.issued_at.duration_since(now.wall) {
+            if ahead > SKEW_TOLERANCE {
+                return Err(FromShared::Skewed(ahead));
+            }
+        }
         let age = now
             .wall
             .duration_since(shared.issued_at)
@@ -158,7 +190,9 @@ impl Token {
         let lifetime = shared
             .expires_at
             .duration_since(shared.issued_at)
-            .map_err(|_| "the shared token expires before it was issued".to_string())?;
+            .map_err(|_| {
+                FromShared::Invalid("the shared token expires before it was issued".into())
+            })?;
         let sent = SentAt {
             instant: now.instant.checked_sub(age).unwrap_or(now.instant),
             wall: shared.issued_at,
@@ -173,6 +207,7 @@ impl Token {
             generation,
             shared.after_rejection,
         )
+        .map_err(FromShared::Invalid)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -312,5 +347,32 @@ mod tests {
         // 75 % of 6s is 4.5s: held back to the 5s minimum, still before the 5.4s hard threshold.
         let s = schedule(&t, secs(6), now, 0.0);
         assert_eq!(s.refresh_at - now, secs(5));
+    }
+
+    #[test]
+    fn a_shared_token_issued_in_the_future_beyond_the_tolerance_is_refused() {
+        let presentation = Presentation::parse("Authorization", "Bearer {token}").unwrap();
+        let timing = Timing::default();
+        let now = SentAt::now();
+        let shared = |issued: SystemTime| SharedAccess {
+            token: Secret::new("at-1"),
+            kind: GrantKind::Refresh,
+            issued_at: issued,
+            expires_at: issued + secs(600),
+            after_rejection: true,
+        };
+        let at = |issued| Token::from_shared_at(&shared(issued), &presentation, &timing, 1, now);
+        // Another replica's clock 3 s ahead: refused, never served past its real cut-off.
+        assert_eq!(
+            at(now.wall + secs(3)).unwrap_err(),
+            FromShared::Skewed(secs(3))
+        );
+        // Within the tolerance: taken up, the rejection mark with it.
+        let t = at(now.wall + Duration::from_millis(500)).unwrap();
+        assert!(t.after_rejection);
+        assert_eq!(t.expires_at - now.instant, secs(600));
+        // Issued 100 s ago by the same clock: 100 s less to live.
+        let t = at(now.wall - secs(100)).unwrap();
+        assert_eq!(t.expires_at + secs(100) - now.instant, secs(600));
     }
 }

@@ -42,6 +42,9 @@ struct Inner {
     successes: usize,
     lifetime_s: u64,
     delay: Duration,
+    /// Answer every request `401 invalid_client` (a revoked client secret, a locked account).
+    refusing_client: bool,
+    client_refusals: usize,
 }
 
 #[derive(Clone)]
@@ -96,6 +99,16 @@ impl StrictProvider {
 
     pub fn set_delay(&self, delay: Duration) {
         self.lock().delay = delay;
+    }
+
+    /// From now on every request is refused as from an unknown client (until told otherwise).
+    pub fn refuse_the_client(&self, refuse: bool) {
+        self.lock().refusing_client = refuse;
+    }
+
+    /// Requests refused as from an unknown client.
+    pub fn client_refusals(&self) -> usize {
+        self.lock().client_refusals
     }
 
     pub fn set_lifetime(&self, s: u64) {
@@ -220,6 +233,14 @@ async fn token_endpoint(State(p): State<StrictProvider>, body: String) -> Respon
         tokio::time::sleep(delay).await;
     }
     let mut s = p.lock();
+    if s.refusing_client {
+        s.client_refusals += 1;
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "invalid_client"})),
+        )
+            .into_response();
+    }
     let Some(account) = s.owner_of_refresh.get(&presented).cloned() else {
         s.refused.push(("?".into(), presented));
         return invalid_grant();

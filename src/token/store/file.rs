@@ -311,6 +311,7 @@ mod tests {
         ChainKey {
             name: name.into(),
             identity: "id".into(),
+            legacy: None,
         }
     }
 

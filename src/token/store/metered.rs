@@ -78,6 +78,13 @@ impl TokenStore for MeteredStore {
         result
     }
 
+    async fn load_legacy(&self, key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
+        let started = Instant::now();
+        let result = self.inner.load_legacy(key).await;
+        self.record("load", started, &result, |v| v.is_none().then_some("empty"));
+        result
+    }
+
     async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
         let started = Instant::now();
         let result = self.inner.try_lease(key).await;

@@ -29,6 +29,9 @@ use crate::secret::Secret;
 pub struct ChainKey {
     pub name: String,
     pub identity: String,
+    /// Where a version before chain identities by account filed this chain (a hash of the
+    /// dialect's description), read once to carry a rotated chain across the upgrade.
+    pub legacy: Option<String>,
 }
 
 /// An access token as a shared store keeps it, so a replica can serve what another obtained.
@@ -126,6 +129,22 @@ pub struct ChainState {
     /// most): a replica still configured with one of them continues this chain rather than
     /// restarting from a value the provider has long spent.
     pub superseded: Vec<String>,
+    /// Set when a replica's provider call failed for good (bad credentials, a locked account):
+    /// the others do not retry it either until the configuration changes or an operator forces
+    /// a refresh. A successful refresh clears it.
+    pub failure: Option<StoredFailure>,
+}
+
+/// A failure that stops the chain, as the replica that met it recorded it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredFailure {
+    /// The outcome class (`fatal_error`).
+    pub class: String,
+    /// What went wrong, as the engine words it (never a secret or a provider's body).
+    pub message: String,
+    /// The fingerprint of the credential's settings that failed: a replica with other
+    /// settings (a fixed password) tries its own.
+    pub config: String,
 }
 
 /// A chain's state as read, with the version a write must name to replace it.
@@ -200,6 +219,11 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// The chain as a version before lineages filed it (`key.legacy`), if the store has it.
+    async fn load_legacy(&self, _key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
+        Ok(None)
+    }
 
     /// As [`save`](Self::save), and also — whatever the version and the lease — when the store
     /// holds nothing for the chain or an ancestor of `state` (its lineage's epoch with a smaller

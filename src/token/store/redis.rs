@@ -24,7 +24,10 @@ use base64::Engine;
 use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 
-use super::{ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, TokenStore};
+use super::{
+    ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, StoredFailure,
+    TokenStore,
+};
 use crate::dialect::GrantKind;
 use crate::secret::{Secret, SecretSource};
 
@@ -35,6 +38,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 const LEASE_TTL: Duration = Duration::from_secs(3);
 const NONCE_LEN: usize = 12;
 const KEY_PREFIX: &str = "tokenward:v2:";
+/// Where versions before lineages kept chains (read only, to carry one across the upgrade).
+const LEGACY_PREFIX: &str = "tokenward:v1:";
 /// How long a chain nobody writes stays in Redis, unless `state.chain_ttl` says otherwise.
 pub const DEFAULT_CHAIN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -346,6 +351,22 @@ struct SealOut<'a> {
     lineage: Option<LineageOut<'a>>,
     restored_ms: Option<u64>,
     superseded: &'a [String],
+    failure: Option<FailureOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct FailureOut<'a> {
+    class: &'a str,
+    message: &'a str,
+    config: &'a str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FailureIn {
+    class: String,
+    message: String,
+    config: String,
 }
 
 #[derive(Serialize)]
@@ -382,6 +403,8 @@ struct SealIn {
     restored_ms: Option<u64>,
     #[serde(default)]
     superseded: Vec<String>,
+    #[serde(default)]
+    failure: Option<FailureIn>,
 }
 
 #[derive(Deserialize)]
@@ -622,6 +645,11 @@ impl RedisStore {
             }),
             restored_ms: state.restored_at.map(unix_ms),
             superseded: &state.superseded,
+            failure: state.failure.as_ref().map(|f| FailureOut {
+                class: &f.class,
+                message: &f.message,
+                config: &f.config,
+            }),
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
                 kind: a.kind.as_str(),
@@ -660,6 +688,18 @@ impl RedisStore {
         (epoch, counter): (&str, u64),
         blob: &[u8],
     ) -> Result<ChainState, StoreError> {
+        let state = self.open_sealed(&aad(name, epoch, counter), blob)?;
+        if mirror(&state) != (epoch.to_string(), counter) {
+            return Err(StoreError::Undecodable(format!(
+                "{}: its lineage differs from the one beside it",
+                self.inner.settings.location
+            )));
+        }
+        Ok(state)
+    }
+
+    /// Decrypts and decodes a sealed state under associated data `aad`.
+    fn open_sealed(&self, aad: &[u8], blob: &[u8]) -> Result<ChainState, StoreError> {
         let bad =
             |why: &str| StoreError::Undecodable(format!("{}: {why}", self.inner.settings.location));
         let raw = base64::engine::general_purpose::STANDARD
@@ -670,16 +710,12 @@ impl RedisStore {
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad("too short"))?;
-        let aad = aad(name, epoch, counter);
         let plain = Zeroizing::new(
             self.inner
                 .cipher
                 .decrypt(
                     &Nonce::from(nonce),
-                    Payload {
-                        msg: sealed,
-                        aad: &aad,
-                    },
+                    Payload { msg: sealed, aad },
                 )
                 .map_err(|_| {
                     bad("fails authentication (a different state.encryption_key, or the entry was altered or moved)")
@@ -714,10 +750,12 @@ impl RedisStore {
             lineage,
             restored_at: state.restored_ms.map(from_unix_ms),
             superseded: state.superseded,
+            failure: state.failure.map(|f| StoredFailure {
+                class: f.class,
+                message: f.message,
+                config: f.config,
+            }),
         };
-        if mirror(&state) != (epoch.to_string(), counter) {
-            return Err(bad("its lineage differs from the one beside it"));
-        }
         Ok(state)
     }
 }
@@ -853,6 +891,32 @@ impl TokenStore for RedisStore {
         Ok(Some(Stored { version, state }))
     }
 
+    async fn load_legacy(&self, key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
+        let Some(legacy) = &key.legacy else {
+            return Ok(None);
+        };
+        // `tokenward:v1:{identity}`: `v` the version, `s` the state sealed with the key name and
+        // version as associated data.
+        let name = format!("{LEGACY_PREFIX}{legacy}");
+        let mut conn = self.inner.conn.clone();
+        let field = name.clone();
+        let (version, blob): (Option<String>, Option<Vec<u8>>) = self
+            .run("read", async move {
+                ::redis::cmd("HMGET")
+                    .arg(&field)
+                    .arg("v")
+                    .arg("s")
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let (Some(version), Some(blob)) = (version, blob) else {
+            return Ok(None);
+        };
+        self.open_sealed(format!("{name}\0{version}").as_bytes(), &blob)
+            .map(Some)
+    }
+
     async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
         let holder = format!("{:032x}", rand::random::<u128>());
         let lease = lease_key(key);
@@ -968,6 +1032,7 @@ mod tests {
         ChainKey {
             name: "orders-credential-name".into(),
             identity: "5e1f0c0ffee0d15ea5e0000000000001".into(),
+            legacy: None,
         }
     }
 
@@ -994,6 +1059,53 @@ mod tests {
             parent: Some("0f0f0f0f".into()),
         });
         state
+    }
+
+    #[tokio::test]
+    async fn a_chain_an_earlier_version_stored_is_read_from_its_old_key() {
+        let server = RedisServer::start();
+        let s = store(&server);
+        let key = ChainKey {
+            legacy: Some("0ld1dent1ty".into()),
+            ..chain()
+        };
+        assert_eq!(s.load_legacy(&key).await.unwrap(), None);
+        // As versions before lineages sealed it: the key name and version as associated data.
+        let name = "tokenward:v1:0ld1dent1ty";
+        let plain = br#"{"refresh_token":"rt-rotated","origin":"0a1b2c3d4e5f6071","access":null}"#;
+        let nonce = [7u8; NONCE_LEN];
+        let sealed = s
+            .inner
+            .cipher
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plain,
+                    aad: format!("{name}\03").as_bytes(),
+                },
+            )
+            .unwrap();
+        let blob = base64::engine::general_purpose::STANDARD.encode([&nonce[..], &sealed].concat());
+        let mut con = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = ::redis::cmd("HSET")
+            .arg(name)
+            .arg("v")
+            .arg("3")
+            .arg("s")
+            .arg(&blob)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let old = s.load_legacy(&key).await.unwrap().expect("the old entry");
+        assert_eq!(old.refresh_token, Some(Secret::new("rt-rotated")));
+        assert_eq!(old.origin.as_deref(), Some("0a1b2c3d4e5f6071"));
+        // Never under the new key, and not without a legacy name.
+        assert_eq!(s.load(&key).await.unwrap(), None);
+        assert_eq!(s.load_legacy(&chain()).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -1165,6 +1277,7 @@ mod tests {
         let other = ChainKey {
             name: "other".into(),
             identity: "0ther".into(),
+            legacy: None,
         };
         assert!(b.try_lease(&other).await.unwrap().is_some());
         // Held for many ttls: the renewal keeps it.
@@ -1266,6 +1379,7 @@ mod tests {
         let moved = ChainKey {
             name: "x".into(),
             identity: "another".into(),
+            legacy: None,
         };
         let mut con = ::redis::Client::open(server.url())
             .unwrap()

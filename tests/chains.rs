@@ -127,12 +127,17 @@ fn accounts_seen(upstream: &FakeUpstream, provider: &StrictProvider) -> Vec<(Str
     seen.into_iter().collect()
 }
 
-async fn force_refresh(tw: &Tokenward, credential: &str) {
-    let r = reqwest::Client::new()
+/// Asks `tw` for a forced refresh of `credential` (the admin API's) and returns its answer.
+async fn post_refresh(tw: &Tokenward, credential: &str) -> reqwest::Response {
+    reqwest::Client::new()
         .post(tw.admin_url(&format!("/tokens/{credential}/refresh")))
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+async fn force_refresh(tw: &Tokenward, credential: &str) {
+    let r = post_refresh(tw, credential).await;
     assert_eq!(
         r.status(),
         200,
@@ -148,11 +153,7 @@ async fn refresh_and_wait(tw: &Tokenward) {
     let before = token_served(tw).await;
     let deadline = Instant::now() + SOON;
     loop {
-        let r = reqwest::Client::new()
-            .post(tw.admin_url("/tokens/api/refresh"))
-            .send()
-            .await
-            .unwrap();
+        let r = post_refresh(tw, "api").await;
         if r.status() == 200 {
             return;
         }
@@ -229,15 +230,30 @@ async fn two_accounts_on_one_client_never_see_each_others_tokens() {
     assert_eq!(chains.len(), 2, "{chains:?}");
 }
 
+/// Runs `tokenward check` on the config at `path` (the load-error test does it twice): whether
+/// it loaded, and what it wrote (stderr, then stdout).
+fn check_config(path: &Path) -> (bool, String) {
+    let out = std::process::Command::new(bin())
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    (out.status.success(), text)
+}
+
 /// Two credentials that read their bootstrap refresh token from the same file are one account:
 /// in a shared store that is refused at load, naming both, until one names its own chain.
 #[tokio::test]
 async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
+    let OneAccount {
+        redis,
+        provider,
+        secrets,
+        upstream: up,
+    } = OneAccount::start(60).await;
     std::fs::write(secrets.path().join("shared.rt"), "rt-x").unwrap();
-    let up = FakeUpstream::start().await;
     let text = chain_config(
         secrets.path(),
         free_port(),
@@ -256,14 +272,8 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
     );
     let path = secrets.path().join("tokenward.toml");
     std::fs::write(&path, &text).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let stderr =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stderr}");
+    let (loaded, stderr) = check_config(&path);
+    assert!(!loaded, "{stderr}");
     assert!(
         stderr.contains("credentials.orders")
             && stderr.contains("\"billing\"")
@@ -278,38 +288,131 @@ async fn one_account_twice_in_one_config_is_a_load_error_naming_both() {
         "[credentials.orders]\nchain = \"orders-account\"\n",
     );
     std::fs::write(&path, named).unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let (_, text) = check_config(&path);
     assert!(
         !text.contains("same provider, client and account"),
         "{text}"
     );
 }
 
-/// One account, `n` replicas of one credential `api` (bootstrap in `DIR/api.rt`), with `extra`
-/// lines in the credential; each ready before the next starts.
-async fn replicas_of_one_account(
-    n: usize,
-    redis_url: &str,
-    provider: &StrictProvider,
-    secrets: &Path,
-    upstream: &FakeUpstream,
-    extra: &str,
-) -> Vec<(Tokenward, SocketAddr)> {
-    provider.issue_bootstrap("api", "rt-api-bootstrap");
-    std::fs::write(secrets.join("api.rt"), "rt-api-bootstrap").unwrap();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let (tw, ports) = replica(redis_url, provider, secrets, &[("api", upstream)], extra);
-        tw.wait_ready().await;
-        out.push((tw, ports[0]));
+/// What every test of one account's chain starts from, so each test shows only what it does
+/// differently: a Redis, a provider rotating strictly, a folder for bootstrap files, an upstream.
+struct OneAccount {
+    redis: RedisServer,
+    provider: StrictProvider,
+    secrets: tempfile::TempDir,
+    upstream: FakeUpstream,
+}
+
+/// A replica of the credential `api` and its route's address.
+type Replica = (Tokenward, SocketAddr);
+
+impl OneAccount {
+    /// A fresh Redis and a provider issuing tokens that live `lifetime_s`.
+    async fn start(lifetime_s: u64) -> OneAccount {
+        OneAccount::on(RedisServer::start(), lifetime_s).await
     }
-    out
+
+    /// Like [`OneAccount::start`], on `redis` set up by the test.
+    async fn on(redis: RedisServer, lifetime_s: u64) -> OneAccount {
+        let provider = StrictProvider::start(lifetime_s).await;
+        let secrets = tempfile::tempdir().unwrap();
+        let upstream = FakeUpstream::start().await;
+        OneAccount {
+            redis,
+            provider,
+            secrets,
+            upstream,
+        }
+    }
+
+    /// `n` replicas of one credential `api` (bootstrap in `secrets/api.rt`) on the fixture's
+    /// Redis, with `extra` lines in the credential; each ready before the next starts.
+    async fn replicas(&self, n: usize, extra: &str) -> Vec<Replica> {
+        self.replicas_via(&self.redis.url(), n, extra).await
+    }
+
+    /// Like [`OneAccount::replicas`], reaching Redis at `redis_url` (a forwarder, say).
+    async fn replicas_via(&self, redis_url: &str, n: usize, extra: &str) -> Vec<Replica> {
+        self.provider.issue_bootstrap("api", "rt-api-bootstrap");
+        std::fs::write(self.secrets.path().join("api.rt"), "rt-api-bootstrap").unwrap();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let (tw, ports) = replica(
+                redis_url,
+                &self.provider,
+                self.secrets.path(),
+                &[("api", &self.upstream)],
+                extra,
+            );
+            tw.wait_ready().await;
+            out.push((tw, ports[0]));
+        }
+        out
+    }
+
+    /// Replicas A and B (A started first), as most tests name them.
+    async fn two_replicas(&self, extra: &str) -> (Replica, Replica) {
+        pair(self.replicas(2, extra).await)
+    }
+}
+
+/// The two replicas of `reps`, first started first.
+fn pair(mut reps: Vec<Replica>) -> (Replica, Replica) {
+    let b = reps.pop().unwrap();
+    let a = reps.pop().unwrap();
+    (a, b)
+}
+
+/// A forced refresh of `api` on `tw`, sent in the background so the test can act while it
+/// runs; its answer is awaited later.
+fn spawn_forced_refresh(
+    tw: &Tokenward,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    let url = tw.admin_url("/tokens/api/refresh");
+    tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
+}
+
+/// Makes the provider answer after `delay`, starts a forced refresh on `holder` and waits until
+/// its provider call is in flight: from then on `holder` holds the lease in a slow call.
+async fn start_slow_refresh(
+    holder: &Tokenward,
+    provider: &StrictProvider,
+    delay: Duration,
+) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+    provider.set_delay(delay);
+    let call = spawn_forced_refresh(holder);
+    wait_for("the holder's provider call", SOON, || {
+        provider.in_flight() > 0
+    })
+    .await;
+    call
+}
+
+/// Asserts that a forced refresh sent in the background answered 200.
+async fn assert_refreshed(call: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) {
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// Asserts that `n` requests to each address, 50 ms apart, are all served.
+async fn assert_served(addrs: &[SocketAddr], n: usize) {
+    let failed = requests(addrs, n, Duration::from_millis(50)).await;
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// Polls `tw`'s `/tokens/api` until `done` holds of it, failing with the last status after
+/// [`SOON`].
+async fn wait_for_status(tw: &Tokenward, done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let status = tw.get_json("/tokens/api").await;
+        if done(&status) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The access token a replica serves now, as its upstream is sent it.
@@ -349,21 +452,9 @@ fn assert_chain_intact(provider: &StrictProvider) {
 /// spent refresh token, and the chain goes on from A's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"",
-    )
-    .await;
-    let (b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
     assert_eq!(provider.successes(), 1, "B adopted A's token");
 
     // A rotates and is frozen at once, before B's sync can adopt the rotation.
@@ -379,9 +470,8 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     // B is asked to refresh right away, and A after it: neither presents a spent token.
     refresh_and_wait(&b).await;
     refresh_and_wait(&a).await;
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
     // The login, A's rotation, then one refresh each.
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
@@ -391,22 +481,10 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
 /// write their newer state back and the next refreshes present the newest token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rolled_back_store_is_not_adopted() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"",
-    )
-    .await;
-    let (b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
-    let key = chain_key(&redis);
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let key = chain_key(redis);
     let old = redis.dump(&key);
 
     force_refresh(&a, "api").await;
@@ -424,9 +502,8 @@ async fn a_rolled_back_store_is_not_adopted() {
 
     refresh_and_wait(&b).await;
     refresh_and_wait(&a).await;
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
@@ -436,40 +513,18 @@ async fn a_rolled_back_store_is_not_adopted() {
 /// presented once; the holder's rotated token lands in the emptied store and is adopted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_emptied_during_the_holders_provider_call() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"4s\"",
-    )
-    .await;
-    let (b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"4s\"").await;
 
-    provider.set_delay(Duration::from_secs(3));
-    let holder = {
-        let url = a.admin_url("/tokens/api/refresh");
-        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-    };
-    wait_for("the holder's provider call", SOON, || {
-        provider.in_flight() > 0
-    })
-    .await;
+    let holder = start_slow_refresh(&a, provider, Duration::from_secs(3)).await;
     redis.flush_all();
     provider.set_delay(Duration::ZERO);
     refresh_and_wait(&b).await;
-    let r = holder.await.unwrap().unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_refreshed(holder).await;
 
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
     // The login, the holder's refresh, B's refresh from the holder's rotated token.
     assert_eq!(provider.successes(), 3, "{}", provider.summary());
 }
@@ -479,22 +534,12 @@ async fn redis_emptied_during_the_holders_provider_call() {
 /// spent token presented, no failed request; the chain's key expires unless written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"\nscope = \"read\"",
-    )
-    .await;
-    let (mut b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
-    let key = chain_key(&redis);
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (mut b, b_addr)) = account
+        .two_replicas("timeout = \"1s\"\nscope = \"read\"")
+        .await;
+    let key = chain_key(redis);
 
     let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
     for (from, to) in [
@@ -515,10 +560,9 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
     refresh_and_wait(&b).await;
     refresh_and_wait(&a).await;
 
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
-    assert_eq!(chain_key(&redis), key, "one chain throughout");
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    assert_eq!(chain_key(redis), key, "one chain throughout");
     assert!(
         redis.pttl(&key) > 29 * 24 * 3600 * 1000,
         "the chain expires"
@@ -531,39 +575,15 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
 /// lease after the holder wrote has not taken anything over: `taken_over` stays 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"5s\"",
-    )
-    .await;
-    let (b, _) = reps.pop().unwrap();
-    let (a, _) = reps.pop().unwrap();
-    provider.set_delay(Duration::from_secs(4));
-    let holder = {
-        let url = a.admin_url("/tokens/api/refresh");
-        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-    };
-    wait_for("the holder's provider call", SOON, || {
-        provider.in_flight() > 0
-    })
-    .await;
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, _), (b, _)) = account.two_replicas("timeout = \"5s\"").await;
+    let holder = start_slow_refresh(&a, provider, Duration::from_secs(4)).await;
     // B's forced refresh waits for the holder's lease, then makes its own call.
-    let waiter = {
-        let url = b.admin_url("/tokens/api/refresh");
-        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-    };
+    let waiter = spawn_forced_refresh(&b);
     assert_eq!(holder.await.unwrap().unwrap().status(), 200);
     provider.set_delay(Duration::ZERO);
-    let r = waiter.await.unwrap().unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_refreshed(waiter).await;
     let m = b.get_text("/metrics").await;
     let lease = |event: &str| {
         metric(
@@ -574,7 +594,7 @@ async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
     assert!(lease("waited") >= 1.0, "{m}");
     assert_eq!(lease("taken_over"), 0.0);
     assert!(!b.logs().contains("took over the refresh lease"));
-    assert_chain_intact(&provider);
+    assert_chain_intact(provider);
 }
 
 /// Defect 5: an operator rolls a new bootstrap refresh token out (a new Secret value), and it
@@ -583,9 +603,8 @@ async fn waiting_for_a_slow_live_holder_is_not_a_takeover() {
 /// continues that chain instead of restarting from a long-spent token. Both stay alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chain() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let upstream = FakeUpstream::start().await;
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
     provider.issue_bootstrap("api", "rt-api-boot-1");
     // Each replica mounts its own copy of the secret (as pods do); the operator names the
     // chain, since the two copies live at different paths on this one host.
@@ -596,9 +615,9 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
         std::fs::write(secrets.path().join("api.rt"), "rt-api-boot-1").unwrap();
         let (tw, ports) = replica(
             &redis.url(),
-            &provider,
+            provider,
             secrets.path(),
-            &[("api", &upstream)],
+            &[("api", &account.upstream)],
             extra,
         );
         tw.wait_ready().await;
@@ -631,9 +650,8 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
     refresh_and_wait(&b).await;
     refresh_and_wait(&a).await;
 
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
 }
 
 /// Defect 8: an upstream rejects every token. The token obtained for the first rejection is
@@ -641,19 +659,11 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
 /// it, not only the one that obtained it — so 4 replicas cost one provider call between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let reps = replicas_of_one_account(
-        4,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"\nmin_refresh_interval = \"20s\"",
-    )
-    .await;
+    let account = OneAccount::start(60).await;
+    let (provider, upstream) = (&account.provider, &account.upstream);
+    let reps = account
+        .replicas(4, "timeout = \"1s\"\nmin_refresh_interval = \"20s\"")
+        .await;
     assert_eq!(provider.successes(), 1);
     upstream.reject_every_token();
     let client = reqwest::Client::new();
@@ -681,7 +691,7 @@ async fn an_upstream_rejecting_every_token_costs_one_call_across_replicas() {
     let calls = provider.successes();
     eprintln!("{calls} provider calls with 4 replicas and an upstream rejecting every token");
     assert!(calls <= 4, "{calls} calls: {}", provider.summary());
-    assert_chain_intact(&provider);
+    assert_chain_intact(provider);
 }
 
 /// A TCP forwarder standing for the address clients know Redis by: a failover points it at
@@ -738,24 +748,16 @@ impl Forwarder {
 /// the newer state is written back, and no spent refresh token is presented.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
-    let mut primary = RedisServer::start();
+    let primary = RedisServer::start();
     let standby = primary.start_replica();
     let forwarder = Forwarder::start(primary.addr()).await;
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &forwarder.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"",
-    )
-    .await;
-    let (b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
-    let key = chain_key(&primary);
+    let mut account = OneAccount::on(primary, 60).await;
+    let provider = &account.provider;
+    let reps = account
+        .replicas_via(&forwarder.url(), 2, "timeout = \"1s\"")
+        .await;
+    let ((a, a_addr), (b, b_addr)) = pair(reps);
+    let key = chain_key(&account.redis);
     wait_for("the standby holding the chain", SOON, || {
         standby.keys().contains(&key)
     })
@@ -773,14 +775,13 @@ async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
     }
     // The primary dies; the standby, one write behind, takes its address.
     assert!(!standby.holds_bytes(b"rt-api"), "sealed");
-    primary.stop();
+    account.redis.stop();
     forwarder.switch_to(standby.addr());
 
     refresh_and_wait(&b).await;
     refresh_and_wait(&a).await;
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
@@ -791,49 +792,23 @@ async fn a_failover_to_a_lagging_redis_replica_presents_no_spent_token() {
 /// twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"10s\"",
-    )
-    .await;
-    let (b, b_addr) = reps.pop().unwrap();
-    let (a, a_addr) = reps.pop().unwrap();
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"10s\"").await;
 
-    provider.set_delay(Duration::from_secs(2));
-    let holder = {
-        let url = a.admin_url("/tokens/api/refresh");
-        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-    };
-    wait_for("the holder's provider call", SOON, || {
-        provider.in_flight() > 0
-    })
-    .await;
+    let holder = start_slow_refresh(&a, provider, Duration::from_secs(2)).await;
     a.signal("STOP");
     let paused = Instant::now();
     provider.set_delay(Duration::ZERO);
-    let other = {
-        let url = b.admin_url("/tokens/api/refresh");
-        tokio::spawn(async move { reqwest::Client::new().post(url).send().await })
-    };
+    let other = spawn_forced_refresh(&b);
     // The pause is the scenario: 8 s, well past the holder's 3 s lease.
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(paused.elapsed())).await;
     a.signal("CONT");
-    let r = holder.await.unwrap().unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let r = other.await.unwrap().unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_refreshed(holder).await;
+    assert_refreshed(other).await;
 
-    let failed = requests(&[a_addr, b_addr], 5, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
-    assert_chain_intact(&provider);
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
     let m = b.get_text("/metrics").await;
     assert_eq!(
         metric(
@@ -867,22 +842,13 @@ async fn the_file_store_is_reported_in_use_again_once_it_answers() {
     let saved = std::fs::read(&state).unwrap();
     std::fs::remove_file(&state).unwrap();
     std::fs::create_dir(&state).unwrap();
-    let client = reqwest::Client::new();
-    let r = client
-        .post(tw.admin_url("/tokens/api/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_refresh(&tw, "api").await;
     assert_ne!(r.status(), 200, "the store cannot be read");
     assert_eq!(mode().await, "hold");
 
     std::fs::remove_dir(&state).unwrap();
     std::fs::write(&state, saved).unwrap();
-    let r = client
-        .post(tw.admin_url("/tokens/api/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_refresh(&tw, "api").await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     assert_eq!(mode().await, "file");
     assert!(
@@ -921,18 +887,12 @@ async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
             .unwrap()
     };
     // The first exchange hangs on the read, and its flight gives up after 2 × timeout + 1 s.
-    let deadline = Instant::now() + SOON;
-    loop {
-        let status = tw.get_json("/tokens/api").await;
-        if status["last_error"]
+    wait_for_status(&tw, |status| {
+        status["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("did not finish"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let first = threads();
     // Retries every 500 ms (and requests) for 8 s more.
     let client = reqwest::Client::new();
@@ -955,39 +915,15 @@ async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
 /// too without repeating the call (a bad password retried by every replica locks accounts).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failure_for_good_travels_with_the_chain() {
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(4).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
-    let mut reps = replicas_of_one_account(
-        2,
-        &redis.url(),
-        &provider,
-        secrets.path(),
-        &upstream,
-        "timeout = \"1s\"",
-    )
-    .await;
-    let (b, _) = reps.pop().unwrap();
-    let (a, _) = reps.pop().unwrap();
+    let account = OneAccount::start(4).await;
+    let provider = &account.provider;
+    let ((a, _), (b, _)) = account.two_replicas("timeout = \"1s\"").await;
     provider.refuse_the_client(true);
-    let r = reqwest::Client::new()
-        .post(a.admin_url("/tokens/api/refresh"))
-        .send()
-        .await
-        .unwrap();
+    let r = post_refresh(&a, "api").await;
     assert_ne!(r.status(), 200);
     assert_eq!(a.get_json("/tokens/api").await["state"], "fatal");
     // B's token is due within 3 s; its refresh finds the failure and stops there.
-    let deadline = Instant::now() + SOON;
-    loop {
-        let status = b.get_json("/tokens/api").await;
-        if status["state"] == "fatal" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_status(&b, |status| status["state"] == "fatal").await;
     assert_eq!(provider.client_refusals(), 1, "{}", provider.summary());
 }
 
@@ -1001,10 +937,12 @@ async fn a_chain_stored_by_an_earlier_version_is_carried_over() {
     use base64::Engine;
     use sha2::{Digest, Sha256};
 
-    let redis = RedisServer::start();
-    let provider = StrictProvider::start(60).await;
-    let secrets = tempfile::tempdir().unwrap();
-    let upstream = FakeUpstream::start().await;
+    let OneAccount {
+        redis,
+        provider,
+        secrets,
+        upstream,
+    } = OneAccount::start(60).await;
     provider.issue_bootstrap("api", "rt-api-bootstrap");
     // The earlier version rotated the chain: the bootstrap value is spent.
     provider.issue_bootstrap("api", "rt-api-rotated-by-v1");
@@ -1061,8 +999,7 @@ async fn a_chain_stored_by_an_earlier_version_is_carried_over() {
         "timeout = \"1s\"",
     );
     tw.wait_ready().await;
-    let failed = requests(&ports, 3, Duration::from_millis(50)).await;
-    assert!(failed.is_empty(), "{failed:?}");
+    assert_served(&ports, 3).await;
     assert_chain_intact(&provider);
     assert_eq!(provider.successes(), 1, "{}", provider.summary());
     assert!(

@@ -739,7 +739,11 @@ fn is_token_char(b: u8) -> bool {
 fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> ResponseHeader {
     let mut response = upstream.clone();
     super::strip_answer_hop_by_hop(&mut response);
-    let bodiless = method == http::Method::HEAD || matches!(response.status.as_u16(), 204 | 304);
+    // A 1xx (a 101 included) never carries framing fields (RFC 9112 §6.1): what follows a 101
+    // is the tunnel's raw bytes.
+    let bodiless = method == http::Method::HEAD
+        || response.status.is_informational()
+        || matches!(response.status.as_u16(), 204 | 304);
     if !bodiless
         && !response.headers.contains_key(header::CONTENT_LENGTH)
         && !response.headers.contains_key(header::TRANSFER_ENCODING)

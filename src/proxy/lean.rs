@@ -516,11 +516,15 @@ async fn relay_body(
         None => {
             if continue_asked {
                 // Expect is not forwarded: this proxy asks for the body itself, once it has a
-                // token and a connection (RFC 9110 §10.1.1).
-                downstream
-                    .write_continue_response()
-                    .await
-                    .map_err(|e| e.into_down())?;
+                // token and a connection (RFC 9110 §10.1.1). pingora-core's
+                // `prepare_response_header` turns the connection's keep-alive off for any answer
+                // written before the request body is read (its default
+                // `close_on_response_before_downstream_finish`), a 100 included, though the 100
+                // asks for that body; the final answer, written once it is read, keeps the rule.
+                downstream.set_close_on_response_before_downstream_finish(false);
+                let written = downstream.write_continue_response().await;
+                downstream.set_close_on_response_before_downstream_finish(true);
+                written.map_err(|e| e.into_down())?;
             }
             while let Some(chunk) = downstream
                 .read_body_bytes()

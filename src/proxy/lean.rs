@@ -381,7 +381,14 @@ impl ListenerApp {
                     continue;
                 }
             }
-            let response = downstream_response(response, &downstream.req_header().method);
+            let (response, close_delimited) =
+                downstream_response(response, downstream.req_header());
+            if close_delimited {
+                // Before the head is written, so that its `Connection` says close: pingora-core's
+                // `prepare_response_header` turns keep-alive off for a close-delimited body only
+                // after it has chosen that field's value.
+                downstream.set_server_keepalive(None);
+            }
             downstream
                 .write_response_header(Box::new(response))
                 .await
@@ -739,13 +746,24 @@ fn is_token_char(b: u8) -> bool {
 }
 
 /// The upstream's answer as the client gets it: a body that ends with the connection becomes
-/// chunked, so the client connection can be kept.
-fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> ResponseHeader {
+/// chunked, so the client connection can be kept; except to an HTTP/1.0 client, which cannot
+/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited. The flag
+/// says the client connection must then end with the body.
+fn downstream_response(
+    upstream: &ResponseHeader,
+    client: &RequestHeader,
+) -> (ResponseHeader, bool) {
     let mut response = upstream.clone();
     super::strip_answer_hop_by_hop(&mut response);
+    if super::answers_http10_until_close(client, &response) {
+        // pingora-core's body writer decodes nothing: with no Transfer-Encoding it writes the
+        // upstream's decoded body as it comes, until the end.
+        response.remove_header(&header::TRANSFER_ENCODING);
+        return (response, true);
+    }
     // A 1xx (a 101 included) never carries framing fields (RFC 9112 §6.1): what follows a 101
     // is the tunnel's raw bytes.
-    let bodiless = method == http::Method::HEAD
+    let bodiless = client.method == http::Method::HEAD
         || response.status.is_informational()
         || matches!(response.status.as_u16(), 204 | 304);
     if !bodiless
@@ -756,7 +774,7 @@ fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> Resp
         // Cannot fail: a static, valid value.
         let _ = response.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
-    response
+    (response, false)
 }
 
 /// Writes one of tokenward's own JSON answers. A client that cannot take it is gone.
@@ -831,17 +849,39 @@ mod tests {
 
     #[test]
     fn a_body_that_ends_with_the_connection_is_sent_chunked() {
+        let get = request(&[]);
+        let mut head = request(&[]);
+        head.set_method(http::Method::HEAD);
         let close_delimited = ResponseHeader::build(200, None).unwrap();
-        let r = downstream_response(&close_delimited, &http::Method::GET);
+        let (r, close) = downstream_response(&close_delimited, &get);
         assert_eq!(r.headers[header::TRANSFER_ENCODING], "chunked");
-        let r = downstream_response(&close_delimited, &http::Method::HEAD);
+        assert!(!close);
+        let (r, _) = downstream_response(&close_delimited, &head);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
         let mut sized = ResponseHeader::build(200, None).unwrap();
         sized.insert_header("Content-Length", "3").unwrap();
-        let r = downstream_response(&sized, &http::Method::GET);
+        let (r, _) = downstream_response(&sized, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
         let empty = ResponseHeader::build(204, None).unwrap();
-        let r = downstream_response(&empty, &http::Method::GET);
+        let (r, _) = downstream_response(&empty, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+    }
+
+    #[test]
+    fn an_http10_client_gets_a_body_of_unknown_length_close_delimited() {
+        let mut old = request(&[]);
+        old.set_version(http::Version::HTTP_10);
+        let mut chunked = ResponseHeader::build(200, None).unwrap();
+        chunked
+            .insert_header("Transfer-Encoding", "chunked")
+            .unwrap();
+        for upstream in [ResponseHeader::build(200, None).unwrap(), chunked] {
+            let (r, close) = downstream_response(&upstream, &old);
+            assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+            assert!(close);
+        }
+        let mut sized = ResponseHeader::build(200, None).unwrap();
+        sized.insert_header("Content-Length", "3").unwrap();
+        assert!(!downstream_response(&sized, &old).1);
     }
 }

@@ -3,7 +3,7 @@
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -92,7 +92,7 @@ impl SecretSource {
     pub fn origin(&self) -> String {
         match self {
             SecretSource::Literal(secret) => format!("value {}", secret.fingerprint()),
-            SecretSource::File(path) => format!("file {}", path.display()),
+            SecretSource::File(path) => format!("file {}", normal_file_path(path).display()),
             SecretSource::Env(var) => format!("env {var}"),
         }
     }
@@ -104,6 +104,36 @@ impl SecretSource {
             _ => None,
         }
     }
+}
+
+/// One spelling for every way of writing a file's path (`d/./f`, `d/x/../f`, `d//f`, a path
+/// relative to the working directory it is read from), so that two credentials reading one file
+/// get one origin — and the load-time check that refuses two credentials sharing one chain sees
+/// them. Lexical only: the file may not exist yet, and a symlink is the operator's explicit choice.
+fn normal_file_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        // Secret files are opened relative to the working directory (see `resolve`).
+        std::env::current_dir()
+            .map(|cwd| cwd.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut out = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                // `..` above the root stays at the root, as the kernel resolves it.
+                if !out.pop() && !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 impl fmt::Debug for SecretSource {

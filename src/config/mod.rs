@@ -1173,6 +1173,40 @@ credentials:
     }
 
     #[test]
+    fn a_file_origin_spelled_two_ways_is_one_chain_identity() {
+        let rt = |file: &str| {
+            format!("grant = \"refresh_token\"\nrefresh_token = {{ file = \"{file}\" }}")
+        };
+        let alice = identity_of(&rt("/s/alice.rt"));
+        for alias in [
+            "/s/./alice.rt",
+            "/s/x/../alice.rt",
+            "/s//alice.rt",
+            "/s/x/./../alice.rt",
+        ] {
+            assert_eq!(alice, identity_of(&rt(alias)), "{alias}");
+        }
+        assert_ne!(alice, identity_of(&rt("/s/x/alice.rt")));
+        // A relative path is read against the working directory, so it is that file's chain.
+        let cwd = std::env::current_dir().unwrap();
+        let absolute = cwd.join("alice.rt").display().to_string();
+        assert_eq!(identity_of(&rt(&absolute)), identity_of(&rt("./alice.rt")));
+        assert_eq!(identity_of(&rt(&absolute)), identity_of(&rt("alice.rt")));
+
+        // Two credentials reading one file through aliases are refused at load time.
+        let two = format!(
+            "[state]\nredis = \"redis://127.0.0.1\"\nencryption_key = \"{STORE_KEY}\"\n\
+             [[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://u\"\ncredential = \"a\"\n\
+             [credentials.a]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c1\"\nclient_secret = \"s\"\n{}\n\
+             [credentials.b]\ndialect = \"oauth2\"\ntoken_url = \"https://idp.example/token\"\nclient_id = \"c1\"\nclient_secret = \"s\"\n{}\n",
+            rt("/s/alice.rt"),
+            rt("/s/./alice.rt")
+        );
+        let err = load_str("toml", &two).unwrap_err();
+        assert_eq!(err.0[0].key, "credentials.b", "{err}");
+    }
+
+    #[test]
     fn two_credentials_of_one_account_are_refused_with_a_shared_store_only() {
         let two = |state: &str| {
             format!(

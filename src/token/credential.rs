@@ -123,6 +123,12 @@ impl Chain {
     fn holds_history(&self) -> bool {
         self.lineage.is_some()
     }
+
+    /// Whether this process holds a usable chain of its own: a point of its history with a
+    /// refresh token to present.
+    fn is_live(&self) -> bool {
+        self.holds_history() && self.refresh.is_some()
+    }
 }
 
 /// What comparing the store's state with this process's chain called for.
@@ -952,8 +958,14 @@ impl Credential {
             // Another replica's provider call failed for good with these same settings: do not
             // repeat it (a bad password retried by every replica locks the account) unless an
             // operator forces it.
-            if let Some(f) = stored.as_ref().and_then(|s| s.state.failure.as_ref()) {
-                if purpose != Purpose::Forced && f.config == self.config.fingerprint {
+            if let Some((f, s)) = stored
+                .as_ref()
+                .and_then(|s| s.state.failure.as_ref().map(|f| (f, s)))
+            {
+                if purpose != Purpose::Forced
+                    && f.config == self.config.fingerprint
+                    && adopts_stored_failure(chain, &s.state)
+                {
                     return Err(DialectError::fatal(format!(
                         "{} (met by another replica; not retried until the configuration changes or a refresh is forced)",
                         f.message
@@ -1091,20 +1103,7 @@ impl Credential {
     /// the bootstrap values each has superseded across chains (a chain started from a newer
     /// bootstrap value is newer than the one it replaced).
     fn relation(&self, chain: &Chain, stored: &Stored) -> Relation {
-        match Lineage::relation(chain.lineage.as_ref(), stored.state.lineage.as_ref()) {
-            Relation::Unrelated => {
-                let theirs = stored.state.origin.as_ref();
-                let ours = chain.origin.as_ref();
-                if theirs != ours && ours.is_some_and(|o| stored.state.superseded.contains(o)) {
-                    Relation::Newer
-                } else if theirs != ours && theirs.is_some_and(|o| chain.superseded.contains(o)) {
-                    Relation::Older
-                } else {
-                    Relation::Unrelated
-                }
-            }
-            known => known,
-        }
+        chain_relation(chain, &stored.state)
     }
 
     /// Writes this process's state back over an empty store or an older state read at version
@@ -1435,6 +1434,41 @@ impl Credential {
     }
 }
 
+/// How a stored state stands to a replica's chain: by lineage within one chain, by the
+/// bootstrap values each has superseded across chains (a chain started from a newer bootstrap
+/// value is newer than the one it replaced).
+fn chain_relation(chain: &Chain, stored: &ChainState) -> Relation {
+    match Lineage::relation(chain.lineage.as_ref(), stored.lineage.as_ref()) {
+        Relation::Unrelated => {
+            let theirs = stored.origin.as_ref();
+            let ours = chain.origin.as_ref();
+            if theirs != ours && ours.is_some_and(|o| stored.superseded.contains(o)) {
+                Relation::Newer
+            } else if theirs != ours && theirs.is_some_and(|o| chain.superseded.contains(o)) {
+                Relation::Older
+            } else if chain.is_live()
+                && (stored.refresh_token.is_none() || stored.failure.is_some())
+            {
+                // A dead end of another lineage, or of none (a replica that found the store
+                // emptied presented its long-spent bootstrap value), says nothing about this
+                // live chain: it is behind it, so this chain is kept and written back over it
+                // rather than adopted — or its failure would stop every replica.
+                Relation::Older
+            } else {
+                Relation::Unrelated
+            }
+        }
+        known => known,
+    }
+}
+
+/// Whether a failure for good recorded with `stored` stops this replica's chain too: only when
+/// it was met at this chain's point or further along it, or this replica has no usable chain
+/// of its own. A replica holding a live chain of another lineage keeps it.
+fn adopts_stored_failure(chain: &Chain, stored: &ChainState) -> bool {
+    chain_relation(chain, stored) != Relation::Older
+}
+
 /// Exponential back-off with full jitter while it grows; once it reaches `cap` the breaker is
 /// open and the provider gets one probe per `cap` (less a little jitter), however many requests
 /// come. A provider's `Retry-After` is a floor.
@@ -1454,6 +1488,80 @@ pub fn backoff(failures: u32, cap: Duration, retry_after: Option<Duration>) -> D
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::token::store::StoredFailure;
+
+    fn live_chain() -> Chain {
+        Chain {
+            loaded: true,
+            refresh: Some(Secret::new("rt-live")),
+            origin: Some("boot".into()),
+            version: 3,
+            unsaved: false,
+            lineage: Some(Lineage {
+                epoch: "e-live".into(),
+                counter: 3,
+                parent: None,
+            }),
+            superseded: Vec::new(),
+        }
+    }
+
+    /// What a replica that started on an emptied store leaves after presenting the spent
+    /// bootstrap value: no refresh token, no lineage, a failure for good.
+    fn spent_bootstrap_attempt() -> ChainState {
+        ChainState {
+            origin: Some("boot".into()),
+            failure: Some(StoredFailure {
+                class: "fatal_error".into(),
+                message: "no usable refresh token".into(),
+                config: "cfg".into(),
+            }),
+            ..ChainState::default()
+        }
+    }
+
+    #[test]
+    fn a_dead_end_of_another_lineage_does_not_stop_a_live_chain() {
+        let live = live_chain();
+        let dead = spent_bootstrap_attempt();
+        // F2b: the live chain is not replaced by (nor stopped by) another attempt's dead end:
+        // it is written back over it.
+        assert_eq!(chain_relation(&live, &dead), Relation::Older);
+        assert!(!adopts_stored_failure(&live, &dead));
+        // A failure of another epoch, the chain still holding a token, is not ours either.
+        let other = ChainState {
+            refresh_token: Some(Secret::new("rt-other")),
+            lineage: Some(Lineage::birth(None)),
+            ..dead.clone()
+        };
+        assert!(!adopts_stored_failure(&live, &other));
+        // Met at this chain's own point, or further along it: it is this chain's failure.
+        let same = ChainState {
+            lineage: live.lineage.clone(),
+            ..dead.clone()
+        };
+        assert!(adopts_stored_failure(&live, &same));
+        let newer = ChainState {
+            lineage: live.lineage.as_ref().map(|l| l.next(None)),
+            ..dead.clone()
+        };
+        assert!(adopts_stored_failure(&live, &newer));
+        assert_eq!(chain_relation(&live, &newer), Relation::Newer);
+        // A replica with no chain of its own (only its bootstrap value) takes it up.
+        assert!(adopts_stored_failure(&Chain::default(), &dead));
+        let spent = Chain {
+            refresh: None,
+            ..live_chain()
+        };
+        assert!(adopts_stored_failure(&spent, &dead));
+        // A live state of another lineage is still another chain, adopted as before.
+        let unrelated = ChainState {
+            refresh_token: Some(Secret::new("rt-other")),
+            lineage: Some(Lineage::birth(None)),
+            ..ChainState::default()
+        };
+        assert_eq!(chain_relation(&live, &unrelated), Relation::Unrelated);
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_and_honours_retry_after() {

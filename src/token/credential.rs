@@ -105,6 +105,9 @@ pub struct Chain {
     lineage: Option<Lineage>,
     /// Bootstrap values (fingerprints) this chain has superseded.
     superseded: Vec<String>,
+    /// When this process, holding no chain, first found the shared store empty: it waits for
+    /// the store to settle from then before presenting its bootstrap value.
+    found_empty_at: Option<Instant>,
 }
 
 impl Chain {
@@ -1007,11 +1010,19 @@ impl Credential {
                 warn!(credential = %self.name, "the shared store has lost this chain; writing this replica's state back and waiting for the store to settle before a refresh");
                 return self.write_back_forward(chain, lease, 0).await;
             }
-            // First use: nothing to wait for.
             chain.version = 0;
             chain.loaded = true;
             if self.store.is_shared() && !chain.holds_history() {
                 self.take_up_legacy_chain(chain).await;
+                // An empty store is a first use — or a store that just lost the chain (a flush,
+                // a restart) while live replicas hold it and this replica holds only its
+                // bootstrap value, long spent. Presenting it would revoke the account's family:
+                // wait for the store to settle (a live replica writes its chain back within a
+                // sync interval) before presenting a bootstrap value never seen in the store.
+                if chain.refresh.is_none() && self.rotates(chain) {
+                    let since = *chain.found_empty_at.get_or_insert_with(Instant::now);
+                    return Reconciled::SettleUntil(since + self.settle_time());
+                }
             }
             return Reconciled::Ready;
         };
@@ -1503,6 +1514,7 @@ mod tests {
                 parent: None,
             }),
             superseded: Vec::new(),
+            found_empty_at: None,
         }
     }
 

@@ -615,7 +615,9 @@ impl Tokenward {
 
     async fn wait_admin(&self, path: &str) {
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // A first start on an empty shared store waits for it to settle before presenting a
+        // bootstrap value — `2 × timeout + 1 s`, 21 s for a 10 s provider timeout.
+        let deadline = Instant::now() + Duration::from_secs(40);
         while Instant::now() < deadline {
             if let Ok(r) = client.get(self.admin_url(path)).send().await {
                 // pingora binds each service's listener on that service's own thread, so the
@@ -627,7 +629,7 @@ impl Tokenward {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!(
-            "tokenward {path} not OK, or its proxy listener not accepting, within 20s; logs:\n{}",
+            "tokenward {path} not OK, or its proxy listener not accepting, within 40s; logs:\n{}",
             self.logs()
         );
     }

@@ -87,7 +87,7 @@ const VALUES: [&str; 9] = [
 /// made of the fuzzer's bytes), sometimes any bytes but CR and LF.
 fn header_line(input: &mut Input) -> Vec<u8> {
     let choice = input.byte();
-    if choice % 8 == 0 {
+    if choice.is_multiple_of(8) {
         return input.bytes(48, b"\r\n");
     }
     let token = |b: u8| b"abcdefghijklmnopqrstuvwxyz0123456789-_.!#"[usize::from(b) % 41];
@@ -101,7 +101,7 @@ fn header_line(input: &mut Input) -> Vec<u8> {
             .as_bytes()
             .to_vec()
     };
-    let value: Vec<u8> = if input.byte() % 2 == 0 {
+    let value: Vec<u8> = if input.byte().is_multiple_of(2) {
         VALUES[usize::from(input.byte()) % VALUES.len()]
             .as_bytes()
             .to_vec()

@@ -815,9 +815,9 @@ mod tests {
             let mut r = request(&[("Connection", bad), ("Host", "h")]);
             assert!(strip_hop_by_hop(&mut r).is_err(), "{bad}");
         }
-        let many = vec!["x"; MAX_CONNECTION_OPTIONS + 1].join(",");
+        let many = ["x"; MAX_CONNECTION_OPTIONS + 1].join(",");
         assert!(strip_hop_by_hop(&mut request(&[("Connection", &many)])).is_err());
-        let enough = vec!["x"; MAX_CONNECTION_OPTIONS].join(",");
+        let enough = ["x"; MAX_CONNECTION_OPTIONS].join(",");
         assert!(strip_hop_by_hop(&mut request(&[("Connection", &enough)])).is_ok());
     }
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use cases::{Case, Target};
 use common::nginx::Nginx;
+use common::peers::*;
 use common::raw::*;
 use common::*;
 

@@ -4,7 +4,8 @@
 //! for the upstream's address, `Date: <DATE>`; chunked bodies compared as one chunk).
 
 use crate::Path;
-use crate::common::raw::{self, Boundary, End, Step, Up};
+use crate::common::peers::{Boundary, End, Step, Up};
+use crate::common::raw;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
@@ -69,8 +70,8 @@ impl Case {
 
     /// How many final answers the client must have before the runner sends its sentinel.
     pub fn final_answers(&self, path: Path) -> usize {
-        let methods = crate::common::raw::methods_of(&self.client_bytes());
-        crate::common::raw::responses(&self.expected(path).1, &methods, true)
+        let methods = raw::methods_of(&self.client_bytes());
+        raw::responses(&self.expected(path).1, &methods, true)
             .messages
             .iter()
             .filter(|m| !(100..200).contains(&m.head.status()))

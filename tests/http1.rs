@@ -1172,3 +1172,90 @@ async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
     let (answer, _) = request_then_next(&tw, &[fine], Duration::ZERO, "POST").await;
     assert_eq!(answer.status, 200);
 }
+
+/// A 101 is a 1xx: it carries no framing fields (RFC 9112 §6.1), whatever the lean path adds
+/// to a final answer of unknown length. The full path's 101 is covered by the upgrade tests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_101_carries_no_framing_fields() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let (addr, _) = upgrade_echo_upstream().await;
+    let tw = proxy(&format!("http://{addr}"), &provider, true).await;
+    let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+    s.write_all(format!("GET /ws {WS_HEAD}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+    assert_eq!(answer.status, 101, "{answer:?}");
+    assert_eq!(field(&answer.head, "transfer-encoding"), None, "{answer:?}");
+    assert_eq!(field(&answer.head, "content-length"), None, "{answer:?}");
+}
+
+/// A request with `Expect: 100-continue` answered normally by a keep-alive upstream keeps its
+/// client connection on the lean path, which sends the 100 itself: the 100 is not the final
+/// answer. (The full path, relaying an upstream's 100, still closes: left for its own issue.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_100_continue_exchange_keeps_the_client_connection() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    let tw = proxy(&up.url(), &provider, true).await;
+    let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+    s.write_all(
+        b"POST /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        assert!(fill(&mut s, &mut buf).await, "closed before the 100");
+    }
+    s.write_all(b"hello").await.unwrap();
+    let first = read_answer(&mut s, &mut buf, "POST").await;
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.informational.len(), 1, "{first:?}");
+    assert!(!first.says_close(), "{first:?}");
+    s.write_all(NEXT).await.unwrap();
+    let next = read_answer(&mut s, &mut buf, "GET").await;
+    assert_eq!(next.status, 200, "{next:?}");
+    assert_two_requests(&up, b"hello", "lean path");
+}
+
+/// An HTTP/1.0 client never gets a chunked answer (RFC 9112 §6.1): an answer of unknown length,
+/// chunked or close-delimited upstream, reaches it close-delimited with `Connection: close`,
+/// and the connection ends with the body, as nginx does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http10_client_gets_a_close_delimited_body_never_chunked() {
+    const CHUNKED: &[u8] =
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    const UNTIL_CLOSE: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello world";
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| match target(head) {
+        "/chunked" => vec![Step::ReadBody, send(CHUNKED)],
+        _ => vec![Step::ReadBody, send(UNTIL_CLOSE), Step::Close],
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for (target, keep_alive) in [
+            ("/chunked", ""),
+            ("/close", ""),
+            ("/chunked", "Connection: keep-alive\r\n"),
+        ] {
+            let case = format!("{}, {target} {keep_alive:?}", path_name(lean));
+            let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+            s.write_all(
+                format!("GET {target} HTTP/1.0\r\nHost: app\r\n{keep_alive}\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+            assert_eq!(answer.status, 200, "{case}: {answer:?}");
+            assert_eq!(
+                field(&answer.head, "transfer-encoding"),
+                None,
+                "{case}: {answer:?}"
+            );
+            assert!(answer.says_close(), "{case}: {answer:?}");
+            assert_eq!(answer.text(), "hello world", "{case}");
+        }
+    }
+}

@@ -381,7 +381,14 @@ impl ListenerApp {
                     continue;
                 }
             }
-            let response = downstream_response(response, &downstream.req_header().method);
+            let (response, close_delimited) =
+                downstream_response(response, downstream.req_header());
+            if close_delimited {
+                // Before the head is written, so that its `Connection` says close: pingora-core's
+                // `prepare_response_header` turns keep-alive off for a close-delimited body only
+                // after it has chosen that field's value.
+                downstream.set_server_keepalive(None);
+            }
             downstream
                 .write_response_header(Box::new(response))
                 .await
@@ -516,11 +523,15 @@ async fn relay_body(
         None => {
             if continue_asked {
                 // Expect is not forwarded: this proxy asks for the body itself, once it has a
-                // token and a connection (RFC 9110 §10.1.1).
-                downstream
-                    .write_continue_response()
-                    .await
-                    .map_err(|e| e.into_down())?;
+                // token and a connection (RFC 9110 §10.1.1). pingora-core's
+                // `prepare_response_header` turns the connection's keep-alive off for any answer
+                // written before the request body is read (its default
+                // `close_on_response_before_downstream_finish`), a 100 included, though the 100
+                // asks for that body; the final answer, written once it is read, keeps the rule.
+                downstream.set_close_on_response_before_downstream_finish(false);
+                let written = downstream.write_continue_response().await;
+                downstream.set_close_on_response_before_downstream_finish(true);
+                written.map_err(|e| e.into_down())?;
             }
             while let Some(chunk) = downstream
                 .read_body_bytes()
@@ -735,11 +746,26 @@ fn is_token_char(b: u8) -> bool {
 }
 
 /// The upstream's answer as the client gets it: a body that ends with the connection becomes
-/// chunked, so the client connection can be kept.
-fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> ResponseHeader {
+/// chunked, so the client connection can be kept; except to an HTTP/1.0 client, which cannot
+/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited. The flag
+/// says the client connection must then end with the body.
+fn downstream_response(
+    upstream: &ResponseHeader,
+    client: &RequestHeader,
+) -> (ResponseHeader, bool) {
     let mut response = upstream.clone();
     super::strip_answer_hop_by_hop(&mut response);
-    let bodiless = method == http::Method::HEAD || matches!(response.status.as_u16(), 204 | 304);
+    if super::answers_http10_until_close(client, &response) {
+        // pingora-core's body writer decodes nothing: with no Transfer-Encoding it writes the
+        // upstream's decoded body as it comes, until the end.
+        response.remove_header(&header::TRANSFER_ENCODING);
+        return (response, true);
+    }
+    // A 1xx (a 101 included) never carries framing fields (RFC 9112 §6.1): what follows a 101
+    // is the tunnel's raw bytes.
+    let bodiless = client.method == http::Method::HEAD
+        || response.status.is_informational()
+        || matches!(response.status.as_u16(), 204 | 304);
     if !bodiless
         && !response.headers.contains_key(header::CONTENT_LENGTH)
         && !response.headers.contains_key(header::TRANSFER_ENCODING)
@@ -748,7 +774,7 @@ fn downstream_response(upstream: &ResponseHeader, method: &http::Method) -> Resp
         // Cannot fail: a static, valid value.
         let _ = response.insert_header(header::TRANSFER_ENCODING, "chunked");
     }
-    response
+    (response, false)
 }
 
 /// Writes one of tokenward's own JSON answers. A client that cannot take it is gone.
@@ -823,17 +849,39 @@ mod tests {
 
     #[test]
     fn a_body_that_ends_with_the_connection_is_sent_chunked() {
+        let get = request(&[]);
+        let mut head = request(&[]);
+        head.set_method(http::Method::HEAD);
         let close_delimited = ResponseHeader::build(200, None).unwrap();
-        let r = downstream_response(&close_delimited, &http::Method::GET);
+        let (r, close) = downstream_response(&close_delimited, &get);
         assert_eq!(r.headers[header::TRANSFER_ENCODING], "chunked");
-        let r = downstream_response(&close_delimited, &http::Method::HEAD);
+        assert!(!close);
+        let (r, _) = downstream_response(&close_delimited, &head);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
         let mut sized = ResponseHeader::build(200, None).unwrap();
         sized.insert_header("Content-Length", "3").unwrap();
-        let r = downstream_response(&sized, &http::Method::GET);
+        let (r, _) = downstream_response(&sized, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
         let empty = ResponseHeader::build(204, None).unwrap();
-        let r = downstream_response(&empty, &http::Method::GET);
+        let (r, _) = downstream_response(&empty, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+    }
+
+    #[test]
+    fn an_http10_client_gets_a_body_of_unknown_length_close_delimited() {
+        let mut old = request(&[]);
+        old.set_version(http::Version::HTTP_10);
+        let mut chunked = ResponseHeader::build(200, None).unwrap();
+        chunked
+            .insert_header("Transfer-Encoding", "chunked")
+            .unwrap();
+        for upstream in [ResponseHeader::build(200, None).unwrap(), chunked] {
+            let (r, close) = downstream_response(&upstream, &old);
+            assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+            assert!(close);
+        }
+        let mut sized = ResponseHeader::build(200, None).unwrap();
+        sized.insert_header("Content-Length", "3").unwrap();
+        assert!(!downstream_response(&sized, &old).1);
     }
 }

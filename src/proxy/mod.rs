@@ -406,11 +406,20 @@ impl ProxyHttp for TokenwardProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
         strip_answer_hop_by_hop(response);
+        if answers_http10_until_close(session.req_header(), response) {
+            // pingora-proxy's `ProxyHttp::proxy_handle_downstream` (proxy_h1.rs) adds
+            // `Transfer-Encoding: chunked` to every answer of unknown length before this filter,
+            // whatever the client's version; an HTTP/1.0 client cannot take chunked (RFC 9112
+            // §6.1). Without it pingora-core's body writer sends the body as it comes, and
+            // keep-alive is turned off first so that `write_response_header` says close.
+            response.remove_header(&http::header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
+        }
         Ok(())
     }
 
@@ -494,6 +503,19 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
 /// to where a client asks.
 fn connect_refused() -> serde_json::Value {
     json!({"error": "method_not_allowed", "message": "CONNECT is not forwarded"})
+}
+
+/// Whether an answer to an HTTP/1.0 client has a body of unknown length, which it must get
+/// close-delimited, its connection ending with the body: it cannot take chunked (RFC 9112 §6.1).
+fn answers_http10_until_close(client: &RequestHeader, response: &ResponseHeader) -> bool {
+    let old_client = matches!(
+        client.version,
+        http::Version::HTTP_10 | http::Version::HTTP_09
+    );
+    let bodiless = client.method == http::Method::HEAD
+        || response.status.is_informational()
+        || matches!(response.status.as_u16(), 204 | 304);
+    old_client && !bodiless && !response.headers.contains_key(http::header::CONTENT_LENGTH)
 }
 
 /// Hop-by-hop fields an answer must not carry past this proxy (RFC 9110 §7.6.1): those its

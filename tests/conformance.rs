@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use cases::{Case, Target};
 use common::nginx::Nginx;
+use common::peers::*;
 use common::raw::*;
 use common::*;
 
@@ -38,24 +39,9 @@ impl Path {
 /// this list stays true).
 const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[
     (
-        "websocket",
-        Some(Path::Lean),
-        "the lean path's own WebSocket tunnel (issue 18 defect 3's fix) adds `Transfer-Encoding: chunked` to the 101 (lean.rs downstream_response counts a 1xx as an answer with a body); RFC 9112 §6.1: no Transfer-Encoding in a 1xx",
-    ),
-    (
-        "websocket-accepted",
-        Some(Path::Lean),
-        "as for `websocket`: `Transfer-Encoding: chunked` on the 101",
-    ),
-    (
         "chunk-extension-bare-lf",
         Some(Path::Full),
         "issue 18 defect 12, left on the full path (README, Two request paths): pingora-proxy takes a bare LF inside a chunk extension (httparse's parse_chunk_size lets it through) and forwards the chunk re-framed; the lean path answers 400",
-    ),
-    (
-        "http10-chunked-answer",
-        None,
-        "NOT IN ISSUE 18's LIST: an HTTP/1.0 client gets a chunked answer (RFC 9112 §6.1 forbids Transfer-Encoding in an answer to HTTP/1.0); lean.rs downstream_response, and pingora-proxy on the full path",
     ),
     (
         "http11-without-host",
@@ -184,7 +170,7 @@ fn run_case(
         addr,
         &case.client,
         boundary,
-        case.end,
+        case.end_on(path),
         case.final_answers(path),
         Some(upstream),
         // A case known to fail on this path fails whatever the wait: no need to wait long.
@@ -222,10 +208,10 @@ fn run_case(
         &client.sent,
         &received,
         client.closed,
-        case.end == End::KeepAlive,
+        case.end_on(path) == End::KeepAlive,
     );
     notes.extend(note);
-    if case.end == End::Closed && !client.closed {
+    if case.end_on(path) == End::Closed && !client.closed {
         notes.push("the connection was expected to close".into());
     }
     Observed {
@@ -543,14 +529,14 @@ async fn run_against_nginx_origin(path: Path) -> (usize, usize, Vec<String>, Vec
                     proxy,
                     &case.client,
                     boundary,
-                    case.end,
+                    case.end_on(path),
                     case.final_answers(path),
                     None,
                     STEP_WAIT,
                 );
                 let tokens = provider.issued();
                 let want_log = nginx_expected_log(case, path);
-                let sentinel = usize::from(case.end == End::KeepAlive);
+                let sentinel = usize::from(case.end_on(path) == End::KeepAlive);
                 // nginx logs a request once its answer is sent: wait for the lines to be there.
                 let deadline = Instant::now() + STEP_WAIT;
                 let mut log = Vec::new();
@@ -588,7 +574,7 @@ async fn run_against_nginx_origin(path: Path) -> (usize, usize, Vec<String>, Vec
                 let mut got_answers =
                     answers_summary(&client.sent, &client.received, client.closed);
                 got_answers.retain(|a| !a.starts_with("100 "));
-                if case.end == End::KeepAlive
+                if case.end_on(path) == End::KeepAlive
                     && got_answers
                         .last()
                         .is_some_and(|a| a == "200 body=[GET /__end\\n]")
@@ -611,7 +597,7 @@ async fn run_against_nginx_origin(path: Path) -> (usize, usize, Vec<String>, Vec
                         )
                     ));
                 }
-                if case.end == End::Closed && !client.closed {
+                if case.end_on(path) == End::Closed && !client.closed {
                     problems.push_str("the connection was expected to close\n");
                 }
                 for n in &client.notes {
@@ -754,8 +740,8 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
     ),
     (
         "expect-100-continue",
-        None,
-        "stricter: tokenward closes the connection after an exchange that began with a 100 (and says so); nginx keeps it",
+        Some(Path::Full),
+        "stricter: the full path closes the connection after an exchange that began with a 100 (and says so); nginx, and the lean path, keep it",
     ),
     (
         "expect-100-upstream-fails",
@@ -927,14 +913,14 @@ async fn corpus_through_nginx_as_the_reference_proxy() {
                 .filter(|b| !matches!(b, Boundary::ByteByByte | Boundary::Crlf))
             {
                 runs += 1;
-                let sentinel = case.end == End::KeepAlive;
+                let sentinel = case.end_on(Path::Lean) == End::KeepAlive;
                 let reference = {
                     raw.begin(case.upstream.clone(), boundary.clone());
                     let client = run_client(
                         nginx.addr,
                         &case.client,
                         boundary,
-                        case.end,
+                        case.end_on(Path::Lean),
                         case.final_answers(Path::Lean),
                         Some(&raw),
                         // Where nginx is listed as leaving open a connection tokenward closes,
@@ -958,7 +944,7 @@ async fn corpus_through_nginx_as_the_reference_proxy() {
                         subject.tw.proxy,
                         &case.client,
                         boundary,
-                        case.end,
+                        case.end_on(path),
                         case.final_answers(path),
                         Some(&subject.upstream),
                         if known_failing(case.name, path).is_some() {
@@ -967,7 +953,11 @@ async fn corpus_through_nginx_as_the_reference_proxy() {
                             STEP_WAIT
                         },
                     );
-                    let ours = framing(&subject.upstream.finish(), &client, sentinel);
+                    let ours = framing(
+                        &subject.upstream.finish(),
+                        &client,
+                        case.end_on(path) == End::KeepAlive,
+                    );
                     if ours != reference && differs[i].is_none() {
                         differs[i] = Some(format!(
                             "--- {} on the {} path, boundary {} (- nginx, + tokenward):\n{}",

@@ -4,6 +4,7 @@
 
 pub mod assertion;
 pub mod nginx;
+pub mod peers;
 pub mod raw;
 pub mod redis;
 

@@ -4,7 +4,8 @@
 //! for the upstream's address, `Date: <DATE>`; chunked bodies compared as one chunk).
 
 use crate::Path;
-use crate::common::raw::{self, Boundary, End, Step, Up};
+use crate::common::peers::{Boundary, End, Step, Up};
+use crate::common::raw;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Target {
@@ -18,6 +19,8 @@ pub struct PathDifference {
     pub reason: &'static str,
     pub upstream: Option<Vec<Vec<u8>>>,
     pub client: Option<Vec<u8>>,
+    /// How the client connection ends on the full path, when not as on the lean path.
+    pub end: Option<End>,
 }
 
 #[derive(Clone, Debug)]
@@ -67,10 +70,18 @@ impl Case {
         (up, client)
     }
 
+    /// How the client connection ends on `path`.
+    pub fn end_on(&self, path: Path) -> End {
+        match (path, &self.full_path) {
+            (Path::Full, Some(PathDifference { end: Some(end), .. })) => *end,
+            _ => self.end,
+        }
+    }
+
     /// How many final answers the client must have before the runner sends its sentinel.
     pub fn final_answers(&self, path: Path) -> usize {
-        let methods = crate::common::raw::methods_of(&self.client_bytes());
-        crate::common::raw::responses(&self.expected(path).1, &methods, true)
+        let methods = raw::methods_of(&self.client_bytes());
+        raw::responses(&self.expected(path).1, &methods, true)
             .messages
             .iter()
             .filter(|m| !(100..200).contains(&m.head.status()))
@@ -147,7 +158,16 @@ impl Case {
             reason,
             upstream: upstream.map(|u| u.iter().map(|c| c.to_vec()).collect()),
             client: client.map(<[u8]>::to_vec),
+            end: None,
         });
+        self
+    }
+    /// On the full path the client connection ends as `end` (after `full_path_differs`).
+    fn full_path_ends(mut self, end: End) -> Self {
+        self.full_path
+            .as_mut()
+            .expect("full_path_differs first")
+            .end = Some(end);
         self
     }
     fn bounded_1xx(mut self, head: &'static [u8], at_most: usize) -> Self {
@@ -407,17 +427,15 @@ pub fn corpus() -> Vec<Case> {
         case("expect-100-continue", "ordinary")
             .send(b"PUT /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 6\r\n\r\n")
             .send_after_continue(b"abcdef")
-            // Both paths close the connection after an exchange that began with a 100, and say
-            // so (stricter than nginx, which keeps it).
-            .end(End::Closed)
             .upstream(vec![answer(OK)])
             .expect_upstream(&[&fwd("PUT /e HTTP/1.1\r\nHost: <UPSTREAM>\r\nContent-Length: 6\r\n", b"abcdef")])
-            .expect_client(cat(&[b"HTTP/1.1 100 Continue\r\n\r\n", &relayed("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "close", b"ok")]))
+            .expect_client(cat(&[b"HTTP/1.1 100 Continue\r\n\r\n", OK_RELAYED]))
             .full_path_differs(
-                "the lean path answers the client's 100-continue itself (as nginx does) and sends no Expect upstream; pingora-proxy passes Expect on and relays the upstream's 100",
+                "the lean path answers the client's 100-continue itself (as nginx does), sends no Expect upstream and keeps the connection; pingora-proxy passes Expect on, relays the upstream's 100, and closes the connection after the answer (saying so)",
                 Some(&[&fwd("PUT /e HTTP/1.1\r\nHost: <UPSTREAM>\r\nExpect: 100-continue\r\nContent-Length: 6\r\n", b"abcdef")]),
-                None,
-            ),
+                Some(&cat(&[b"HTTP/1.1 100 Continue\r\n\r\n", &relayed("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n", "close", b"ok")])),
+            )
+            .full_path_ends(End::Closed),
         // ---- upgrades and CONNECT
         case("websocket", "ordinary")
             // As RFC 6455 §4.1 has it: the client waits for the 101 before its first frame.

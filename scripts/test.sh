@@ -9,7 +9,10 @@ scripts/install-deps.sh
 cargo fmt --all -- --check
 # Benches and every test target build in the dev profile, so a broken benchmark fails here too.
 cargo build --all-targets --locked
-cargo nextest run --locked --no-fail-fast
+cargo nextest run --locked --no-fail-fast -E 'not binary(conformance)'
+# The differential HTTP/1 conformance suite (both paths, and nginx as upstream and as reference
+# proxy) on its own, so its tallies, known failures and allowed differences are printed.
+cargo nextest run --locked --no-fail-fast --test conformance --no-capture
 # The proxy-path tests again with the lean HTTP/1 path off, so the ProxyHttp path stays proven
 # for the plain routes the lean path serves by default, and with the default single proxy
 # thread (tokio's single-threaded runtime; the harness config runs two, work-stealing).

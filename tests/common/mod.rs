@@ -28,20 +28,32 @@ use serde_json::{Value, json};
 pub const CLIENT_ID: &str = "tw-client";
 pub const CLIENT_SECRET: &str = "client-secret-7f3a9c";
 
-/// A loopback port nothing listens on now. The kernel may hand the same ephemeral port to two
-/// binds in a row once the first is closed, so ports already given out in this process are
-/// never given again (a proxy and its admin listener once got the same one).
+/// A loopback port nothing listens on now, for a server the test starts later (tokenward's
+/// listeners, nginx). It is drawn below the kernel's ephemeral range (32768 and up), from which
+/// every `bind(0)` and outgoing connection of the parallel test processes takes its ports: a
+/// port from that range, released here and bound by tokenward a moment later, could meanwhile
+/// go to another test's fake server, and this test would talk to that one (a 404 in CI). Ports
+/// given out in this process are never given again (a proxy and its admin once got the same).
 pub fn free_port() -> SocketAddr {
+    use std::hash::{BuildHasher, RandomState};
+    const LOW: u16 = 20_000;
+    const HIGH: u16 = 32_000;
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        if !given.contains(&addr.port()) {
-            given.push(addr.port());
-            return addr;
+    let seed = RandomState::new();
+    for attempt in 0u32.. {
+        let port =
+            LOW + (seed.hash_one((std::process::id(), attempt)) % u64::from(HIGH - LOW)) as u16;
+        if given.contains(&port) {
+            continue;
         }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            given.push(port);
+            return l.local_addr().unwrap();
+        }
+        assert!(attempt < 10_000, "no free loopback port in {LOW}..{HIGH}");
     }
+    unreachable!()
 }
 
 async fn serve(router: Router) -> SocketAddr {

@@ -731,10 +731,8 @@ fn strip_hop_by_hop(request: &mut RequestHeader) -> std::result::Result<(), &'st
         }
         named.push(name);
     }
-    for name in named {
-        request.remove_header(&name);
-    }
-    for name in HOP_BY_HOP {
+    let doomed = named.iter().map(header::HeaderName::as_str).chain(HOP_BY_HOP);
+    for name in super::carried(&request.headers, doomed) {
         request.remove_header(name);
     }
     Ok(())

@@ -25,7 +25,7 @@ use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, StoredFailure,
+    ChainKey, ChainState, Lease, Lineage, MovedTo, SharedAccess, StoreError, Stored, StoredFailure,
     TokenStore,
 };
 use crate::dialect::GrantKind;
@@ -352,6 +352,21 @@ struct SealOut<'a> {
     restored_ms: Option<u64>,
     superseded: &'a [String],
     failure: Option<FailureOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    moved_to: Option<MovedOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct MovedOut<'a> {
+    identity: &'a str,
+    superseded: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MovedIn {
+    identity: String,
+    superseded: bool,
 }
 
 #[derive(Serialize)]
@@ -405,6 +420,8 @@ struct SealIn {
     superseded: Vec<String>,
     #[serde(default)]
     failure: Option<FailureIn>,
+    #[serde(default)]
+    moved_to: Option<MovedIn>,
 }
 
 #[derive(Deserialize)]
@@ -499,6 +516,9 @@ struct Inner {
     handle: tokio::runtime::Handle,
     conn: ConnectionManager,
     cipher: Aes256Gcm,
+    /// Keys the fingerprint of a bootstrap value that goes into a chain's identity (see
+    /// [`TokenStore::bind_identity`]); derived from `state.encryption_key`.
+    identity_key: Zeroizing<[u8; 32]>,
     settings: RedisSettings,
     lease_ttl: Duration,
     renew: bool,
@@ -532,6 +552,27 @@ fn lease_key(key: &ChainKey) -> String {
 /// The associated data: the entry's key name and lineage (as mirrored beside the blob).
 fn aad(name: &str, epoch: &str, counter: u64) -> Vec<u8> {
     format!("{name}\0{epoch}\0{counter}").into_bytes()
+}
+
+/// The key that fingerprints bootstrap values for chain identities: an HMAC of a fixed label
+/// under `state.encryption_key`, so the AES key itself serves one purpose only.
+fn identity_key(encryption_key: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(&hmac_sha256(
+        encryption_key,
+        &[b"tokenward chain identity key v1"],
+    ));
+    out
+}
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
 }
 
 /// A state's lineage as mirrored in the hash: `("", 0)` for a state without one.
@@ -588,6 +629,7 @@ impl RedisStore {
                 runtime: Some(runtime),
                 conn,
                 cipher,
+                identity_key: identity_key(&key),
                 settings: settings.clone(),
                 lease_ttl,
                 renew,
@@ -649,6 +691,10 @@ impl RedisStore {
                 class: &f.class,
                 message: &f.message,
                 config: &f.config,
+            }),
+            moved_to: state.moved_to.as_ref().map(|m| MovedOut {
+                identity: &m.identity,
+                superseded: m.superseded,
             }),
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
@@ -755,6 +801,10 @@ impl RedisStore {
                 message: f.message,
                 config: f.config,
             }),
+            moved_to: state.moved_to.map(|m| MovedTo {
+                identity: m.identity,
+                superseded: m.superseded,
+            }),
         };
         Ok(state)
     }
@@ -834,6 +884,25 @@ impl TokenStore for RedisStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    /// Keyed by (a key derived from) `state.encryption_key`, not a public constant: key names
+    /// are what anyone who can list Redis sees, and a bootstrap value may be guessable (a short
+    /// test token, a vendor's low-entropy format); without the store's key its fingerprint
+    /// cannot be brute-forced from a key name. Whoever holds the store's key can decrypt the
+    /// values themselves, so keying by it gives nothing away. Every replica of a chain has the
+    /// same key (it must, to read the chain), so they all derive one identity.
+    fn bind_identity(&self, identity: &str, value: &Secret) -> String {
+        let mac = hmac_sha256(
+            &self.inner.identity_key[..],
+            &[
+                b"tokenward chain bootstrap v1\n",
+                identity.as_bytes(),
+                b"\n",
+                value.expose().as_bytes(),
+            ],
+        );
+        mac[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {

@@ -848,6 +848,47 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
     assert_chain_intact(provider);
 }
 
+/// A new bootstrap value for an unnamed chain (its key bound to the value) while replica B is
+/// paused: A takes it up under the new value's key and leaves a marker under the old one; B,
+/// resumed, finds the marker or the new value and continues A's new chain. No refresh token is
+/// presented twice, and requests are served on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_bootstrap_value_for_an_unnamed_chain_moves_every_replica_to_its_key() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    refresh_and_wait(&b).await;
+    let old_key = chain_key(redis);
+
+    b.signal("STOP");
+    provider.issue_bootstrap("api", "rt-api-boot-2");
+    std::fs::write(account.secrets.path().join("api.rt"), "rt-api-boot-2").unwrap();
+    refresh_and_wait(&a).await;
+    b.signal("CONT");
+    let deadline = Instant::now() + SOON;
+    while token_served(&b).await != token_served(&a).await {
+        assert!(
+            Instant::now() < deadline,
+            "B never took up the new chain:\nB: {}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The new value's chain and the marker under the old key.
+    let keys: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.contains(&old_key), "{keys:?}");
+}
+
 /// Defect 8: an upstream rejects every token. The token obtained for the first rejection is
 /// kept through further rejections for `min_refresh_interval` — by every replica that adopts
 /// it, not only the one that obtained it — so 4 replicas cost one provider call between them.

@@ -117,6 +117,9 @@ pub struct Chain {
     /// The identity these settings derived when the chain was last located: another one now
     /// means the settings (or the bootstrap value) changed, and the chain moves with them.
     derived: Option<String>,
+    /// The fingerprint of the bootstrap value bound into `derived` (an unnamed chain's): a
+    /// marker saying the chain under that key was superseded supersedes this value.
+    bound: Option<String>,
     /// A move decided but not made yet: the next flight makes it under the leases.
     moving: Option<Move>,
     /// Set when this process followed a marker saying its chain was superseded by a new
@@ -149,10 +152,10 @@ impl Chain {
     }
 
     /// Drops the chain for one a new bootstrap value starts: the bootstrap values it grew from
-    /// (`configured`, and the one it recorded) are remembered as superseded, so this process
-    /// never restarts from them.
-    fn supersede(&mut self, configured: Option<String>) {
-        for fp in [self.origin.take(), configured].into_iter().flatten() {
+    /// (the one it recorded, and `bound`, the one its key was derived from) are remembered as
+    /// superseded, so this process never restarts from them.
+    fn supersede(&mut self, bound: Option<String>) {
+        for fp in [self.origin.take(), bound].into_iter().flatten() {
             self.superseded.retain(|s| *s != fp);
             self.superseded.push(fp);
         }
@@ -730,15 +733,6 @@ impl Credential {
         }
     }
 
-    /// The fingerprint of the bootstrap value configured here, if it can be read.
-    fn bootstrap_fingerprint(&self) -> Option<String> {
-        self.config
-            .dialect
-            .bootstrap_refresh_token()
-            .and_then(|s| s.resolve().ok())
-            .map(|v| v.fingerprint())
-    }
-
     /// Finds the key the chain lives under before a flight reads or writes it. The first look
     /// takes the key the settings derive (a named chain also moves from where the same settings
     /// filed it before it was named: a rolling restart that names a chain). A later look that
@@ -801,6 +795,7 @@ impl Credential {
             }
         }
         chain.derived = Some(want.identity.clone());
+        chain.bound = derived.bootstrap;
         chain.at = Some(want);
         Ok(())
     }
@@ -811,7 +806,8 @@ impl Credential {
         let to = self.key(chain).with_identity(moved.identity.clone());
         if moved.superseded {
             info!(credential = %self.name, "a new bootstrap refresh token started a new chain on another replica; following it");
-            chain.supersede(self.bootstrap_fingerprint());
+            let bound = chain.bound.clone();
+            chain.supersede(bound);
             chain.followed_rollout = true;
         } else {
             info!(credential = %self.name, "this chain moved to another key (its settings changed on another replica); following it");
@@ -891,7 +887,8 @@ impl Credential {
                     // from where it went.
                     Some(moved) => {
                         if moved.superseded && !pending.superseded {
-                            chain.supersede(self.bootstrap_fingerprint());
+                            let bound = chain.bound.clone();
+                            chain.supersede(bound);
                             chain.followed_rollout = true;
                         }
                         from = from.with_identity(moved.identity);

@@ -1178,6 +1178,28 @@ credentials:
             identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice"))),
             alice
         );
+        // A named chain's key is the name alone: the token URL (respelled, moved) and the
+        // client stay out, so naming a chain first frees every other setting to change.
+        let named = load_str(
+            "toml",
+            &GOOD.replace(
+                "[credentials.orders]\n",
+                "[credentials.orders]\nchain = \"acct-1\"\n",
+            ),
+        )
+        .unwrap()
+        .credentials[0]
+            .clone();
+        assert_eq!(
+            named.chain_identity(),
+            identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice")))
+        );
+        // Unnamed, the same settings derive the identity they had before the name.
+        assert_ne!(named.unnamed_chain_identity(), named.chain_identity());
+        assert_eq!(
+            load_str("toml", GOOD).unwrap().credentials[0].chain_identity(),
+            named.unnamed_chain_identity()
+        );
         let err = load_str(
             "toml",
             &GOOD.replace(

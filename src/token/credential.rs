@@ -2023,6 +2023,46 @@ mod tests {
     }
 
     #[test]
+    fn a_carried_chain_replaces_only_an_older_point_or_a_dead_end() {
+        let point = |epoch: &str, counter: u64, refresh: Option<&str>| ChainState {
+            refresh_token: refresh.map(Secret::new),
+            lineage: Some(Lineage {
+                epoch: epoch.into(),
+                counter,
+                parent: None,
+            }),
+            ..ChainState::default()
+        };
+        let carried = point("e1", 5, Some("rt-5"));
+        // Another replica carried it first, as far or further: kept.
+        assert!(!carried_is_ahead(&carried, &point("e1", 5, Some("rt-5"))));
+        assert!(!carried_is_ahead(&carried, &point("e1", 6, Some("rt-6"))));
+        // An older point of the same chain: replaced.
+        assert!(carried_is_ahead(&carried, &point("e1", 4, Some("rt-4"))));
+        // Another live chain (the operator's name already in use): kept.
+        assert!(!carried_is_ahead(&carried, &point("e2", 9, Some("rt-x"))));
+        // A dead end of another chain: replaced by the live one.
+        assert!(carried_is_ahead(&carried, &point("e2", 9, None)));
+    }
+
+    #[test]
+    fn a_superseded_chain_remembers_the_values_it_grew_from() {
+        let mut chain = live_chain();
+        chain.supersede(Some("bound".into()));
+        assert_eq!(chain.superseded, vec!["boot".to_string(), "bound".into()]);
+        assert!(chain.refresh.is_none() && chain.lineage.is_none() && chain.origin.is_none());
+        assert!(!chain.holds_history());
+        // Remembered once each, and only the last few.
+        for i in 0..20 {
+            chain.origin = Some(format!("v{i}"));
+            chain.supersede(Some("bound".into()));
+        }
+        assert_eq!(chain.superseded.len(), MAX_SUPERSEDED);
+        assert_eq!(chain.superseded.last().unwrap(), "bound");
+        assert_eq!(chain.superseded.iter().filter(|s| *s == "bound").count(), 1);
+    }
+
+    #[test]
     fn backoff_grows_to_its_cap_and_honours_retry_after() {
         for failures in 1..40 {
             let d = backoff(failures, Duration::from_secs(2), None);

@@ -1252,6 +1252,77 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_marker_round_trips_sealed_and_fences_a_forward_write() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        let live = at(state("rt-1", Some("at-1")), "e1", 3);
+        assert_eq!(store.save(&chain(), None, 0, &live).await.unwrap(), Some(1));
+        let marker = ChainState {
+            origin: live.origin.clone(),
+            moved_to: Some(MovedTo {
+                identity: "00112233445566778899aabbccddeeff".into(),
+                superseded: true,
+            }),
+            ..ChainState::default()
+        };
+        assert_eq!(
+            store.save(&chain(), None, 1, &marker).await.unwrap(),
+            Some(2)
+        );
+        let got = store.load(&chain()).await.unwrap().unwrap();
+        assert_eq!((got.version, got.state), (2, marker));
+        // A holder that read the chain before it moved cannot land its rotation over the
+        // marker, not even as a forward write of the same lineage.
+        let late = at(state("rt-2", Some("at-2")), "e1", 4);
+        assert_eq!(
+            store.save_forward(&chain(), None, 1, &late).await.unwrap(),
+            None
+        );
+        assert!(
+            !server.holds_bytes(b"00112233445566778899aabbccddeeff"),
+            "sealed"
+        );
+    }
+
+    #[test]
+    fn a_bootstrap_value_is_bound_into_the_identity_under_the_store_key() {
+        let open = |key: &str| {
+            RedisStore::open(
+                &RedisSettings::new(
+                    "redis://127.0.0.1:1",
+                    SecretSource::Literal(Secret::new(key)),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let store = open(KEY_HEX);
+        let bind = |store: &RedisStore, identity: &str, value: &str| {
+            store.bind_identity(identity, &Secret::new(value))
+        };
+        let alice = bind(&store, "id-1", "rt-alice");
+        assert_eq!(alice.len(), 32);
+        assert!(alice.bytes().all(|b| b.is_ascii_hexdigit()));
+        // One value, one identity: every replica (another store on the same key) agrees.
+        assert_eq!(alice, bind(&open(KEY_HEX), "id-1", "rt-alice"));
+        // Another account's value at the same place, or another account, is another chain.
+        assert_ne!(alice, bind(&store, "id-1", "rt-bob"));
+        assert_ne!(alice, bind(&store, "id-2", "rt-alice"));
+        // Keyed by the store's key: without it a key name says nothing of a guessable value.
+        let other_key = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        assert_ne!(alice, bind(&open(other_key), "id-1", "rt-alice"));
+        let unkeyed = {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(b"id-1\nrt-alice");
+            d[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        assert_ne!(alice, unkeyed);
+    }
+
+    #[tokio::test]
     async fn writes_are_fenced_on_version_and_lease() {
         let server = RedisServer::start();
         let a = store(&server);

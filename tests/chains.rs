@@ -230,6 +230,81 @@ async fn two_accounts_on_one_client_never_see_each_others_tokens() {
     assert_eq!(chains.len(), 2, "{chains:?}");
 }
 
+/// F1, across deployments: alice's deployment and bob's have separate configs (so the load-time
+/// check sees only one of them) and read the bootstrap refresh token from the same place, the
+/// same variable, with another account's value behind it in each (as each deployment's pods
+/// mount their own Secret at one path). The chain's identity includes a keyed fingerprint of the
+/// value: each account keeps its own chain, each upstream only ever sees its own account's
+/// tokens through forced refreshes on every replica, and neither family is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_deployments_reading_one_bootstrap_place_keep_their_accounts_apart() {
+    let redis = RedisServer::start();
+    let provider = StrictProvider::start(60).await;
+    let (to_alice, to_bob) = (FakeUpstream::start().await, FakeUpstream::start().await);
+    let deployment = |account: &str, upstream: &FakeUpstream| {
+        let dir = tempfile::tempdir().unwrap();
+        let (admin, listen) = (free_port(), free_port());
+        let text = chain_config(
+            dir.path(),
+            admin,
+            &redis.url(),
+            &provider,
+            &[(listen, "api", upstream)],
+            "timeout = \"1s\"",
+        )
+        .replace(
+            &format!("{{ file = \"{}\" }}", dir.path().join("api.rt").display()),
+            "{ env = \"TW_BOOTSTRAP_RT\" }",
+        );
+        assert!(text.contains("TW_BOOTSTRAP_RT"), "{text}");
+        let path = dir.path().join("tokenward.toml");
+        std::fs::write(&path, text).unwrap();
+        let value = format!("rt-{account}-bootstrap");
+        let tw =
+            Tokenward::start_with_env(dir, path, listen, admin, &[("TW_BOOTSTRAP_RT", &value)]);
+        (tw, listen)
+    };
+    for account in ["alice", "bob"] {
+        provider.issue_bootstrap(account, &format!("rt-{account}-bootstrap"));
+    }
+    let mut all = Vec::new();
+    for (account, upstream) in [("alice", &to_alice), ("alice", &to_alice), ("bob", &to_bob)] {
+        let (tw, addr) = deployment(account, upstream);
+        tw.wait_ready().await;
+        all.push((tw, addr));
+    }
+    let addrs: Vec<SocketAddr> = all.iter().map(|(_, a)| *a).collect();
+    assert_served(&addrs, 3).await;
+    for (tw, _) in all.iter().chain(all.iter().rev()) {
+        refresh_and_wait(tw).await;
+    }
+    assert_served(&addrs, 3).await;
+
+    let alice = accounts_seen(&to_alice, &provider);
+    let bob = accounts_seen(&to_bob, &provider);
+    assert!(
+        alice.len() == 1 && alice[0].0 == "alice",
+        "alice's upstream saw {alice:?}"
+    );
+    assert!(
+        bob.len() == 1 && bob[0].0 == "bob",
+        "bob's upstream saw {bob:?}"
+    );
+    assert!(provider.refused().is_empty(), "{}", provider.summary());
+    assert!(
+        provider.presented_twice().is_empty(),
+        "{}",
+        provider.summary()
+    );
+    assert!(!provider.revoked("alice") && !provider.revoked("bob"));
+    let chains: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(chains.len(), 2, "{chains:?}");
+}
+
 /// Runs `tokenward check` on the config at `path` (the load-error test does it twice): whether
 /// it loaded, and what it wrote (stderr, then stdout).
 fn check_config(path: &Path) -> (bool, String) {
@@ -593,6 +668,103 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
     assert_eq!(provider.successes(), 9, "{}", provider.summary());
 }
 
+/// F3, by reload: settings inside the chain's identity change on one replica while the other
+/// still runs the old ones — the token URL respelled (127.0.0.1 → localhost, one endpoint), then
+/// `chain = "NAME"` added. Each change moves the chain (the old key's state carried to the new
+/// key under the old key's lease, a forwarding marker left behind) and the replica still on the
+/// old key follows the marker instead of refreshing there: no refresh token is presented twice,
+/// every forced refresh succeeds and requests are served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identity_changes_by_reload_move_the_chain_for_every_replica() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
+    let reload = async |tw: &Tokenward, from: &str, to: &str| {
+        let before = reloads(tw);
+        rewrite_config(tw, from, to);
+        tw.signal("HUP");
+        wait_for("the reload", SOON, || reloads(tw) > before).await;
+    };
+    let loopback = provider.token_url();
+    let respelled = loopback.replace("127.0.0.1", "localhost");
+    let named = "timeout = \"1s\"\nchain = \"api-account\"";
+
+    reload(&a, &loopback, &respelled).await;
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 3).await;
+    reload(&a, "timeout = \"1s\"", named).await;
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 3).await;
+    // The rollout reaches B: both changes at once.
+    reload(&b, "timeout = \"1s\"", named).await;
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The chain moved twice (A's two reloads) and B followed it each time; B's own reload
+    // found it already where its new settings put it.
+    let moved = |tw: &Tokenward| tw.logs().matches("moved the chain to its new key").count();
+    assert_eq!((moved(&a), moved(&b)), (2, 0), "{}", a.logs());
+    assert!(
+        b.logs().matches("following it").count() >= 2,
+        "{}",
+        b.logs()
+    );
+    // Two markers and the named chain: three keys, no lease left.
+    let keys: Vec<String> = account
+        .redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+}
+
+/// F3, by rolling restart: replica A restarts with `chain = "NAME"` added while B still runs
+/// without it. A finds its named key empty and moves the chain there from the key the same
+/// settings derive without the name (the old key's lease, its state carried, a forwarding
+/// marker left); B follows the marker. Then B restarts with the name too. No refresh token is
+/// presented twice and requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn naming_a_chain_by_rolling_restart_moves_it_for_every_replica() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((mut a, a_addr), (mut b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let named = "timeout = \"1s\"\nchain = \"api-account\"";
+    refresh_and_wait(&b).await;
+
+    rewrite_config(&a, "timeout = \"1s\"", named);
+    a.kill9_and_restart();
+    a.wait_ready().await;
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 3).await;
+    assert!(
+        b.logs().contains("following it"),
+        "B followed the marker: {}",
+        b.logs()
+    );
+    rewrite_config(&b, "timeout = \"1s\"", named);
+    b.kill9_and_restart();
+    b.wait_ready().await;
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    assert!(
+        a.logs().contains("moved the chain to its new key"),
+        "{}",
+        a.logs()
+    );
+    // The login, then one refresh per forced refresh: nothing restarted from the bootstrap.
+    assert_eq!(provider.successes(), 6, "{}", provider.summary());
+}
+
 /// Defect 9: a replica that waits for a live holder's slow provider call and then takes the
 /// lease after the holder wrote has not taken anything over: `taken_over` stays 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -674,6 +846,47 @@ async fn a_bootstrap_rollout_reaching_replicas_at_different_times_keeps_the_chai
 
     assert_served(&[a_addr, b_addr], 5).await;
     assert_chain_intact(provider);
+}
+
+/// A new bootstrap value for an unnamed chain (its key bound to the value) while replica B is
+/// paused: A takes it up under the new value's key and leaves a marker under the old one; B,
+/// resumed, finds the marker or the new value and continues A's new chain. No refresh token is
+/// presented twice, and requests are served on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_bootstrap_value_for_an_unnamed_chain_moves_every_replica_to_its_key() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    refresh_and_wait(&b).await;
+    let old_key = chain_key(redis);
+
+    b.signal("STOP");
+    provider.issue_bootstrap("api", "rt-api-boot-2");
+    std::fs::write(account.secrets.path().join("api.rt"), "rt-api-boot-2").unwrap();
+    refresh_and_wait(&a).await;
+    b.signal("CONT");
+    let deadline = Instant::now() + SOON;
+    while token_served(&b).await != token_served(&a).await {
+        assert!(
+            Instant::now() < deadline,
+            "B never took up the new chain:\nB: {}",
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The new value's chain and the marker under the old key.
+    let keys: Vec<String> = redis
+        .keys()
+        .into_iter()
+        .filter(|k| !k.ends_with(":lease"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.contains(&old_key), "{keys:?}");
 }
 
 /// Defect 8: an upstream rejects every token. The token obtained for the first rejection is

@@ -213,20 +213,38 @@ impl CredentialConfig {
     /// credential) with the same identity shares one chain. It is the account — provider,
     /// client and resource owner, see [`Dialect::account`] — or the operator's `chain` name,
     /// hashed so that neither reaches the store.
+    ///
+    /// This is what one config can tell apart (the load-time collision check compares it).
+    /// In a shared store an unnamed chain grown from a bootstrap refresh token is filed under
+    /// this bound to the bootstrap *value* as well (see `TokenStore::bind_identity`): two
+    /// deployments reading one path or variable with different accounts' values behind it
+    /// cannot see each other's configs, and must still never meet at one key. A named chain's
+    /// identity is the name alone — no token URL, client or value — so that naming a chain
+    /// first makes every other setting free to change without moving it again.
     pub fn chain_identity(&self) -> String {
         use sha2::{Digest, Sha256};
-        let digest = match &self.chain {
-            Some(name) => Sha256::new()
-                .chain_update(b"tokenward chain v2 named\n")
-                .chain_update(name.as_bytes())
-                .finalize(),
-            None => Sha256::new()
-                .chain_update(b"tokenward chain v2\n")
-                .chain_update(self.dialect_name.as_bytes())
-                .chain_update(b"\n")
-                .chain_update(self.dialect.account().as_bytes())
-                .finalize(),
-        };
+        match &self.chain {
+            Some(name) => {
+                let digest = Sha256::new()
+                    .chain_update(b"tokenward chain v2 named\n")
+                    .chain_update(name.as_bytes())
+                    .finalize();
+                digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+            }
+            None => self.unnamed_chain_identity(),
+        }
+    }
+
+    /// The identity these settings derive from the account alone, whether or not the chain is
+    /// named: where the chain lived before the operator named it.
+    pub fn unnamed_chain_identity(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::new()
+            .chain_update(b"tokenward chain v2\n")
+            .chain_update(self.dialect_name.as_bytes())
+            .chain_update(b"\n")
+            .chain_update(self.dialect.account().as_bytes())
+            .finalize();
         digest[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
@@ -1159,6 +1177,28 @@ credentials:
         assert_ne!(
             identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice"))),
             alice
+        );
+        // A named chain's key is the name alone: the token URL (respelled, moved) and the
+        // client stay out, so naming a chain first frees every other setting to change.
+        let named = load_str(
+            "toml",
+            &GOOD.replace(
+                "[credentials.orders]\n",
+                "[credentials.orders]\nchain = \"acct-1\"\n",
+            ),
+        )
+        .unwrap()
+        .credentials[0]
+            .clone();
+        assert_eq!(
+            named.chain_identity(),
+            identity_of(&format!("{}\nchain = \"acct-1\"", rt("/s/alice")))
+        );
+        // Unnamed, the same settings derive the identity they had before the name.
+        assert_ne!(named.unnamed_chain_identity(), named.chain_identity());
+        assert_eq!(
+            load_str("toml", GOOD).unwrap().credentials[0].chain_identity(),
+            named.unnamed_chain_identity()
         );
         let err = load_str(
             "toml",

@@ -19,7 +19,7 @@ use super::metrics::CredentialMetrics;
 use super::model::{SentAt, Token};
 use super::refresher::STORE_SYNC_INTERVAL;
 use super::store::{
-    ChainKey, ChainState, Lease, Lineage, Relation, StoreError, Stored, TokenStore,
+    ChainKey, ChainState, Lease, Lineage, MovedTo, Relation, StoreError, Stored, TokenStore,
 };
 use crate::config::CredentialConfig;
 use crate::dialect::{DialectError, ErrorClass, Grant, GrantKind, Held, ProviderClient};
@@ -33,6 +33,9 @@ const FATAL_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// How many superseded bootstrap values a chain remembers (a rollout reaches every replica
 /// long before a few more are made).
 const MAX_SUPERSEDED: usize = 8;
+/// How many forwarding markers a replica follows in one look (a chain moved on by each of a
+/// few changes in a row); more is a loop.
+const MAX_HOPS: usize = 4;
 /// How often a flight that waits for another holder's lease looks at the store again.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a flight waits for another holder before it gives up (the holder's lease lapses
@@ -108,6 +111,32 @@ pub struct Chain {
     /// When this process, holding no chain, first found the shared store empty: it waits for
     /// the store to settle from then before presenting its bootstrap value.
     found_empty_at: Option<Instant>,
+    /// Where the chain lives in a shared store: the key these settings derived, or the one a
+    /// forwarding marker sent this process to. `None` until a flight first locates it.
+    at: Option<ChainKey>,
+    /// The identity these settings derived when the chain was last located: another one now
+    /// means the settings (or the bootstrap value) changed, and the chain moves with them.
+    derived: Option<String>,
+    /// The fingerprint of the bootstrap value bound into `derived` (an unnamed chain's): a
+    /// marker saying the chain under that key was superseded supersedes this value.
+    bound: Option<String>,
+    /// A move decided but not made yet: the next flight makes it under the leases.
+    moving: Option<Move>,
+    /// Set when this process followed a marker saying its chain was superseded by a new
+    /// bootstrap value, until it adopts the new chain: it has nothing of its own to write back.
+    followed_rollout: bool,
+}
+
+/// A chain to carry from one key to another (the settings that name its key changed), or —
+/// `superseded` — to leave behind because a new bootstrap value starts another one.
+#[derive(Debug, Clone)]
+struct Move {
+    from: ChainKey,
+    superseded: bool,
+    /// Whether this process held a point of the chain when the move was decided: then so may
+    /// other replicas, and an old key found empty still gets a marker, or they would write
+    /// the chain back there.
+    holds_history: bool,
 }
 
 impl Chain {
@@ -119,6 +148,25 @@ impl Chain {
         self.superseded = stored.state.superseded.clone();
         self.loaded = true;
         self.unsaved = false;
+        self.followed_rollout = false;
+    }
+
+    /// Drops the chain for one a new bootstrap value starts: the bootstrap values it grew from
+    /// (the one it recorded, and `bound`, the one its key was derived from) are remembered as
+    /// superseded, so this process never restarts from them.
+    fn supersede(&mut self, bound: Option<String>) {
+        for fp in [self.origin.take(), bound].into_iter().flatten() {
+            self.superseded.retain(|s| *s != fp);
+            self.superseded.push(fp);
+        }
+        let excess = self.superseded.len().saturating_sub(MAX_SUPERSEDED);
+        self.superseded.drain(..excess);
+        self.refresh = None;
+        self.lineage = None;
+        self.version = 0;
+        self.loaded = false;
+        self.unsaved = false;
+        self.found_empty_at = None;
     }
 
     /// Whether this process knows a point of the chain's history (and so must not take an
@@ -146,6 +194,23 @@ enum Reconciled {
     Advanced,
     /// Go on with the chain as it now is.
     Ready,
+}
+
+/// How a flight's look at the store under the lease ended.
+enum Settled {
+    /// A stored token makes the provider call unnecessary.
+    Token(Arc<Token>),
+    /// The chain lives under another key now (a marker was followed): lease that one.
+    Moved,
+    /// Go on to the provider call.
+    Ready,
+}
+
+/// The key a credential's settings file its chain under now, and the fingerprint of the
+/// bootstrap value read for it.
+struct Derived {
+    key: ChainKey,
+    bootstrap: Option<String>,
 }
 
 /// Clears the flag when dropped: marks a blocking exchange as running for as long as it does.
@@ -196,7 +261,9 @@ pub struct Credential {
     config: CredentialConfig,
     client: ProviderClient,
     store: Arc<dyn TokenStore>,
-    key: ChainKey,
+    /// The chain's key as the settings name it before any bootstrap value is bound in (a
+    /// shared store files an unnamed bootstrap chain by the value too: see [`Self::derive`]).
+    base: ChainKey,
     current: ArcSwapOption<Token>,
     /// The token last dropped for a rejection: a shared store's copy of it is not taken back.
     dropped: ArcSwapOption<Token>,
@@ -256,7 +323,7 @@ impl Credential {
         };
         Ok(Credential {
             name: Arc::from(config.name.as_str()),
-            key: ChainKey {
+            base: ChainKey {
                 name: config.name.clone(),
                 identity: config.chain_identity(),
                 // Only a chain grown from a bootstrap value is worth carrying over (and can be
@@ -620,6 +687,320 @@ impl Credential {
             });
     }
 
+    /// The key the chain lives under now (the file store files every chain by its name).
+    fn key<'a>(&'a self, chain: &'a Chain) -> &'a ChainKey {
+        chain.at.as_ref().unwrap_or(&self.base)
+    }
+
+    /// The key these settings file the chain under now. An unnamed chain grown from a
+    /// bootstrap refresh token is bound to the value read now: the path or variable it is read
+    /// from cannot tell two deployments' accounts apart (each mounts its own Secret there), the
+    /// value can. A named chain is the operator's name alone.
+    fn derive(&self) -> Result<Derived, String> {
+        let source = match (
+            &self.config.chain,
+            self.config.dialect.bootstrap_refresh_token(),
+        ) {
+            (None, Some(source)) => source,
+            _ => {
+                return Ok(Derived {
+                    key: self.base.clone(),
+                    bootstrap: None,
+                });
+            }
+        };
+        let value = source
+            .resolve()
+            .map_err(|e| format!("`refresh_token`: {e}"))?;
+        Ok(Derived {
+            key: self
+                .base
+                .with_identity(self.store.bind_identity(&self.base.identity, &value)),
+            bootstrap: Some(value.fingerprint()),
+        })
+    }
+
+    /// Where these settings filed the chain before the operator named it: the key they derive
+    /// without `chain`.
+    fn unnamed_key(&self) -> Option<ChainKey> {
+        let unnamed = self.config.unnamed_chain_identity();
+        match self.config.dialect.bootstrap_refresh_token() {
+            None => Some(self.base.with_identity(unnamed)),
+            Some(source) => source.resolve().ok().map(|value| {
+                self.base
+                    .with_identity(self.store.bind_identity(&unnamed, &value))
+            }),
+        }
+    }
+
+    /// Finds the key the chain lives under before a flight reads or writes it. The first look
+    /// takes the key the settings derive (a named chain also moves from where the same settings
+    /// filed it before it was named: a rolling restart that names a chain). A later look that
+    /// derives another key means the settings changed since (a reload) or the bootstrap value
+    /// did: the chain moves to the new key — carried, or for a new bootstrap value of an unnamed
+    /// chain left behind as superseded — and a marker at the old key sends the replicas still
+    /// using it after it. A token held here never goes to a new key without that move.
+    fn locate(&self, chain: &mut Chain) -> Result<(), DialectError> {
+        let derived = match self.derive() {
+            Ok(derived) => derived,
+            // Where the chain already lives does not depend on reading the value again (the
+            // flight says why it cannot start a chain from it, if it must).
+            Err(_) if chain.at.is_some() => return Ok(()),
+            Err(e) => return Err(DialectError::fatal(e)),
+        };
+        let want = derived.key;
+        match chain.derived.clone() {
+            Some(before) if before == want.identity => return Ok(()),
+            None => {
+                if self.config.chain.is_some() {
+                    if let Some(old) = self.unnamed_key().filter(|k| k.identity != want.identity) {
+                        chain.moving = Some(Move {
+                            from: old,
+                            superseded: false,
+                            holds_history: false,
+                        });
+                    }
+                }
+            }
+            Some(_) => {
+                // A move not made yet (its flight failed) still starts where the chain is.
+                let pending = chain.moving.take();
+                let from = pending
+                    .as_ref()
+                    .map_or_else(|| self.key(chain).clone(), |m| m.from.clone());
+                let holds_history =
+                    chain.holds_history() || pending.as_ref().is_some_and(|m| m.holds_history);
+                let rollout = self.config.chain.is_none()
+                    && derived.bootstrap.as_ref().is_some_and(|fp| {
+                        chain.origin.as_ref().is_some_and(|o| o != fp)
+                            && !chain.superseded.contains(fp)
+                    });
+                if rollout {
+                    info!(credential = %self.name, "a new bootstrap refresh token was provided; starting a new chain under its own key, and leaving a marker to it under the old one");
+                    chain.supersede(None);
+                } else {
+                    chain.version = 0;
+                }
+                let superseded = rollout || pending.as_ref().is_some_and(|m| m.superseded);
+                if from.identity != want.identity {
+                    if !rollout {
+                        info!(credential = %self.name, "the settings that name this chain changed; moving it to its new key");
+                    }
+                    chain.moving = Some(Move {
+                        from,
+                        superseded,
+                        holds_history,
+                    });
+                }
+            }
+        }
+        chain.derived = Some(want.identity.clone());
+        chain.bound = derived.bootstrap;
+        chain.at = Some(want);
+        Ok(())
+    }
+
+    /// Points the chain at the key a marker names. A marker left by a new bootstrap value
+    /// supersedes the chain held here: it is dropped, with the value configured here.
+    fn follow(&self, chain: &mut Chain, moved: &MovedTo) {
+        let to = self.key(chain).with_identity(moved.identity.clone());
+        if moved.superseded {
+            info!(credential = %self.name, "a new bootstrap refresh token started a new chain on another replica; following it");
+            let bound = chain.bound.clone();
+            chain.supersede(bound);
+            chain.followed_rollout = true;
+        } else {
+            info!(credential = %self.name, "this chain moved to another key (its settings changed on another replica); following it");
+            chain.version = 0;
+        }
+        chain.at = Some(to);
+    }
+
+    /// Loads the chain where it lives, following the markers a moved chain leaves. Outside a
+    /// lease: only where this process looks changes.
+    async fn load_following(&self, chain: &mut Chain) -> Result<Option<Stored>, StoreError> {
+        for _ in 0..=MAX_HOPS {
+            let stored = self.store.load(self.key(chain)).await?;
+            match stored.as_ref().and_then(|s| s.state.moved_to.clone()) {
+                Some(moved) => self.follow(chain, &moved),
+                None => return Ok(stored),
+            }
+        }
+        Err(StoreError::Undecodable(
+            "the chain's forwarding markers form a loop".into(),
+        ))
+    }
+
+    /// The lease of `key` (the key a chain moves from), waiting for a holder in its provider
+    /// call. A holder that left without writing may still be in its call: its bound is waited
+    /// out before the key is read, so its late write is what moves.
+    async fn lease_on(&self, key: &ChainKey) -> Result<Lease, DialectError> {
+        let deadline = Instant::now() + self.call_bound() + LEASE_WAIT_EXTRA;
+        let mut waited_from: Option<u64> = None;
+        loop {
+            if let Some(lease) = self.store.try_lease(key).await.map_err(moving_failed)? {
+                if let Some(before) = waited_from {
+                    let stored = self.store.load(key).await.map_err(moving_failed)?;
+                    if stored.map_or(0, |s| s.version) == before {
+                        tokio::time::sleep(self.call_bound()).await;
+                    }
+                }
+                return Ok(lease);
+            }
+            if waited_from.is_none() {
+                let stored = self.store.load(key).await.map_err(moving_failed)?;
+                waited_from = Some(stored.map_or(0, |s| s.version));
+            }
+            if Instant::now() >= deadline {
+                return Err(DialectError::transient(
+                    "another process is refreshing the chain under its old key and has not finished; moving it at the next attempt",
+                ));
+            }
+            let jitter = rand::rng().random_range(0..50);
+            tokio::time::sleep(LEASE_POLL + Duration::from_millis(jitter)).await;
+        }
+    }
+
+    /// Makes a move, holding the new key's `lease` and then the old key's: reads the chain
+    /// under the old key (its newest point: a holder's write lands first), writes it under the
+    /// new key unless that already holds the same chain as far along, then leaves the marker
+    /// under the old key, fenced on the version read — from then on no replica refreshes there.
+    /// A superseded chain is not carried: only its marker is written, and the new chain
+    /// remembers the bootstrap values it grew from.
+    async fn carry_over(
+        &self,
+        chain: &mut Chain,
+        pending: &Move,
+        lease: Option<&Lease>,
+    ) -> Result<(), DialectError> {
+        let to = self.key(chain).clone();
+        let mut from = pending.from.clone();
+        for _ in 0..=MAX_HOPS {
+            if from.identity == to.identity {
+                return Ok(());
+            }
+            let held = self.lease_on(&from).await?;
+            let source = self.store.load(&from).await.map_err(moving_failed)?;
+            let (version, state) = match source {
+                Some(s) => match s.state.moved_to {
+                    // Moved on already (another replica's settings changed first): carry it
+                    // from where it went.
+                    Some(moved) => {
+                        if moved.superseded && !pending.superseded {
+                            let bound = chain.bound.clone();
+                            chain.supersede(bound);
+                            chain.followed_rollout = true;
+                        }
+                        from = from.with_identity(moved.identity);
+                        continue;
+                    }
+                    None => (s.version, Some(s.state)),
+                },
+                None => (0, None),
+            };
+            let Some(state) = state else {
+                // Nothing stored under the old key: a marker keeps the replicas that hold the
+                // chain from writing it back there; none is needed when nobody can hold it.
+                if pending.holds_history {
+                    self.leave_marker(&from, &held, 0, None, &to, pending.superseded)
+                        .await?;
+                }
+                return Ok(());
+            };
+            if pending.superseded {
+                for fp in state.origin.iter().chain(&state.superseded) {
+                    chain.superseded.retain(|s| s != fp);
+                    chain.superseded.push(fp.clone());
+                }
+                let excess = chain.superseded.len().saturating_sub(MAX_SUPERSEDED);
+                chain.superseded.drain(..excess);
+            } else {
+                self.write_carried(&to, lease, &state).await?;
+            }
+            self.leave_marker(
+                &from,
+                &held,
+                version,
+                state.origin.clone(),
+                &to,
+                pending.superseded,
+            )
+            .await?;
+            info!(credential = %self.name, superseded = pending.superseded, "moved the chain to its new key; a marker under the old key sends the other replicas after it");
+            return Ok(());
+        }
+        Err(DialectError::transient(
+            "the chain's forwarding markers in the shared store form a loop",
+        ))
+    }
+
+    /// Writes a carried state under its new key, unless that holds the same chain as far
+    /// along already (another replica carried it first).
+    async fn write_carried(
+        &self,
+        to: &ChainKey,
+        lease: Option<&Lease>,
+        state: &ChainState,
+    ) -> Result<(), DialectError> {
+        // A write that meets another writer is tried again on what that one wrote.
+        for _ in 0..3 {
+            let there = self.store.load(to).await.map_err(moving_failed)?;
+            let expected = there.as_ref().map_or(0, |t| t.version);
+            let write = match &there {
+                None => true,
+                Some(t) if t.state.moved_to.is_some() => true,
+                Some(t) => carried_is_ahead(state, &t.state),
+            };
+            if !write {
+                return Ok(());
+            }
+            if self
+                .store
+                .save(to, lease, expected, state)
+                .await
+                .map_err(moving_failed)?
+                .is_some()
+            {
+                return Ok(());
+            }
+        }
+        Err(DialectError::transient(
+            "the chain's new key kept changing during the move; moving it at the next attempt",
+        ))
+    }
+
+    /// Writes the marker that sends the replicas still using `from` to `to`, fenced on the
+    /// version read under `held`.
+    async fn leave_marker(
+        &self,
+        from: &ChainKey,
+        held: &Lease,
+        version: u64,
+        origin: Option<String>,
+        to: &ChainKey,
+        superseded: bool,
+    ) -> Result<(), DialectError> {
+        let marker = ChainState {
+            origin,
+            moved_to: Some(MovedTo {
+                identity: to.identity.clone(),
+                superseded,
+            }),
+            ..ChainState::default()
+        };
+        match self
+            .store
+            .save(from, Some(held), version, &marker)
+            .await
+            .map_err(moving_failed)?
+        {
+            Some(_) => Ok(()),
+            None => Err(DialectError::transient(
+                "the chain changed under its old key during the move; moving it at the next attempt",
+            )),
+        }
+    }
+
     /// Brings this process and a shared store in line outside any refresh: adopts a newer
     /// token another replica stored, writes back a rotated refresh token the store missed
     /// while it was down, and repopulates a store that lost its data (a restart), all without
@@ -631,7 +1012,13 @@ impl Credential {
         let Ok(mut chain) = self.chain.clone().try_lock_owned() else {
             return;
         };
-        match self.store.load(&self.key).await {
+        // Until a flight has located the chain (and made any move its settings call for) there
+        // is nothing to compare: a write now could carry this process's state to a new key
+        // without the move, while other replicas still refresh under the old one.
+        if chain.at.is_none() || chain.moving.is_some() {
+            return;
+        }
+        match self.load_following(&mut chain).await {
             Err(e) => self.store_down(&chain, &e),
             // The store went back (a failover, a restored backup): never adopt what is behind;
             // write this replica's newer state back, which only ever moves it forward.
@@ -663,6 +1050,9 @@ impl Credential {
                     }
                 }
             }
+            // Sent here by a new bootstrap value's chain that is not written yet: this process
+            // holds nothing of it to write back.
+            Ok(None) if chain.followed_rollout => self.set_mode(StoreMode::Shared),
             // Lost (a restart, a flush): write back what this replica knows; a replica holding a
             // newer point overwrites it, and nobody refreshes before the store settles.
             Ok(None) if chain.holds_history() => {
@@ -678,13 +1068,16 @@ impl Credential {
     /// Writes this process's chain (and token) to the store over version `expected`, under the
     /// lease: a replica refreshing right now must not find its write fenced out by this one.
     async fn write_back(&self, chain: &mut OwnedMutexGuard<Chain>, expected: u64) {
-        let lease = match self.store.try_lease(&self.key).await {
+        let key = self.key(chain).clone();
+        let lease = match self.store.try_lease(&key).await {
             Ok(Some(lease)) => lease,
             // Another replica is refreshing: its write repopulates the store.
             Ok(None) => return,
             Err(e) => return self.store_down(chain, &e),
         };
-        match self.store.load(&self.key).await {
+        match self.store.load(&key).await {
+            // A chain that moved meanwhile is followed at the next sync.
+            Ok(Some(stored)) if stored.state.moved_to.is_some() => return,
             Ok(stored) if stored.as_ref().map_or(0, |s| s.version) == expected => {}
             Ok(_) => return,
             Err(e) => return self.store_down(chain, &e),
@@ -697,12 +1090,9 @@ impl Credential {
             restored_at: (expected == 0).then(SystemTime::now),
             superseded: chain.superseded.clone(),
             failure: None,
+            moved_to: None,
         };
-        match self
-            .store
-            .save(&self.key, Some(&lease), expected, &state)
-            .await
-        {
+        match self.store.save(&key, Some(&lease), expected, &state).await {
             Ok(Some(version)) => {
                 chain.version = version;
                 chain.unsaved = false;
@@ -731,12 +1121,10 @@ impl Credential {
                 message: e.message.clone(),
                 config: self.config.fingerprint.clone(),
             }),
+            moved_to: None,
         };
-        match self
-            .store
-            .save(&self.key, lease, chain.version, &state)
-            .await
-        {
+        let key = self.key(chain).clone();
+        match self.store.save(&key, lease, chain.version, &state).await {
             Ok(Some(version)) => chain.version = version,
             Ok(None) => {}
             Err(err) => self.store_down(chain, &err),
@@ -861,7 +1249,8 @@ impl Credential {
         // ours means the holder left without writing.
         let mut waited_from: Option<u64> = None;
         loop {
-            match self.store.try_lease(&self.key).await {
+            let key = self.key(chain).clone();
+            match self.store.try_lease(&key).await {
                 Ok(Some(lease)) => {
                     return Ok(Ok(Granted {
                         lease: Some(lease),
@@ -873,7 +1262,9 @@ impl Credential {
                     if first {
                         self.metrics.lease("waited").inc();
                     }
-                    match self.store.load(&self.key).await {
+                    match self.load_following(chain).await {
+                        // The chain moved while this flight waited: wait for its new key.
+                        Ok(_) if *self.key(chain) != key => waited_from = None,
                         Ok(stored) => {
                             if first {
                                 waited_from = Some(stored.as_ref().map_or(0, |s| s.version));
@@ -927,11 +1318,28 @@ impl Credential {
         purpose: Purpose,
         lease: Option<&Lease>,
         waited_from: Option<u64>,
-    ) -> Result<Option<Arc<Token>>, DialectError> {
+    ) -> Result<Settled, DialectError> {
+        // A move the settings call for is made first, under this (the new key's) lease and
+        // the old key's, before anything is read or presented here.
+        if let Some(pending) = chain.moving.take() {
+            if let Err(e) = self.carry_over(chain, &pending, lease).await {
+                chain.moving = Some(pending);
+                return Err(e);
+            }
+        }
+        let key = self.key(chain).clone();
         let mut quiet_until: Option<Instant> = None;
         let mut first = true;
         loop {
-            let stored = match self.store.load(&self.key).await {
+            let stored = match self.store.load(&key).await {
+                Ok(Some(stored)) if stored.state.moved_to.is_some() => {
+                    // The chain moved on from this key (its settings changed on another
+                    // replica): this lease is for the wrong key; take the new one's.
+                    if let Some(moved) = &stored.state.moved_to {
+                        self.follow(chain, moved);
+                    }
+                    return Ok(Settled::Moved);
+                }
                 Ok(stored) => {
                     self.store_answered();
                     stored
@@ -939,7 +1347,7 @@ impl Credential {
                 // Degraded but allowed (the chain rotates nothing): carry on.
                 Err(e) => {
                     self.without_store(chain, e)?;
-                    return Ok(None);
+                    return Ok(Settled::Ready);
                 }
             };
             if first {
@@ -976,7 +1384,7 @@ impl Credential {
                 }
             }
             match self.reconcile(chain, stored.as_ref(), purpose, lease).await {
-                Reconciled::Adopted(t) => return Ok(Some(t)),
+                Reconciled::Adopted(t) => return Ok(Settled::Token(t)),
                 // A chain that rotates nothing has no token to spend twice: no need to wait.
                 Reconciled::SettleUntil(until) if self.rotates(chain) => {
                     quiet_until = Some(quiet_until.map_or(until, |q| q.max(until)));
@@ -989,7 +1397,7 @@ impl Credential {
                 Some(until) if Instant::now() < until => {
                     tokio::time::sleep(LEASE_POLL.min(until - Instant::now())).await;
                 }
-                _ => return Ok(None),
+                _ => return Ok(Settled::Ready),
             }
         }
     }
@@ -1013,7 +1421,11 @@ impl Credential {
             chain.version = 0;
             chain.loaded = true;
             if self.store.is_shared() && !chain.holds_history() {
-                self.take_up_legacy_chain(chain).await;
+                // A chain this process was sent to by a new bootstrap value is not the one an
+                // earlier version stored for the value it holds (superseded).
+                if !chain.followed_rollout {
+                    self.take_up_legacy_chain(chain).await;
+                }
                 // An empty store is a first use — or a store that just lost the chain (a flush,
                 // a restart) while live replicas hold it and this replica holds only its
                 // bootstrap value, long spent. Presenting it would revoke the account's family:
@@ -1066,7 +1478,7 @@ impl Credential {
             return;
         };
         let fp = bootstrap.fingerprint();
-        match self.store.load_legacy(&self.key).await {
+        match self.store.load_legacy(self.key(chain)).await {
             Ok(Some(old)) if old.origin.as_deref() == Some(fp.as_str()) => {
                 if let Some(refresh) = old.refresh_token {
                     info!(credential = %self.name, "continuing the chain an earlier version stored");
@@ -1135,12 +1547,10 @@ impl Credential {
             restored_at: Some(restored_at),
             superseded: chain.superseded.clone(),
             failure: None,
+            moved_to: None,
         };
-        match self
-            .store
-            .save_forward(&self.key, lease, seen, &state)
-            .await
-        {
+        let key = self.key(chain).clone();
+        match self.store.save_forward(&key, lease, seen, &state).await {
             Ok(Some(version)) => {
                 chain.version = version;
                 chain.unsaved = false;
@@ -1176,18 +1586,32 @@ impl Credential {
         chain: &mut OwnedMutexGuard<Chain>,
         purpose: Purpose,
     ) -> Result<Arc<Token>, DialectError> {
-        let Granted { lease, waited_from } = match self.lease(chain, purpose).await? {
-            Ok(granted) => granted,
-            Err(adopted) => return Ok(adopted),
-        };
-        if lease.is_some() {
-            if let Some(t) = self
+        if self.store.is_shared() {
+            self.locate(chain)?;
+        }
+        let mut hops = 0;
+        let lease = loop {
+            let Granted { lease, waited_from } = match self.lease(chain, purpose).await? {
+                Ok(granted) => granted,
+                Err(adopted) => return Ok(adopted),
+            };
+            if lease.is_none() {
+                break lease;
+            }
+            match self
                 .settle_under_lease(chain, purpose, lease.as_ref(), waited_from)
                 .await?
             {
-                return Ok(t);
+                Settled::Token(t) => return Ok(t),
+                Settled::Ready => break lease,
+                Settled::Moved if hops < MAX_HOPS => hops += 1,
+                Settled::Moved => {
+                    return Err(DialectError::transient(
+                        "the chain's forwarding markers in the shared store form a loop",
+                    ));
+                }
             }
-        }
+        };
         self.prepare_chain(chain)?;
         let mut relogged = false;
         loop {
@@ -1321,6 +1745,11 @@ impl Credential {
                 if chain.superseded.contains(&fp) {
                     // A rollout of a new value has not reached this replica yet: the chain
                     // grew past this one, which the provider has long spent.
+                    if chain.refresh.is_none() && chain.followed_rollout {
+                        return Err(DialectError::transient(
+                            "the bootstrap refresh token configured here was superseded by a newer one (rolled out to another replica first), whose chain is not in the shared store yet",
+                        ));
+                    }
                     info!(credential = %self.name, "the configured bootstrap refresh token is one this chain has superseded; continuing the chain");
                     return Ok(());
                 }
@@ -1363,13 +1792,15 @@ impl Credential {
             restored_at: None,
             superseded: chain.superseded.clone(),
             failure: None,
+            moved_to: None,
         };
+        let key = self.key(chain).clone();
         // Forward: a holder whose lease vanished with the store's data (or was taken over while
         // its call was in flight) still lands its rotated token on an empty store or over the
         // state it grew from — the replica that took over waits for exactly this.
         let result = self
             .store
-            .save_forward(&self.key, lease, chain.version, &state)
+            .save_forward(&key, lease, chain.version, &state)
             .await;
         let mut s = self.status();
         match result {
@@ -1473,6 +1904,22 @@ fn chain_relation(chain: &Chain, stored: &ChainState) -> Relation {
     }
 }
 
+/// Whether a chain carried to a new key should replace what is there: a later point of the
+/// same chain, or a live chain where a dead end of another lies.
+fn carried_is_ahead(carried: &ChainState, there: &ChainState) -> bool {
+    let dead = |s: &ChainState| s.refresh_token.is_none() || s.failure.is_some();
+    match Lineage::relation(there.lineage.as_ref(), carried.lineage.as_ref()) {
+        Relation::Newer => true,
+        Relation::Same | Relation::Older => false,
+        Relation::Unrelated => dead(there) && !dead(carried),
+    }
+}
+
+/// A store failure in the middle of a move: tried again at the next flight.
+fn moving_failed(e: StoreError) -> DialectError {
+    DialectError::transient(format!("moving the chain to its new key: {e}"))
+}
+
 /// Whether a failure for good recorded with `stored` stops this replica's chain too: only when
 /// it was met at this chain's point or further along it, or this replica has no usable chain
 /// of its own. A replica holding a live chain of another lineage keeps it.
@@ -1514,7 +1961,7 @@ mod tests {
                 parent: None,
             }),
             superseded: Vec::new(),
-            found_empty_at: None,
+            ..Chain::default()
         }
     }
 
@@ -1573,6 +2020,46 @@ mod tests {
             ..ChainState::default()
         };
         assert_eq!(chain_relation(&live, &unrelated), Relation::Unrelated);
+    }
+
+    #[test]
+    fn a_carried_chain_replaces_only_an_older_point_or_a_dead_end() {
+        let point = |epoch: &str, counter: u64, refresh: Option<&str>| ChainState {
+            refresh_token: refresh.map(Secret::new),
+            lineage: Some(Lineage {
+                epoch: epoch.into(),
+                counter,
+                parent: None,
+            }),
+            ..ChainState::default()
+        };
+        let carried = point("e1", 5, Some("rt-5"));
+        // Another replica carried it first, as far or further: kept.
+        assert!(!carried_is_ahead(&carried, &point("e1", 5, Some("rt-5"))));
+        assert!(!carried_is_ahead(&carried, &point("e1", 6, Some("rt-6"))));
+        // An older point of the same chain: replaced.
+        assert!(carried_is_ahead(&carried, &point("e1", 4, Some("rt-4"))));
+        // Another live chain (the operator's name already in use): kept.
+        assert!(!carried_is_ahead(&carried, &point("e2", 9, Some("rt-x"))));
+        // A dead end of another chain: replaced by the live one.
+        assert!(carried_is_ahead(&carried, &point("e2", 9, None)));
+    }
+
+    #[test]
+    fn a_superseded_chain_remembers_the_values_it_grew_from() {
+        let mut chain = live_chain();
+        chain.supersede(Some("bound".into()));
+        assert_eq!(chain.superseded, vec!["boot".to_string(), "bound".into()]);
+        assert!(chain.refresh.is_none() && chain.lineage.is_none() && chain.origin.is_none());
+        assert!(!chain.holds_history());
+        // Remembered once each, and only the last few.
+        for i in 0..20 {
+            chain.origin = Some(format!("v{i}"));
+            chain.supersede(Some("bound".into()));
+        }
+        assert_eq!(chain.superseded.len(), MAX_SUPERSEDED);
+        assert_eq!(chain.superseded.last().unwrap(), "bound");
+        assert_eq!(chain.superseded.iter().filter(|s| *s == "bound").count(), 1);
     }
 
     #[test]

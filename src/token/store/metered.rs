@@ -71,6 +71,10 @@ impl TokenStore for MeteredStore {
         self.inner.is_shared()
     }
 
+    fn bind_identity(&self, identity: &str, value: &crate::secret::Secret) -> String {
+        self.inner.bind_identity(identity, value)
+    }
+
     async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
         let started = Instant::now();
         let result = self.inner.load(key).await;

@@ -34,6 +34,29 @@ pub struct ChainKey {
     pub legacy: Option<String>,
 }
 
+impl ChainKey {
+    /// The same chain's key under another identity (a moved chain's new place).
+    pub fn with_identity(&self, identity: String) -> ChainKey {
+        ChainKey {
+            identity,
+            ..self.clone()
+        }
+    }
+}
+
+/// What a chain leaves at its old key when it moves: where it went. A replica still using the
+/// old key (its settings not changed yet, or changed by a restart that could not know the old
+/// key) follows it instead of refreshing there, so one refresh token is never spent from two
+/// keys. Sealed like any state, so only a replica holding the store's key can write one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MovedTo {
+    /// The identity of the key the chain now lives under.
+    pub identity: String,
+    /// Set when the move was a new bootstrap value taking over: the chain left behind is
+    /// superseded, not carried, so a follower drops it and continues the new one.
+    pub superseded: bool,
+}
+
 /// An access token as a shared store keeps it, so a replica can serve what another obtained.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SharedAccess {
@@ -133,6 +156,8 @@ pub struct ChainState {
     /// the others do not retry it either until the configuration changes or an operator forces
     /// a refresh. A successful refresh clears it.
     pub failure: Option<StoredFailure>,
+    /// Set on the marker a moved chain leaves at its old key: nothing else there is in use.
+    pub moved_to: Option<MovedTo>,
 }
 
 /// A failure that stops the chain, as the replica that met it recorded it.
@@ -219,6 +244,14 @@ pub trait TokenStore: Send + Sync {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError>;
+
+    /// The identity a chain of `identity` grown from the bootstrap value `value` is filed under:
+    /// a shared store binds the value into it, so two deployments that read their bootstrap
+    /// value from one place (one path, one variable) but hold different accounts' values there
+    /// never meet at one key. A store that files chains by credential name keeps `identity`.
+    fn bind_identity(&self, identity: &str, _value: &Secret) -> String {
+        identity.to_string()
+    }
 
     /// The chain as a version before lineages filed it (`key.legacy`), if the store has it.
     async fn load_legacy(&self, _key: &ChainKey) -> Result<Option<ChainState>, StoreError> {

@@ -25,7 +25,7 @@ use secrecy::zeroize::Zeroizing;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ChainKey, ChainState, Lease, Lineage, SharedAccess, StoreError, Stored, StoredFailure,
+    ChainKey, ChainState, Lease, Lineage, MovedTo, SharedAccess, StoreError, Stored, StoredFailure,
     TokenStore,
 };
 use crate::dialect::GrantKind;
@@ -352,6 +352,21 @@ struct SealOut<'a> {
     restored_ms: Option<u64>,
     superseded: &'a [String],
     failure: Option<FailureOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    moved_to: Option<MovedOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct MovedOut<'a> {
+    identity: &'a str,
+    superseded: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MovedIn {
+    identity: String,
+    superseded: bool,
 }
 
 #[derive(Serialize)]
@@ -405,6 +420,8 @@ struct SealIn {
     superseded: Vec<String>,
     #[serde(default)]
     failure: Option<FailureIn>,
+    #[serde(default)]
+    moved_to: Option<MovedIn>,
 }
 
 #[derive(Deserialize)]
@@ -499,6 +516,9 @@ struct Inner {
     handle: tokio::runtime::Handle,
     conn: ConnectionManager,
     cipher: Aes256Gcm,
+    /// Keys the fingerprint of a bootstrap value that goes into a chain's identity (see
+    /// [`TokenStore::bind_identity`]); derived from `state.encryption_key`.
+    identity_key: Zeroizing<[u8; 32]>,
     settings: RedisSettings,
     lease_ttl: Duration,
     renew: bool,
@@ -532,6 +552,27 @@ fn lease_key(key: &ChainKey) -> String {
 /// The associated data: the entry's key name and lineage (as mirrored beside the blob).
 fn aad(name: &str, epoch: &str, counter: u64) -> Vec<u8> {
     format!("{name}\0{epoch}\0{counter}").into_bytes()
+}
+
+/// The key that fingerprints bootstrap values for chain identities: an HMAC of a fixed label
+/// under `state.encryption_key`, so the AES key itself serves one purpose only.
+fn identity_key(encryption_key: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(&hmac_sha256(
+        encryption_key,
+        &[b"tokenward chain identity key v1"],
+    ));
+    out
+}
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes a key of any length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().into()
 }
 
 /// A state's lineage as mirrored in the hash: `("", 0)` for a state without one.
@@ -588,6 +629,7 @@ impl RedisStore {
                 runtime: Some(runtime),
                 conn,
                 cipher,
+                identity_key: identity_key(&key),
                 settings: settings.clone(),
                 lease_ttl,
                 renew,
@@ -649,6 +691,10 @@ impl RedisStore {
                 class: &f.class,
                 message: &f.message,
                 config: &f.config,
+            }),
+            moved_to: state.moved_to.as_ref().map(|m| MovedOut {
+                identity: &m.identity,
+                superseded: m.superseded,
             }),
             access: state.access.as_ref().map(|a| AccessOut {
                 token: a.token.expose(),
@@ -755,6 +801,10 @@ impl RedisStore {
                 message: f.message,
                 config: f.config,
             }),
+            moved_to: state.moved_to.map(|m| MovedTo {
+                identity: m.identity,
+                superseded: m.superseded,
+            }),
         };
         Ok(state)
     }
@@ -834,6 +884,25 @@ impl TokenStore for RedisStore {
 
     fn is_shared(&self) -> bool {
         true
+    }
+
+    /// Keyed by (a key derived from) `state.encryption_key`, not a public constant: key names
+    /// are what anyone who can list Redis sees, and a bootstrap value may be guessable (a short
+    /// test token, a vendor's low-entropy format); without the store's key its fingerprint
+    /// cannot be brute-forced from a key name. Whoever holds the store's key can decrypt the
+    /// values themselves, so keying by it gives nothing away. Every replica of a chain has the
+    /// same key (it must, to read the chain), so they all derive one identity.
+    fn bind_identity(&self, identity: &str, value: &Secret) -> String {
+        let mac = hmac_sha256(
+            &self.inner.identity_key[..],
+            &[
+                b"tokenward chain bootstrap v1\n",
+                identity.as_bytes(),
+                b"\n",
+                value.expose().as_bytes(),
+            ],
+        );
+        mac[..16].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
@@ -1180,6 +1249,77 @@ mod tests {
         // Another replica (another store on the same Redis and key) reads the same chain.
         let other = super::RedisStore::open(&settings(&server, KEY_HEX)).unwrap();
         assert_eq!(other.load(&chain()).await.unwrap().unwrap().version, 2);
+    }
+
+    #[tokio::test]
+    async fn a_marker_round_trips_sealed_and_fences_a_forward_write() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        let live = at(state("rt-1", Some("at-1")), "e1", 3);
+        assert_eq!(store.save(&chain(), None, 0, &live).await.unwrap(), Some(1));
+        let marker = ChainState {
+            origin: live.origin.clone(),
+            moved_to: Some(MovedTo {
+                identity: "00112233445566778899aabbccddeeff".into(),
+                superseded: true,
+            }),
+            ..ChainState::default()
+        };
+        assert_eq!(
+            store.save(&chain(), None, 1, &marker).await.unwrap(),
+            Some(2)
+        );
+        let got = store.load(&chain()).await.unwrap().unwrap();
+        assert_eq!((got.version, got.state), (2, marker));
+        // A holder that read the chain before it moved cannot land its rotation over the
+        // marker, not even as a forward write of the same lineage.
+        let late = at(state("rt-2", Some("at-2")), "e1", 4);
+        assert_eq!(
+            store.save_forward(&chain(), None, 1, &late).await.unwrap(),
+            None
+        );
+        assert!(
+            !server.holds_bytes(b"00112233445566778899aabbccddeeff"),
+            "sealed"
+        );
+    }
+
+    #[test]
+    fn a_bootstrap_value_is_bound_into_the_identity_under_the_store_key() {
+        let open = |key: &str| {
+            RedisStore::open(
+                &RedisSettings::new(
+                    "redis://127.0.0.1:1",
+                    SecretSource::Literal(Secret::new(key)),
+                )
+                .unwrap(),
+            )
+            .unwrap()
+        };
+        let store = open(KEY_HEX);
+        let bind = |store: &RedisStore, identity: &str, value: &str| {
+            store.bind_identity(identity, &Secret::new(value))
+        };
+        let alice = bind(&store, "id-1", "rt-alice");
+        assert_eq!(alice.len(), 32);
+        assert!(alice.bytes().all(|b| b.is_ascii_hexdigit()));
+        // One value, one identity: every replica (another store on the same key) agrees.
+        assert_eq!(alice, bind(&open(KEY_HEX), "id-1", "rt-alice"));
+        // Another account's value at the same place, or another account, is another chain.
+        assert_ne!(alice, bind(&store, "id-1", "rt-bob"));
+        assert_ne!(alice, bind(&store, "id-2", "rt-alice"));
+        // Keyed by the store's key: without it a key name says nothing of a guessable value.
+        let other_key = "ff0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        assert_ne!(alice, bind(&open(other_key), "id-1", "rt-alice"));
+        let unkeyed = {
+            use sha2::{Digest, Sha256};
+            let d = Sha256::digest(b"id-1\nrt-alice");
+            d[..16]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        assert_ne!(alice, unkeyed);
     }
 
     #[tokio::test]

@@ -168,6 +168,12 @@ async fn refresh_and_wait(tw: &Tokenward) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    wait_for_new_token(tw, &before).await;
+}
+
+/// Waits until `tw` serves a token other than `before`, failing after [`SOON`].
+async fn wait_for_new_token(tw: &Tokenward, before: &str) {
+    let deadline = Instant::now() + SOON;
     while token_served(tw).await == before {
         assert!(
             Instant::now() < deadline,
@@ -842,6 +848,113 @@ async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
     );
     // The login, the paused holder's refresh, the other's refresh from its rotated token.
     assert_eq!(provider.successes(), 3, "{}", provider.summary());
+}
+
+/// F5: the provider rotates and answers 0.5 s past the credential's `timeout`. The request
+/// that waits for it is told to come back at `timeout`, as before; the exchange goes on and
+/// keeps the answer — the only copy of the rotated refresh token — so the next refreshes, on
+/// either replica, present it and the chain lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_answering_after_the_timeout_does_not_lose_the_rotated_token() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let before = token_served(&a).await;
+
+    provider.set_delay(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let late = post_refresh(&a, "api").await;
+    let told_after = asked.elapsed();
+    wait_for_new_token(&a, &before).await;
+    provider.set_delay(Duration::ZERO);
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The login, the late answer, one refresh each.
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+    let body = late.text().await.unwrap();
+    assert!(body.contains("the exchange goes on"), "{body}");
+    assert!(
+        told_after < Duration::from_millis(1500),
+        "the waiter was told at `timeout`, not when the provider answered: {told_after:?}"
+    );
+}
+
+/// F5 with one replica and the file store: the same late answer is kept and written to the
+/// state file, so the restarted process continues the chain from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_answer_is_kept_by_a_single_replica_on_the_file_store() {
+    let provider = StrictProvider::start(60).await;
+    provider.issue_bootstrap("api", "rt-api-bootstrap");
+    let upstream = FakeUpstream::start().await;
+    let keys = format!(
+        "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token = \"rt-api-bootstrap\"\nmin_refresh_interval = \"0s\"\ntimeout = \"1s\"\n",
+        provider.token_url()
+    );
+    let mut tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
+    tw.wait_ready().await;
+    let before = token_served(&tw).await;
+
+    provider.set_delay(Duration::from_millis(1500));
+    let late = post_refresh(&tw, "api").await;
+    wait_for_new_token(&tw, &before).await;
+    provider.set_delay(Duration::ZERO);
+    refresh_and_wait(&tw).await;
+    tw.kill9_and_restart();
+    tw.wait_ready().await;
+    refresh_and_wait(&tw).await;
+
+    assert_chain_intact(&provider);
+    // The login, the late answer, one refresh; after the restart the first token (the file
+    // store keeps no access token) and one refresh, each from the newest refresh token.
+    assert_eq!(provider.successes(), 5, "{}", provider.summary());
+    let body = late.text().await.unwrap();
+    assert!(body.contains("the exchange goes on"), "{body}");
+}
+
+/// F5: the lease holder is paused (SIGSTOP) for 3.5 s just after sending its refresh token —
+/// past its 2 s `timeout` and its 3 s lease, within its call's bound (2 × timeout + 1 s). The
+/// provider answers meanwhile; the holder resumes, keeps the answer and lands the rotated
+/// token, and the replica that took the lease over continues from it instead of presenting
+/// the spent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_paused_longer_than_its_timeout_keeps_its_late_answer() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"2s\"").await;
+
+    let holder = start_slow_refresh(&a, provider, Duration::from_secs(1)).await;
+    a.signal("STOP");
+    let paused = Instant::now();
+    provider.set_delay(Duration::ZERO);
+    let other = spawn_forced_refresh(&b);
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(paused.elapsed())).await;
+    a.signal("CONT");
+    let mut answers = Vec::new();
+    for call in [holder, other] {
+        let r = call.await.unwrap().unwrap();
+        answers.push((r.status(), r.text().await.unwrap()));
+    }
+    wait_for("the other's refresh", SOON, || {
+        provider.successes() >= 3 || !provider.refused().is_empty()
+    })
+    .await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The login, the paused holder's refresh, the other's refresh from its rotated token, and
+    // the holder's next.
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+    // Each forced call answered 200, or was told to come back while its exchange went on.
+    for (status, body) in answers {
+        assert!(
+            status == 200 || body.contains("the exchange goes on"),
+            "{status}: {body}"
+        );
+    }
 }
 
 /// Defect 10: a file store that failed once (its state file unreadable) is reported in use

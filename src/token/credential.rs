@@ -38,6 +38,9 @@ const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a flight waits for another holder before it gives up (the holder's lease lapses
 /// well within this when it dies, and another process's exchange is bounded like ours).
 const LEASE_WAIT_EXTRA: Duration = Duration::from_secs(6);
+/// How long past its requests' bound a blocking exchange is awaited: the requests end by the
+/// bound, so this only cuts off a dialect stuck in a blocking read.
+const OBTAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a request cannot get a token right now. `class` is what a client may be told; `reason`
 /// (which may name files, variables or the provider's words) goes to the log and `/tokens`.
@@ -148,6 +151,22 @@ enum Reconciled {
     Ready,
 }
 
+/// Publishes when a provider call began, and that it ended when dropped.
+struct CallInProgress<'a>(&'a watch::Sender<Option<Instant>>);
+
+impl<'a> CallInProgress<'a> {
+    fn begin(calling: &'a watch::Sender<Option<Instant>>) -> Self {
+        calling.send_replace(Some(Instant::now()));
+        CallInProgress(calling)
+    }
+}
+
+impl Drop for CallInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
+}
+
 /// Clears the flag when dropped: marks a blocking exchange as running for as long as it does.
 struct ClearOnDrop(Arc<AtomicBool>);
 
@@ -208,6 +227,9 @@ pub struct Credential {
     rejected: AtomicBool,
     /// Set while a provider exchange runs on the blocking pool.
     obtaining: Arc<AtomicBool>,
+    /// When the provider call in progress began (`None` between calls): a waiter is told to
+    /// come back once it has run for `timeout`, while the call itself goes on to its bound.
+    calling: watch::Sender<Option<Instant>>,
     mode: AtomicU8,
     status: Mutex<Status>,
     wake: tokio::sync::Notify,
@@ -276,6 +298,7 @@ impl Credential {
             generation: AtomicU64::new(0),
             rejected: AtomicBool::new(false),
             obtaining: Arc::new(AtomicBool::new(false)),
+            calling: watch::Sender::new(None),
             mode: AtomicU8::new(mode as u8),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
@@ -442,30 +465,55 @@ impl Credential {
         (rx, false)
     }
 
+    /// Waits for the flight's outcome no longer than `within`, nor past `timeout` into a
+    /// provider call: a provider that has not answered by then is reported to the waiter as
+    /// it always was, while the call goes on to its own bound (and its answer is kept).
     async fn wait(&self, mut rx: watch::Receiver<Option<Outcome>>, within: Duration) -> Outcome {
-        match tokio::time::timeout(within, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => match outcome.as_ref() {
-                Some(o) => o.clone(),
-                None => Err(self.unavailable()),
-            },
-            Ok(Err(_)) => Err(Unavailable {
-                credential: self.name.clone(),
-                class: "provider_unavailable",
-                reason: "the token exchange ended abnormally".into(),
-                retry_after: Duration::from_secs(1),
-            }),
-            // Not logged here: the proxy logs each refused request, and a thousand waiters
-            // would otherwise log the same line a thousand times.
-            Err(_) => Err(Unavailable {
-                credential: self.name.clone(),
-                class: "provider_timeout",
-                reason: format!(
-                    "no token within {}; the exchange goes on",
-                    humantime::format_duration(within)
-                ),
-                retry_after: Duration::from_secs(1),
-            }),
-        }
+        let give_up = Instant::now() + within;
+        let mut calling = self.calling.subscribe();
+        let waited = loop {
+            let deadline = match *calling.borrow_and_update() {
+                Some(began) => give_up.min(began + self.config.timing.timeout),
+                None => give_up,
+            };
+            tokio::select! {
+                outcome = rx.wait_for(Option::is_some) => {
+                    return match outcome {
+                        Ok(outcome) => match outcome.as_ref() {
+                            Some(o) => o.clone(),
+                            None => Err(self.unavailable()),
+                        },
+                        Err(_) => Err(Unavailable {
+                            credential: self.name.clone(),
+                            class: "provider_unavailable",
+                            reason: "the token exchange ended abnormally".into(),
+                            retry_after: Duration::from_secs(1),
+                        }),
+                    };
+                }
+                // A call began or ended: the deadline moves. (The sender lives as long as this
+                // credential, so this never ends the wait.)
+                Ok(()) = calling.changed() => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    break if deadline < give_up {
+                        self.config.timing.timeout
+                    } else {
+                        within
+                    };
+                }
+            }
+        };
+        // Not logged here: the proxy logs each refused request, and a thousand waiters would
+        // otherwise log the same line a thousand times.
+        Err(Unavailable {
+            credential: self.name.clone(),
+            class: "provider_timeout",
+            reason: format!(
+                "no token within {}; the exchange goes on",
+                humantime::format_duration(waited)
+            ),
+            retry_after: Duration::from_secs(1),
+        })
     }
 
     /// Drops the current token if it is still generation `generation` (or any, when `None`):
@@ -1286,9 +1334,19 @@ impl Credential {
         }
         let running = ClearOnDrop(self.obtaining.clone());
         let dialect = self.config.dialect.clone();
-        let client = self.client.clone();
-        // The client bounds each call; this also bounds a dialect that makes several.
-        let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
+        let bound = self.call_bound();
+        // A refresh token presented is spent the moment the provider rotates it, so its answer
+        // — the only copy of the next one — is waited for up to the exchange's bound, not
+        // dropped at `timeout`. The bound is the one every other replica allows a holder's call
+        // ([`Self::call_bound`]): one that took the lease over presents nothing before it.
+        let client = if held.refresh_token.is_some() {
+            self.client.until(bound)
+        } else {
+            self.client.clone()
+        };
+        // Past the requests' bound only a blocking read (a hung secret file) keeps a dialect.
+        let limit = bound + OBTAIN_GRACE;
+        let _calling = CallInProgress::begin(&self.calling);
         let runtime = tokio::runtime::Handle::current();
         let call = tokio::task::spawn_blocking(move || {
             let _running = running;
@@ -1383,8 +1441,12 @@ impl Credential {
             }
             Ok(None) => {
                 // Another writer extended the chain after this one read it (this process
-                // stalled past its lease): the stored chain wins; the next flight reads it.
-                error!(credential = %self.name, "the chain moved on in the store during this refresh; keeping the stored chain");
+                // stalled past its lease, another replica took it over and refreshed): the
+                // stored chain wins; the next flight reads it. What this refresh obtained is
+                // dropped — and the provider saw one refresh token twice, so a provider that
+                // rotates strictly has likely revoked the family.
+                self.metrics.lease("lost").inc();
+                error!(credential = %self.name, "lost the refresh lease during the provider call: another replica took it over and moved the chain on before this answer could be stored; keeping the stored chain (a provider that rotates strictly may have revoked it)");
                 chain.loaded = false;
                 chain.unsaved = false;
                 s.persist_error = Some("fenced out by a newer write".into());

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod transport;
+pub mod warnings;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

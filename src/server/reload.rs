@@ -178,6 +178,9 @@ impl Reloader {
                 if let Err(e) = crate::telemetry::set_level(&self.shared.config.load().log_level) {
                     warn!(error = %e, "cannot apply the reloaded log.level");
                 }
+                for w in crate::config::warnings::all(&self.shared.config.load()) {
+                    warn!("{w}");
+                }
                 info!(
                     trigger = why,
                     kept = s.kept,

@@ -957,6 +957,49 @@ async fn a_holder_paused_longer_than_its_timeout_keeps_its_late_answer() {
     }
 }
 
+/// Redis is paused (SIGSTOP) while a replica tries to refresh: its request for the lease
+/// (`SET NX`) reaches Redis only when it resumes, long after the replica gave up on it. The
+/// replica serves its valid token throughout the outage, and once Redis is back it refreshes
+/// at once — it does not wait for a lease nobody holds to lapse (3 s), and then out the
+/// takeover's wait for a provider call that never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_asked_for_while_redis_was_paused_does_not_hold_up_the_next_refresh() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let reps = account.replicas(1, "timeout = \"1s\"").await;
+    let (a, a_addr) = &reps[0];
+
+    redis.freeze();
+    let r = post_refresh(a, "api").await;
+    assert_ne!(
+        r.status(),
+        200,
+        "no refresh of a rotating chain without its store"
+    );
+    assert_served(&[*a_addr], 5).await;
+    redis.thaw();
+    let asked = Instant::now();
+    let r = post_refresh(a, "api").await;
+    let took = asked.elapsed();
+
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    assert!(
+        took < Duration::from_secs(2),
+        "the refresh after the outage took {took:?}"
+    );
+    let m = a.get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"
+        ),
+        0.0
+    );
+    assert_served(&[*a_addr], 3).await;
+    assert_chain_intact(provider);
+}
+
 /// Defect 10: a file store that failed once (its state file unreadable) is reported in use
 /// again (`file`, not `hold`) as soon as it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -476,16 +476,72 @@ return 0
 });
 
 /// Deletes the lease only if its holder still has it. KEYS: lease. ARGV: holder.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const RELEASE_LUA: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-",
-    )
-});
+";
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+
+/// How long an abandoned lease request is watched for once Redis answers again (a command
+/// queued on a connection made before it was cut may still arrive) — a lease's lifetime, after
+/// which it would have lapsed anyway.
+const ABANDONED_WATCH: Duration = LEASE_TTL;
+/// How long Redis may stay silent before an abandoned lease request is no longer watched.
+const ABANDONED_GIVE_UP: Duration = Duration::from_secs(30);
+/// The first retry of a release Redis did not answer; each further one waits twice as long, up
+/// to [`ABANDONED_RETRY_CAP`] (a Redis that is down for long gets few of them).
+const ABANDONED_RETRY: Duration = Duration::from_millis(250);
+const ABANDONED_RETRY_CAP: Duration = Duration::from_secs(4);
+
+/// Releases a lease this process asked for and gave up on (`SET NX` unanswered within
+/// [`COMMAND_TIMEOUT`]): a paused or slow Redis applies the queued command when it resumes, and
+/// would then hold a lease for nobody — every replica would wait for it to lapse and then wait
+/// out the takeover's bound for a provider call that never was. The first release goes out at
+/// once on the same connection, so Redis runs it right after the `SET`.
+fn release_abandoned(
+    handle: &tokio::runtime::Handle,
+    conn: &ConnectionManager,
+    key: String,
+    holder: String,
+) {
+    let mut conn = conn.clone();
+    handle.spawn(async move {
+        let give_up = Instant::now() + ABANDONED_GIVE_UP;
+        let mut answered_at: Option<Instant> = None;
+        let mut retry = ABANDONED_RETRY;
+        while Instant::now() < give_up {
+            // EVAL, not EVALSHA: a script Redis does not know yet would need a second round
+            // trip, and the one that matters is the first, queued right behind the `SET`.
+            let released = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                ::redis::cmd("EVAL")
+                    .arg(RELEASE_LUA)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(&holder)
+                    .query_async::<i64>(&mut conn),
+            )
+            .await;
+            match released {
+                Ok(Ok(1)) => {
+                    tracing::info!("released a refresh lease that Redis granted after this process had given up on it");
+                    return;
+                }
+                Ok(Ok(_)) => {
+                    let since = *answered_at.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= ABANDONED_WATCH {
+                        return;
+                    }
+                    retry = ABANDONED_RETRY;
+                }
+                _ => retry = (retry * 2).min(ABANDONED_RETRY_CAP),
+            }
+            tokio::time::sleep(retry).await;
+        }
+    });
+}
 
 /// Chains in Redis, shared by every replica that has the same settings and key.
 pub struct RedisStore {
@@ -923,7 +979,7 @@ impl TokenStore for RedisStore {
         let ttl_ms = u64::try_from(self.inner.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.inner.conn.clone();
         let (k, h) = (lease.clone(), holder.clone());
-        let taken: Option<String> = self
+        let taken: Option<String> = match self
             .run("take the lease", async move {
                 ::redis::cmd("SET")
                     .arg(&k)
@@ -934,7 +990,14 @@ impl TokenStore for RedisStore {
                     .query_async(&mut conn)
                     .await
             })
-            .await?;
+            .await
+        {
+            Ok(taken) => taken,
+            Err(e) => {
+                release_abandoned(&self.inner.handle, &self.inner.conn, lease, holder);
+                return Err(e);
+            }
+        };
         if taken.is_none() {
             return Ok(None);
         }

@@ -316,6 +316,17 @@ fn check_redis(
             path.display()
         )),
     }
+    match redis.previous_keys() {
+        Ok(keys) if keys.is_empty() => {}
+        Ok(keys) => println!(
+            "          previous encryption keys: {} (readable, used only to read)",
+            keys.len()
+        ),
+        Err((i, reason)) => problems.push(format!(
+            "config error: {}: `state.previous_encryption_keys[{i}]`: {reason}",
+            path.display()
+        )),
+    }
     if let Some(password) = redis.password_source() {
         match redis.redis_password() {
             Ok(_) => println!("          redis password: {password:?} (readable)"),

@@ -1000,6 +1000,47 @@ async fn a_lease_asked_for_while_redis_was_paused_does_not_hold_up_the_next_refr
     assert_chain_intact(provider);
 }
 
+/// The store's `encryption_key` is changed (key A to key B) by restarting the replicas one by
+/// one with B and `previous_encryption_keys = [A]`: each reads the chain sealed with A and
+/// adopts it without a provider call; the next write seals it with B, after which A can be
+/// dropped from the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_encryption_key_rotation_keeps_the_chain() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((mut a, a_addr), (mut b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let new_key = "a1".repeat(32);
+    let rotate = |tw: &Tokenward| {
+        rewrite_config(
+            tw,
+            &format!("encryption_key = \"{STORE_KEY}\""),
+            &format!(
+                "encryption_key = \"{new_key}\"\nprevious_encryption_keys = [\"{STORE_KEY}\"]"
+            ),
+        )
+    };
+    for tw in [&mut a, &mut b] {
+        rotate(tw);
+        tw.kill9_and_restart();
+        tw.wait_ready().await;
+    }
+    assert_served(&[a_addr, b_addr], 3).await;
+    assert_eq!(provider.successes(), 1, "adopted: {}", provider.summary());
+
+    // A refresh writes the chain sealed with the new key; the old one can then go.
+    refresh_and_wait(&a).await;
+    rewrite_config(
+        &b,
+        &format!("\nprevious_encryption_keys = [\"{STORE_KEY}\"]"),
+        "",
+    );
+    b.kill9_and_restart();
+    b.wait_ready().await;
+    assert_served(&[a_addr, b_addr], 3).await;
+    assert_chain_intact(provider);
+    assert_eq!(provider.successes(), 2, "{}", provider.summary());
+}
+
 /// Defect 10: a file store that failed once (its state file unreadable) is reported in use
 /// again (`file`, not `hold`) as soon as it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

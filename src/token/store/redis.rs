@@ -12,6 +12,7 @@
 //! credential name, token or key reaches Redis in the clear.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +60,8 @@ pub struct RedisSettings {
     /// `state.redis_password`: read each time a client is built (at open and by `check`).
     password_source: Option<SecretSource>,
     pub encryption_key: SecretSource,
+    /// `state.previous_encryption_keys`: keys `encryption_key` replaced, used only to read.
+    pub previous_encryption_keys: Vec<SecretSource>,
     /// `state.chain_ttl`: each write renews the chain's key for this long.
     chain_ttl: Duration,
 }
@@ -70,6 +73,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("username", &self.username)
             .field("password", &self.password_source)
             .field("encryption_key", &self.encryption_key)
+            .field("previous_encryption_keys", &self.previous_encryption_keys)
             .finish()
     }
 }
@@ -87,6 +91,12 @@ impl PartialEq for RedisSettings {
             && self.username == other.username
             && same_password
             && same_source(&self.encryption_key, &other.encryption_key)
+            && self.previous_encryption_keys.len() == other.previous_encryption_keys.len()
+            && self
+                .previous_encryption_keys
+                .iter()
+                .zip(&other.previous_encryption_keys)
+                .all(|(a, b)| same_source(a, b))
     }
 }
 
@@ -150,6 +160,7 @@ impl RedisSettings {
             username: None,
             password_source: None,
             encryption_key,
+            previous_encryption_keys: Vec::new(),
             chain_ttl: DEFAULT_CHAIN_TTL,
         };
         ::redis::Client::open(settings.url.expose())
@@ -200,6 +211,25 @@ impl RedisSettings {
         self.username = username;
         self.password_source = password;
         Ok(self)
+    }
+
+    /// Sets `state.previous_encryption_keys`.
+    pub fn with_previous_keys(mut self, keys: Vec<SecretSource>) -> RedisSettings {
+        self.previous_encryption_keys = keys;
+        self
+    }
+
+    /// Reads and decodes each of `state.previous_encryption_keys`; the error names the entry
+    /// (`[i]`) and the reason, never the key.
+    pub fn previous_keys(&self) -> Result<Vec<Zeroizing<[u8; 32]>>, (usize, String)> {
+        self.previous_encryption_keys
+            .iter()
+            .enumerate()
+            .map(|(i, source)| {
+                let secret = source.resolve().map_err(|e| (i, e.to_string()))?;
+                decode_encryption_key(&secret).map_err(|reason| (i, reason))
+            })
+            .collect()
     }
 
     /// Sets `state.chain_ttl`.
@@ -554,7 +584,12 @@ struct Inner {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     conn: ConnectionManager,
+    /// Seals every write and is tried first on every read.
     cipher: Aes256Gcm,
+    /// `state.previous_encryption_keys`, tried in order when `cipher` cannot open an entry.
+    previous: Vec<Aes256Gcm>,
+    /// Set once an entry was opened with a previous key (said once in the log).
+    read_with_previous: AtomicBool,
     settings: RedisSettings,
     lease_ttl: Duration,
     renew: bool,
@@ -615,6 +650,15 @@ impl RedisStore {
             .map_err(|reason| anyhow::anyhow!("state.encryption_key: {reason}"))?;
         let cipher = Aes256Gcm::new_from_slice(&key[..])
             .map_err(|_| anyhow::anyhow!("state.encryption_key: must be 32 bytes"))?;
+        let previous = settings
+            .previous_keys()
+            .map_err(|(i, reason)| {
+                anyhow::anyhow!("state.previous_encryption_keys[{i}]: {reason}")
+            })?
+            .iter()
+            .map(|key| Aes256Gcm::new_from_slice(&key[..]))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| anyhow::anyhow!("state.previous_encryption_keys: must be 32 bytes"))?;
         // The redis crate fixes a connection manager's credentials when it is built (per-attempt
         // credentials need its token-based-authentication feature and more dependencies), so a
         // password file is read here, once: a rotated password needs a restart.
@@ -644,6 +688,8 @@ impl RedisStore {
                 runtime: Some(runtime),
                 conn,
                 cipher,
+                previous,
+                read_with_previous: AtomicBool::new(false),
                 settings: settings.clone(),
                 lease_ttl,
                 renew,
@@ -766,17 +812,26 @@ impl RedisStore {
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad("too short"))?;
-        let plain = Zeroizing::new(
-            self.inner
-                .cipher
-                .decrypt(
-                    &Nonce::from(nonce),
-                    Payload { msg: sealed, aad },
-                )
-                .map_err(|_| {
+        let open = |cipher: &Aes256Gcm| {
+            cipher
+                .decrypt(&Nonce::from(nonce), Payload { msg: sealed, aad })
+                .ok()
+        };
+        let plain = match open(&self.inner.cipher) {
+            Some(plain) => plain,
+            None => {
+                let plain = self.inner.previous.iter().find_map(open).ok_or_else(|| {
                     bad("fails authentication (a different state.encryption_key, or the entry was altered or moved)")
-                })?,
-        );
+                })?;
+                // Every write seals with the current key, so the entry is re-sealed at its next
+                // write (its chain's next refresh); until then the previous key is still needed.
+                if !self.inner.read_with_previous.swap(true, Ordering::Relaxed) {
+                    tracing::info!(at = %self.inner.settings.location, "read an entry sealed with one of state.previous_encryption_keys; it is sealed with state.encryption_key at its next write");
+                }
+                plain
+            }
+        };
+        let plain = Zeroizing::new(plain);
         // serde_json's messages can quote the input: say only what kind of problem it was.
         let state: SealIn = serde_json::from_slice(&plain)
             .map_err(|e| bad(&format!("unexpected content ({:?})", e.classify())))?;
@@ -1482,6 +1537,55 @@ mod tests {
             store.load(&chain()).await,
             Err(StoreError::Undecodable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_previous_key_reads_and_the_next_write_seals_with_the_current_one() {
+        let server = RedisServer::start();
+        let old = store(&server);
+        old.save(&chain(), None, 0, &state("rt-1", Some("at-1")))
+            .await
+            .unwrap();
+        let new_key = "ee".repeat(32);
+        let rotated = RedisStore::open(
+            &settings(&server, &new_key)
+                .with_previous_keys(vec![SecretSource::Literal(Secret::new(KEY_HEX))]),
+        )
+        .unwrap();
+        let read = rotated.load(&chain()).await.unwrap().expect("stored");
+        assert_eq!(
+            read.state.refresh_token.as_ref().map(|s| s.expose()),
+            Some("rt-1")
+        );
+        // Until written again, the new key alone cannot read it; after a write it can, and the
+        // old key no longer can.
+        let only_new = RedisStore::open(&settings(&server, &new_key)).unwrap();
+        assert!(matches!(
+            only_new.load(&chain()).await,
+            Err(StoreError::Undecodable(_))
+        ));
+        rotated
+            .save(&chain(), None, read.version, &state("rt-2", None))
+            .await
+            .unwrap()
+            .expect("written");
+        let reread = only_new.load(&chain()).await.unwrap().expect("stored");
+        assert_eq!(
+            reread.state.refresh_token.as_ref().map(|s| s.expose()),
+            Some("rt-2")
+        );
+        assert!(matches!(
+            old.load(&chain()).await,
+            Err(StoreError::Undecodable(_))
+        ));
+        // A previous key that is not a key is refused at open, naming its place in the list.
+        let bad = settings(&server, &new_key)
+            .with_previous_keys(vec![SecretSource::Literal(Secret::new("short"))]);
+        let err = RedisStore::open(&bad).err().expect("refused").to_string();
+        assert!(
+            err.starts_with("state.previous_encryption_keys[0]:"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -1083,13 +1083,7 @@ async fn the_file_store_is_reported_in_use_again_once_it_answers() {
 async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
     let provider = FakeProvider::start(300, false, None).await;
     let upstream = FakeUpstream::start().await;
-    let fifo = tempfile::tempdir().unwrap();
-    let path = fifo.path().join("client_secret");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (_fifo, path) = stalled_secret("client_secret");
     let keys = format!(
         "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\ntimeout = \"1s\"\nprobe_interval = \"500ms\"\nmax_backoff = \"500ms\"\n",
         provider.token_url(),

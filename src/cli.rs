@@ -142,7 +142,7 @@ pub fn main(cli: Cli) -> ExitCode {
 /// What an operator should know before traffic flows: plaintext HTTP off loopback, and admin
 /// actions that nobody can use.
 fn warn_at_start(config: &Config) {
-    for w in crate::config::transport::plaintext_warnings(config) {
+    for w in crate::config::warnings::all(config) {
         tracing::warn!("{w}");
     }
     let access = crate::admin::action_access(config.admin_listen, config.admin_token.as_ref());
@@ -280,7 +280,7 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
             }
         }
     }
-    for w in crate::config::transport::plaintext_warnings(&config) {
+    for w in crate::config::warnings::all(&config) {
         eprintln!("warning: {w}");
     }
     if problems.is_empty() {
@@ -313,6 +313,17 @@ fn check_redis(
         Ok(_) => println!("          encryption key: {source:?} (readable, 32 bytes)"),
         Err(reason) => problems.push(format!(
             "config error: {}: `state.encryption_key`: {reason}",
+            path.display()
+        )),
+    }
+    match redis.previous_keys() {
+        Ok(keys) if keys.is_empty() => {}
+        Ok(keys) => println!(
+            "          previous encryption keys: {} (readable, used only to read)",
+            keys.len()
+        ),
+        Err((i, reason)) => problems.push(format!(
+            "config error: {}: `state.previous_encryption_keys[{i}]`: {reason}",
             path.display()
         )),
     }

@@ -168,6 +168,12 @@ async fn refresh_and_wait(tw: &Tokenward) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    wait_for_new_token(tw, &before).await;
+}
+
+/// Waits until `tw` serves a token other than `before`, failing after [`SOON`].
+async fn wait_for_new_token(tw: &Tokenward, before: &str) {
+    let deadline = Instant::now() + SOON;
     while token_served(tw).await == before {
         assert!(
             Instant::now() < deadline,
@@ -1057,6 +1063,197 @@ async fn a_holder_paused_past_its_lease_mid_call_is_not_raced() {
     assert_eq!(provider.successes(), 3, "{}", provider.summary());
 }
 
+/// F5: the provider rotates and answers 0.5 s past the credential's `timeout`. The request
+/// that waits for it is told to come back at `timeout`, as before; the exchange goes on and
+/// keeps the answer — the only copy of the rotated refresh token — so the next refreshes, on
+/// either replica, present it and the chain lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_answering_after_the_timeout_does_not_lose_the_rotated_token() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let before = token_served(&a).await;
+
+    provider.set_delay(Duration::from_millis(1500));
+    let asked = Instant::now();
+    let late = post_refresh(&a, "api").await;
+    let told_after = asked.elapsed();
+    wait_for_new_token(&a, &before).await;
+    provider.set_delay(Duration::ZERO);
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The login, the late answer, one refresh each.
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+    let body = late.text().await.unwrap();
+    assert!(body.contains("the exchange goes on"), "{body}");
+    assert!(
+        told_after < Duration::from_millis(1500),
+        "the waiter was told at `timeout`, not when the provider answered: {told_after:?}"
+    );
+}
+
+/// F5 with one replica and the file store: the same late answer is kept and written to the
+/// state file, so the restarted process continues the chain from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_answer_is_kept_by_a_single_replica_on_the_file_store() {
+    let provider = StrictProvider::start(60).await;
+    provider.issue_bootstrap("api", "rt-api-bootstrap");
+    let upstream = FakeUpstream::start().await;
+    let keys = format!(
+        "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"{CLIENT_SECRET}\"\ngrant = \"refresh_token\"\nrefresh_token = \"rt-api-bootstrap\"\nmin_refresh_interval = \"0s\"\ntimeout = \"1s\"\n",
+        provider.token_url()
+    );
+    let mut tw = Tokenward::start(&format!("http://{}", upstream.addr()), &keys);
+    tw.wait_ready().await;
+    let before = token_served(&tw).await;
+
+    provider.set_delay(Duration::from_millis(1500));
+    let late = post_refresh(&tw, "api").await;
+    wait_for_new_token(&tw, &before).await;
+    provider.set_delay(Duration::ZERO);
+    refresh_and_wait(&tw).await;
+    tw.kill9_and_restart();
+    tw.wait_ready().await;
+    refresh_and_wait(&tw).await;
+
+    assert_chain_intact(&provider);
+    // The login, the late answer, one refresh; after the restart the first token (the file
+    // store keeps no access token) and one refresh, each from the newest refresh token.
+    assert_eq!(provider.successes(), 5, "{}", provider.summary());
+    let body = late.text().await.unwrap();
+    assert!(body.contains("the exchange goes on"), "{body}");
+}
+
+/// F5: the lease holder is paused (SIGSTOP) for 3.5 s just after sending its refresh token —
+/// past its 2 s `timeout` and its 3 s lease, within its call's bound (2 × timeout + 1 s). The
+/// provider answers meanwhile; the holder resumes, keeps the answer and lands the rotated
+/// token, and the replica that took the lease over continues from it instead of presenting
+/// the spent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_holder_paused_longer_than_its_timeout_keeps_its_late_answer() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"2s\"").await;
+
+    let holder = start_slow_refresh(&a, provider, Duration::from_secs(1)).await;
+    a.signal("STOP");
+    let paused = Instant::now();
+    provider.set_delay(Duration::ZERO);
+    let other = spawn_forced_refresh(&b);
+    tokio::time::sleep(Duration::from_millis(3500).saturating_sub(paused.elapsed())).await;
+    a.signal("CONT");
+    let mut answers = Vec::new();
+    for call in [holder, other] {
+        let r = call.await.unwrap().unwrap();
+        answers.push((r.status(), r.text().await.unwrap()));
+    }
+    wait_for("the other's refresh", SOON, || {
+        provider.successes() >= 3 || !provider.refused().is_empty()
+    })
+    .await;
+    refresh_and_wait(&a).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    // The login, the paused holder's refresh, the other's refresh from its rotated token, and
+    // the holder's next.
+    assert_eq!(provider.successes(), 4, "{}", provider.summary());
+    // Each forced call answered 200, or was told to come back while its exchange went on.
+    for (status, body) in answers {
+        assert!(
+            status == 200 || body.contains("the exchange goes on"),
+            "{status}: {body}"
+        );
+    }
+}
+
+/// Redis is paused (SIGSTOP) while a replica tries to refresh: its request for the lease
+/// (`SET NX`) reaches Redis only when it resumes, long after the replica gave up on it. The
+/// replica serves its valid token throughout the outage, and once Redis is back it refreshes
+/// at once — it does not wait for a lease nobody holds to lapse (3 s), and then out the
+/// takeover's wait for a provider call that never was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_asked_for_while_redis_was_paused_does_not_hold_up_the_next_refresh() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let reps = account.replicas(1, "timeout = \"1s\"").await;
+    let (a, a_addr) = &reps[0];
+
+    redis.freeze();
+    let r = post_refresh(a, "api").await;
+    assert_ne!(
+        r.status(),
+        200,
+        "no refresh of a rotating chain without its store"
+    );
+    assert_served(&[*a_addr], 5).await;
+    redis.thaw();
+    let asked = Instant::now();
+    let r = post_refresh(a, "api").await;
+    let took = asked.elapsed();
+
+    let status = r.status();
+    assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    assert!(
+        took < Duration::from_secs(2),
+        "the refresh after the outage took {took:?}"
+    );
+    let m = a.get_text("/metrics").await;
+    assert_eq!(
+        metric(
+            &m,
+            "tokenward_store_leases_total{credential=\"api\",event=\"taken_over\"}"
+        ),
+        0.0
+    );
+    assert_served(&[*a_addr], 3).await;
+    assert_chain_intact(provider);
+}
+
+/// The store's `encryption_key` is changed (key A to key B) by restarting the replicas one by
+/// one with B and `previous_encryption_keys = [A]`: each reads the chain sealed with A and
+/// adopts it without a provider call; the next write seals it with B, after which A can be
+/// dropped from the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_encryption_key_rotation_keeps_the_chain() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((mut a, a_addr), (mut b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let new_key = "a1".repeat(32);
+    let rotate = |tw: &Tokenward| {
+        rewrite_config(
+            tw,
+            &format!("encryption_key = \"{STORE_KEY}\""),
+            &format!(
+                "encryption_key = \"{new_key}\"\nprevious_encryption_keys = [\"{STORE_KEY}\"]"
+            ),
+        )
+    };
+    for tw in [&mut a, &mut b] {
+        rotate(tw);
+        tw.kill9_and_restart();
+        tw.wait_ready().await;
+    }
+    assert_served(&[a_addr, b_addr], 3).await;
+    assert_eq!(provider.successes(), 1, "adopted: {}", provider.summary());
+
+    // A refresh writes the chain sealed with the new key; the old one can then go.
+    refresh_and_wait(&a).await;
+    rewrite_config(
+        &b,
+        &format!("\nprevious_encryption_keys = [\"{STORE_KEY}\"]"),
+        "",
+    );
+    b.kill9_and_restart();
+    b.wait_ready().await;
+    assert_served(&[a_addr, b_addr], 3).await;
+    assert_chain_intact(provider);
+    assert_eq!(provider.successes(), 2, "{}", provider.summary());
+}
+
 /// Defect 10: a file store that failed once (its state file unreadable) is reported in use
 /// again (`file`, not `hold`) as soon as it answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1099,13 +1296,7 @@ async fn the_file_store_is_reported_in_use_again_once_it_answers() {
 async fn a_hung_secret_read_holds_at_most_one_blocking_thread() {
     let provider = FakeProvider::start(300, false, None).await;
     let upstream = FakeUpstream::start().await;
-    let fifo = tempfile::tempdir().unwrap();
-    let path = fifo.path().join("client_secret");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (_fifo, path) = stalled_secret("client_secret");
     let keys = format!(
         "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\ntimeout = \"1s\"\nprobe_interval = \"500ms\"\nmax_backoff = \"500ms\"\n",
         provider.token_url(),

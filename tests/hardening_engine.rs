@@ -49,13 +49,7 @@ async fn back_off_never_outlasts_the_token() {
 async fn a_stalled_secret_read_gives_waiters_a_503_not_a_hang() {
     let provider = FakeProvider::start(300, false, None).await;
     let upstream = FakeUpstream::start().await;
-    let fifo = tempfile::tempdir().unwrap();
-    let path = fifo.path().join("client_secret");
-    let made = std::process::Command::new("mkfifo")
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(made.success());
+    let (_fifo, path) = stalled_secret("client_secret");
     let keys = format!(
         "dialect = \"oauth2\"\ntoken_url = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = {{ file = \"{}\" }}\ntimeout = \"1s\"\n",
         provider.token_url(),

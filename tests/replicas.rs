@@ -165,10 +165,16 @@ async fn eight_replicas_make_one_refresh_per_lifetime_between_them() {
     }
 }
 
-/// The lease holder is SIGKILLed during its provider call: another replica takes the lease over
-/// once it lapses and continues the chain; the killed one restarts and adopts the stored token.
+/// The lease holder is SIGKILLed while its provider call waits on a slow provider, which
+/// therefore never answers it: the kill closes the connection and the fake provider drops the
+/// request before it rotates. Another replica takes the lease over once it lapses and continues
+/// the chain; the killed one restarts and adopts the stored token.
+///
+/// What this does not (and cannot) show: a holder killed after the provider rotated and before
+/// its write loses the only copy of the new refresh token, and the takeover then presents the
+/// spent one — README, "When the store loses or goes back".
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
+async fn a_lease_holder_killed_before_the_provider_rotated_is_taken_over() {
     let redis = RedisServer::start();
     let provider = FakeProvider::start(300, true, Some("rt-bootstrap")).await;
     let upstream = FakeUpstream::start().await;
@@ -236,7 +242,8 @@ async fn a_lease_holder_killed_mid_refresh_is_taken_over() {
         "{:?}",
         provider.refused_calls()
     );
-    // The login, the refresh the holder died in (cut before the provider rotated), the takeover.
+    // The login, the refresh the holder died in (cut before the provider rotated: none of its
+    // calls is recorded as refused or answered), the takeover.
     assert_eq!(provider.successful_calls(), 2, "{:?}", provider.calls());
     let holder_token = &holder.get_json("/tokens/api").await["token"]["issued_at"];
     let other_token = &other.get_json("/tokens/api").await["token"]["issued_at"];

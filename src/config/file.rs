@@ -59,6 +59,9 @@ pub struct StateFile {
     pub redis_password: Option<crate::secret::SecretSource>,
     /// 32 bytes (hex or base64) sealing what is kept in `redis`.
     pub encryption_key: Option<crate::secret::SecretSource>,
+    /// Keys `encryption_key` replaced: entries sealed with one are still read (and sealed
+    /// with `encryption_key` at their next write).
+    pub previous_encryption_keys: Option<Vec<crate::secret::SecretSource>>,
     /// How long a chain nobody writes stays in `redis` (each write renews it).
     pub chain_ttl: Option<HumanDuration>,
 }

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod transport;
+pub mod warnings;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -520,6 +521,14 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
 /// opens (and by `check`), not here.
 fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<RedisSettings> {
     let (url, key) = (state.redis, state.encryption_key);
+    let previous = state.previous_encryption_keys.unwrap_or_default();
+    for (i, source) in previous.iter().enumerate() {
+        if let SecretSource::Literal(secret) = source {
+            if let Err(reason) = decode_encryption_key(secret) {
+                c.push(format!("state.previous_encryption_keys[{i}]"), reason);
+            }
+        }
+    }
     let auth = (state.redis_username, state.redis_password);
     let chain_ttl = HumanDuration::or(state.chain_ttl, crate::token::store::DEFAULT_CHAIN_TTL);
     // Shorter than a day would drop a chain over a quiet weekend of a batch job's credential.
@@ -537,6 +546,12 @@ fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<Red
             c.push(
                 "state.encryption_key",
                 "is only used with `state.redis`; set both or neither",
+            );
+        }
+        if !previous.is_empty() {
+            c.push(
+                "state.previous_encryption_keys",
+                "is only used with `state.redis`",
             );
         }
         if auth.0.is_some() {
@@ -569,7 +584,11 @@ fn validate_state_redis(c: &mut Collector, state: file::StateFile) -> Option<Red
     let placeholder = || SecretSource::Env(String::new());
     match RedisSettings::new(&url, key.clone().unwrap_or_else(placeholder)) {
         Ok(settings) => match settings.with_credentials(auth.0, auth.1) {
-            Ok(settings) => key.map(|_| settings.with_chain_ttl(chain_ttl)),
+            Ok(settings) => key.map(|_| {
+                settings
+                    .with_chain_ttl(chain_ttl)
+                    .with_previous_keys(previous)
+            }),
             Err((at, reason)) => {
                 c.push(at, reason);
                 None
@@ -1300,6 +1319,26 @@ credentials:
             let err = with(&bad).unwrap_err();
             assert_eq!(err.0[0].key, "state.chain_ttl", "{err}");
         }
+        // Previous keys: the same format, read only; a literal is checked here, naming its
+        // place in the list, and they need `state.redis`.
+        let previous = with(&format!(
+            "{base}\nprevious_encryption_keys = [\"{}\", {{ file = \"/k/old\" }}]",
+            "ab".repeat(32)
+        ))
+        .unwrap()
+        .state_redis
+        .unwrap();
+        assert_eq!(previous.previous_encryption_keys.len(), 2);
+        assert!(!format!("{previous:?}").contains(&"ab".repeat(32)));
+        let err = with(&format!(
+            "{base}\nprevious_encryption_keys = [\"{}\", \"short\"]",
+            "ab".repeat(32)
+        ))
+        .unwrap_err();
+        assert_eq!(err.0[0].key, "state.previous_encryption_keys[1]", "{err}");
+        assert!(!err.to_string().contains("short"), "{err}");
+        let err = with(&format!("previous_encryption_keys = [\"{STORE_KEY}\"]")).unwrap_err();
+        assert_eq!(err.0[0].key, "state.previous_encryption_keys", "{err}");
         // A key read from a file is checked when it is read (at start, and by `check`).
         let cfg =
             with("redis = \"redis://127.0.0.1\"\nencryption_key = { file = \"/nonexistent/k\" }");

@@ -2,7 +2,7 @@
 //! never carry a URL (query strings can hold credentials) or a response body.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 
@@ -16,6 +16,10 @@ pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 pub struct ProviderClient {
     client: Clients,
     timeout: Duration,
+    /// Set for one exchange that may rotate a refresh token: every request of it runs until
+    /// this instant instead of `timeout`, so a provider that answers late (after rotating) is
+    /// still heard; see [`ProviderClient::until`].
+    deadline: Option<(Instant, Duration)>,
 }
 
 #[derive(Clone)]
@@ -32,6 +36,7 @@ impl std::fmt::Debug for ProviderClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProviderClient")
             .field("timeout", &self.timeout)
+            .field("deadline", &self.deadline.map(|(_, bound)| bound))
             .field(
                 "client_certificate",
                 &matches!(self.client, Clients::Rotating(_)),
@@ -62,7 +67,23 @@ impl ProviderClient {
                 )?))
             }
         };
-        Ok(ProviderClient { client, timeout })
+        Ok(ProviderClient {
+            client,
+            timeout,
+            deadline: None,
+        })
+    }
+
+    /// This client for one exchange that ends `bound` from now: its requests wait for the
+    /// provider's answer until then, whatever `timeout` says. For an exchange that presents a
+    /// refresh token: a provider that rotated and answered late has spent the token presented,
+    /// so the answer is the only copy of the next one, and dropping it kills the chain. The
+    /// connection attempt stays bounded by `timeout` (nothing is spent before it is made).
+    pub fn until(&self, bound: Duration) -> ProviderClient {
+        ProviderClient {
+            deadline: Some((Instant::now() + bound, bound)),
+            ..self.clone()
+        }
     }
 
     fn build(
@@ -99,9 +120,15 @@ impl ProviderClient {
     }
 
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
-        match &self.client {
+        let request = match &self.client {
             Clients::Fixed(client) => client.request(method, url),
             Clients::Rotating(clients) => clients.current().request(method, url),
+        };
+        match self.deadline {
+            // Replaces the client's `timeout` for this request only (reqwest's per-request
+            // timeout overrides the builder's).
+            Some((at, _)) => request.timeout(at.saturating_duration_since(Instant::now())),
+            None => request,
         }
     }
 
@@ -161,9 +188,10 @@ impl ProviderClient {
     fn transport_error(&self, e: reqwest::Error) -> DialectError {
         let e = e.without_url();
         let what = if e.is_timeout() {
+            let waited = self.deadline.map_or(self.timeout, |(_, bound)| bound);
             format!(
                 "provider did not answer within {}",
-                humantime::format_duration(self.timeout)
+                humantime::format_duration(waited)
             )
         } else if e.is_connect() {
             format!("cannot connect to provider: {}", root_cause(&e))

@@ -78,7 +78,7 @@ impl Shared {
             ("admin.listen", new.admin_listen != old.admin_listen),
             ("state.dir", new.state_dir != old.state_dir),
             (
-                "state.redis, state.redis_username, state.redis_password, state.encryption_key or state.chain_ttl",
+                "state.redis, state.redis_username, state.redis_password, state.encryption_key, state.previous_encryption_keys or state.chain_ttl",
                 new.state_redis != old.state_redis,
             ),
             ("server.threads", new.threads != old.threads),
@@ -102,7 +102,7 @@ impl Shared {
             .collect();
         if !changed.is_empty() {
             return Err(format!(
-                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, state.chain_ttl, server.threads, server.upstream_keepalive_pool_size, server.http1_fast_path, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
+                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, state.previous_encryption_keys, state.chain_ttl, server.threads, server.upstream_keepalive_pool_size, server.http1_fast_path, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
                 old.source.display(),
                 changed.join(", ")
             ));
@@ -177,6 +177,9 @@ impl Reloader {
                 // Before the line below, so that it is written at the new level.
                 if let Err(e) = crate::telemetry::set_level(&self.shared.config.load().log_level) {
                     warn!(error = %e, "cannot apply the reloaded log.level");
+                }
+                for w in crate::config::warnings::all(&self.shared.config.load()) {
+                    warn!("{w}");
                 }
                 info!(
                     trigger = why,

@@ -41,6 +41,9 @@ const LEASE_POLL: Duration = Duration::from_millis(100);
 /// How long a flight waits for another holder before it gives up (the holder's lease lapses
 /// well within this when it dies, and another process's exchange is bounded like ours).
 const LEASE_WAIT_EXTRA: Duration = Duration::from_secs(6);
+/// How long past its requests' bound a blocking exchange is awaited: the requests end by the
+/// bound, so this only cuts off a dialect stuck in a blocking read.
+const OBTAIN_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a request cannot get a token right now. `class` is what a client may be told; `reason`
 /// (which may name files, variables or the provider's words) goes to the log and `/tokens`.
@@ -196,6 +199,22 @@ enum Reconciled {
     Ready,
 }
 
+/// Publishes when a provider call began, and that it ended when dropped.
+struct CallInProgress<'a>(&'a watch::Sender<Option<Instant>>);
+
+impl<'a> CallInProgress<'a> {
+    fn begin(calling: &'a watch::Sender<Option<Instant>>) -> Self {
+        calling.send_replace(Some(Instant::now()));
+        CallInProgress(calling)
+    }
+}
+
+impl Drop for CallInProgress<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
+    }
+}
+
 /// How a flight's look at the store under the lease ended.
 enum Settled {
     /// A stored token makes the provider call unnecessary.
@@ -275,6 +294,9 @@ pub struct Credential {
     rejected: AtomicBool,
     /// Set while a provider exchange runs on the blocking pool.
     obtaining: Arc<AtomicBool>,
+    /// When the provider call in progress began (`None` between calls): a waiter is told to
+    /// come back once it has run for `timeout`, while the call itself goes on to its bound.
+    calling: watch::Sender<Option<Instant>>,
     mode: AtomicU8,
     status: Mutex<Status>,
     wake: tokio::sync::Notify,
@@ -343,6 +365,7 @@ impl Credential {
             generation: AtomicU64::new(0),
             rejected: AtomicBool::new(false),
             obtaining: Arc::new(AtomicBool::new(false)),
+            calling: watch::Sender::new(None),
             mode: AtomicU8::new(mode as u8),
             status: Mutex::new(Status::default()),
             wake: tokio::sync::Notify::new(),
@@ -509,30 +532,55 @@ impl Credential {
         (rx, false)
     }
 
+    /// Waits for the flight's outcome no longer than `within`, nor past `timeout` into a
+    /// provider call: a provider that has not answered by then is reported to the waiter as
+    /// it always was, while the call goes on to its own bound (and its answer is kept).
     async fn wait(&self, mut rx: watch::Receiver<Option<Outcome>>, within: Duration) -> Outcome {
-        match tokio::time::timeout(within, rx.wait_for(Option::is_some)).await {
-            Ok(Ok(outcome)) => match outcome.as_ref() {
-                Some(o) => o.clone(),
-                None => Err(self.unavailable()),
-            },
-            Ok(Err(_)) => Err(Unavailable {
-                credential: self.name.clone(),
-                class: "provider_unavailable",
-                reason: "the token exchange ended abnormally".into(),
-                retry_after: Duration::from_secs(1),
-            }),
-            // Not logged here: the proxy logs each refused request, and a thousand waiters
-            // would otherwise log the same line a thousand times.
-            Err(_) => Err(Unavailable {
-                credential: self.name.clone(),
-                class: "provider_timeout",
-                reason: format!(
-                    "no token within {}; the exchange goes on",
-                    humantime::format_duration(within)
-                ),
-                retry_after: Duration::from_secs(1),
-            }),
-        }
+        let give_up = Instant::now() + within;
+        let mut calling = self.calling.subscribe();
+        let waited = loop {
+            let deadline = match *calling.borrow_and_update() {
+                Some(began) => give_up.min(began + self.config.timing.timeout),
+                None => give_up,
+            };
+            tokio::select! {
+                outcome = rx.wait_for(Option::is_some) => {
+                    return match outcome {
+                        Ok(outcome) => match outcome.as_ref() {
+                            Some(o) => o.clone(),
+                            None => Err(self.unavailable()),
+                        },
+                        Err(_) => Err(Unavailable {
+                            credential: self.name.clone(),
+                            class: "provider_unavailable",
+                            reason: "the token exchange ended abnormally".into(),
+                            retry_after: Duration::from_secs(1),
+                        }),
+                    };
+                }
+                // A call began or ended: the deadline moves. (The sender lives as long as this
+                // credential, so this never ends the wait.)
+                Ok(()) = calling.changed() => continue,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    break if deadline < give_up {
+                        self.config.timing.timeout
+                    } else {
+                        within
+                    };
+                }
+            }
+        };
+        // Not logged here: the proxy logs each refused request, and a thousand waiters would
+        // otherwise log the same line a thousand times.
+        Err(Unavailable {
+            credential: self.name.clone(),
+            class: "provider_timeout",
+            reason: format!(
+                "no token within {}; the exchange goes on",
+                humantime::format_duration(waited)
+            ),
+            retry_after: Duration::from_secs(1),
+        })
     }
 
     /// Drops the current token if it is still generation `generation` (or any, when `None`):
@@ -733,6 +781,16 @@ impl Credential {
         }
     }
 
+    /// Where an unnamed chain grown from a bootstrap value was filed under the store key that
+    /// `state.encryption_key` replaced: the value's binding is keyed by the store's key, so a
+    /// key rotation alone would otherwise start a new chain from a bootstrap value long spent.
+    fn key_before_rotation(&self) -> Option<ChainKey> {
+        let source = self.config.dialect.bootstrap_refresh_token()?;
+        let value = source.resolve().ok()?;
+        let before = self.store.bind_identity_before(&self.base.identity, &value)?;
+        Some(self.base.with_identity(before))
+    }
+
     /// Finds the key the chain lives under before a flight reads or writes it. The first look
     /// takes the key the settings derive (a named chain also moves from where the same settings
     /// filed it before it was named: a rolling restart that names a chain). A later look that
@@ -752,14 +810,19 @@ impl Credential {
         match chain.derived.clone() {
             Some(before) if before == want.identity => return Ok(()),
             None => {
-                if self.config.chain.is_some() {
-                    if let Some(old) = self.unnamed_key().filter(|k| k.identity != want.identity) {
-                        chain.moving = Some(Move {
-                            from: old,
-                            superseded: false,
-                            holds_history: false,
-                        });
-                    }
+                // Where the same chain was filed before this process: unnamed (a restart that
+                // names it), or bound under the store key just replaced (a key rotation).
+                let before = if self.config.chain.is_some() {
+                    self.unnamed_key()
+                } else {
+                    self.key_before_rotation()
+                };
+                if let Some(old) = before.filter(|k| k.identity != want.identity) {
+                    chain.moving = Some(Move {
+                        from: old,
+                        superseded: false,
+                        holds_history: false,
+                    });
                 }
             }
             Some(_) => {
@@ -1710,9 +1773,19 @@ impl Credential {
         }
         let running = ClearOnDrop(self.obtaining.clone());
         let dialect = self.config.dialect.clone();
-        let client = self.client.clone();
-        // The client bounds each call; this also bounds a dialect that makes several.
-        let limit = self.config.timing.timeout * 2 + Duration::from_secs(1);
+        let bound = self.call_bound();
+        // A refresh token presented is spent the moment the provider rotates it, so its answer
+        // — the only copy of the next one — is waited for up to the exchange's bound, not
+        // dropped at `timeout`. The bound is the one every other replica allows a holder's call
+        // ([`Self::call_bound`]): one that took the lease over presents nothing before it.
+        let client = if held.refresh_token.is_some() {
+            self.client.until(bound)
+        } else {
+            self.client.clone()
+        };
+        // Past the requests' bound only a blocking read (a hung secret file) keeps a dialect.
+        let limit = bound + OBTAIN_GRACE;
+        let _calling = CallInProgress::begin(&self.calling);
         let runtime = tokio::runtime::Handle::current();
         let call = tokio::task::spawn_blocking(move || {
             let _running = running;
@@ -1814,8 +1887,12 @@ impl Credential {
             }
             Ok(None) => {
                 // Another writer extended the chain after this one read it (this process
-                // stalled past its lease): the stored chain wins; the next flight reads it.
-                error!(credential = %self.name, "the chain moved on in the store during this refresh; keeping the stored chain");
+                // stalled past its lease, another replica took it over and refreshed): the
+                // stored chain wins; the next flight reads it. What this refresh obtained is
+                // dropped — and the provider saw one refresh token twice, so a provider that
+                // rotates strictly has likely revoked the family.
+                self.metrics.lease("lost").inc();
+                error!(credential = %self.name, "lost the refresh lease during the provider call: another replica took it over and moved the chain on before this answer could be stored; keeping the stored chain (a provider that rotates strictly may have revoked it)");
                 chain.loaded = false;
                 chain.unsaved = false;
                 s.persist_error = Some("fenced out by a newer write".into());

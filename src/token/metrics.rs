@@ -43,7 +43,7 @@ pub struct ExchangeMetrics {
     pub rejections_kept: IntCounter,
 }
 
-pub const LEASE_EVENTS: [&str; 3] = ["acquired", "waited", "taken_over"];
+pub const LEASE_EVENTS: [&str; 4] = ["acquired", "waited", "taken_over", "lost"];
 
 /// One credential's children of every family, resolved once so updates take no lookup.
 #[derive(Clone)]
@@ -56,7 +56,7 @@ pub struct CredentialMetrics {
     pub breaker_open: Gauge,
     pub coalesced: IntCounter,
     pub rejections_kept: IntCounter,
-    pub leases: [IntCounter; 3],
+    pub leases: [IntCounter; 4],
     pub skewed: IntCounter,
     pub modes: [Gauge; 4],
     /// The token-exchange families: children are made only for credentials that exchange, so
@@ -150,7 +150,7 @@ impl TokenMetrics {
             leases: IntCounterVec::new(
                 Opts::new(
                     "tokenward_store_leases_total",
-                    "Refresh leases: acquired at once, waited for (another holder was refreshing), or taken over from a holder that did not finish.",
+                    "Refresh leases: acquired at once, waited for (another holder was refreshing), taken over from a holder that did not finish, or lost (this holder's answer came after another replica moved the chain on).",
                 ),
                 &["credential", "event"],
             )?,

@@ -294,6 +294,19 @@ async fn token_endpoint(
     (StatusCode::OK, Json(body)).into_response()
 }
 
+/// A secret file whose read hangs (a FIFO nobody writes, as a stuck network mount behaves),
+/// named `name` in a directory that lives as long as the returned guard.
+pub fn stalled_secret(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+    (dir, path)
+}
+
 /// Polls `cond` until it holds, failing the test after `within`.
 pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;

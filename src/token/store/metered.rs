@@ -1,6 +1,7 @@
 //! Counts and times every store operation (`tokenward_store_operations_total{op,outcome}`,
 //! `tokenward_store_operation_duration_seconds{op}`) around whichever store is in use.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -43,21 +44,26 @@ impl MeteredStore {
         })
     }
 
-    fn record<T>(
+    /// Runs one operation of the inner store, timing it and counting its outcome: `ok`, `absent`
+    /// when it answered with nothing, or `error`.
+    async fn metered<T>(
         &self,
         op: &str,
-        started: Instant,
-        result: &Result<T, StoreError>,
-        absent: impl Fn(&T) -> Option<&'static str>,
-    ) {
+        absent: &'static str,
+        call: impl Future<Output = Result<Option<T>, StoreError>>,
+    ) -> Result<Option<T>, StoreError> {
+        let started = Instant::now();
+        let result = call.await;
         self.duration
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
-        let outcome = match result {
-            Ok(v) => absent(v).unwrap_or("ok"),
+        let outcome = match &result {
+            Ok(Some(_)) => "ok",
+            Ok(None) => absent,
             Err(_) => "error",
         };
         self.operations.with_label_values(&[op, outcome]).inc();
+        result
     }
 }
 
@@ -75,25 +81,22 @@ impl TokenStore for MeteredStore {
         self.inner.bind_identity(identity, value)
     }
 
+    fn bind_identity_before(&self, identity: &str, value: &crate::secret::Secret) -> Option<String> {
+        self.inner.bind_identity_before(identity, value)
+    }
+
     async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.load(key).await;
-        self.record("load", started, &result, |v| v.is_none().then_some("empty"));
-        result
+        self.metered("load", "empty", self.inner.load(key)).await
     }
 
     async fn load_legacy(&self, key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.load_legacy(key).await;
-        self.record("load", started, &result, |v| v.is_none().then_some("empty"));
-        result
+        self.metered("load", "empty", self.inner.load_legacy(key))
+            .await
     }
 
     async fn try_lease(&self, key: &ChainKey) -> Result<Option<Lease>, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.try_lease(key).await;
-        self.record("lease", started, &result, |v| v.is_none().then_some("busy"));
-        result
+        self.metered("lease", "busy", self.inner.try_lease(key))
+            .await
     }
 
     async fn save(
@@ -103,12 +106,8 @@ impl TokenStore for MeteredStore {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.save(key, lease, expected, state).await;
-        self.record("save", started, &result, |v| {
-            v.is_none().then_some("fenced")
-        });
-        result
+        let call = self.inner.save(key, lease, expected, state);
+        self.metered("save", "fenced", call).await
     }
 
     async fn save_forward(
@@ -118,11 +117,7 @@ impl TokenStore for MeteredStore {
         expected: u64,
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError> {
-        let started = Instant::now();
-        let result = self.inner.save_forward(key, lease, expected, state).await;
-        self.record("save", started, &result, |v| {
-            v.is_none().then_some("fenced")
-        });
-        result
+        let call = self.inner.save_forward(key, lease, expected, state);
+        self.metered("save", "fenced", call).await
     }
 }

@@ -253,6 +253,13 @@ pub trait TokenStore: Send + Sync {
         identity.to_string()
     }
 
+    /// The identity `bind_identity` gave the same chain before the store's key was last
+    /// replaced (a store that keys the binding, and lists the key it replaced): where such a
+    /// chain lived until this process started with the new key.
+    fn bind_identity_before(&self, _identity: &str, _value: &Secret) -> Option<String> {
+        None
+    }
+
     /// The chain as a version before lineages filed it (`key.legacy`), if the store has it.
     async fn load_legacy(&self, _key: &ChainKey) -> Result<Option<ChainState>, StoreError> {
         Ok(None)

@@ -12,6 +12,7 @@
 //! credential name, token or key reaches Redis in the clear.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -59,6 +60,8 @@ pub struct RedisSettings {
     /// `state.redis_password`: read each time a client is built (at open and by `check`).
     password_source: Option<SecretSource>,
     pub encryption_key: SecretSource,
+    /// `state.previous_encryption_keys`: keys `encryption_key` replaced, used only to read.
+    pub previous_encryption_keys: Vec<SecretSource>,
     /// `state.chain_ttl`: each write renews the chain's key for this long.
     chain_ttl: Duration,
 }
@@ -70,6 +73,7 @@ impl std::fmt::Debug for RedisSettings {
             .field("username", &self.username)
             .field("password", &self.password_source)
             .field("encryption_key", &self.encryption_key)
+            .field("previous_encryption_keys", &self.previous_encryption_keys)
             .finish()
     }
 }
@@ -87,6 +91,12 @@ impl PartialEq for RedisSettings {
             && self.username == other.username
             && same_password
             && same_source(&self.encryption_key, &other.encryption_key)
+            && self.previous_encryption_keys.len() == other.previous_encryption_keys.len()
+            && self
+                .previous_encryption_keys
+                .iter()
+                .zip(&other.previous_encryption_keys)
+                .all(|(a, b)| same_source(a, b))
     }
 }
 
@@ -150,6 +160,7 @@ impl RedisSettings {
             username: None,
             password_source: None,
             encryption_key,
+            previous_encryption_keys: Vec::new(),
             chain_ttl: DEFAULT_CHAIN_TTL,
         };
         ::redis::Client::open(settings.url.expose())
@@ -200,6 +211,25 @@ impl RedisSettings {
         self.username = username;
         self.password_source = password;
         Ok(self)
+    }
+
+    /// Sets `state.previous_encryption_keys`.
+    pub fn with_previous_keys(mut self, keys: Vec<SecretSource>) -> RedisSettings {
+        self.previous_encryption_keys = keys;
+        self
+    }
+
+    /// Reads and decodes each of `state.previous_encryption_keys`; the error names the entry
+    /// (`[i]`) and the reason, never the key.
+    pub fn previous_keys(&self) -> Result<Vec<Zeroizing<[u8; 32]>>, (usize, String)> {
+        self.previous_encryption_keys
+            .iter()
+            .enumerate()
+            .map(|(i, source)| {
+                let secret = source.resolve().map_err(|e| (i, e.to_string()))?;
+                decode_encryption_key(&secret).map_err(|reason| (i, reason))
+            })
+            .collect()
     }
 
     /// Sets `state.chain_ttl`.
@@ -493,16 +523,72 @@ return 0
 });
 
 /// Deletes the lease only if its holder still has it. KEYS: lease. ARGV: holder.
-static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"
+const RELEASE_LUA: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-",
-    )
-});
+";
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
+
+/// How long an abandoned lease request is watched for once Redis answers again (a command
+/// queued on a connection made before it was cut may still arrive) — a lease's lifetime, after
+/// which it would have lapsed anyway.
+const ABANDONED_WATCH: Duration = LEASE_TTL;
+/// How long Redis may stay silent before an abandoned lease request is no longer watched.
+const ABANDONED_GIVE_UP: Duration = Duration::from_secs(30);
+/// The first retry of a release Redis did not answer; each further one waits twice as long, up
+/// to [`ABANDONED_RETRY_CAP`] (a Redis that is down for long gets few of them).
+const ABANDONED_RETRY: Duration = Duration::from_millis(250);
+const ABANDONED_RETRY_CAP: Duration = Duration::from_secs(4);
+
+/// Releases a lease this process asked for and gave up on (`SET NX` unanswered within
+/// [`COMMAND_TIMEOUT`]): a paused or slow Redis applies the queued command when it resumes, and
+/// would then hold a lease for nobody — every replica would wait for it to lapse and then wait
+/// out the takeover's bound for a provider call that never was. The first release goes out at
+/// once on the same connection, so Redis runs it right after the `SET`.
+fn release_abandoned(
+    handle: &tokio::runtime::Handle,
+    conn: &ConnectionManager,
+    key: String,
+    holder: String,
+) {
+    let mut conn = conn.clone();
+    handle.spawn(async move {
+        let give_up = Instant::now() + ABANDONED_GIVE_UP;
+        let mut answered_at: Option<Instant> = None;
+        let mut retry = ABANDONED_RETRY;
+        while Instant::now() < give_up {
+            // EVAL, not EVALSHA: a script Redis does not know yet would need a second round
+            // trip, and the one that matters is the first, queued right behind the `SET`.
+            let released = tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                ::redis::cmd("EVAL")
+                    .arg(RELEASE_LUA)
+                    .arg(1)
+                    .arg(&key)
+                    .arg(&holder)
+                    .query_async::<i64>(&mut conn),
+            )
+            .await;
+            match released {
+                Ok(Ok(1)) => {
+                    tracing::info!("released a refresh lease that Redis granted after this process had given up on it");
+                    return;
+                }
+                Ok(Ok(_)) => {
+                    let since = *answered_at.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= ABANDONED_WATCH {
+                        return;
+                    }
+                    retry = ABANDONED_RETRY;
+                }
+                _ => retry = (retry * 2).min(ABANDONED_RETRY_CAP),
+            }
+            tokio::time::sleep(retry).await;
+        }
+    });
+}
 
 /// Chains in Redis, shared by every replica that has the same settings and key.
 pub struct RedisStore {
@@ -515,10 +601,18 @@ struct Inner {
     runtime: Option<tokio::runtime::Runtime>,
     handle: tokio::runtime::Handle,
     conn: ConnectionManager,
+    /// Seals every write and is tried first on every read.
     cipher: Aes256Gcm,
     /// Keys the fingerprint of a bootstrap value that goes into a chain's identity (see
     /// [`TokenStore::bind_identity`]); derived from `state.encryption_key`.
     identity_key: Zeroizing<[u8; 32]>,
+    /// The same, derived from the key `state.encryption_key` replaced last
+    /// (`state.previous_encryption_keys[0]`): where unnamed bootstrap chains were filed before.
+    identity_key_before: Option<Zeroizing<[u8; 32]>>,
+    /// `state.previous_encryption_keys`, tried in order when `cipher` cannot open an entry.
+    previous: Vec<Aes256Gcm>,
+    /// Set once an entry was opened with a previous key (said once in the log).
+    read_with_previous: AtomicBool,
     settings: RedisSettings,
     lease_ttl: Duration,
     renew: bool,
@@ -575,6 +669,21 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
+/// `identity` with the bootstrap `value` bound in under `identity_key` (see
+/// [`TokenStore::bind_identity`]).
+fn bound_identity(identity_key: &[u8; 32], identity: &str, value: &Secret) -> String {
+    let mac = hmac_sha256(
+        identity_key,
+        &[
+            b"tokenward chain bootstrap v1\n",
+            identity.as_bytes(),
+            b"\n",
+            value.expose().as_bytes(),
+        ],
+    );
+    mac[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A state's lineage as mirrored in the hash: `("", 0)` for a state without one.
 fn mirror(state: &ChainState) -> (String, u64) {
     state
@@ -600,6 +709,15 @@ impl RedisStore {
             .map_err(|reason| anyhow::anyhow!("state.encryption_key: {reason}"))?;
         let cipher = Aes256Gcm::new_from_slice(&key[..])
             .map_err(|_| anyhow::anyhow!("state.encryption_key: must be 32 bytes"))?;
+        let previous_keys = settings.previous_keys().map_err(|(i, reason)| {
+            anyhow::anyhow!("state.previous_encryption_keys[{i}]: {reason}")
+        })?;
+        let identity_key_before = previous_keys.first().map(|key| identity_key(key));
+        let previous = previous_keys
+            .iter()
+            .map(|key| Aes256Gcm::new_from_slice(&key[..]))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| anyhow::anyhow!("state.previous_encryption_keys: must be 32 bytes"))?;
         // The redis crate fixes a connection manager's credentials when it is built (per-attempt
         // credentials need its token-based-authentication feature and more dependencies), so a
         // password file is read here, once: a rotated password needs a restart.
@@ -630,6 +748,9 @@ impl RedisStore {
                 conn,
                 cipher,
                 identity_key: identity_key(&key),
+                identity_key_before,
+                previous,
+                read_with_previous: AtomicBool::new(false),
                 settings: settings.clone(),
                 lease_ttl,
                 renew,
@@ -756,17 +877,26 @@ impl RedisStore {
         }
         let (nonce, sealed) = raw.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| bad("too short"))?;
-        let plain = Zeroizing::new(
-            self.inner
-                .cipher
-                .decrypt(
-                    &Nonce::from(nonce),
-                    Payload { msg: sealed, aad },
-                )
-                .map_err(|_| {
+        let open = |cipher: &Aes256Gcm| {
+            cipher
+                .decrypt(&Nonce::from(nonce), Payload { msg: sealed, aad })
+                .ok()
+        };
+        let plain = match open(&self.inner.cipher) {
+            Some(plain) => plain,
+            None => {
+                let plain = self.inner.previous.iter().find_map(open).ok_or_else(|| {
                     bad("fails authentication (a different state.encryption_key, or the entry was altered or moved)")
-                })?,
-        );
+                })?;
+                // Every write seals with the current key, so the entry is re-sealed at its next
+                // write (its chain's next refresh); until then the previous key is still needed.
+                if !self.inner.read_with_previous.swap(true, Ordering::Relaxed) {
+                    tracing::info!(at = %self.inner.settings.location, "read an entry sealed with one of state.previous_encryption_keys; it is sealed with state.encryption_key at its next write");
+                }
+                plain
+            }
+        };
+        let plain = Zeroizing::new(plain);
         // serde_json's messages can quote the input: say only what kind of problem it was.
         let state: SealIn = serde_json::from_slice(&plain)
             .map_err(|e| bad(&format!("unexpected content ({:?})", e.classify())))?;
@@ -893,16 +1023,12 @@ impl TokenStore for RedisStore {
     /// values themselves, so keying by it gives nothing away. Every replica of a chain has the
     /// same key (it must, to read the chain), so they all derive one identity.
     fn bind_identity(&self, identity: &str, value: &Secret) -> String {
-        let mac = hmac_sha256(
-            &self.inner.identity_key[..],
-            &[
-                b"tokenward chain bootstrap v1\n",
-                identity.as_bytes(),
-                b"\n",
-                value.expose().as_bytes(),
-            ],
-        );
-        mac[..16].iter().map(|b| format!("{b:02x}")).collect()
+        bound_identity(&self.inner.identity_key, identity, value)
+    }
+
+    fn bind_identity_before(&self, identity: &str, value: &Secret) -> Option<String> {
+        let key = self.inner.identity_key_before.as_ref()?;
+        Some(bound_identity(key, identity, value))
     }
 
     async fn load(&self, key: &ChainKey) -> Result<Option<Stored>, StoreError> {
@@ -992,7 +1118,7 @@ impl TokenStore for RedisStore {
         let ttl_ms = u64::try_from(self.inner.lease_ttl.as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.inner.conn.clone();
         let (k, h) = (lease.clone(), holder.clone());
-        let taken: Option<String> = self
+        let taken: Option<String> = match self
             .run("take the lease", async move {
                 ::redis::cmd("SET")
                     .arg(&k)
@@ -1003,7 +1129,14 @@ impl TokenStore for RedisStore {
                     .query_async(&mut conn)
                     .await
             })
-            .await?;
+            .await
+        {
+            Ok(taken) => taken,
+            Err(e) => {
+                release_abandoned(&self.inner.handle, &self.inner.conn, lease, holder);
+                return Err(e);
+            }
+        };
         if taken.is_none() {
             return Ok(None);
         }
@@ -1559,6 +1692,55 @@ mod tests {
             store.load(&chain()).await,
             Err(StoreError::Undecodable(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_previous_key_reads_and_the_next_write_seals_with_the_current_one() {
+        let server = RedisServer::start();
+        let old = store(&server);
+        old.save(&chain(), None, 0, &state("rt-1", Some("at-1")))
+            .await
+            .unwrap();
+        let new_key = "ee".repeat(32);
+        let rotated = RedisStore::open(
+            &settings(&server, &new_key)
+                .with_previous_keys(vec![SecretSource::Literal(Secret::new(KEY_HEX))]),
+        )
+        .unwrap();
+        let read = rotated.load(&chain()).await.unwrap().expect("stored");
+        assert_eq!(
+            read.state.refresh_token.as_ref().map(|s| s.expose()),
+            Some("rt-1")
+        );
+        // Until written again, the new key alone cannot read it; after a write it can, and the
+        // old key no longer can.
+        let only_new = RedisStore::open(&settings(&server, &new_key)).unwrap();
+        assert!(matches!(
+            only_new.load(&chain()).await,
+            Err(StoreError::Undecodable(_))
+        ));
+        rotated
+            .save(&chain(), None, read.version, &state("rt-2", None))
+            .await
+            .unwrap()
+            .expect("written");
+        let reread = only_new.load(&chain()).await.unwrap().expect("stored");
+        assert_eq!(
+            reread.state.refresh_token.as_ref().map(|s| s.expose()),
+            Some("rt-2")
+        );
+        assert!(matches!(
+            old.load(&chain()).await,
+            Err(StoreError::Undecodable(_))
+        ));
+        // A previous key that is not a key is refused at open, naming its place in the list.
+        let bad = settings(&server, &new_key)
+            .with_previous_keys(vec![SecretSource::Literal(Secret::new("short"))]);
+        let err = RedisStore::open(&bad).err().expect("refused").to_string();
+        assert!(
+            err.starts_with("state.previous_encryption_keys[0]:"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

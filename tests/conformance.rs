@@ -37,18 +37,11 @@ impl Path {
 /// Cases that fail today for a defect of issue 18 not fixed on this branch yet: each still
 /// asserts the correct bytes; the runner reports them (and fails when one starts passing, so
 /// this list stays true).
-const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[
-    (
-        "chunk-extension-bare-lf",
-        Some(Path::Full),
-        "issue 18 defect 12, left on the full path (README, Two request paths): pingora-proxy takes a bare LF inside a chunk extension (httparse's parse_chunk_size lets it through) and forwards the chunk re-framed; the lean path answers 400",
-    ),
-    (
-        "http11-without-host",
-        None,
-        "NOT IN ISSUE 18's LIST: an HTTP/1.1 request without Host is forwarded (with the upstream's Host) where RFC 9112 §3.2 says a server MUST answer 400; nginx does",
-    ),
-];
+const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[(
+    "chunk-extension-bare-lf",
+    Some(Path::Full),
+    "issue 18 defect 12, left on the full path (README, Two request paths): pingora-proxy takes a bare LF inside a chunk extension (httparse's parse_chunk_size lets it through) and forwards the chunk re-framed; the lean path answers 400",
+)];
 
 /// Cases a documented race fails now and then: a failure is reported with its diff and does
 /// not fail the run; a pass says nothing.
@@ -707,6 +700,11 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
         "connect",
         None,
         "both refuse CONNECT and forward nothing: tokenward with 405 (the method is not allowed on a reverse proxy), nginx with 400",
+    ),
+    (
+        "track",
+        None,
+        "stricter: TRACK is IIS's TRACE, which echoes the request and with it the route's token: tokenward refuses both with 405; nginx refuses TRACE and forwards TRACK",
     ),
     (
         "unsolicited-101",

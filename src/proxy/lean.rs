@@ -26,11 +26,12 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 use tracing::info;
 
+use super::admission;
 use super::chunk_guard::{Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
-    InFlight, MAX_INFORMATIONAL, TokenwardProxy, connect_refused, failure_body, failure_status,
+    InFlight, MAX_INFORMATIONAL, TokenwardProxy, failure_body, failure_status,
     is_websocket_upgrade, log_outcome, no_route, renewed, respond, retarget, token_unavailable,
 };
 use crate::token::Token;
@@ -214,10 +215,11 @@ impl ListenerApp {
     async fn serve(&self, downstream: &mut Downstream, guard: &Guard) -> Next {
         let started = Instant::now();
         let _in_flight = self.in_flight.enter();
-        if downstream.req_header().method == http::Method::CONNECT {
+        if let Some(refusal) = admission::refusal(downstream.req_header()) {
             // Never forwarded: the full path refuses it the same way (`request_filter`).
             downstream.set_server_keepalive(None);
-            return answer(downstream, 405, connect_refused(), None).await;
+            write_answer(downstream, refusal.parts()).await;
+            return Next::Close;
         }
         let route = self
             .table
@@ -680,8 +682,10 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
     if guard.refused() {
         return Err(refusal(&guard, Error::new(ErrorType::InternalError)));
     }
-    if downstream.req_header().method == http::Method::CONNECT {
-        return Err(Error::explain(ErrorType::HTTPStatus(405), "CONNECT").into_down());
+    if let Some(refusal) = admission::refusal(downstream.req_header()) {
+        return Err(
+            Error::explain(ErrorType::HTTPStatus(refusal.status), refusal.reason()).into_down(),
+        );
     }
     let has_body = !downstream.is_body_empty();
     let client = downstream.req_header();
@@ -784,8 +788,13 @@ async fn answer(
     body: serde_json::Value,
     retry_after: Option<Duration>,
 ) -> Next {
+    write_answer(downstream, respond::json_parts(status, body, retry_after)).await
+}
+
+/// Writes a whole answer of tokenward's own.
+async fn write_answer(downstream: &mut Downstream, parts: Result<(ResponseHeader, Bytes)>) -> Next {
     let written = async {
-        let (header, body) = respond::json_parts(status, body, retry_after)?;
+        let (header, body) = parts?;
         downstream.write_response_header(Box::new(header)).await?;
         downstream.write_body(&body).await?;
         downstream.finish_body().await

@@ -3,6 +3,7 @@
 //! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
 //! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
+mod admission;
 mod chunk_guard;
 pub mod lean;
 pub mod metrics;
@@ -161,11 +162,12 @@ impl ProxyHttp for TokenwardProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if session.req_header().method == http::Method::CONNECT {
-            // pingora-proxy's `handle_new_request` would refuse it with a bare 405; it is let
-            // through (`allow_connect_method_proxying`) to get the lean path's JSON answer here.
+        if let Some(refusal) = admission::refusal(session.req_header()) {
+            // As on the lean path. pingora-proxy's `handle_new_request` would refuse CONNECT
+            // with a bare 405; it is let through (`allow_connect_method_proxying`) to get here.
             session.set_keepalive(None);
-            respond::json(session, 405, connect_refused(), None).await?;
+            let (head, body) = refusal.parts()?;
+            respond::write(session, head, body).await?;
             return Ok(true);
         }
         // Pipelined requests are answered in order, as on the lean path (RFC 9112 §9.3.2);
@@ -497,12 +499,6 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
             .headers
             .get(http::header::UPGRADE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
-}
-
-/// The 405 both paths answer `CONNECT` with: tokenward forwards requests, it opens no tunnels
-/// to where a client asks.
-fn connect_refused() -> serde_json::Value {
-    json!({"error": "method_not_allowed", "message": "CONNECT is not forwarded"})
 }
 
 /// Whether an answer to an HTTP/1.0 client has a body of unknown length, which it must get

@@ -283,6 +283,27 @@ fn json_error(status: &str, error: &str, reason: &str) -> Vec<u8> {
     )
 }
 
+/// The methods tokenward's 405 names in `Allow`.
+const ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
+/// One of tokenward's JSON answers to a request it refuses before routing (no route named), on
+/// a connection it then closes; a 405 names the allowed methods.
+fn refused(status: &str, body: &str) -> Vec<u8> {
+    let allow = if status.starts_with("405") {
+        format!("Allow: {ALLOW}\r\n")
+    } else {
+        String::new()
+    };
+    relayed(
+        &format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{allow}",
+            body.len()
+        ),
+        "close",
+        body.as_bytes(),
+    )
+}
+
 /// A WebSocket handshake as pingora forwards it: its fields in the order pingora-proxy writes
 /// them (the order of differently named fields carries no meaning, RFC 9110 §5.3).
 const WS_FORWARDED: &str = "GET /ws HTTP/1.1\r\nHost: <UPSTREAM>\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: Upgrade\r\nupgrade: websocket\r\n";
@@ -477,11 +498,18 @@ pub fn corpus() -> Vec<Case> {
             .send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
             .end(End::Closed)
             // Nothing goes upstream; a JSON 405, and the connection closes (nginx answers 400).
-            .expect_client(relayed(
-                "HTTP/1.1 405 Method Not Allowed\r\nContent-Type: application/json\r\nContent-Length: 67\r\nCache-Control: no-store\r\n",
-                "close",
-                b"{\"error\":\"method_not_allowed\",\"message\":\"CONNECT is not forwarded\"}",
-            )),
+            .expect_client(refused("405 Method Not Allowed", r#"{"error":"method_not_allowed","message":"CONNECT is not forwarded"}"#)),
+        // An upstream that implements TRACE echoes the request, the route's token with it.
+        case("trace", "issue 18 follow-up 1")
+            .send(b"TRACE /echo HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(OK)])
+            .expect_client(refused("405 Method Not Allowed", r#"{"error":"method_not_allowed","message":"TRACE is not forwarded"}"#)),
+        case("track", "issue 18 follow-up 1")
+            .send(b"TRACK /echo HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(OK)])
+            .expect_client(refused("405 Method Not Allowed", r#"{"error":"method_not_allowed","message":"TRACK is not forwarded"}"#)),
         case("unsolicited-101", "defect 9")
             .send(b"GET /no-upgrade HTTP/1.1\r\nHost: app\r\n\r\n")
             .end(End::Closed)
@@ -654,16 +682,33 @@ pub fn corpus() -> Vec<Case> {
             .send(b"POST /gzip HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: gzip\r\n\r\nxxxx")
             .end(End::Closed)
             .expect_client(PINGORA_400),
+        // A transfer coding tokenward cannot decode before chunked: not dropped, refused.
+        case("transfer-encoding-gzip-chunked", "issue 18 follow-up 2")
+            .send(b"POST /gz HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(OK)])
+            .expect_client(refused("501 Not Implemented", r#"{"error":"not_implemented","message":"a request's only transfer coding can be chunked (RFC 9112 §6.1)"}"#)),
+        case("target-not-origin-form", "issue 18 follow-up 4")
+            .send(b"GET evil HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(OK)])
+            .expect_client(refused("400 Bad Request", r#"{"error":"bad_request","message":"the request target is neither a path, an http(s) URL, nor * for OPTIONS (RFC 9112 §3.2)"}"#)),
         case("space-before-colon", "ordinary")
             .send(b"GET /sp HTTP/1.1\r\nHost: app\r\nX-A : 1\r\n\r\n")
             .end(End::Closed)
             .expect_client(PINGORA_400),
         // Request smuggling classics: each refused with a 400, nothing upstream.
-        case("http11-without-host", "ordinary")
+        case("http11-without-host", "issue 18 follow-up 5")
             .send(b"GET /nohost HTTP/1.1\r\nUser-Agent: t\r\n\r\n")
             .end(End::Closed)
             // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
             .upstream(vec![answer(OK)])
+            .expect_client(refused("400 Bad Request", r#"{"error":"bad_request","message":"an HTTP/1.1 request carries exactly one Host field (RFC 9112 §3.2)"}"#)),
+        case("http11-two-hosts", "issue 18 follow-up 5")
+            .send(b"GET /twohosts HTTP/1.1\r\nHost: app\r\nHost: other\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(OK)])
+            // pingora-core's `validate_request_authority` refuses it while reading the head.
             .expect_client(PINGORA_400),
         case("content-length-negative", "ordinary")
             .send(b"POST /neg HTTP/1.1\r\nHost: app\r\nContent-Length: -1\r\n\r\nhello")

@@ -707,6 +707,11 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
         "stricter: TRACK is IIS's TRACE, which echoes the request and with it the route's token: tokenward refuses both with 405; nginx refuses TRACE and forwards TRACK",
     ),
     (
+        "answer-transfer-encoding-gzip",
+        None,
+        "RFC 9112 §6.3: an answer whose transfer codings do not end with chunked ends with the connection; tokenward relays it so, coding named, and closes; nginx 1.22 drops `Transfer-Encoding: gzip` and re-chunks the still-coded body, so its client takes gzip bytes for the content",
+    ),
+    (
         "unsolicited-101",
         None,
         "stricter: RFC 9110 §15.2.2, a server switches only to a protocol the client asked for; tokenward answers 502 and closes, nginx relays the 101 and tunnels",

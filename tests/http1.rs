@@ -1349,6 +1349,36 @@ async fn a_request_transfer_coding_other_than_chunked_alone_is_refused_never_dro
     }
 }
 
+/// An answer whose transfer codings do not end with chunked is delimited by the upstream
+/// closing (RFC 9112 §6.3): relayed as it came, with its coding, until the end, and the client
+/// connection ends with it, its answer saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_with_a_transfer_coding_but_chunked_last_is_relayed_until_close() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let answer: &[u8] = match target(head) {
+            "/gzip-length" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nzipped-bytes",
+            "/chunked-gzip" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzipped-bytes",
+            _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzipped-bytes",
+        };
+        vec![Step::ReadBody, send(answer), Step::Close]
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for target in ["/gzip", "/gzip-length", "/chunked-gzip"] {
+            let case = format!("{}, {target}", path_name(lean));
+            let request = format!("GET {target} HTTP/1.1\r\nHost: app\r\n\r\n");
+            let answer = refused(&tw, request.as_bytes(), "GET", &case).await;
+            assert_eq!(answer.status, 200, "{case}: {answer:?}");
+            assert_eq!(answer.text(), "zipped-bytes", "{case}: {answer:?}");
+            let codings = field(&answer.head, "transfer-encoding").unwrap_or("");
+            assert!(codings.ends_with("gzip"), "{case}: {answer:?}");
+            assert_eq!(field(&answer.head, "content-length"), None, "{case}");
+        }
+    }
+}
+
 /// A request target is origin-form (`/…`), absolute-form (`http://host/…`), or `*` for OPTIONS
 /// (RFC 9112 §3.2; authority-form is CONNECT's, refused anyway): anything else is a 400, not
 /// a request for `/` sent upstream with the token.

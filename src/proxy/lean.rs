@@ -751,8 +751,9 @@ fn is_token_char(b: u8) -> bool {
 
 /// The upstream's answer as the client gets it: a body that ends with the connection becomes
 /// chunked, so the client connection can be kept; except to an HTTP/1.0 client, which cannot
-/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited. The flag
-/// says the client connection must then end with the body.
+/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited; and
+/// except a body whose transfer codings do not end with chunked, relayed as it came until the
+/// upstream closes. The flag says the client connection must then end with the body.
 fn downstream_response(
     upstream: &ResponseHeader,
     client: &RequestHeader,
@@ -763,6 +764,9 @@ fn downstream_response(
         // pingora-core's body writer decodes nothing: with no Transfer-Encoding it writes the
         // upstream's decoded body as it comes, until the end.
         response.remove_header(&header::TRANSFER_ENCODING);
+        return (response, true);
+    }
+    if super::answers_coded_until_close(client, &response) {
         return (response, true);
     }
     // A 1xx (a 101 included) never carries framing fields (RFC 9112 §6.1): what follows a 101
@@ -874,6 +878,28 @@ mod tests {
         let empty = ResponseHeader::build(204, None).unwrap();
         let (r, _) = downstream_response(&empty, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+    }
+
+    #[test]
+    fn a_body_whose_codings_do_not_end_with_chunked_is_relayed_as_it_came_until_close() {
+        let get = request(&[]);
+        for codings in ["gzip", "chunked, gzip"] {
+            let mut coded = ResponseHeader::build(200, None).unwrap();
+            coded.insert_header("Transfer-Encoding", codings).unwrap();
+            let (r, close) = downstream_response(&coded, &get);
+            assert_eq!(r.headers[header::TRANSFER_ENCODING], codings);
+            assert!(close, "{codings}");
+        }
+        let mut chunked = ResponseHeader::build(200, None).unwrap();
+        chunked
+            .insert_header("Transfer-Encoding", "gzip, chunked")
+            .unwrap();
+        assert!(!downstream_response(&chunked, &get).1);
+        let mut head = request(&[]);
+        head.set_method(http::Method::HEAD);
+        let mut coded = ResponseHeader::build(200, None).unwrap();
+        coded.insert_header("Transfer-Encoding", "gzip").unwrap();
+        assert!(!downstream_response(&coded, &head).1);
     }
 
     #[test]

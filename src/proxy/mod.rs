@@ -421,6 +421,11 @@ impl ProxyHttp for TokenwardProxy {
             // keep-alive is turned off first so that `write_response_header` says close.
             response.remove_header(&http::header::TRANSFER_ENCODING);
             session.set_keepalive(None);
+        } else if answers_coded_until_close(session.req_header(), response) {
+            // pingora-core's body writer then writes it close-delimited and turns keep-alive
+            // off itself (`prepare_response_header`), but only after it has written
+            // `Connection: keep-alive`: turned off here first, the answer says close.
+            session.set_keepalive(None);
         }
         Ok(())
     }
@@ -499,6 +504,29 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
             .headers
             .get(http::header::UPGRADE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+/// Whether an answer's body ends only when the upstream closes, whoever the client: its
+/// transfer codings do not end with chunked (RFC 9112 §6.3). It cannot be re-framed without
+/// decoding them, so it is relayed as it came, codings and all, and the client connection
+/// ends with it.
+fn answers_coded_until_close(client: &RequestHeader, response: &ResponseHeader) -> bool {
+    let bodiless = client.method == http::Method::HEAD
+        || response.status.is_informational()
+        || matches!(response.status.as_u16(), 204 | 304);
+    let last_coding = response
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .map(|v| {
+            v.as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii()
+        });
+    !bodiless && last_coding.is_some_and(|c| !c.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Whether an answer to an HTTP/1.0 client has a body of unknown length, which it must get

@@ -740,6 +740,14 @@ pub fn corpus() -> Vec<Case> {
             .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")])
             .expect_upstream(&[&fwd("GET /cl-te HTTP/1.1\r\nHost: <UPSTREAM>\r\n", b"")])
             .expect_client(relayed("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", "keep-alive", b"5\r\nhello\r\n0\r\n\r\n")),
+        // Transfer codings that do not end with chunked: the body ends with the connection
+        // (RFC 9112 §6.3), relayed as it came, and the client connection ends with it.
+        case("answer-transfer-encoding-gzip", "issue 18 follow-up 3")
+            .send(b"GET /gz HTTP/1.1\r\nHost: app\r\n\r\n")
+            .end(End::Closed)
+            .upstream(vec![answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzipped-bytes"), Up::Close])
+            .expect_upstream(&[&fwd("GET /gz HTTP/1.1\r\nHost: <UPSTREAM>\r\n", b"")])
+            .expect_client(relayed("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n", "close", b"zipped-bytes")),
         case("admin-http10", "defect 13")
             .admin()
             .send(b"GET /healthz HTTP/1.0\r\n\r\n")

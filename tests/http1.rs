@@ -1140,19 +1140,49 @@ async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
     // An LF-splitting parser reads a 5-byte chunk "b\r\nhe" here, httparse the chunk "hello".
     let body = b"5;a\nb\r\nhello\r\n0\r\n\r\n".to_vec();
     let late_body = [b"3\r\nabc\r\n".to_vec(), body.clone()].concat();
-    for (case, pieces) in [
-        ("with the head", vec![[head.clone(), body.clone()].concat()]),
-        ("after the head", vec![head.clone(), body.clone()]),
-        ("after a first chunk", vec![head.clone(), late_body]),
+    // Targets pingora-core escapes (`escape_illegal_request_line`), rebuilding the head it
+    // parses: what it read and the head it gives back differ.
+    let escaped: Vec<(String, Vec<Vec<u8>>)> = ["/x y", "/x\"y", "/x<y>", "/a b c"]
+        .iter()
+        .flat_map(|target| {
+            let head = format!(
+                "POST {target} HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+            );
+            [
+                (
+                    format!("target {target:?}, with the head"),
+                    vec![[head.as_bytes(), &body].concat()],
+                ),
+                (
+                    format!("target {target:?}, after the head"),
+                    vec![head.clone().into_bytes(), body.clone()],
+                ),
+            ]
+        })
+        .collect();
+    let cases = [
         (
-            "byte by byte",
+            "with the head".to_string(),
+            vec![[head.clone(), body.clone()].concat()],
+        ),
+        (
+            "after the head".to_string(),
+            vec![head.clone(), body.clone()],
+        ),
+        (
+            "after a first chunk".to_string(),
+            vec![head.clone(), late_body],
+        ),
+        (
+            "byte by byte".to_string(),
             [head.clone(), body.clone()]
                 .concat()
                 .iter()
                 .map(|b| vec![*b])
                 .collect(),
         ),
-    ] {
+    ];
+    for (case, pieces) in cases.into_iter().chain(escaped) {
         let mut s = TcpStream::connect(tw.proxy).await.unwrap();
         write_pieces(&mut s, &pieces, Duration::from_millis(20)).await;
         let answer = read_answer(&mut s, &mut Vec::new(), "POST").await;

@@ -749,11 +749,6 @@ const NGINX_DIFFERENCES: &[(&str, Option<Path>, &str)] = &[
         "both refuse and forward nothing: tokenward with 400 as RFC 9112 §6.3 says for a request whose last transfer coding is not chunked, nginx with 501",
     ),
     (
-        "expect-100-continue",
-        Some(Path::Full),
-        "stricter: the full path closes the connection after an exchange that began with a 100 (and says so); nginx, and the lean path, keep it",
-    ),
-    (
         "expect-100-upstream-fails",
         None,
         "stricter: after its 502 tokenward closes the connection (and says so); nginx keeps it",

@@ -1221,32 +1221,46 @@ async fn a_101_carries_no_framing_fields() {
 }
 
 /// A request with `Expect: 100-continue` answered normally by a keep-alive upstream keeps its
-/// client connection on the lean path, which sends the 100 itself: the 100 is not the final
-/// answer. (The full path, relaying an upstream's 100, still closes: left for its own issue.)
+/// client connection: the 100 is not the final answer. The lean path sends the 100 itself;
+/// the full path passes `Expect` on and relays the upstream's 100.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_100_continue_exchange_keeps_the_client_connection() {
     let provider = FakeProvider::start(300, false, None).await;
-    let up = RawUpstream::ok().await;
-    let tw = proxy(&up.url(), &provider, true).await;
-    let mut s = TcpStream::connect(tw.proxy).await.unwrap();
-    s.write_all(
-        b"POST /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        assert!(fill(&mut s, &mut buf).await, "closed before the 100");
+    let up = RawUpstream::start(|head| {
+        let mut steps = Vec::new();
+        if field(head, "expect").is_some() {
+            steps.push(send(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        }
+        steps.extend([Step::ReadBody, send(OK)]);
+        steps
+    })
+    .await;
+    for lean in [true, false] {
+        let case = path_name(lean);
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        s.write_all(
+            b"POST /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(
+                fill(&mut s, &mut buf).await,
+                "{case}: closed before the 100"
+            );
+        }
+        s.write_all(b"hello").await.unwrap();
+        let first = read_answer(&mut s, &mut buf, "POST").await;
+        assert_eq!(first.status, 200, "{case}: {first:?}");
+        assert_eq!(first.informational.len(), 1, "{case}: {first:?}");
+        assert!(!first.says_close(), "{case}: {first:?}");
+        s.write_all(NEXT).await.unwrap();
+        let next = read_answer(&mut s, &mut buf, "GET").await;
+        assert_eq!(next.status, 200, "{case}: {next:?}");
+        assert_two_requests(&up, b"hello", case);
     }
-    s.write_all(b"hello").await.unwrap();
-    let first = read_answer(&mut s, &mut buf, "POST").await;
-    assert_eq!(first.status, 200, "{first:?}");
-    assert_eq!(first.informational.len(), 1, "{first:?}");
-    assert!(!first.says_close(), "{first:?}");
-    s.write_all(NEXT).await.unwrap();
-    let next = read_answer(&mut s, &mut buf, "GET").await;
-    assert_eq!(next.status, 200, "{next:?}");
-    assert_two_requests(&up, b"hello", "lean path");
 }
 
 /// An HTTP/1.0 client never gets a chunked answer (RFC 9112 §6.1): an answer of unknown length,

@@ -412,6 +412,14 @@ impl ProxyHttp for TokenwardProxy {
         response: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // pingora-core's `prepare_response_header` turns the client connection's keep-alive off
+        // for any answer written before the request body is read whole (its default
+        // `close_on_response_before_downstream_finish`): a 100 relayed for `Expect:
+        // 100-continue`, which asks for that body, would end the connection after the final
+        // answer. A 1xx does not end the exchange; the final answer keeps the rule.
+        session
+            .as_mut()
+            .set_close_on_response_before_downstream_finish(!response.status.is_informational());
         strip_answer_hop_by_hop(response);
         if answers_http10_until_close(session.req_header(), response) {
             // pingora-proxy's `ProxyHttp::proxy_handle_downstream` (proxy_h1.rs) adds

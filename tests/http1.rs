@@ -1140,19 +1140,49 @@ async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
     // An LF-splitting parser reads a 5-byte chunk "b\r\nhe" here, httparse the chunk "hello".
     let body = b"5;a\nb\r\nhello\r\n0\r\n\r\n".to_vec();
     let late_body = [b"3\r\nabc\r\n".to_vec(), body.clone()].concat();
-    for (case, pieces) in [
-        ("with the head", vec![[head.clone(), body.clone()].concat()]),
-        ("after the head", vec![head.clone(), body.clone()]),
-        ("after a first chunk", vec![head.clone(), late_body]),
+    // Targets pingora-core escapes (`escape_illegal_request_line`), rebuilding the head it
+    // parses: what it read and the head it gives back differ.
+    let escaped: Vec<(String, Vec<Vec<u8>>)> = ["/x y", "/x\"y", "/x<y>", "/a b c"]
+        .iter()
+        .flat_map(|target| {
+            let head = format!(
+                "POST {target} HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n"
+            );
+            [
+                (
+                    format!("target {target:?}, with the head"),
+                    vec![[head.as_bytes(), &body].concat()],
+                ),
+                (
+                    format!("target {target:?}, after the head"),
+                    vec![head.clone().into_bytes(), body.clone()],
+                ),
+            ]
+        })
+        .collect();
+    let cases = [
         (
-            "byte by byte",
+            "with the head".to_string(),
+            vec![[head.clone(), body.clone()].concat()],
+        ),
+        (
+            "after the head".to_string(),
+            vec![head.clone(), body.clone()],
+        ),
+        (
+            "after a first chunk".to_string(),
+            vec![head.clone(), late_body],
+        ),
+        (
+            "byte by byte".to_string(),
             [head.clone(), body.clone()]
                 .concat()
                 .iter()
                 .map(|b| vec![*b])
                 .collect(),
         ),
-    ] {
+    ];
+    for (case, pieces) in cases.into_iter().chain(escaped) {
         let mut s = TcpStream::connect(tw.proxy).await.unwrap();
         write_pieces(&mut s, &pieces, Duration::from_millis(20)).await;
         let answer = read_answer(&mut s, &mut Vec::new(), "POST").await;
@@ -1191,32 +1221,46 @@ async fn a_101_carries_no_framing_fields() {
 }
 
 /// A request with `Expect: 100-continue` answered normally by a keep-alive upstream keeps its
-/// client connection on the lean path, which sends the 100 itself: the 100 is not the final
-/// answer. (The full path, relaying an upstream's 100, still closes: left for its own issue.)
+/// client connection: the 100 is not the final answer. The lean path sends the 100 itself;
+/// the full path passes `Expect` on and relays the upstream's 100.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_100_continue_exchange_keeps_the_client_connection() {
     let provider = FakeProvider::start(300, false, None).await;
-    let up = RawUpstream::ok().await;
-    let tw = proxy(&up.url(), &provider, true).await;
-    let mut s = TcpStream::connect(tw.proxy).await.unwrap();
-    s.write_all(
-        b"POST /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        assert!(fill(&mut s, &mut buf).await, "closed before the 100");
+    let up = RawUpstream::start(|head| {
+        let mut steps = Vec::new();
+        if field(head, "expect").is_some() {
+            steps.push(send(b"HTTP/1.1 100 Continue\r\n\r\n"));
+        }
+        steps.extend([Step::ReadBody, send(OK)]);
+        steps
+    })
+    .await;
+    for lean in [true, false] {
+        let case = path_name(lean);
+        let tw = proxy(&up.url(), &provider, lean).await;
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        s.write_all(
+            b"POST /e HTTP/1.1\r\nHost: app\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut buf = Vec::new();
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(
+                fill(&mut s, &mut buf).await,
+                "{case}: closed before the 100"
+            );
+        }
+        s.write_all(b"hello").await.unwrap();
+        let first = read_answer(&mut s, &mut buf, "POST").await;
+        assert_eq!(first.status, 200, "{case}: {first:?}");
+        assert_eq!(first.informational.len(), 1, "{case}: {first:?}");
+        assert!(!first.says_close(), "{case}: {first:?}");
+        s.write_all(NEXT).await.unwrap();
+        let next = read_answer(&mut s, &mut buf, "GET").await;
+        assert_eq!(next.status, 200, "{case}: {next:?}");
+        assert_two_requests(&up, b"hello", case);
     }
-    s.write_all(b"hello").await.unwrap();
-    let first = read_answer(&mut s, &mut buf, "POST").await;
-    assert_eq!(first.status, 200, "{first:?}");
-    assert_eq!(first.informational.len(), 1, "{first:?}");
-    assert!(!first.says_close(), "{first:?}");
-    s.write_all(NEXT).await.unwrap();
-    let next = read_answer(&mut s, &mut buf, "GET").await;
-    assert_eq!(next.status, 200, "{next:?}");
-    assert_two_requests(&up, b"hello", "lean path");
 }
 
 /// An HTTP/1.0 client never gets a chunked answer (RFC 9112 §6.1): an answer of unknown length,
@@ -1257,5 +1301,187 @@ async fn an_http10_client_gets_a_close_delimited_body_never_chunked() {
             assert!(answer.says_close(), "{case}: {answer:?}");
             assert_eq!(answer.text(), "hello world", "{case}");
         }
+    }
+}
+
+/// Writes `request` on a new connection and reads its answer; the proxy must then close.
+async fn refused(tw: &Tokenward, request: &[u8], method: &str, case: &str) -> Answer {
+    let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let answer = read_answer(&mut s, &mut Vec::new(), method).await;
+    assert!(answer.says_close(), "{case}: {answer:?}");
+    assert!(closed(&mut s).await, "{case}: still open");
+    answer
+}
+
+/// An upstream that implements TRACE (RFC 9110 §9.3.8: it echoes the request it received)
+/// would hand the route's token to the caller: neither path forwards TRACE, nor TRACK (its
+/// IIS twin), and both say which methods they take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn trace_and_track_are_refused_with_a_405_naming_the_allowed_methods_and_never_forwarded() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let echo = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: {}\r\n\r\n{head}",
+            head.len()
+        );
+        vec![Step::ReadBody, Step::Send(echo.into_bytes())]
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for request in [
+            &b"TRACE /anything HTTP/1.1\r\nHost: app\r\n\r\n"[..],
+            b"TRACK /anything HTTP/1.1\r\nHost: app\r\n\r\n",
+            b"trace /anything HTTP/1.1\r\nHost: app\r\n\r\n",
+            b"CONNECT app.example:443 HTTP/1.1\r\nHost: app.example:443\r\n\r\n",
+        ] {
+            let case = format!("{}, {}", path_name(lean), String::from_utf8_lossy(request));
+            let method = String::from_utf8_lossy(request.split(|b| *b == b' ').next().unwrap());
+            let answer = refused(&tw, request, &method, &case).await;
+            assert_eq!(answer.status, 405, "{case}: {answer:?}");
+            let allow = field(&answer.head, "allow").unwrap_or_else(|| panic!("{case}: no Allow"));
+            assert!(
+                allow.contains("get") && !allow.contains("trace"),
+                "{case}: {allow}"
+            );
+            let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+            assert_eq!(body["error"], "method_not_allowed", "{case}");
+            assert!(
+                !answer.text().to_lowercase().contains("bearer"),
+                "{case}: {answer:?}"
+            );
+        }
+        assert!(up.got().is_empty(), "{}: {:?}", path_name(lean), up.got());
+    }
+}
+
+/// RFC 9112 §6.1: a server answers 501 to a transfer coding it does not understand, and nginx
+/// does; tokenward decodes only chunked, so `gzip, chunked` must not be forwarded as plain
+/// `chunked` (its body still compressed). A coding list whose last is not chunked is a 400
+/// (§6.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_transfer_coding_other_than_chunked_alone_is_refused_never_dropped() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for (codings, status) in [
+            ("Transfer-Encoding: gzip, chunked\r\n", 501),
+            ("Transfer-Encoding: identity, chunked\r\n", 501),
+            (
+                "Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                501,
+            ),
+            ("Transfer-Encoding: chunked, chunked\r\n", 501),
+            ("Transfer-Encoding: chunked, gzip\r\n", 400),
+        ] {
+            let case = format!("{}, {codings:?}", path_name(lean));
+            let request = format!("POST /z HTTP/1.1\r\nHost: app\r\n{codings}\r\n{body}");
+            let answer = refused(&tw, request.as_bytes(), "POST", &case).await;
+            assert_eq!(answer.status, status, "{case}: {answer:?}");
+        }
+        assert!(up.got().is_empty(), "{}: {:?}", path_name(lean), up.got());
+        // A sole chunked, in any case, passes.
+        let request =
+            format!("POST /z HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: Chunked\r\n\r\n{body}");
+        let (answer, _) =
+            request_then_next(&tw, &[request.into_bytes()], Duration::ZERO, "POST").await;
+        assert_eq!(answer.status, 200, "{}", path_name(lean));
+        assert_two_requests(&up, b"hello", path_name(lean));
+    }
+}
+
+/// An answer whose transfer codings do not end with chunked is delimited by the upstream
+/// closing (RFC 9112 §6.3): relayed as it came, with its coding, until the end, and the client
+/// connection ends with it, its answer saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_answer_with_a_transfer_coding_but_chunked_last_is_relayed_until_close() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::start(|head| {
+        let answer: &[u8] = match target(head) {
+            "/gzip-length" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 3\r\n\r\nzipped-bytes",
+            "/chunked-gzip" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzipped-bytes",
+            _ => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nzipped-bytes",
+        };
+        vec![Step::ReadBody, send(answer), Step::Close]
+    })
+    .await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for target in ["/gzip", "/gzip-length", "/chunked-gzip"] {
+            let case = format!("{}, {target}", path_name(lean));
+            let request = format!("GET {target} HTTP/1.1\r\nHost: app\r\n\r\n");
+            let answer = refused(&tw, request.as_bytes(), "GET", &case).await;
+            assert_eq!(answer.status, 200, "{case}: {answer:?}");
+            assert_eq!(answer.text(), "zipped-bytes", "{case}: {answer:?}");
+            let codings = field(&answer.head, "transfer-encoding").unwrap_or("");
+            assert!(codings.ends_with("gzip"), "{case}: {answer:?}");
+            assert_eq!(field(&answer.head, "content-length"), None, "{case}");
+        }
+    }
+}
+
+/// A request target is origin-form (`/…`), absolute-form (`http://host/…`), or `*` for OPTIONS
+/// (RFC 9112 §3.2; authority-form is CONNECT's, refused anyway): anything else is a 400, not
+/// a request for `/` sent upstream with the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_target_of_no_known_form_is_refused_with_a_400() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for target in ["evil", "evil.example:443", "@evil.example/p", "*", "?q=1"] {
+            let case = format!("{}, GET {target}", path_name(lean));
+            let request = format!("GET {target} HTTP/1.1\r\nHost: app\r\n\r\n");
+            let answer = refused(&tw, request.as_bytes(), "GET", &case).await;
+            assert_eq!(answer.status, 400, "{case}: {answer:?}");
+        }
+        assert!(up.got().is_empty(), "{}: {:?}", path_name(lean), up.got());
+        for (request, forwarded) in [
+            (
+                "OPTIONS * HTTP/1.1\r\nHost: app\r\n\r\n",
+                "options * http/1.1",
+            ),
+            (
+                "GET http://app/abs?q=1 HTTP/1.1\r\nHost: app\r\n\r\n",
+                "get /abs?q=1 http/1.1",
+            ),
+        ] {
+            let case = format!("{}, {request:?}", path_name(lean));
+            let (answer, _) =
+                request_then_next(&tw, &[request.as_bytes().to_vec()], Duration::ZERO, "GET").await;
+            assert_eq!(answer.status, 200, "{case}: {answer:?}");
+            let got = up.got();
+            assert!(got[0].head.starts_with(forwarded), "{case}: {got:?}");
+            up.got.lock().unwrap().clear();
+        }
+    }
+}
+
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host, or with more
+/// than one; an HTTP/1.0 request may lack it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http11_request_without_one_host_is_refused_with_a_400() {
+    let provider = FakeProvider::start(300, false, None).await;
+    let up = RawUpstream::ok().await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        for request in [
+            &b"GET /nohost HTTP/1.1\r\nUser-Agent: t\r\n\r\n"[..],
+            b"GET http://app/nohost HTTP/1.1\r\n\r\n",
+            b"GET /twohosts HTTP/1.1\r\nHost: app\r\nHost: other\r\n\r\n",
+        ] {
+            let case = format!("{}, {}", path_name(lean), String::from_utf8_lossy(request));
+            let answer = refused(&tw, request, "GET", &case).await;
+            assert_eq!(answer.status, 400, "{case}: {answer:?}");
+        }
+        assert!(up.got().is_empty(), "{}: {:?}", path_name(lean), up.got());
+        let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+        s.write_all(b"GET /old HTTP/1.0\r\n\r\n").await.unwrap();
+        let answer = read_answer(&mut s, &mut Vec::new(), "GET").await;
+        assert_eq!(answer.status, 200, "{}: {answer:?}", path_name(lean));
+        up.got.lock().unwrap().clear();
     }
 }

@@ -84,15 +84,20 @@ impl Guard {
             let Mode::Recording(mut recorded) = std::mem::take(&mut w.mode) else {
                 return;
             };
-            // pingora rebuilds a head it had to escape: then where the body starts in what was
-            // read is not known, and the body goes unwatched.
-            if chunked && recorded.starts_with(head) {
-                let mut lines = ChunkLines::default();
-                match lines.feed(&recorded[head.len()..]) {
-                    Fed::More => w.mode = Mode::Checking(lines),
-                    Fed::Done => {}
-                    // The bytes are already in pingora's buffer: the next read fails instead.
-                    Fed::BareLf => w.refused = true,
+            if chunked {
+                match body_start(&recorded, head) {
+                    Some(at) => {
+                        let mut lines = ChunkLines::default();
+                        match lines.feed(&recorded[at..]) {
+                            Fed::More => w.mode = Mode::Checking(lines),
+                            Fed::Done => {}
+                            // The bytes are already in pingora's buffer: the next read fails
+                            // instead.
+                            Fed::BareLf => w.refused = true,
+                        }
+                    }
+                    // A body that cannot be watched is not let through unwatched.
+                    None => w.refused = true,
                 }
             }
             recorded.clear();
@@ -135,6 +140,23 @@ impl Watch {
         }
         Ok(())
     }
+}
+
+/// Where the body starts in `recorded`, the bytes read from the request's first, given `head`,
+/// the raw head pingora parsed. That is the head as read, unless pingora-core had to escape
+/// the request target (`escape_illegal_request_line` percent-encodes a space, `"`, `<`, `>` or
+/// a control byte in it and parses the rebuilt head): only the request line differs then, and
+/// the rest of the head is what was read after the first LF.
+fn body_start(recorded: &[u8], head: &[u8]) -> Option<usize> {
+    if recorded.starts_with(head) {
+        return Some(head.len());
+    }
+    let first_lf = |bytes: &[u8]| bytes.iter().position(|b| *b == b'\n');
+    let rest = &head[first_lf(head)?..];
+    let read_lf = first_lf(recorded)?;
+    recorded[read_lf..]
+        .starts_with(rest)
+        .then_some(read_lf + rest.len())
 }
 
 fn bare_lf() -> io::Error {
@@ -409,6 +431,36 @@ mod tests {
         }
         let bytewise: Vec<&[u8]> = body.chunks(1).collect();
         assert!(!feed_all(&bytewise).contains(&"bare LF"));
+    }
+
+    #[test]
+    fn the_body_is_found_behind_a_head_pingora_rebuilt_and_refused_when_it_cannot_be() {
+        let read = b"POST /x y HTTP/1.1\r\nHost: a\r\n\r\n5;a\nb";
+        let escaped = b"POST /x%20y HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(body_start(read, escaped), Some(read.len() - 5));
+        let plain = b"POST /x HTTP/1.1\r\nHost: a\r\n\r\n5\r\n";
+        assert_eq!(
+            body_start(plain, &plain[..plain.len() - 3]),
+            Some(plain.len() - 3)
+        );
+        assert_eq!(
+            body_start(read, b"POST /x%20y HTTP/1.1\r\nHost: b\r\n\r\n"),
+            None
+        );
+
+        let guard = |read: &[u8], head: &[u8]| {
+            let w = Guard(Arc::new(Mutex::new(Watch::default())));
+            w.request_starts(Some(read));
+            w.head_read(head, true);
+            w.refused()
+        };
+        assert!(guard(read, escaped), "the bare LF behind an escaped head");
+        let fine = b"POST /x y HTTP/1.1\r\nHost: a\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        assert!(!guard(fine, escaped));
+        assert!(
+            guard(fine, b"GET /other HTTP/1.1\r\n\r\n"),
+            "a body it cannot find"
+        );
     }
 
     #[test]

@@ -26,11 +26,12 @@ use pingora::server::ShutdownWatch;
 use serde_json::json;
 use tracing::info;
 
+use super::admission;
 use super::chunk_guard::{Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
-    InFlight, MAX_INFORMATIONAL, TokenwardProxy, connect_refused, failure_body, failure_status,
+    InFlight, MAX_INFORMATIONAL, TokenwardProxy, failure_body, failure_status,
     is_websocket_upgrade, log_outcome, no_route, renewed, respond, retarget, token_unavailable,
 };
 use crate::token::Token;
@@ -214,10 +215,11 @@ impl ListenerApp {
     async fn serve(&self, downstream: &mut Downstream, guard: &Guard) -> Next {
         let started = Instant::now();
         let _in_flight = self.in_flight.enter();
-        if downstream.req_header().method == http::Method::CONNECT {
+        if let Some(refusal) = admission::refusal(downstream.req_header()) {
             // Never forwarded: the full path refuses it the same way (`request_filter`).
             downstream.set_server_keepalive(None);
-            return answer(downstream, 405, connect_refused(), None).await;
+            write_answer(downstream, refusal.parts()).await;
+            return Next::Close;
         }
         let route = self
             .table
@@ -680,8 +682,10 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
     if guard.refused() {
         return Err(refusal(&guard, Error::new(ErrorType::InternalError)));
     }
-    if downstream.req_header().method == http::Method::CONNECT {
-        return Err(Error::explain(ErrorType::HTTPStatus(405), "CONNECT").into_down());
+    if let Some(refusal) = admission::refusal(downstream.req_header()) {
+        return Err(
+            Error::explain(ErrorType::HTTPStatus(refusal.status), refusal.reason()).into_down(),
+        );
     }
     let has_body = !downstream.is_body_empty();
     let client = downstream.req_header();
@@ -745,8 +749,9 @@ fn is_token_char(b: u8) -> bool {
 
 /// The upstream's answer as the client gets it: a body that ends with the connection becomes
 /// chunked, so the client connection can be kept; except to an HTTP/1.0 client, which cannot
-/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited. The flag
-/// says the client connection must then end with the body.
+/// take chunked (RFC 9112 §6.1): its body of unknown length is sent close-delimited; and
+/// except a body whose transfer codings do not end with chunked, relayed as it came until the
+/// upstream closes. The flag says the client connection must then end with the body.
 fn downstream_response(
     upstream: &ResponseHeader,
     client: &RequestHeader,
@@ -757,6 +762,9 @@ fn downstream_response(
         // pingora-core's body writer decodes nothing: with no Transfer-Encoding it writes the
         // upstream's decoded body as it comes, until the end.
         response.remove_header(&header::TRANSFER_ENCODING);
+        return (response, true);
+    }
+    if super::answers_coded_until_close(client, &response) {
         return (response, true);
     }
     // A 1xx (a 101 included) never carries framing fields (RFC 9112 §6.1): what follows a 101
@@ -782,8 +790,13 @@ async fn answer(
     body: serde_json::Value,
     retry_after: Option<Duration>,
 ) -> Next {
+    write_answer(downstream, respond::json_parts(status, body, retry_after)).await
+}
+
+/// Writes a whole answer of tokenward's own.
+async fn write_answer(downstream: &mut Downstream, parts: Result<(ResponseHeader, Bytes)>) -> Next {
     let written = async {
-        let (header, body) = respond::json_parts(status, body, retry_after)?;
+        let (header, body) = parts?;
         downstream.write_response_header(Box::new(header)).await?;
         downstream.write_body(&body).await?;
         downstream.finish_body().await
@@ -863,6 +876,28 @@ mod tests {
         let empty = ResponseHeader::build(204, None).unwrap();
         let (r, _) = downstream_response(&empty, &get);
         assert!(!r.headers.contains_key(header::TRANSFER_ENCODING));
+    }
+
+    #[test]
+    fn a_body_whose_codings_do_not_end_with_chunked_is_relayed_as_it_came_until_close() {
+        let get = request(&[]);
+        for codings in ["gzip", "chunked, gzip"] {
+            let mut coded = ResponseHeader::build(200, None).unwrap();
+            coded.insert_header("Transfer-Encoding", codings).unwrap();
+            let (r, close) = downstream_response(&coded, &get);
+            assert_eq!(r.headers[header::TRANSFER_ENCODING], codings);
+            assert!(close, "{codings}");
+        }
+        let mut chunked = ResponseHeader::build(200, None).unwrap();
+        chunked
+            .insert_header("Transfer-Encoding", "gzip, chunked")
+            .unwrap();
+        assert!(!downstream_response(&chunked, &get).1);
+        let mut head = request(&[]);
+        head.set_method(http::Method::HEAD);
+        let mut coded = ResponseHeader::build(200, None).unwrap();
+        coded.insert_header("Transfer-Encoding", "gzip").unwrap();
+        assert!(!downstream_response(&coded, &head).1);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! in `upstream_peer`, the token in `upstream_request_filter`, metrics in `logging`. The
 //! decisions both paths make (answers, retargeting, renewal after a rejection) live here once.
 
+mod admission;
 mod chunk_guard;
 pub mod lean;
 pub mod metrics;
@@ -161,11 +162,12 @@ impl ProxyHttp for TokenwardProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        if session.req_header().method == http::Method::CONNECT {
-            // pingora-proxy's `handle_new_request` would refuse it with a bare 405; it is let
-            // through (`allow_connect_method_proxying`) to get the lean path's JSON answer here.
+        if let Some(refusal) = admission::refusal(session.req_header()) {
+            // As on the lean path. pingora-proxy's `handle_new_request` would refuse CONNECT
+            // with a bare 405; it is let through (`allow_connect_method_proxying`) to get here.
             session.set_keepalive(None);
-            respond::json(session, 405, connect_refused(), None).await?;
+            let (head, body) = refusal.parts()?;
+            respond::write(session, head, body).await?;
             return Ok(true);
         }
         // Pipelined requests are answered in order, as on the lean path (RFC 9112 §9.3.2);
@@ -410,6 +412,14 @@ impl ProxyHttp for TokenwardProxy {
         response: &mut ResponseHeader,
         _ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // pingora-core's `prepare_response_header` turns the client connection's keep-alive off
+        // for any answer written before the request body is read whole (its default
+        // `close_on_response_before_downstream_finish`): a 100 relayed for `Expect:
+        // 100-continue`, which asks for that body, would end the connection after the final
+        // answer. A 1xx does not end the exchange; the final answer keeps the rule.
+        session
+            .as_mut()
+            .set_close_on_response_before_downstream_finish(!response.status.is_informational());
         strip_answer_hop_by_hop(response);
         if answers_http10_until_close(session.req_header(), response) {
             // pingora-proxy's `ProxyHttp::proxy_handle_downstream` (proxy_h1.rs) adds
@@ -418,6 +428,11 @@ impl ProxyHttp for TokenwardProxy {
             // §6.1). Without it pingora-core's body writer sends the body as it comes, and
             // keep-alive is turned off first so that `write_response_header` says close.
             response.remove_header(&http::header::TRANSFER_ENCODING);
+            session.set_keepalive(None);
+        } else if answers_coded_until_close(session.req_header(), response) {
+            // pingora-core's body writer then writes it close-delimited and turns keep-alive
+            // off itself (`prepare_response_header`), but only after it has written
+            // `Connection: keep-alive`: turned off here first, the answer says close.
             session.set_keepalive(None);
         }
         Ok(())
@@ -499,10 +514,27 @@ fn is_websocket_upgrade(request: &RequestHeader) -> bool {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// The 405 both paths answer `CONNECT` with: tokenward forwards requests, it opens no tunnels
-/// to where a client asks.
-fn connect_refused() -> serde_json::Value {
-    json!({"error": "method_not_allowed", "message": "CONNECT is not forwarded"})
+/// Whether an answer's body ends only when the upstream closes, whoever the client: its
+/// transfer codings do not end with chunked (RFC 9112 §6.3). It cannot be re-framed without
+/// decoding them, so it is relayed as it came, codings and all, and the client connection
+/// ends with it.
+fn answers_coded_until_close(client: &RequestHeader, response: &ResponseHeader) -> bool {
+    let bodiless = client.method == http::Method::HEAD
+        || response.status.is_informational()
+        || matches!(response.status.as_u16(), 204 | 304);
+    let last_coding = response
+        .headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .map(|v| {
+            v.as_bytes()
+                .rsplit(|b| *b == b',')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii()
+        });
+    !bodiless && last_coding.is_some_and(|c| !c.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// Whether an answer to an HTTP/1.0 client has a body of unknown length, which it must get

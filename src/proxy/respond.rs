@@ -15,6 +15,11 @@ pub async fn json(
     retry_after: Option<Duration>,
 ) -> Result<()> {
     let (header, body) = json_parts(status, body, retry_after)?;
+    write(session, header, body).await
+}
+
+/// Writes a whole answer of tokenward's own.
+pub async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
     session
         .write_response_header(Box::new(header), false)
         .await?;

@@ -44,17 +44,17 @@ const KEEPALIVE_SECONDS: u64 = 60;
 const MAX_CONNECTION_OPTIONS: usize = 9;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1): they describe this connection, not the request.
-const HOP_BY_HOP: [&str; 10] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "http2-settings",
+const HOP_BY_HOP: [header::HeaderName; 10] = [
+    header::CONNECTION,
+    super::KEEP_ALIVE,
+    super::PROXY_CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HeaderName::from_static("http2-settings"),
 ];
 
 /// One route listener: its connections go to the lean path when it is on and every route on
@@ -710,6 +710,10 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
 /// naming Host, a forwarding field or a pseudo-header, or one that is not a list of tokens, is
 /// refused: a client must not be able to strip what the upstream relies on.
 fn strip_hop_by_hop(request: &mut RequestHeader) -> std::result::Result<(), &'static str> {
+    // Fields `Connection` names come only with `Connection`, one of these.
+    if !super::carries_any(&request.headers, &HOP_BY_HOP) {
+        return Ok(());
+    }
     let mut named = Vec::new();
     for option in request
         .headers
@@ -735,9 +739,11 @@ fn strip_hop_by_hop(request: &mut RequestHeader) -> std::result::Result<(), &'st
         }
         named.push(name);
     }
-    let doomed = named.iter().map(header::HeaderName::as_str).chain(HOP_BY_HOP);
-    for name in super::carried(&request.headers, doomed) {
-        request.remove_header(name);
+    // Typed names, each looked for before it is removed: see `carries_any`.
+    for name in named.iter().chain(&HOP_BY_HOP) {
+        if request.headers.contains_key(name) {
+            request.remove_header(name);
+        }
     }
     Ok(())
 }

@@ -787,7 +787,9 @@ impl Credential {
     fn key_before_rotation(&self) -> Option<ChainKey> {
         let source = self.config.dialect.bootstrap_refresh_token()?;
         let value = source.resolve().ok()?;
-        let before = self.store.bind_identity_before(&self.base.identity, &value)?;
+        let before = self
+            .store
+            .bind_identity_before(&self.base.identity, &value)?;
         Some(self.base.with_identity(before))
     }
 

@@ -81,7 +81,11 @@ impl TokenStore for MeteredStore {
         self.inner.bind_identity(identity, value)
     }
 
-    fn bind_identity_before(&self, identity: &str, value: &crate::secret::Secret) -> Option<String> {
+    fn bind_identity_before(
+        &self,
+        identity: &str,
+        value: &crate::secret::Secret,
+    ) -> Option<String> {
         self.inner.bind_identity_before(identity, value)
     }
 

@@ -48,6 +48,11 @@ const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[
         Some(Path::Full),
         "as chunk-extension-bare-lf: the full path has no chunk guard",
     ),
+    (
+        "chunk-size-empty",
+        Some(Path::Full),
+        "as chunk-extension-bare-lf: pingora-proxy takes a chunk-size line without a size as the last chunk (httparse's parse_chunk_size) and the full path has no chunk guard",
+    ),
 ];
 
 /// Cases a documented race fails now and then: a failure is reported with its diff and does

@@ -1,9 +1,10 @@
 //! A guard on the lean path's client connections: it refuses a chunked request body whose
-//! chunk-size line holds a bare LF. pingora-core parses chunk-size lines with httparse's
+//! chunk-size line holds a bare LF or no size. pingora-core parses chunk-size lines with httparse's
 //! `parse_chunk_size`, which takes a bare LF inside a chunk extension as part of the extension
 //! and ends the line at the next CRLF, where parsers that end a line at a bare LF see the chunk
 //! data start earlier: two parsers would disagree on where the body ends (RFC 9112 §7.1.1
-//! allows no LF there). The guard watches the bytes pingora reads, from the end of the request
+//! allows no LF there); and it reads a line without a size as the last chunk, losing the
+//! chunks after it as trailers. The guard watches the bytes pingora reads, from the end of the request
 //! head to the end of the chunked body, and fails the read that brings such a line.
 
 use std::io;
@@ -93,7 +94,7 @@ impl Guard {
                             Fed::Done => {}
                             // The bytes are already in pingora's buffer: the next read fails
                             // instead.
-                            Fed::BareLf => w.refused = true,
+                            Fed::Refused => w.refused = true,
                         }
                     }
                     // A body that cannot be watched is not let through unwatched.
@@ -107,7 +108,7 @@ impl Guard {
         });
     }
 
-    /// Whether this request's body was refused for a bare LF in a chunk-size line.
+    /// Whether this request's body was refused for a malformed chunk-size line.
     pub fn refused(&self) -> bool {
         self.with(|w| w.refused)
     }
@@ -117,7 +118,7 @@ impl Watch {
     /// Looks at `bytes` just read; an error refuses them.
     fn saw(&mut self, bytes: &[u8]) -> io::Result<()> {
         if self.refused {
-            return Err(bare_lf());
+            return Err(malformed_size_line());
         }
         match &mut self.mode {
             Mode::Off => {}
@@ -131,10 +132,10 @@ impl Watch {
             Mode::Checking(lines) => match lines.feed(bytes) {
                 Fed::More => {}
                 Fed::Done => self.mode = Mode::Off,
-                Fed::BareLf => {
+                Fed::Refused => {
                     self.mode = Mode::Off;
                     self.refused = true;
-                    return Err(bare_lf());
+                    return Err(malformed_size_line());
                 }
             },
         }
@@ -159,19 +160,23 @@ fn body_start(recorded: &[u8], head: &[u8]) -> Option<usize> {
         .then_some(read_lf + rest.len())
 }
 
-fn bare_lf() -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, "a bare LF in a chunk-size line")
+fn malformed_size_line() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "a chunk-size line with a bare LF or without a size",
+    )
 }
 
 enum Fed {
     More,
     /// The body ended (what follows is the next request's).
     Done,
-    BareLf,
+    /// A size line with a bare LF, or without a size.
+    Refused,
 }
 
-/// Where a chunked body's parse is. Anything but a bare LF in a size line that pingora's own
-/// parser refuses is left to it: the guard then stops watching.
+/// Where a chunked body's parse is. Anything but a bare LF in a size line or a line without a
+/// size that pingora's own parser refuses is left to it: the guard then stops watching.
 #[derive(Debug)]
 enum ChunkLines {
     SizeLine {
@@ -222,7 +227,10 @@ impl ChunkLines {
                     digits,
                     past_digits,
                 } => match b {
-                    b'\n' if !*cr => return Fed::BareLf,
+                    b'\n' if !*cr => return Fed::Refused,
+                    // No size: httparse's `parse_chunk_size` reads the line as the last chunk
+                    // (size 0), and the chunks that follow as trailers: the body is lost.
+                    b'\n' if *digits == 0 => return Fed::Refused,
                     b'\n' => {
                         *self = if *size == 0 {
                             ChunkLines::TrailerLine {
@@ -405,19 +413,30 @@ mod tests {
             .map(|p| match lines.feed(p) {
                 Fed::More => "more",
                 Fed::Done => "done",
-                Fed::BareLf => "bare LF",
+                Fed::Refused => "refused",
             })
             .collect()
     }
 
     #[test]
     fn a_bare_lf_in_a_chunk_size_line_is_caught_wherever_the_reads_end() {
-        assert_eq!(feed_all(&[b"5;a\nb\r\nhello\r\n0\r\n\r\n"]), ["bare LF"]);
+        assert_eq!(feed_all(&[b"5;a\nb\r\nhello\r\n0\r\n\r\n"]), ["refused"]);
         assert_eq!(
             feed_all(&[b"5\r\nhello\r\n3", b";x\n"]),
-            ["more", "bare LF"]
+            ["more", "refused"]
         );
-        assert_eq!(feed_all(&[b"5\n"]), ["bare LF"]);
+        assert_eq!(feed_all(&[b"5\n"]), ["refused"]);
+    }
+
+    #[test]
+    fn a_chunk_size_line_without_a_size_is_refused_wherever_the_reads_end() {
+        let body: &[u8] = b"\r\n3\r\nabc\r\n0\r\n\r\n";
+        for cut in 0..body.len() {
+            let got = feed_all(&[&body[..cut], &body[cut..]]);
+            assert!(got.contains(&"refused"), "cut at {cut}: {got:?}");
+        }
+        assert_eq!(feed_all(&[b";ext=1\r\n"]), ["refused"]);
+        assert_eq!(feed_all(&[b"3\r\nabc\r\n", b"\r\n"]), ["more", "refused"]);
     }
 
     #[test]
@@ -427,10 +446,10 @@ mod tests {
         for cut in 0..body.len() {
             let got = feed_all(&[&body[..cut], &body[cut..]]);
             assert_eq!(got.last(), Some(&"done"), "cut at {cut}: {got:?}");
-            assert!(!got.contains(&"bare LF"), "cut at {cut}");
+            assert!(!got.contains(&"refused"), "cut at {cut}");
         }
         let bytewise: Vec<&[u8]> = body.chunks(1).collect();
-        assert!(!feed_all(&bytewise).contains(&"bare LF"));
+        assert!(!feed_all(&bytewise).contains(&"refused"));
     }
 
     #[test]

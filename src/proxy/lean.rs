@@ -438,7 +438,7 @@ fn refusal(guard: &Guard, e: Box<Error>) -> Box<Error> {
     }
     Error::explain(
         ErrorType::HTTPStatus(400),
-        "a bare LF in a chunk-size line (RFC 9112 §7.1)",
+        "a chunk-size line with a bare LF or without a size (RFC 9112 §7.1)",
     )
     .into_down()
 }

@@ -664,6 +664,14 @@ pub fn corpus() -> Vec<Case> {
             .expect_upstream(&[&fwd("POST /lf%20x HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
             .upstream_prefix()
             .expect_client(json_error("400 Bad Request", "proxy_error", "HTTPStatus")),
+        // A chunk-size line without a size: httparse's `parse_chunk_size` reads it as the last
+        // chunk, and what follows as trailers, so the body the client sent would be lost.
+        case("chunk-size-empty", "issue 18 breaker F1")
+            .send(b"POST /empty HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+            .end(End::Closed)
+            .expect_upstream(&[&fwd("POST /empty HTTP/1.1\r\nHost: <UPSTREAM>\r\nTransfer-Encoding: chunked\r\n", b"")])
+            .upstream_prefix()
+            .expect_client(json_error("400 Bad Request", "proxy_error", "HTTPStatus")),
         case("content-length-list", "defect 12")
             .send(b"POST /cl HTTP/1.1\r\nHost: app\r\nContent-Length: 5, 5\r\n\r\nhello")
             .upstream(vec![answer(OK)])

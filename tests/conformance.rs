@@ -37,23 +37,7 @@ impl Path {
 /// Cases that fail today for a defect of issue 18 not fixed on this branch yet: each still
 /// asserts the correct bytes; the runner reports them (and fails when one starts passing, so
 /// this list stays true).
-const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[
-    (
-        "chunk-extension-bare-lf",
-        Some(Path::Full),
-        "issue 18 defect 12, left on the full path (README, Two request paths): pingora-proxy takes a bare LF inside a chunk extension (httparse's parse_chunk_size lets it through) and forwards the chunk re-framed; the lean path answers 400",
-    ),
-    (
-        "chunk-extension-bare-lf-escaped-target",
-        Some(Path::Full),
-        "as chunk-extension-bare-lf: the full path has no chunk guard",
-    ),
-    (
-        "chunk-size-empty",
-        Some(Path::Full),
-        "as chunk-extension-bare-lf: pingora-proxy takes a chunk-size line without a size as the last chunk (httparse's parse_chunk_size) and the full path has no chunk guard",
-    ),
-];
+const KNOWN_FAILING: &[(&str, Option<Path>, &str)] = &[];
 
 /// Cases a documented race fails now and then: a failure is reported with its diff and does
 /// not fail the run; a pass says nothing.

@@ -1129,13 +1129,19 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
     }
 }
 
-/// The full path still takes a bare LF in a chunk extension (pingora-core's chunk parser); the
-/// lean path refuses it, whatever the reads: see README, "Two request paths".
+/// pingora-core's chunk parser takes a bare LF in a chunk extension; both paths refuse it,
+/// whatever the reads, whatever came before it on the connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
+async fn a_bare_lf_in_a_chunk_size_line_is_refused_on_both_paths() {
     let provider = FakeProvider::start(300, false, None).await;
     let up = RawUpstream::ok().await;
-    let tw = proxy(&up.url(), &provider, true).await;
+    for lean in [true, false] {
+        let tw = proxy(&up.url(), &provider, lean).await;
+        bare_lf_refused(&tw, &up, path_name(lean)).await;
+    }
+}
+
+async fn bare_lf_refused(tw: &Tokenward, up: &RawUpstream, path: &str) {
     let head = b"POST /lf HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     // An LF-splitting parser reads a 5-byte chunk "b\r\nhe" here, httparse the chunk "hello".
     let body = b"5;a\nb\r\nhello\r\n0\r\n\r\n".to_vec();
@@ -1183,6 +1189,7 @@ async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
         ),
     ];
     for (case, pieces) in cases.into_iter().chain(escaped) {
+        let case = format!("{path}, {case}");
         let mut s = TcpStream::connect(tw.proxy).await.unwrap();
         write_pieces(&mut s, &pieces, Duration::from_millis(20)).await;
         let answer = read_answer(&mut s, &mut Vec::new(), "POST").await;
@@ -1197,10 +1204,46 @@ async fn the_lean_path_refuses_a_bare_lf_in_a_chunk_size_line() {
         );
         up.got.lock().unwrap().clear();
     }
+    // Behind a first request on the connection, its body framed by length or chunked with
+    // trailers, sent with it or after its answer.
+    let bad = [head.clone(), body.clone()].concat();
+    for first in [
+        &b"POST /first HTTP/1.1\r\nHost: app\r\nContent-Length: 3\r\n\r\nabc"[..],
+        b"POST /first HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-T: 1\r\n\r\n",
+        b"GET /first HTTP/1.1\r\nHost: app\r\n\r\n",
+    ] {
+        for pipelined in [true, false] {
+            let case = format!("{path}, behind {:?}, pipelined {pipelined}", String::from_utf8_lossy(&first[..12]));
+            let mut s = TcpStream::connect(tw.proxy).await.unwrap();
+            let mut buf = Vec::new();
+            if pipelined {
+                s.write_all(&[first, &bad].concat()).await.unwrap();
+            } else {
+                s.write_all(first).await.unwrap();
+            }
+            let answer = read_answer(&mut s, &mut buf, "POST").await;
+            assert_eq!(answer.status, 200, "{case}: {answer:?}");
+            if !pipelined {
+                s.write_all(&bad).await.unwrap();
+            }
+            let answer = read_answer(&mut s, &mut buf, "POST").await;
+            assert_eq!(answer.status, 400, "{case}: {answer:?}");
+            assert!(closed(&mut s).await, "{case}");
+            let got = up.got();
+            assert!(
+                got.iter()
+                    .filter(|g| target(&g.head) == "/lf")
+                    .all(|g| g.body.as_ref().is_none_or(|b| b.is_err())),
+                "{case}: a request went upstream whole: {got:?}"
+            );
+            up.got.lock().unwrap().clear();
+        }
+    }
     // The same body without the LF passes.
     let fine = [head, b"5;a=b\r\nhello\r\n0\r\n\r\n".to_vec()].concat();
-    let (answer, _) = request_then_next(&tw, &[fine], Duration::ZERO, "POST").await;
-    assert_eq!(answer.status, 200);
+    let (answer, _) = request_then_next(tw, &[fine], Duration::ZERO, "POST").await;
+    assert_eq!(answer.status, 200, "{path}");
+    up.got.lock().unwrap().clear();
 }
 
 /// A 101 is a 1xx: it carries no framing fields (RFC 9112 §6.1), whatever the lean path adds

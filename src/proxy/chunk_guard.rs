@@ -1,11 +1,14 @@
-//! A guard on the lean path's client connections: it refuses a chunked request body whose
-//! chunk-size line holds a bare LF or no size. pingora-core parses chunk-size lines with httparse's
+//! A guard on HTTP/1 client connections: it refuses a chunked request body whose chunk-size
+//! line holds a bare LF or no size. pingora-core parses chunk-size lines with httparse's
 //! `parse_chunk_size`, which takes a bare LF inside a chunk extension as part of the extension
 //! and ends the line at the next CRLF, where parsers that end a line at a bare LF see the chunk
 //! data start earlier: two parsers would disagree on where the body ends (RFC 9112 §7.1.1
 //! allows no LF there); and it reads a line without a size as the last chunk, losing the
 //! chunks after it as trailers. The guard watches the bytes pingora reads, from the end of the request
-//! head to the end of the chunked body, and fails the read that brings such a line.
+//! head to the end of the chunked body, and fails the read that brings such a line. The lean
+//! path says where each request starts (its loop runs between requests); on a connection the
+//! `ProxyHttp` path serves, whose loop is pingora-proxy's, the guard follows each request's
+//! framing itself from one head to the next.
 
 use std::io;
 use std::pin::Pin;
@@ -13,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use async_trait::async_trait;
+use pingora::prelude::*;
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
@@ -40,6 +44,9 @@ struct Watch {
     refused: bool,
     /// The recording buffer between requests, kept so a keep-alive connection allocates once.
     spare: Vec<u8>,
+    /// The guard follows the framing from one request to the next (a connection of the
+    /// `ProxyHttp` path): after a body, it records the next request's start.
+    follows: bool,
 }
 
 #[derive(Debug, Default)]
@@ -49,9 +56,41 @@ enum Mode {
     /// Reading a request head: what was read, from its first byte.
     Recording(Vec<u8>),
     Checking(ChunkLines),
+    /// Bytes of a body framed by its length still to come (when following).
+    Skipping(u64),
+}
+
+/// A request body's framing, as pingora-core reads it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Body {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl Body {
+    /// The framing of `request`'s body: pingora-core's `validate_request` let through only
+    /// chunked as a final coding, and tokenward's admission refuses any other coding before
+    /// it; a `Content-Length` list it accepted holds one value.
+    pub fn of(request: &pingora::http::RequestHeader) -> Body {
+        if request
+            .headers
+            .contains_key(http::header::TRANSFER_ENCODING)
+        {
+            return Body::Chunked;
+        }
+        request
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.as_bytes().split(|b| *b == b',').next())
+            .and_then(|v| std::str::from_utf8(v.trim_ascii()).ok())
+            .and_then(|v| v.parse().ok())
+            .map_or(Body::Empty, Body::Length)
+    }
 }
 
 impl Guarded {
+    /// For the lean path, which says where each request starts (`Guard::request_starts`).
     pub fn wrap(inner: Stream) -> (Stream, Guard) {
         let state = Arc::new(Mutex::new(Watch::default()));
         (
@@ -61,6 +100,13 @@ impl Guarded {
             }),
             Guard(state),
         )
+    }
+
+    /// For a connection the `ProxyHttp` path serves from its first byte.
+    pub fn wrap_following(inner: Stream) -> Stream {
+        let (stream, guard) = Self::wrap(inner);
+        guard.follow(&[]);
+        stream
     }
 }
 
@@ -79,27 +125,46 @@ impl Guard {
         });
     }
 
-    /// The head just read was `head` (its raw bytes); `chunked` when a chunked body follows.
-    pub fn head_read(&self, head: &[u8], chunked: bool) {
+    /// The guard of the connection `stream` is, if it has one.
+    pub fn of(stream: &Stream) -> Option<Guard> {
+        (**stream)
+            .as_any()
+            .downcast_ref::<Guarded>()
+            .map(|g| Guard(g.state.clone()))
+    }
+
+    /// From now on the guard follows the framing itself; `prefix` holds the next request's
+    /// bytes already read.
+    pub fn follow(&self, prefix: &[u8]) {
+        self.request_starts(Some(prefix));
+        self.with(|w| w.follows = true);
+    }
+
+    /// The connection carries something else than HTTP/1 from now on (after a 101).
+    pub fn stop(&self) {
         self.with(|w| {
+            w.follows = false;
+            w.mode = Mode::Off;
+        });
+    }
+
+    /// The head just read was `head` (its raw bytes), followed by a body framed as `body`.
+    pub fn head_read(&self, head: &[u8], body: Body) {
+        self.with(|w| {
+            let chunked = body == Body::Chunked;
             let Mode::Recording(mut recorded) = std::mem::take(&mut w.mode) else {
+                // Where its body starts is not known: a chunked body is not let through
+                // unwatched.
+                w.refused |= chunked;
                 return;
             };
-            if chunked {
-                match body_start(&recorded, head) {
-                    Some(at) => {
-                        let mut lines = ChunkLines::default();
-                        match lines.feed(&recorded[at..]) {
-                            Fed::More => w.mode = Mode::Checking(lines),
-                            Fed::Done => {}
-                            // The bytes are already in pingora's buffer: the next read fails
-                            // instead.
-                            Fed::Refused => w.refused = true,
-                        }
-                    }
-                    // A body that cannot be watched is not let through unwatched.
-                    None => w.refused = true,
+            match body_start(&recorded, head) {
+                Some(at) if chunked || w.follows => {
+                    // A bare LF already read is in pingora's buffer: the next read fails.
+                    let _ = w.body_starts(body, &recorded[at..]);
                 }
+                Some(_) => {}
+                None => w.refused |= chunked,
             }
             recorded.clear();
             if recorded.capacity() <= 16 << 10 {
@@ -112,6 +177,19 @@ impl Guard {
     pub fn refused(&self) -> bool {
         self.with(|w| w.refused)
     }
+
+    /// `e`, or when the guard refused the body, the client's malformed body (a 400): a read the
+    /// guard failed is not a lost client.
+    pub fn refusal(&self, e: Box<Error>) -> Box<Error> {
+        if !self.refused() {
+            return e;
+        }
+        Error::explain(
+            ErrorType::HTTPStatus(400),
+            "a chunk-size line with a bare LF or without a size (RFC 9112 §7.1)",
+        )
+        .into_down()
+    }
 }
 
 impl Watch {
@@ -120,26 +198,67 @@ impl Watch {
         if self.refused {
             return Err(malformed_size_line());
         }
-        match &mut self.mode {
+        match std::mem::take(&mut self.mode) {
             Mode::Off => {}
-            Mode::Recording(recorded) => {
-                if recorded.len() + bytes.len() > RECORD_LIMIT {
-                    self.mode = Mode::Off;
-                } else {
+            Mode::Recording(mut recorded) => {
+                if recorded.len() + bytes.len() <= RECORD_LIMIT {
                     recorded.extend_from_slice(bytes);
+                    self.mode = Mode::Recording(recorded);
                 }
             }
-            Mode::Checking(lines) => match lines.feed(bytes) {
-                Fed::More => {}
-                Fed::Done => self.mode = Mode::Off,
-                Fed::Refused => {
-                    self.mode = Mode::Off;
-                    self.refused = true;
-                    return Err(malformed_size_line());
-                }
+            Mode::Checking(mut lines) => {
+                let fed = lines.feed(bytes);
+                return self.fed(lines, fed, bytes);
+            }
+            Mode::Skipping(left) => match usize::try_from(left) {
+                Ok(left) if left <= bytes.len() => self.body_ended(&bytes[left..]),
+                _ => self.mode = Mode::Skipping(left - bytes.len() as u64),
             },
         }
         Ok(())
+    }
+
+    /// A body framed as `body` starts with `bytes`.
+    fn body_starts(&mut self, body: Body, bytes: &[u8]) -> io::Result<()> {
+        match body {
+            Body::Empty => self.body_ended(bytes),
+            Body::Length(n) => match usize::try_from(n) {
+                Ok(n) if n <= bytes.len() => self.body_ended(&bytes[n..]),
+                _ => self.mode = Mode::Skipping(n - bytes.len() as u64),
+            },
+            Body::Chunked => {
+                let mut lines = ChunkLines::default();
+                let fed = lines.feed(bytes);
+                return self.fed(lines, fed, bytes);
+            }
+        }
+        Ok(())
+    }
+
+    fn fed(&mut self, lines: ChunkLines, fed: Fed, bytes: &[u8]) -> io::Result<()> {
+        match fed {
+            Fed::More => self.mode = Mode::Checking(lines),
+            Fed::End(used) => self.body_ended(&bytes[used..]),
+            // pingora's own parser refuses it, and the connection ends.
+            Fed::Malformed => self.mode = Mode::Off,
+            Fed::Refused => {
+                self.mode = Mode::Off;
+                self.refused = true;
+                return Err(malformed_size_line());
+            }
+        }
+        Ok(())
+    }
+
+    /// The body ended; `rest` is what followed it in the same read: the next request's start.
+    fn body_ended(&mut self, rest: &[u8]) {
+        self.mode = if self.follows {
+            let mut recorded = std::mem::take(&mut self.spare);
+            recorded.extend_from_slice(rest);
+            Mode::Recording(recorded)
+        } else {
+            Mode::Off
+        };
     }
 }
 
@@ -169,8 +288,10 @@ fn malformed_size_line() -> io::Error {
 
 enum Fed {
     More,
-    /// The body ended (what follows is the next request's).
-    Done,
+    /// The body ended after this many of the bytes fed (what follows is the next request's).
+    End(usize),
+    /// Something pingora's own parser refuses: the guard stops watching.
+    Malformed,
     /// A size line with a bare LF, or without a size.
     Refused,
 }
@@ -188,11 +309,13 @@ enum ChunkLines {
     Data(u64),
     DataCr,
     DataLf,
-    TrailerLine {
-        empty: bool,
-        cr: bool,
+    /// After the last chunk's size line: the trailer section ends, as pingora-core's
+    /// `do_read_chunked_body_final` ends it, at the first CRLF CRLF counting that line's CRLF.
+    Trailers {
+        matched: u8,
     },
-    Done,
+    Ended,
+    Malformed,
 }
 
 impl Default for ChunkLines {
@@ -207,15 +330,17 @@ impl Default for ChunkLines {
 }
 
 impl ChunkLines {
-    fn feed(&mut self, mut bytes: &[u8]) -> Fed {
-        while let Some((&b, rest)) = bytes.split_first() {
+    fn feed(&mut self, bytes: &[u8]) -> Fed {
+        const END: &[u8; 4] = b"\r\n\r\n";
+        let mut at = 0;
+        while let Some(&b) = bytes.get(at) {
             match self {
                 ChunkLines::Data(left) => {
                     let skip = usize::try_from(*left)
                         .unwrap_or(usize::MAX)
-                        .min(bytes.len());
+                        .min(bytes.len() - at);
                     *left -= skip as u64;
-                    bytes = &bytes[skip..];
+                    at += skip;
                     if *left == 0 {
                         *self = ChunkLines::DataCr;
                     }
@@ -233,20 +358,17 @@ impl ChunkLines {
                     b'\n' if *digits == 0 => return Fed::Refused,
                     b'\n' => {
                         *self = if *size == 0 {
-                            ChunkLines::TrailerLine {
-                                empty: true,
-                                cr: false,
-                            }
+                            ChunkLines::Trailers { matched: 2 }
                         } else {
                             ChunkLines::Data(*size)
                         };
                     }
-                    _ if *cr => *self = ChunkLines::Done,
+                    _ if *cr => *self = ChunkLines::Malformed,
                     b'\r' => *cr = true,
                     _ if !*past_digits && b.is_ascii_hexdigit() => {
                         *digits += 1;
                         if *digits > 16 {
-                            *self = ChunkLines::Done;
+                            *self = ChunkLines::Malformed;
                         } else {
                             *size = *size << 4 | u64::from((b as char).to_digit(16).unwrap_or(0));
                         }
@@ -257,37 +379,35 @@ impl ChunkLines {
                     *self = if b == b'\r' {
                         ChunkLines::DataLf
                     } else {
-                        ChunkLines::Done
+                        ChunkLines::Malformed
                     };
                 }
                 ChunkLines::DataLf => {
                     *self = if b == b'\n' {
                         ChunkLines::default()
                     } else {
-                        ChunkLines::Done
+                        ChunkLines::Malformed
                     };
                 }
-                ChunkLines::TrailerLine { empty, cr } => match b {
-                    b'\n' if *empty && *cr => {
-                        *self = ChunkLines::Done;
-                        return Fed::Done;
+                ChunkLines::Trailers { matched } => {
+                    if b == END[usize::from(*matched)] {
+                        *matched += 1;
+                        if usize::from(*matched) == END.len() {
+                            *self = ChunkLines::Ended;
+                            return Fed::End(at + 1);
+                        }
+                    } else {
+                        *matched = u8::from(b == b'\r');
                     }
-                    b'\n' => {
-                        *empty = true;
-                        *cr = false;
-                    }
-                    b'\r' => *cr = true,
-                    _ => {
-                        *empty = false;
-                        *cr = false;
-                    }
-                },
-                ChunkLines::Done => return Fed::Done,
+                }
+                ChunkLines::Ended => return Fed::End(at),
+                ChunkLines::Malformed => return Fed::Malformed,
             }
-            bytes = rest;
+            at += 1;
         }
         match self {
-            ChunkLines::Done => Fed::Done,
+            ChunkLines::Ended => Fed::End(at),
+            ChunkLines::Malformed => Fed::Malformed,
             _ => Fed::More,
         }
     }
@@ -412,7 +532,8 @@ mod tests {
             .iter()
             .map(|p| match lines.feed(p) {
                 Fed::More => "more",
-                Fed::Done => "done",
+                Fed::End(_) => "done",
+                Fed::Malformed => "malformed",
                 Fed::Refused => "refused",
             })
             .collect()
@@ -470,7 +591,7 @@ mod tests {
         let guard = |read: &[u8], head: &[u8]| {
             let w = Guard(Arc::new(Mutex::new(Watch::default())));
             w.request_starts(Some(read));
-            w.head_read(head, true);
+            w.head_read(head, Body::Chunked);
             w.refused()
         };
         assert!(guard(read, escaped), "the bare LF behind an escaped head");
@@ -483,9 +604,63 @@ mod tests {
     }
 
     #[test]
+    fn a_following_guard_finds_each_request_behind_the_body_before_it_whatever_the_reads() {
+        let head_cl = b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\n".to_vec();
+        let head_chunked = b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let head_get = b"GET /c HTTP/1.1\r\n\r\n".to_vec();
+        let trailers = b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n\r\n".to_vec();
+        let bad = b"5;a\nb\r\nhello\r\n0\r\n\r\n".to_vec();
+        // Three requests, the last one's body with a bare LF, as one byte stream cut anywhere.
+        let requests: [(&[u8], Body, &[u8]); 4] = [
+            (&head_cl, Body::Length(5), b"hello"),
+            (&head_chunked, Body::Chunked, &trailers),
+            (&head_get, Body::Empty, b""),
+            (&head_chunked, Body::Chunked, &bad),
+        ];
+        let wire: Vec<u8> = requests
+            .iter()
+            .flat_map(|(h, _, b)| [*h, *b].concat())
+            .collect();
+        for cut in [1, 7, 13, 64, wire.len()] {
+            let state = Arc::new(Mutex::new(Watch::default()));
+            let guard = Guard(state.clone());
+            guard.follow(&[]);
+            // As pingora reads: a head, then (after `head_read`) its body, in reads of `cut`.
+            let mut at = 0;
+            let mut failed = false;
+            for (head, body, bytes) in requests {
+                let end = at + head.len();
+                while at < end {
+                    let to = (at + cut).min(end);
+                    failed |= state.lock().unwrap().saw(&wire[at..to]).is_err();
+                    at = to;
+                }
+                guard.head_read(head, body);
+                let end = at + bytes.len();
+                while at < end {
+                    let to = (at + cut).min(end);
+                    failed |= state.lock().unwrap().saw(&wire[at..to]).is_err();
+                    at = to;
+                }
+                if head != &head_chunked[..] || bytes != &bad[..] {
+                    assert!(!failed && !guard.refused(), "cut {cut}: {head:?}");
+                }
+            }
+            assert!(guard.refused(), "cut {cut}: the bare LF went through");
+        }
+        // After an upgrade nothing is watched or kept.
+        let state = Arc::new(Mutex::new(Watch::default()));
+        let guard = Guard(state.clone());
+        guard.follow(&[]);
+        guard.stop();
+        assert!(state.lock().unwrap().saw(&bad).is_ok());
+        assert!(matches!(state.lock().unwrap().mode, Mode::Off));
+    }
+
+    #[test]
     fn what_pingora_refuses_itself_ends_the_watch() {
         // A CR without its LF, a chunk without its CRLF: pingora's parser refuses these.
-        assert_eq!(feed_all(&[b"5\rx"]), ["done"]);
-        assert_eq!(feed_all(&[b"1\r\naXY"]), ["done"]);
+        assert_eq!(feed_all(&[b"5\rx"]), ["malformed"]);
+        assert_eq!(feed_all(&[b"1\r\naXY"]), ["malformed"]);
     }
 }

@@ -27,7 +27,7 @@ use serde_json::json;
 use tracing::info;
 
 use super::admission;
-use super::chunk_guard::{Guard, Guarded};
+use super::chunk_guard::{Body, Guard, Guarded};
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
@@ -119,6 +119,13 @@ impl ServerApp for ListenerApp {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         if !self.lean || !self.table.load().forwards_plainly(self.listener) {
+            // HTTP/2 frames its own way; an HTTP/1 connection gets the chunk guard, which
+            // follows its requests' framing itself (pingora's loop runs between them).
+            let stream = if stream.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
+                stream
+            } else {
+                Guarded::wrap_following(stream)
+            };
             return self.full.process_new(stream, shutdown).await;
         }
         let (mut stream, guard) = Guarded::wrap(stream);
@@ -163,7 +170,7 @@ impl ServerApp for ListenerApp {
                 }
                 Next::Close => return None,
                 Next::HandOff => {
-                    return Box::pin(self.hand_off(downstream, shutdown)).await;
+                    return Box::pin(self.hand_off(downstream, &guard, shutdown)).await;
                 }
             }
         }
@@ -182,6 +189,7 @@ impl ListenerApp {
     async fn hand_off(
         &self,
         mut downstream: Downstream,
+        guard: &Guard,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut prefix = BytesMut::from(&downstream.get_headers_raw_bytes()[..]);
@@ -192,6 +200,8 @@ impl ListenerApp {
         if let Some(past) = past {
             prefix.extend_from_slice(&past);
         }
+        // The `ProxyHttp` path reads the request again from `prefix`.
+        guard.follow(&prefix);
         let mut session = ServerSession::new_http1(stream);
         let mut settings = HttpPersistentSettings::for_session(&session);
         settings.set_pipelined_prefix(prefix);
@@ -231,7 +241,7 @@ impl ListenerApp {
         };
         if guard.refused() {
             // The bad line came with the head: refused before anything goes upstream.
-            let e = refusal(guard, Error::new(ErrorType::InternalError));
+            let e = guard.refusal(Error::new(ErrorType::InternalError));
             downstream.set_server_keepalive(None);
             answer(downstream, 400, failure_body(400, &route.name, &e), None).await;
             log_outcome(&route, 400, started, Some(&e));
@@ -271,7 +281,7 @@ impl ListenerApp {
                 Next::KeepAlive
             }
             Err(e) => {
-                let e = refusal(guard, e);
+                let e = guard.refusal(e);
                 let code = failure_status(&e);
                 if code > 0 && final_status(downstream) == 0 {
                     // The connection ends after this answer, and the answer says so.
@@ -421,26 +431,12 @@ impl ListenerApp {
     }
 }
 
-/// Tells the guard where the request just read ends its head, and whether a chunked body
-/// follows (pingora-core's `validate_request` let through only chunked as a final coding).
+/// Tells the guard where the request just read ends its head, and how its body is framed.
 fn watch_head(guard: &Guard, downstream: &Downstream) {
-    let chunked = downstream
-        .req_header()
-        .headers
-        .contains_key(header::TRANSFER_ENCODING);
-    guard.head_read(&downstream.get_headers_raw_bytes(), chunked);
-}
-
-/// A read the guard failed is the client's malformed body (a 400), not a lost client.
-fn refusal(guard: &Guard, e: Box<Error>) -> Box<Error> {
-    if !guard.refused() {
-        return e;
-    }
-    Error::explain(
-        ErrorType::HTTPStatus(400),
-        "a chunk-size line with a bare LF or without a size (RFC 9112 §7.1)",
-    )
-    .into_down()
+    guard.head_read(
+        &downstream.get_headers_raw_bytes(),
+        Body::of(downstream.req_header()),
+    );
 }
 
 /// What one request asks of each attempt's exchange with the upstream.
@@ -680,7 +676,7 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
     }
     watch_head(&guard, &downstream);
     if guard.refused() {
-        return Err(refusal(&guard, Error::new(ErrorType::InternalError)));
+        return Err(guard.refusal(Error::new(ErrorType::InternalError)));
     }
     if let Some(refusal) = admission::refusal(downstream.req_header()) {
         return Err(
@@ -703,7 +699,7 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
     let mut upstream = Upstream::new(upstream);
     send(&mut downstream, &mut upstream, request, &exchange)
         .await
-        .map_err(|e| refusal(&guard, e))
+        .map_err(|e| guard.refusal(e))
 }
 
 /// Removes the fields `Connection` names and the standard hop-by-hop ones. A `Connection`

@@ -76,6 +76,8 @@ pub struct RequestCtx {
     subject: Option<Secret>,
     /// 1xx answers the upstream sent for this request so far.
     informational: usize,
+    /// The chunk guard of an HTTP/1 client connection (`chunk_guard`).
+    guard: Option<chunk_guard::Guard>,
     _in_flight: InFlightGuard,
 }
 
@@ -157,11 +159,20 @@ impl ProxyHttp for TokenwardProxy {
             signed: None,
             subject: None,
             informational: 0,
+            guard: None,
             _in_flight: self.in_flight.enter(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        // First, before anything reads the body: the guard learns where it starts.
+        if let Some(guard) = session.as_ref().stream().and_then(chunk_guard::Guard::of) {
+            guard.head_read(
+                &session.as_ref().to_h1_raw(),
+                chunk_guard::Body::of(session.req_header()),
+            );
+            ctx.guard = Some(guard);
+        }
         if let Some(refusal) = admission::refusal(session.req_header()) {
             // As on the lean path. pingora-proxy's `handle_new_request` would refuse CONNECT
             // with a bare 405; it is let through (`allow_connect_method_proxying`) to get here.
@@ -188,6 +199,14 @@ impl ProxyHttp for TokenwardProxy {
             respond::json(session, 404, no_route(), None).await?;
             return Ok(true);
         };
+        if let Some(guard) = ctx.guard.as_ref().filter(|g| g.refused()) {
+            // The bad line came with the head: refused before anything goes upstream.
+            let e = guard.refusal(Error::new(ErrorType::InternalError));
+            session.set_keepalive(None);
+            respond::json(session, 400, failure_body(400, &route.name, &e), None).await?;
+            ctx.route = Some(route);
+            return Ok(true);
+        }
         let outcome = match route.credential.exchanger() {
             None => route.credential.token().await,
             Some(exchanger) => match Self::exchanged(session, ctx, &route, exchanger).await? {
@@ -410,8 +429,14 @@ impl ProxyHttp for TokenwardProxy {
         &self,
         session: &mut Session,
         response: &mut ResponseHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(guard) = &ctx.guard
+        {
+            // What follows is the tunnel's, not HTTP/1.
+            guard.stop();
+        }
         // pingora-core's `prepare_response_header` turns the client connection's keep-alive off
         // for any answer written before the request body is read whole (its default
         // `close_on_response_before_downstream_finish`): a 100 relayed for `Expect:
@@ -473,6 +498,13 @@ impl ProxyHttp for TokenwardProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // A read the chunk guard failed is the client's malformed body, not a lost client.
+        let refused = ctx
+            .guard
+            .as_ref()
+            .filter(|g| g.refused())
+            .map(|g| g.refusal(Error::new(ErrorType::InternalError)));
+        let e = refused.as_deref().unwrap_or(e);
         let code = failure_status(e);
         let answered = session
             .response_written()

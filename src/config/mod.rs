@@ -456,6 +456,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
     if shared_store {
         check_chain_collisions(&mut c, &credentials);
     }
+    check_shared_bootstrap_values(&mut c, &credentials);
     check_actors(&mut c, &credentials);
     let known: BTreeSet<&str> = credentials.iter().map(|c| c.name.as_str()).collect();
     let mut routes = Vec::new();
@@ -713,6 +714,34 @@ fn check_chain_collisions(c: &mut Collector, credentials: &[CredentialConfig]) {
                 ),
             };
             c.push(key, why);
+        }
+    }
+}
+
+/// Two credentials whose bootstrap refresh tokens hold one value would each spend it: one
+/// value is one token family at the provider, and a strict provider revokes the family at its
+/// second use. Their identities may still differ (the token URL spelled two ways, the value in
+/// two files or a file and a variable), so the values are compared. A value that cannot be read
+/// now is left to the credential's own start, which says why.
+fn check_shared_bootstrap_values(c: &mut Collector, credentials: &[CredentialConfig]) {
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for cred in credentials {
+        let Some(value) = cred
+            .dialect
+            .bootstrap_refresh_token()
+            .and_then(|source| source.resolve().ok())
+        else {
+            continue;
+        };
+        if let Some(first) = seen.insert(value.fingerprint(), &cred.name) {
+            c.push(
+                format!("credentials.{}.refresh_token", cred.name),
+                format!(
+                    "holds the same refresh token as credential {first:?}: both would spend it, \
+                     and a provider that rotates refresh tokens revokes the family at its second \
+                     use; point both routes at one credential"
+                ),
+            );
         }
     }
 }
@@ -1290,6 +1319,46 @@ credentials:
         let err = load_str("toml", &twice).unwrap_err();
         assert_eq!(err.0[0].key, "credentials.b.chain", "{err}");
         assert!(err.0[0].reason.contains("\"a\""), "{err}");
+    }
+
+    #[test]
+    fn two_credentials_holding_one_bootstrap_value_are_refused_however_they_read_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rt");
+        std::fs::write(&file, "rt-alice\n").unwrap();
+        let cred = |name: &str, url: &str, source: &str| {
+            format!(
+                "[credentials.{name}]\ndialect = \"oauth2\"\ntoken_url = \"{url}\"\nclient_id = \"c1\"\nclient_secret = \"s\"\ngrant = \"refresh_token\"\nrefresh_token = {source}\n"
+            )
+        };
+        let routes = "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://u\"\ncredential = \"a\"\n";
+        let from_file = format!("{{ file = \"{}\" }}", file.display());
+        for (a, b) in [
+            // One value, read two ways; one provider spelled two ways.
+            (
+                cred("a", "https://idp/token", &from_file),
+                cred("b", "https://idp/token", "\"rt-alice\""),
+            ),
+            (
+                cred("a", "https://idp/token", "\"rt-alice\""),
+                cred("b", "https://IDP/token?", "\"rt-alice\""),
+            ),
+        ] {
+            let err = load_str("toml", &format!("{routes}{a}{b}")).unwrap_err();
+            assert_eq!(err.0.len(), 1, "{err}");
+            assert_eq!(err.0[0].key, "credentials.b.refresh_token", "{err}");
+            assert!(err.0[0].reason.contains("\"a\""), "{err}");
+            assert!(
+                !err.to_string().contains("rt-alice"),
+                "the value is never shown: {err}"
+            );
+        }
+        let apart = format!(
+            "{routes}{}{}",
+            cred("a", "https://idp/token", &from_file),
+            cred("b", "https://idp/token", "\"rt-bob\"")
+        );
+        assert!(load_str("toml", &apart).is_ok());
     }
 
     #[test]

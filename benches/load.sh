@@ -32,6 +32,7 @@
 # stopped on exit. Installs nginx, wrk and hey (Debian) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/tools/bench_route.sh
 
 ROUNDS=${ROUNDS:-5}
 SIZES=${SIZES:-small 10k 1m}
@@ -137,16 +138,7 @@ level = "warn"
 listen = "127.0.0.1:$ADMIN"
 [state]
 dir = "$WORK/state"
-[[routes]]
-name = "bench"
-listen = "127.0.0.1:${PORT[tokenward]}"
-upstream = "http://127.0.0.1:$UPSTREAM"
-credential = "bench"
-[credentials.bench]
-dialect = "oauth2"
-token_url = "http://127.0.0.1:$PROVIDER/oauth2/token"
-client_id = "demo"
-client_secret = "demo-secret"
+$(bench_route "${PORT[tokenward]}" "$UPSTREAM" "$PROVIDER")
 CONF
 "${SERVER_CPU[@]}" "$TW_BIN" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
 PIDS+=($!)

@@ -626,7 +626,15 @@ async fn an_upstream_failure_after_our_100_continue_is_a_502_and_http10_gets_no_
     assert!(answer.says_close(), "{answer:?}");
     let body: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
     assert_eq!(body["error"], "upstream_unavailable");
-    let metrics = tw.get_text("/metrics").await;
+    // The request is counted just after its answer is written: wait for the count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = tw.get_text("/metrics").await;
+        if requests_in_class(&metrics, "5xx") > 0.0 || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(requests_in_class(&metrics, "5xx"), 1.0, "{metrics}");
     assert_eq!(requests_in_class(&metrics, "1xx"), 0.0, "{metrics}");
     drop(tw);

@@ -228,11 +228,7 @@ async fn two_accounts_on_one_client_never_see_each_others_tokens() {
     assert!(provider.refused().is_empty(), "{}", provider.summary());
     assert!(!provider.revoked("alice") && !provider.revoked("bob"));
     // Two chains in Redis, each with its lease key at most.
-    let chains: Vec<String> = redis
-        .keys()
-        .into_iter()
-        .filter(|k| !k.ends_with(":lease"))
-        .collect();
+    let chains = redis.chain_keys();
     assert_eq!(chains.len(), 2, "{chains:?}");
 }
 
@@ -303,11 +299,7 @@ async fn two_deployments_reading_one_bootstrap_place_keep_their_accounts_apart()
         provider.summary()
     );
     assert!(!provider.revoked("alice") && !provider.revoked("bob"));
-    let chains: Vec<String> = redis
-        .keys()
-        .into_iter()
-        .filter(|k| !k.ends_with(":lease"))
-        .collect();
+    let chains = redis.chain_keys();
     assert_eq!(chains.len(), 2, "{chains:?}");
 }
 
@@ -509,11 +501,7 @@ async fn token_served(tw: &Tokenward) -> String {
 
 /// The chain's state key in Redis (the one key that is not a lease).
 fn chain_key(redis: &RedisServer) -> String {
-    let keys: Vec<String> = redis
-        .keys()
-        .into_iter()
-        .filter(|k| !k.ends_with(":lease"))
-        .collect();
+    let keys = redis.chain_keys();
     assert_eq!(keys.len(), 1, "{keys:?}");
     keys[0].clone()
 }
@@ -543,7 +531,7 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     a.signal("STOP");
     redis.flush_all();
     wait_for("B's state written back", SOON, || {
-        redis.keys().iter().any(|k| !k.ends_with(":lease"))
+        !redis.chain_keys().is_empty()
     })
     .await;
     a.signal("CONT");
@@ -720,13 +708,8 @@ async fn identity_changes_by_reload_move_the_chain_for_every_replica() {
         "{}",
         b.logs()
     );
-    // Two markers and the named chain: three keys, no lease left.
-    let keys: Vec<String> = account
-        .redis
-        .keys()
-        .into_iter()
-        .filter(|k| !k.ends_with(":lease"))
-        .collect();
+    // Two markers and the named chain: three keys besides the leases.
+    let keys = account.redis.chain_keys();
     assert_eq!(keys.len(), 3, "{keys:?}");
 }
 
@@ -886,11 +869,7 @@ async fn a_new_bootstrap_value_for_an_unnamed_chain_moves_every_replica_to_its_k
     assert_served(&[a_addr, b_addr], 5).await;
     assert_chain_intact(provider);
     // The new value's chain and the marker under the old key.
-    let keys: Vec<String> = redis
-        .keys()
-        .into_iter()
-        .filter(|k| !k.ends_with(":lease"))
-        .collect();
+    let keys = redis.chain_keys();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.contains(&old_key), "{keys:?}");
 }

@@ -223,15 +223,8 @@ impl CredentialConfig {
     /// identity is the name alone — no token URL, client or value — so that naming a chain
     /// first makes every other setting free to change without moving it again.
     pub fn chain_identity(&self) -> String {
-        use sha2::{Digest, Sha256};
         match &self.chain {
-            Some(name) => {
-                let digest = Sha256::new()
-                    .chain_update(b"tokenward chain v2 named\n")
-                    .chain_update(name.as_bytes())
-                    .finalize();
-                digest[..16].iter().map(|b| format!("{b:02x}")).collect()
-            }
+            Some(name) => identity_digest(&[b"tokenward chain v2 named\n", name.as_bytes()]),
             None => self.unnamed_chain_identity(),
         }
     }
@@ -239,28 +232,36 @@ impl CredentialConfig {
     /// The identity these settings derive from the account alone, whether or not the chain is
     /// named: where the chain lived before the operator named it.
     pub fn unnamed_chain_identity(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::new()
-            .chain_update(b"tokenward chain v2\n")
-            .chain_update(self.dialect_name.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(self.dialect.account().as_bytes())
-            .finalize();
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        identity_digest(&[
+            b"tokenward chain v2\n",
+            self.dialect_name.as_bytes(),
+            b"\n",
+            self.dialect.account().as_bytes(),
+        ])
     }
 
     /// Where versions before identities by account filed this credential's chain: a hash of
-    /// the dialect's whole description. Read only to carry a chain across the upgrade.
+    /// the dialect's whole description. Read to carry a chain across the upgrade, and what
+    /// tells a token-exchange credential's per-caller tokens apart (everything it names).
     pub fn legacy_chain_identity(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let digest = Sha256::new()
-            .chain_update(b"tokenward chain v1\n")
-            .chain_update(self.dialect_name.as_bytes())
-            .chain_update(b"\n")
-            .chain_update(self.dialect.describe().as_bytes())
-            .finalize();
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        identity_digest(&[
+            b"tokenward chain v1\n",
+            self.dialect_name.as_bytes(),
+            b"\n",
+            self.dialect.describe().as_bytes(),
+        ])
     }
+}
+
+/// The first 16 bytes of the SHA-256 of `parts`, in hex: an identity that names nothing it
+/// was derived from.
+fn identity_digest(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = parts
+        .iter()
+        .fold(Sha256::new(), |d, part| d.chain_update(part))
+        .finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl fmt::Debug for CredentialConfig {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedMutexGuard, watch};
 use tracing::{error, info, warn};
 
@@ -307,16 +306,11 @@ pub struct Credential {
 }
 
 /// Identifies a token-exchange credential's per-caller tokens: everything its description
-/// names (endpoints, client, scope, actor), hashed. A chain's identity is
+/// names (endpoints, client, scope, actor), hashed — the description hash chains were filed
+/// under before identities by account. A chain's identity is
 /// [`CredentialConfig::chain_identity`], which names the account instead.
 pub fn exchange_identity(config: &CredentialConfig) -> String {
-    let digest = Sha256::new()
-        .chain_update(b"tokenward chain v1\n")
-        .chain_update(config.dialect_name.as_bytes())
-        .chain_update(b"\n")
-        .chain_update(config.dialect.describe().as_bytes())
-        .finalize();
-    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    config.legacy_chain_identity()
 }
 
 impl Credential {

@@ -171,6 +171,14 @@ impl RedisServer {
             .collect()
     }
 
+    /// Every key but the lease keys: the chains and their forwarding markers.
+    pub fn chain_keys(&self) -> Vec<String> {
+        self.keys()
+            .into_iter()
+            .filter(|k| !k.ends_with(":lease"))
+            .collect()
+    }
+
     /// Whether `needle` appears anywhere in a key name or value.
     pub fn holds_bytes(&self, needle: &[u8]) -> bool {
         self.entries()

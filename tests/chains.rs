@@ -713,6 +713,39 @@ async fn identity_changes_by_reload_move_the_chain_for_every_replica() {
     assert_eq!(keys.len(), 3, "{keys:?}");
 }
 
+/// A chain moved by a reload on replica A, then Redis loses everything before replica B (frozen
+/// meanwhile) has followed the marker: the marker went with the data, and each replica would
+/// write the chain back under its own key and present one refresh token from both. A restores
+/// the markers it left, so B follows the chain instead of refreshing under the old key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_emptied_right_after_a_move_keeps_one_chain() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
+    let before = reloads(&a);
+    let loopback = provider.token_url();
+    rewrite_config(&a, &loopback, &loopback.replace("127.0.0.1", "localhost"));
+    a.signal("HUP");
+    wait_for("the reload", SOON, || reloads(&a) > before).await;
+
+    b.signal("STOP");
+    refresh_and_wait(&a).await;
+    assert!(
+        a.logs().contains("moved the chain to its new key"),
+        "{}",
+        a.logs()
+    );
+    redis.flush_all();
+    b.signal("CONT");
+
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    assert!(b.logs().contains("following it"), "{}", b.logs());
+}
+
 /// F3, by rolling restart: replica A restarts with `chain = "NAME"` added while B still runs
 /// without it. A finds its named key empty and moves the chain there from the key the same
 /// settings derive without the name (the old key's lease, its state carried, a forwarding

@@ -545,6 +545,36 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
+/// Redis loses everything while replica A is one rotation behind B; A's refresh writes A's
+/// state back and settles under the lease, and B's refresh, started right after, waits for that
+/// lease. B's flight holds B's chain, so B's periodic comparison with Redis is skipped: B must
+/// write its newer state back while it waits, or A's settle ends with A presenting the refresh
+/// token B already spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_waiting_for_the_lease_writes_its_newer_state_back() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+
+    a.signal("STOP");
+    refresh_and_wait(&b).await;
+    redis.flush_all();
+    a.signal("CONT");
+    let on_a = spawn_forced_refresh(&a);
+    wait_for("A's state written back", SOON, || {
+        !redis.chain_keys().is_empty()
+    })
+    .await;
+    let on_b = spawn_forced_refresh(&b);
+    let _ = on_a.await.unwrap().unwrap();
+    let _ = on_b.await.unwrap().unwrap();
+
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+}
+
 /// F2a: Redis loses everything and at once a replica starts with nothing but the bootstrap
 /// value, long spent. It waits for the store to settle (the live replica writes its chain
 /// back) instead of presenting the spent value, which would revoke the account's family.

@@ -1375,6 +1375,14 @@ impl Credential {
                             if first {
                                 waited_from = Some(stored.as_ref().map_or(0, |s| s.version));
                             }
+                            // The store lost what it knew (or went back) and this flight holds
+                            // the chain, so the periodic comparison that would write this
+                            // replica's point back is skipped: write it back now, or the holder
+                            // settling that store presents an older point of the chain.
+                            if self.lost_by_store(chain, stored.as_ref()) {
+                                let seen = stored.as_ref().map_or(0, |s| s.version);
+                                self.write_back_forward(chain, None, seen).await;
+                            }
                             let newer = stored.as_ref().is_some_and(|s| self.may_adopt(chain, s));
                             if let Some(stored) = stored.filter(|_| newer) {
                                 if let Some(t) = self.adopt_stored(&stored, purpose) {
@@ -1620,6 +1628,17 @@ impl Credential {
     /// The longest a provider exchange of this credential can last.
     fn call_bound(&self) -> Duration {
         self.config.timing.timeout * 2 + Duration::from_secs(1)
+    }
+
+    /// Whether the store lost this process's point of the chain: it holds nothing or an older
+    /// point, while this process holds history and has no move to make first.
+    fn lost_by_store(&self, chain: &Chain, stored: Option<&Stored>) -> bool {
+        self.store.is_shared()
+            && chain.holds_history()
+            && chain.moving.is_none()
+            && stored.is_none_or(|s| {
+                s.state.moved_to.is_none() && self.relation(chain, s) == Relation::Older
+            })
     }
 
     /// Whether a stored state may replace this process's chain outside a lease: never one

@@ -119,6 +119,15 @@ impl ProviderClient {
             .map_err(|e| format!("cannot build the provider HTTP client: {e}"))
     }
 
+    /// SHA-256 of the client certificate the next request presents (after looking at its
+    /// files), for a client that has one.
+    pub fn client_cert_thumbprint(&self) -> Option<[u8; 32]> {
+        match &self.client {
+            Clients::Fixed(_) => None,
+            Clients::Rotating(clients) => Some(clients.thumbprint()),
+        }
+    }
+
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let request = match &self.client {
             Clients::Fixed(client) => client.request(method, url),

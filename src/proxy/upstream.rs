@@ -139,9 +139,11 @@ impl UpstreamTarget {
         true
     }
 
-    /// The peer at the current address. An upstream whose name has not resolved is unreachable:
-    /// an upstream error (a JSON 502), like a refused connection.
-    pub fn current_peer(&self) -> pingora::Result<HttpPeer> {
+    /// The peer at the current address, presenting the client certificate `bound_to` names (the
+    /// SHA-256 of the one the token was obtained with, where the route presents the credential's
+    /// certificate) or else the current one. An upstream whose name has not resolved is
+    /// unreachable: an upstream error (a JSON 502), like a refused connection.
+    pub fn current_peer(&self, bound_to: Option<&[u8; 32]>) -> pingora::Result<HttpPeer> {
         let addr = self.address().ok_or_else(|| {
             Error::explain(
                 ErrorType::ConnectNoRoute,
@@ -149,7 +151,7 @@ impl UpstreamTarget {
             )
             .into_up()
         })?;
-        Ok(self.peer(addr))
+        Ok(self.peer(addr, bound_to))
     }
 
     /// Resolves the host name once; keeps the previous address when resolution fails.
@@ -163,7 +165,7 @@ impl UpstreamTarget {
         Ok(found)
     }
 
-    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+    pub fn peer(&self, addr: SocketAddr, bound_to: Option<&[u8; 32]>) -> HttpPeer {
         // SNI is always set: pingora skips certificate verification when it is empty.
         let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
         peer.options.connection_timeout = Some(self.connect_timeout);
@@ -173,7 +175,12 @@ impl UpstreamTarget {
             peer.options.alpn = if self.http2 { ALPN::H2H1 } else { ALPN::H1 };
             peer.options.ca = self.ca.clone();
             if let Some(rotating) = &self.client_cert {
-                let (cert, pool_key) = &*rotating.current();
+                // A token bound to the certificate before a rotation goes out with that one
+                // until the token bound to the new one is held: never the two mixed.
+                let chosen = bound_to
+                    .and_then(|t| rotating.matching(t))
+                    .unwrap_or_else(|| rotating.current());
+                let (cert, pool_key) = &*chosen;
                 peer.client_cert_key = Some(cert.clone());
                 // Keeps connections made with another certificate (another route's, or this
                 // route's before a rotation) out of this request's reach in the shared pool.
@@ -257,7 +264,7 @@ mod tests {
     #[test]
     fn an_unresolved_upstream_is_an_upstream_failure_and_a_reload_carries_the_address_over() {
         let old = target("http://api.internal:8080");
-        let e = old.current_peer().unwrap_err();
+        let e = old.current_peer(None).unwrap_err();
         assert_eq!(e.etype(), &ErrorType::ConnectNoRoute);
         // fail_to_proxy answers an upstream error with the JSON 502, an internal one with 500.
         assert_eq!(e.esource(), &pingora::prelude::ErrorSource::Upstream);
@@ -268,7 +275,7 @@ mod tests {
         assert!(same.adopt_address(&old));
         use pingora::upstreams::peer::Peer;
         assert_eq!(
-            same.current_peer().unwrap().address().to_string(),
+            same.current_peer(None).unwrap().address().to_string(),
             addr.to_string()
         );
         assert!(!target("http://api.internal:9090").adopt_address(&old));

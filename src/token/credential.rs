@@ -521,6 +521,35 @@ impl Credential {
         self.wait(rx, self.wait_limit()).await
     }
 
+    /// Whether the client certificate the token endpoint is called with changed since the
+    /// current token was obtained with another: the token is bound to the old one (RFC 8705
+    /// §3), and one bound to the new one is needed before the upstream sees the new one.
+    pub fn certificate_renewed(&self) -> bool {
+        let Some(bound) = self.current.load().as_ref().and_then(|t| t.bound_cert) else {
+            return false;
+        };
+        self.client
+            .client_cert_thumbprint()
+            .is_some_and(|now| now != bound)
+    }
+
+    /// Obtains a token bound to the renewed client certificate (unless a back-off holds
+    /// provider calls back); returns when the flight it started or joined ends.
+    pub async fn rebind_certificate(self: &Arc<Self>) {
+        if self.exchanger.is_some() || self.held_back(Instant::now()) {
+            return;
+        }
+        info!(credential = %self.name, "the client certificate changed; obtaining a token bound to the new one");
+        let (mut rx, _) = self.flight(Purpose::Forced);
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Whether this credential's token endpoint is called with a client certificate, whose
+    /// files are then watched for a renewal.
+    pub fn has_client_certificate(&self) -> bool {
+        self.client.client_cert_thumbprint().is_some()
+    }
+
     /// The flight in progress, or a new one for `purpose`; `true` when joining one.
     fn flight(self: &Arc<Self>, purpose: Purpose) -> (watch::Receiver<Option<Outcome>>, bool) {
         let mut slot = self.flight.lock().unwrap_or_else(|p| p.into_inner());
@@ -1746,6 +1775,9 @@ impl Credential {
                 refresh_token: chain.refresh.clone(),
             };
             let sent = SentAt::now();
+            // The certificate this exchange presents (looked at now, as the request will):
+            // a provider binding the token to it makes it the one the upstream must see.
+            let bound_cert = self.client.client_cert_thumbprint();
             let result = self.obtain(held).await;
             self.metrics
                 .duration
@@ -1795,7 +1827,10 @@ impl Credential {
                 generation,
                 after_rejection,
             )
-            .map(Arc::new)
+            .map(|mut token| {
+                token.bound_cert = bound_cert;
+                Arc::new(token)
+            })
             .map_err(DialectError::transient);
             if rotated || (self.store.is_shared() && token.is_ok()) {
                 // Persisted before it is used: the provider may have revoked the old one.

@@ -39,16 +39,25 @@ impl Refresher {
 /// credential's `probe_interval` instead.
 pub(crate) const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the client certificate files of a credential that has one are looked at (a
+/// `stat` each), so a renewed certificate gets a token bound to it before the upstream
+/// connections present it (they look as often: `proxy::upstream::CLIENT_CERT_CHECK_INTERVAL`).
+const CLIENT_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Keeps one credential's token fresh until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
     let mut next_sync = Instant::now() + STORE_SYNC_INTERVAL;
+    let watches_certificate = credential.has_client_certificate();
     loop {
         if *shutdown.borrow() || credential.is_retired() {
             return;
         }
         let syncs = credential.store_mode() != StoreMode::File;
         let wake = credential.next_wake();
-        let at = if syncs { wake.min(next_sync) } else { wake };
+        let mut at = if syncs { wake.min(next_sync) } else { wake };
+        if watches_certificate {
+            at = at.min(Instant::now() + CLIENT_CERT_CHECK_INTERVAL);
+        }
         tokio::select! {
             _ = tokio::time::sleep_until(at.into()) => {}
             // Something changed the schedule (a request-driven refresh, an invalidation): recompute.
@@ -62,6 +71,12 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
                     StoreMode::Shared | StoreMode::File => STORE_SYNC_INTERVAL,
                     StoreMode::Local | StoreMode::Hold => credential.config().timing.probe_interval,
                 };
+        }
+        if watches_certificate && credential.certificate_renewed() {
+            tokio::select! {
+                _ = credential.rebind_certificate() => {}
+                _ = shutdown.changed() => return,
+            }
         }
         let wake = credential.next_wake();
         if Instant::now() >= wake {

@@ -40,7 +40,7 @@ pub(super) fn validate(
     });
     let ca_file = ca_file.map(PathBuf::from);
     if let Some(ca) = &ca_file {
-        if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
+        if let Err(reason) = crate::ca_bundle::load(ca) {
             c.push(format!("{key}.ca_file"), reason);
         }
     }

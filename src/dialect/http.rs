@@ -105,7 +105,7 @@ impl ProviderClient {
         };
         if let Some(path) = &transport.ca_file {
             builder = builder.tls_built_in_root_certs(false);
-            for der in crate::proxy::upstream::load_ca_bundle(path)? {
+            for der in crate::ca_bundle::load(path)? {
                 let cert = reqwest::Certificate::from_der(&der)
                     .map_err(|e| format!("CA bundle {}: {}", path.display(), root_cause(&e)))?;
                 builder = builder.add_root_certificate(cert);

@@ -4,7 +4,6 @@
 //! exchanges may be sent again.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,35 +46,12 @@ pub struct UpstreamTarget {
     addr: ArcSwapOption<SocketAddr>,
 }
 
-/// Reads a PEM bundle, checking that every certificate parses (pingora panics on bad DER).
-pub fn load_ca_bundle(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let ders: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read CA bundle {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("CA bundle {} is not valid PEM: {e}", path.display()))?;
-    if ders.is_empty() {
-        return Err(format!("CA bundle {} holds no certificate", path.display()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for der in &ders {
-        roots.add(der.clone()).map_err(|e| {
-            format!(
-                "CA bundle {} holds an unusable certificate: {e}",
-                path.display()
-            )
-        })?;
-    }
-    Ok(ders.into_iter().map(|d| d.to_vec()).collect())
-}
-
 impl UpstreamTarget {
     pub fn new(route: &RouteConfig) -> Result<Self, String> {
         let u = &route.upstream;
         let ca = match &route.ca_file {
             Some(path) => {
-                let ders = load_ca_bundle(path)?;
+                let ders = crate::ca_bundle::load(path)?;
                 let certs: Vec<WrappedX509> = ders
                     .into_iter()
                     .map(|der| WrappedX509::new(der, pingora::utils::tls::parse_x509))
@@ -257,7 +233,8 @@ mod tests {
             "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"{upstream}\"\ncredential = \"c\"\n\
              [credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"http://127.0.0.1:2/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n"
         );
-        let config = crate::config::Config::parse(Path::new("t.toml"), &text, false).unwrap();
+        let config =
+            crate::config::Config::parse(std::path::Path::new("t.toml"), &text, false).unwrap();
         UpstreamTarget::new(&config.routes[0]).unwrap()
     }
 

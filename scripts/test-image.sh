@@ -106,7 +106,8 @@ if [ "$(id -u)" -eq 0 ]; then
     ok "layout: /bin/tokenward, /tmp and /var/lib/tokenward owned by 65532, CA bundle, no shell ($(grep -c . <<<"$layout") entries)"
 fi
 
-version_out=$("${PODMAN[@]}" run --rm --network host "${ULIMITS[@]}" "$IMAGE" --version)
+version_out=$("${PODMAN[@]}" run --rm --network host "${ULIMITS[@]}" "$IMAGE" --version 2>&1) ||
+    fail "the binary does not start in the image: $version_out"
 [ "$version_out" = "tokenward $VERSION" ] || fail "--version printed: $version_out"
 ok "the binary starts in the image: $version_out"
 

@@ -40,6 +40,7 @@ CONTEXT=$(mktemp -d)
 trap 'rm -rf "$CONTEXT"' EXIT
 scripts/image-rootfs.sh "$BINARY" "$CONTEXT"
 
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE:dev" 2>/dev/null || true)
 # --pull=never: FROM scratch needs no base image, and nothing else may be fetched.
 # --squash: one layer, since the three COPYs only make sense together.
 podman build --pull=never --squash --quiet \
@@ -49,6 +50,12 @@ podman build --pull=never --squash --quiet \
     --build-arg SOURCE="$SOURCE" \
     -t "$IMAGE:$VERSION" -t "$IMAGE:dev" \
     "$CONTEXT" >/dev/null
+# The image these tags named before is left without a name: remove it, so that rebuilding (every
+# CI run) does not pile up images. `rmi` without --force keeps it if anything still uses it.
+current=$(podman image inspect --format '{{.Id}}' "$IMAGE:dev")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 
 size=$(podman image inspect --format '{{.Size}}' "$IMAGE:$VERSION")
 echo "built $IMAGE:$VERSION and $IMAGE:dev (revision $REVISION): $size bytes ($((size / 1024 / 1024)) MiB)"

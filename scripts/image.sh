@@ -17,8 +17,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
 IMAGE=${TOKENWARD_IMAGE_NAME:-localhost/tokenward}
-VERSION=$(awk -F'"' '/^\[/ { section = $0 } section == "[package]" && /^version *=/ { print $2; exit }' Cargo.toml)
-[ -n "$VERSION" ] || { echo "$0: no [package] version in Cargo.toml" >&2; exit 1; }
+VERSION=$(scripts/version.sh)
 
 REVISION=unknown
 if git rev-parse --git-dir >/dev/null 2>&1; then

@@ -66,7 +66,7 @@ fi
 build_start=$(now)
 scripts/image.sh
 build_ms=$(elapsed_ms "$build_start" "$(now)")
-VERSION=$(awk -F'"' '/^\[/ { section = $0 } section == "[package]" && /^version *=/ { print $2; exit }' Cargo.toml)
+VERSION=$(scripts/version.sh)
 IMAGE=localhost/tokenward:$VERSION
 
 size=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
@@ -89,7 +89,7 @@ done
     fail "version label is not $VERSION"
 ok "OCI labels version ($VERSION), revision, source, licenses"
 
-# The file tree itself (needs root to mount an image; rootless runs check it through the run below).
+# The file tree itself (mounting an image needs root: rootless runs leave this part out).
 if [ "$(id -u)" -eq 0 ]; then
     mnt=$("${PODMAN[@]}" image mount "$IMAGE")
     layout=$(cd "$mnt" && find . -printf '%U:%G %m %p\n' | sort -k3)

@@ -37,7 +37,7 @@ KUBE_VERSIONS=${KUBE_VERSIONS:-"1.30.0 1.33.0"}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 # The version the manifests' and chart's image tags must name (scripts/image.sh tags it).
-TOKENWARD_VERSION=$(awk -F'"' '/^\[/ { section = $0 } section == "[package]" && /^version *=/ { print $2; exit }' Cargo.toml)
+TOKENWARD_VERSION=$(scripts/version.sh)
 
 log() { printf '%s\n' "$*"; }
 section() { printf '\n### %s\n' "$*"; }

@@ -251,7 +251,13 @@ exit_code=$(timeout $((GRACE_SECONDS + 10)) "${PODMAN[@]}" wait "$NAME") || fail
 stop_ms=$(elapsed_ms "$term" "$(now)")
 [ "$exit_code" = 0 ] || fail "exit code $exit_code after SIGTERM; logs: $("${PODMAN[@]}" logs "$NAME" 2>&1 | tail -n 20)"
 [ "$stop_ms" -lt $((GRACE_SECONDS * 1000)) ] || fail "SIGTERM to exit took $stop_ms ms, over the ${GRACE_SECONDS} s grace period"
-"${PODMAN[@]}" logs "$NAME" 2>&1 | grep -q 'SIGTERM received; draining' || fail "the log does not show the SIGTERM handler"
+# conmon may still be copying the last lines to the log when `podman wait` returns: wait for it.
+handled=
+for _ in $(seq 40); do
+    if "${PODMAN[@]}" logs "$NAME" 2>&1 | grep -q 'SIGTERM received; draining'; then handled=1; break; fi
+    sleep 0.05
+done
+[ -n "$handled" ] || fail "the log does not show the SIGTERM handler: $("${PODMAN[@]}" logs "$NAME" 2>&1 | tail -n 5)"
 ok "SIGTERM: tokenward drained and exited 0 in $stop_ms ms (grace period ${GRACE_SECONDS} s)"
 
 echo

@@ -16,7 +16,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-IMAGE=${TOKENWARD_IMAGE_NAME:-localhost/tokenward}
+IMAGE=localhost/tokenward
 VERSION=$(scripts/version.sh)
 
 REVISION=unknown

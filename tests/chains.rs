@@ -575,6 +575,32 @@ async fn a_replica_waiting_for_the_lease_writes_its_newer_state_back() {
     assert_chain_intact(provider);
 }
 
+/// Redis loses everything, both replicas are asked to refresh (one settles the store under the
+/// lease, the other waits for it), and Redis loses everything again within the settling time:
+/// the first holder's lease went with it and the other replica takes it. The first must not
+/// present its refresh token at the end of its wait: only a lease holder does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_emptied_twice_while_the_store_settles() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    redis.flush_all();
+    let on_a = spawn_forced_refresh(&a);
+    let on_b = spawn_forced_refresh(&b);
+    wait_for("a replica's state written back", SOON, || {
+        !redis.chain_keys().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.flush_all();
+    let _ = on_a.await.unwrap().unwrap();
+    let _ = on_b.await.unwrap().unwrap();
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+}
+
 /// F2a: Redis loses everything and at once a replica starts with nothing but the bootstrap
 /// value, long spent. It waits for the store to settle (the live replica writes its chain
 /// back) instead of presenting the spent value, which would revoke the account's family.
@@ -774,6 +800,46 @@ async fn redis_emptied_right_after_a_move_keeps_one_chain() {
     assert_served(&[a_addr, b_addr], 5).await;
     assert_chain_intact(provider);
     assert!(b.logs().contains("following it"), "{}", b.logs());
+}
+
+/// A reload that moved the chain is reverted, and the revert reaches the other replica first:
+/// B moves the chain back to the key A left a marker at. A follows it back and must not take
+/// B's chain there for a store that lost A's marker (writing the marker again would send both
+/// keys to each other: a loop, and 503s on every replica).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_reverted_on_another_replica_first_keeps_the_chain() {
+    let account = OneAccount::start(60).await;
+    let provider = &account.provider;
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
+    let reload = async |tw: &Tokenward, from: &str, to: &str| {
+        let before = reloads(tw);
+        rewrite_config(tw, from, to);
+        tw.signal("HUP");
+        wait_for("the reload", SOON, || reloads(tw) > before).await;
+    };
+    let loopback = provider.token_url();
+    let respelled = loopback.replace("127.0.0.1", "localhost");
+
+    reload(&a, &loopback, &respelled).await;
+    refresh_and_wait(&a).await;
+    reload(&b, &loopback, &respelled).await;
+    refresh_and_wait(&b).await;
+    // The revert reaches B first: B moves the chain back; A follows at its next comparison.
+    reload(&b, &respelled, &loopback).await;
+    refresh_and_wait(&b).await;
+    let followed = |tw: &Tokenward| tw.logs().matches("following it").count();
+    let before = followed(&a);
+    wait_for("A to follow the chain back", SOON, || followed(&a) > before).await;
+    // Two more comparisons: A must leave B's chain where it is.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    reload(&a, &respelled, &loopback).await;
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    assert!(!a.logs().contains("wrote it again"), "{}", a.logs());
 }
 
 /// F3, by rolling restart: replica A restarts with `chain = "NAME"` added while B still runs

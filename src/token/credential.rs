@@ -132,6 +132,8 @@ pub struct Chain {
     /// still hold the chain under its old key and would write it back there and refresh from
     /// it. This process writes them again (see `keep_markers`).
     left_markers: Vec<(ChainKey, ChainState)>,
+    /// When `keep_markers` last looked, for the looks taken while a flight waits.
+    markers_checked_at: Option<Instant>,
 }
 
 /// A chain to carry from one key to another (the settings that name its key changed), or —
@@ -235,6 +237,9 @@ enum Settled {
     Token(Arc<Token>),
     /// The chain lives under another key now (a marker was followed): lease that one.
     Moved,
+    /// The store lost this flight's lease while it waited for the store to settle (lost its
+    /// data again): another replica may hold it now. Lease again.
+    LeaseLost,
     /// Go on to the provider call.
     Ready,
 }
@@ -907,6 +912,11 @@ impl Credential {
     /// supersedes the chain held here: it is dropped, with the value configured here.
     fn follow(&self, chain: &mut Chain, moved: &MovedTo) {
         let to = self.key(chain).with_identity(moved.identity.clone());
+        // The chain lives there again (moved back by another replica): a marker this process
+        // left there once is not its to keep any more.
+        chain
+            .left_markers
+            .retain(|(k, _)| k.identity != moved.identity);
         if moved.superseded {
             info!(credential = %self.name, "a new bootstrap refresh token started a new chain on another replica; following it");
             let bound = chain.bound.clone();
@@ -1111,27 +1121,54 @@ impl Credential {
     /// Writes again the markers this process left when it moved the chain, where the store lost
     /// them (a restart, a flush, a failover): a replica that had not followed one yet must find
     /// it before it refreshes under the old key — it waits for the store to settle first, longer
-    /// than a sync interval. Only over nothing or over a point of this chain not ahead of the
-    /// one held here, which is what such a replica writes back.
-    async fn keep_markers(&self, chain: &Chain) {
-        let Some(lineage) = chain.lineage.as_ref() else {
+    /// than a sync interval. Only while the chain still lives where this process holds it (not
+    /// moved on, or back, by another replica), and only over nothing or over what such a
+    /// replica writes back: a restored point of this chain not ahead of the one held here.
+    async fn keep_markers(&self, chain: &mut Chain) {
+        if chain.left_markers.is_empty() {
+            return;
+        }
+        chain.markers_checked_at = Some(Instant::now());
+        let Some(lineage) = chain.lineage.clone() else {
             return;
         };
+        let here = self.key(chain).clone();
+        match self.store.load(&here).await {
+            Ok(Some(s)) if s.state.moved_to.is_some() => return,
+            Ok(_) => {}
+            Err(_) => return,
+        }
         for (key, marker) in &chain.left_markers {
+            if key.identity == here.identity {
+                continue;
+            }
             let lost = match self.store.load(key).await {
                 Ok(None) => true,
                 Ok(Some(s)) => {
                     s.state.moved_to.is_none()
+                        && s.state.restored_at.is_some()
                         && matches!(
-                            Lineage::relation(Some(lineage), s.state.lineage.as_ref()),
+                            Lineage::relation(Some(&lineage), s.state.lineage.as_ref()),
                             Relation::Same | Relation::Older
                         )
                 }
                 Err(_) => false,
             };
-            if lost && let Ok(Some(_)) = self.store.restore_marker(key, marker, lineage).await {
+            if lost && let Ok(Some(_)) = self.store.restore_marker(key, marker, &lineage).await {
                 warn!(credential = %self.name, "the shared store lost the marker this replica left where the chain moved from; wrote it again, so replicas still there follow the chain");
             }
+        }
+    }
+
+    /// `keep_markers` at most once a second, for a flight that waits (for a lease, for the
+    /// store to settle) while the periodic comparison is skipped: the replicas at an old key
+    /// refresh once the store has settled, so its markers must be back before then.
+    async fn keep_markers_while_waiting(&self, chain: &mut Chain) {
+        if chain
+            .markers_checked_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+        {
+            self.keep_markers(chain).await;
         }
     }
 
@@ -1197,7 +1234,7 @@ impl Credential {
             }
             Ok(None) => self.set_mode(StoreMode::Shared),
         }
-        self.keep_markers(&chain).await;
+        self.keep_markers(&mut chain).await;
     }
 
     /// Writes this process's chain (and token) to the store over version `expected`, under the
@@ -1412,6 +1449,7 @@ impl Credential {
                                 let seen = stored.as_ref().map_or(0, |s| s.version);
                                 self.write_back_forward(chain, None, seen).await;
                             }
+                            self.keep_markers_while_waiting(chain).await;
                             let newer = stored.as_ref().is_some_and(|s| self.may_adopt(chain, s));
                             if let Some(stored) = stored.filter(|_| newer) {
                                 if let Some(t) = self.adopt_stored(&stored, purpose) {
@@ -1472,6 +1510,7 @@ impl Credential {
         }
         let key = self.key(chain).clone();
         let mut quiet_until: Option<Instant> = None;
+        let mut settled_wait = false;
         let mut first = true;
         loop {
             let stored = match self.store.load(&key).await {
@@ -1538,7 +1577,21 @@ impl Credential {
             }
             match quiet_until {
                 Some(until) if Instant::now() < until => {
+                    self.keep_markers_while_waiting(chain).await;
+                    settled_wait = true;
                     tokio::time::sleep(LEASE_POLL.min(until - Instant::now())).await;
+                }
+                // After a wait for the store to settle, present only under a lease the store
+                // still holds for this flight: a store that lost its data again meanwhile lost
+                // the lease, and the replica that took it will present its own point.
+                _ if settled_wait => {
+                    if let Some(lease) = lease {
+                        if !self.store.still_holds(&key, lease).await.unwrap_or(false) {
+                            warn!(credential = %self.name, "the shared store lost this refresh lease while the store settled; taking it again before presenting a refresh token");
+                            return Ok(Settled::LeaseLost);
+                        }
+                    }
+                    return Ok(Settled::Ready);
                 }
                 _ => return Ok(Settled::Ready),
             }
@@ -1759,7 +1812,12 @@ impl Credential {
             {
                 Settled::Token(t) => return Ok(t),
                 Settled::Ready => break lease,
-                Settled::Moved if hops < MAX_HOPS => hops += 1,
+                Settled::Moved | Settled::LeaseLost if hops < MAX_HOPS => hops += 1,
+                Settled::LeaseLost => {
+                    return Err(DialectError::transient(
+                        "the shared store kept losing this flight's refresh lease; trying again at the next attempt",
+                    ));
+                }
                 Settled::Moved => {
                     return Err(DialectError::transient(
                         "the chain's forwarding markers in the shared store form a loop",

@@ -125,6 +125,10 @@ impl TokenStore for MeteredStore {
         self.metered("save", "fenced", call).await
     }
 
+    async fn still_holds(&self, key: &ChainKey, lease: &Lease) -> Result<bool, StoreError> {
+        self.inner.still_holds(key, lease).await
+    }
+
     async fn restore_marker(
         &self,
         key: &ChainKey,

@@ -280,6 +280,13 @@ pub trait TokenStore: Send + Sync {
         self.save(key, lease, expected, state).await
     }
 
+    /// Whether `lease` on the chain is still its holder's: a shared store that lost its data
+    /// (a restart, a flush) lost the lease with it, and another replica may hold it now. A
+    /// store whose leases cannot vanish says yes.
+    async fn still_holds(&self, _key: &ChainKey, _lease: &Lease) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
     /// Writes `marker` (a moved chain's forwarding marker) again at the key the chain left,
     /// whatever the version and the lease, when the store holds nothing there or a point of the
     /// chain of lineage `over` not ahead of it: what a replica that had not followed the marker

@@ -1232,6 +1232,17 @@ impl TokenStore for RedisStore {
         self.write(key, lease, expected, state, true).await
     }
 
+    async fn still_holds(&self, key: &ChainKey, lease: &Lease) -> Result<bool, StoreError> {
+        let name = lease_key(key);
+        let mut conn = self.inner.conn.clone();
+        let holder: Option<String> = self
+            .run("read the lease", async move {
+                ::redis::cmd("GET").arg(&name).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(holder.as_deref() == Some(lease.holder.as_str()))
+    }
+
     async fn restore_marker(
         &self,
         key: &ChainKey,

@@ -82,6 +82,9 @@ struct Keys {
     subject_jwks_url: Option<String>,
     subject_issuer: Option<String>,
     subject_audience: Option<String>,
+    subject_jwks_max_stale: Option<String>,
+    subject_jwks_ca_file: Option<String>,
+    subject_jwks_proxy: Option<String>,
     exchange_style: Option<String>,
 }
 
@@ -653,6 +656,9 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("subject_jwks_url", k.subject_jwks_url.is_some()),
             ("subject_issuer", k.subject_issuer.is_some()),
             ("subject_audience", k.subject_audience.is_some()),
+            ("subject_jwks_max_stale", k.subject_jwks_max_stale.is_some()),
+            ("subject_jwks_ca_file", k.subject_jwks_ca_file.is_some()),
+            ("subject_jwks_proxy", k.subject_jwks_proxy.is_some()),
             ("exchange_style", k.exchange_style.is_some()),
         ] {
             if set {
@@ -750,12 +756,20 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     })
 }
 
-/// `subject_jwks_url`, `subject_issuer`, `subject_audience`: the last two only with the first.
+/// The longest `subject_jwks_max_stale`: a key set older than a day may trust keys the issuer
+/// withdrew long ago.
+const MAX_JWKS_STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// `subject_jwks_url` and the keys that only go with it: `subject_issuer`, `subject_audience`,
+/// `subject_jwks_max_stale`, `subject_jwks_ca_file`, `subject_jwks_proxy`.
 fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<SubjectValidation> {
     let Some(url) = &k.subject_jwks_url else {
         for (key, set) in [
             ("subject_issuer", k.subject_issuer.is_some()),
             ("subject_audience", k.subject_audience.is_some()),
+            ("subject_jwks_max_stale", k.subject_jwks_max_stale.is_some()),
+            ("subject_jwks_ca_file", k.subject_jwks_ca_file.is_some()),
+            ("subject_jwks_proxy", k.subject_jwks_proxy.is_some()),
         ] {
             if set {
                 err(key, "is checked only with subject_jwks_url set");
@@ -774,10 +788,42 @@ fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Subj
             err(key, "must not be empty (leave it out to skip the check)");
         }
     }
+    let max_stale = match k
+        .subject_jwks_max_stale
+        .as_deref()
+        .map(humantime::parse_duration)
+    {
+        None => Duration::from_secs(3600),
+        Some(Ok(d)) if d <= MAX_JWKS_STALE => d,
+        Some(_) => {
+            err(
+                "subject_jwks_max_stale",
+                "must be a duration of at most 24h, such as \"1h\"",
+            );
+            Duration::from_secs(3600)
+        }
+    };
+    let proxy = k.subject_jwks_proxy.as_deref().and_then(|raw| {
+        crate::config::transport::parse_proxy(raw)
+            .map_err(|reason| err("subject_jwks_proxy", &reason))
+            .ok()
+    });
+    let ca_file = k.subject_jwks_ca_file.as_deref().map(std::path::PathBuf::from);
+    if let Some(path) = &ca_file
+        && let Err(reason) = crate::config::transport::check_ca_file(path)
+    {
+        err("subject_jwks_ca_file", &reason);
+    }
     Some(SubjectValidation {
         jwks_url: url.clone(),
         issuer: k.subject_issuer.clone(),
         audience: k.subject_audience.clone(),
+        max_stale,
+        transport: crate::config::ProviderTransport {
+            proxy,
+            ca_file,
+            client_cert: None,
+        },
     })
 }
 

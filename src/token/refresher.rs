@@ -1,5 +1,6 @@
 //! The background refresher: one task per credential that wakes at the soft threshold (or when a
-//! back-off ends) and starts or joins the credential's flight; on a shared store it also keeps
+//! back-off ends) and starts or joins the credential's flight, and refreshes a token-exchange
+//! credential's subject key set when it is due; on a shared store it also keeps
 //! the credential in step with the store between refreshes. A reload that adds
 //! credentials hands them over through a channel; replaced ones retire and their task ends.
 
@@ -39,16 +40,24 @@ impl Refresher {
 /// credential's `probe_interval` instead.
 pub(crate) const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps one credential's token fresh until shutdown or until a reload retires it.
+/// Keeps one credential's token fresh (and, for a token-exchange credential that validates
+/// subjects, its issuer's key set) until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
     let mut next_sync = Instant::now() + STORE_SYNC_INTERVAL;
+    let subject_keys = credential
+        .exchanger()
+        .and_then(|x| x.subject_validator())
+        .cloned();
     loop {
         if *shutdown.borrow() || credential.is_retired() {
             return;
         }
         let syncs = credential.store_mode() != StoreMode::File;
         let wake = credential.next_wake();
-        let at = if syncs { wake.min(next_sync) } else { wake };
+        let mut at = if syncs { wake.min(next_sync) } else { wake };
+        if let Some(keys) = &subject_keys {
+            at = at.min(keys.next_refresh());
+        }
         tokio::select! {
             _ = tokio::time::sleep_until(at.into()) => {}
             // Something changed the schedule (a request-driven refresh, an invalidation): recompute.
@@ -62,6 +71,12 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
                     StoreMode::Shared | StoreMode::File => STORE_SYNC_INTERVAL,
                     StoreMode::Local | StoreMode::Hold => credential.config().timing.probe_interval,
                 };
+        }
+        if let Some(keys) = &subject_keys {
+            tokio::select! {
+                _ = keys.refresh_if_due() => {}
+                _ = shutdown.changed() => return,
+            }
         }
         let wake = credential.next_wake();
         if Instant::now() >= wake {

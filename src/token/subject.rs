@@ -241,19 +241,24 @@ impl SubjectValidator {
     /// When the background writer fetches next: when the set stops being fresh, or the retry
     /// after a failed fetch once it has; at once when nothing was ever fetched.
     pub fn next_refresh(&self) -> Instant {
+        self.next_refresh_after(Instant::now())
+    }
+
+    fn next_refresh_after(&self, now: Instant) -> Instant {
         let retry_at = self.state().retry_at;
         match (self.keys.load().as_ref(), retry_at) {
             (Some(set), Some(retry)) => set.fresh_until.max(retry),
             (Some(set), None) => set.fresh_until,
             (None, Some(retry)) => retry,
-            (None, None) => Instant::now(),
+            (None, None) => now,
         }
     }
 
     /// The background writer's turn: fetches the key set if it is due (checked again inside
     /// the single flight, so a request's fetch in between counts).
     pub async fn refresh_if_due(self: &Arc<Self>) {
-        if Instant::now() >= self.next_refresh() {
+        let now = Instant::now();
+        if now >= self.next_refresh_after(now) {
             let seen = self.keys.load_full();
             self.refetch(Cause::Due, seen).await;
         }
@@ -371,11 +376,8 @@ impl SubjectValidator {
 
     fn unavailable(&self) -> SubjectError {
         let now = Instant::now();
-        let next = {
-            let st = self.state();
-            let floor = st.last_attempt.map(|t| t + self.refetch_interval);
-            self.next_refresh().max(floor.unwrap_or(now))
-        };
+        let floor = self.state().last_attempt.map(|t| t + self.refetch_interval);
+        let next = self.next_refresh_after(now).max(floor.unwrap_or(now));
         let wait = next.saturating_duration_since(now);
         let reason = if self.keys.load().is_some() {
             "the subject issuer's JWKS cannot be fetched and the last good one is older than subject_jwks_max_stale"
@@ -406,7 +408,7 @@ impl SubjectValidator {
                 return me.usable(now);
             }
             let too_soon = match cause {
-                Cause::Due => now < me.next_refresh(),
+                Cause::Due => now < me.next_refresh_after(now),
                 Cause::Demand => me
                     .state()
                     .last_attempt

@@ -74,7 +74,7 @@ fn zero_min_refresh_interval(config: &Config) -> Vec<String> {
         .filter(|c| c.timing.min_refresh_interval.is_zero())
         .map(|c| {
             format!(
-                "{}: `credentials.{}.min_refresh_interval`: 0s turns off the guard against an upstream that rejects every token (each rejection then costs a provider call) and the limit on forced refreshes and JWKS refetches; use at least 1s outside tests",
+                "{}: `credentials.{}.min_refresh_interval`: 0s turns off the guard against an upstream that rejects every token (each rejection then costs a provider call) and the limit on forced refreshes (JWKS refetches keep a 1s floor); use at least 1s outside tests",
                 config.source.display(),
                 c.name
             )

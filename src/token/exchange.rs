@@ -274,7 +274,9 @@ impl Exchanger {
                 reason,
                 retry_after,
             }) => {
-                warn!(credential = %self.name, reason = %reason, "cannot validate the subject token");
+                if self.metrics.refusal_log.allow(&reason) {
+                    warn!(credential = %self.name, reason = %reason, "cannot validate the subject token (logged once a minute per reason)");
+                }
                 Err(Refusal::Unavailable(Unavailable {
                     credential: self.name.clone(),
                     class: "provider_unavailable",
@@ -457,8 +459,9 @@ impl Exchanger {
             }
             Err(e) if e.class == ErrorClass::Relogin => {
                 self.count_outcome(OUTCOME_REJECTED);
-                if self.metrics.refusal_log.allow("provider refused the subject") {
-                    info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token (logged once a minute; tokenward_log_lines_suppressed_total counts the rest)");
+                // The message names the provider's error (and Entra's codes), never the subject.
+                if self.metrics.refusal_log.allow(&e.message) {
+                    info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token (logged once a minute per reason; tokenward_log_lines_suppressed_total counts the rest)");
                 }
                 {
                     // A refusal is an answer: the provider is up.

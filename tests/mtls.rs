@@ -959,16 +959,24 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
 async fn the_subject_jwks_is_fetched_without_the_credentials_certificate_or_ca_file() {
     use common::jwks::{ISSUER, SUBJECT_AUD, TestKey, call, subject_token};
     let dir = tempfile::tempdir().unwrap();
-    let (server_ca, client_ca, jwks_ca) =
-        (Ca::new("servers"), Ca::new("clients"), Ca::new("public-web"));
-    let (server_ca_path, jwks_ca_path) =
-        (dir.path().join("server-ca.pem"), dir.path().join("jwks-ca.pem"));
+    let (server_ca, client_ca, jwks_ca) = (
+        Ca::new("servers"),
+        Ca::new("clients"),
+        Ca::new("public-web"),
+    );
+    let (server_ca_path, jwks_ca_path) = (
+        dir.path().join("server-ca.pem"),
+        dir.path().join("jwks-ca.pem"),
+    );
     server_ca.write(&server_ca_path);
     jwks_ca.write(&jwks_ca_path);
     let idp = MtlsServer::start(Role::TokenEndpoint, &server_ca, Trust::ca(&client_ca)).await;
     let signer = TestKey::new("k1");
-    let document: &'static str =
-        Box::leak(serde_json::json!({"keys": [signer.jwk()]}).to_string().into_boxed_str());
+    let document: &'static str = Box::leak(
+        serde_json::json!({"keys": [signer.jwk()]})
+            .to_string()
+            .into_boxed_str(),
+    );
     // Asks every client for a certificate without requiring one: shows whether one is offered.
     let jwks = MtlsServer::start(Role::Jwks(document), &jwks_ca, Trust::Optional).await;
     let leaf = client_ca.issue("tokenward", None);
@@ -1026,7 +1034,10 @@ async fn the_subject_jwks_is_fetched_without_the_credentials_certificate_or_ca_f
 async fn pooled_upstream_connections_are_kept_apart_by_ca_bundle() {
     let dir = tempfile::tempdir().unwrap();
     let (server_ca, other_ca) = (Ca::new("servers"), Ca::new("someone-else"));
-    let (trusting, distrusting) = (dir.path().join("trusting.pem"), dir.path().join("other.pem"));
+    let (trusting, distrusting) = (
+        dir.path().join("trusting.pem"),
+        dir.path().join("other.pem"),
+    );
     server_ca.write(&trusting);
     other_ca.write(&distrusting);
     let upstream = MtlsServer::start(Role::Upstream, &server_ca, Trust::Optional).await;
@@ -1118,7 +1129,10 @@ async fn a_private_key_file_others_can_read_is_warned_about_by_check_and_run() {
     );
     let material = leaf.key_material();
     for s in &material {
-        assert!(!out.contains(s.as_str()), "check printed key material: {out}");
+        assert!(
+            !out.contains(s.as_str()),
+            "check printed key material: {out}"
+        );
     }
     let tw = Tokenward::start_with(tempfile::tempdir().unwrap(), config.clone(), proxy, admin);
     tw.wait_ready().await;

@@ -13,7 +13,10 @@ use common::*;
 
 async fn start(idp: &FakeIdp, extra: &str) -> (FakeUpstream, Tokenward) {
     let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &idp.credential(extra));
+    let tw = Tokenward::start(
+        &format!("http://{}", upstream.addr()),
+        &idp.credential(extra),
+    );
     tw.wait_ready().await;
     (upstream, tw)
 }
@@ -68,9 +71,8 @@ async fn kid_less_tokens_are_accepted_after_the_issuer_rotates_its_key() {
     idp.publish(vec![old.jwk_without_kid()]);
     idp.set_max_age(Some(5));
     let (_upstream, tw) = start(&idp, "min_refresh_interval = \"1s\"").await;
-    let token = |key: &TestKey, sub: &str| {
-        key.sign_without_kid(claims(sub, ISSUER, SUBJECT_AUD, 300))
-    };
+    let token =
+        |key: &TestKey, sub: &str| key.sign_without_kid(claims(sub, ISSUER, SUBJECT_AUD, 300));
     let first = token(&old, "alice");
     assert_eq!(call(&tw, &first).await.0, 200);
 
@@ -137,7 +139,10 @@ async fn random_kids_cost_at_most_two_jwks_fetches_a_second_and_one_log_line() {
             fetches.len()
         );
     }
-    assert!(idp.exchanged().len() == 1, "an unknown kid reached the provider");
+    assert!(
+        idp.exchanged().len() == 1,
+        "an unknown kid reached the provider"
+    );
 
     // One WARN line for the 60 refusals; the rest are counted.
     let logs = tw.logs();
@@ -193,7 +198,10 @@ async fn a_jwks_that_stays_down_serves_its_last_keys_for_subject_jwks_max_stale_
     let (status, _, _) = call(&tw, &subject_token(&k1, "dave")).await;
     assert_eq!(status, 503);
     let logs = tw.logs();
-    assert!(logs.contains("cannot fetch the subject issuer's JWKS"), "{logs}");
+    assert!(
+        logs.contains("cannot fetch the subject issuer's JWKS"),
+        "{logs}"
+    );
 
     // The issuer comes back: served again without a restart.
     idp.set_down(false);
@@ -207,4 +215,26 @@ async fn a_jwks_that_stays_down_serves_its_last_keys_for_subject_jwks_max_stale_
         assert!(back.elapsed() < Duration::from_secs(20), "not served again");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// `subject_jwks_proxy` is the only way to a JWKS host tokenward cannot reach directly: here a
+/// name that resolves nowhere, which the forward proxy (the fake, answering the absolute-form
+/// request itself) serves. The token endpoint is still reached directly.
+#[tokio::test]
+async fn the_jwks_is_fetched_through_subject_jwks_proxy() {
+    let idp = FakeIdp::start().await;
+    let k1 = TestKey::new("k1");
+    idp.publish(vec![k1.jwk()]);
+    let upstream = FakeUpstream::start().await;
+    let credential = idp.credential_with_jwks_at(
+        "http://jwks.unreachable.invalid/jwks",
+        &format!("subject_jwks_proxy = \"http://{}\"", idp.addr),
+    );
+    let tw = Tokenward::start(&format!("http://{}", upstream.addr()), &credential);
+    tw.wait_ready().await;
+    let alice = subject_token(&k1, "alice");
+    let (status, body, _) = call(&tw, &alice).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!idp.fetches().is_empty());
+    assert_eq!(idp.exchanged(), vec![alice]);
 }

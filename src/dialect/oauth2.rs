@@ -808,7 +808,10 @@ fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Subj
             .map_err(|reason| err("subject_jwks_proxy", &reason))
             .ok()
     });
-    let ca_file = k.subject_jwks_ca_file.as_deref().map(std::path::PathBuf::from);
+    let ca_file = k
+        .subject_jwks_ca_file
+        .as_deref()
+        .map(std::path::PathBuf::from);
     if let Some(path) = &ca_file
         && let Err(reason) = crate::config::transport::check_ca_file(path)
     {
@@ -1448,6 +1451,76 @@ mod tests {
         assert!(keys.contains(&"actor_token_type"), "{keys:?}");
         let errs = dialect(&[("actor", "svc".into())]).err().unwrap();
         assert_eq!(errs[0].0, "actor");
+    }
+
+    #[test]
+    fn the_subject_jwks_has_its_own_transport_and_staleness_bound() {
+        let base = [
+            ("grant", "token_exchange".into()),
+            ("subject_jwks_url", "https://idp.example/jwks".into()),
+        ];
+        let d = dialect(&base).unwrap();
+        let v = d
+            .exchange_settings()
+            .unwrap()
+            .subject_validation
+            .clone()
+            .unwrap();
+        assert_eq!(v.max_stale, Duration::from_secs(3600));
+        assert_eq!(v.transport, crate::config::ProviderTransport::default());
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("jwks-ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["idp.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let mut keys = base.to_vec();
+        keys.extend([
+            ("subject_jwks_max_stale", "10m".into()),
+            ("subject_jwks_ca_file", ca.display().to_string().into()),
+            ("subject_jwks_proxy", "http://proxy.internal:3128".into()),
+        ]);
+        let d = dialect(&keys).unwrap();
+        let v = d
+            .exchange_settings()
+            .unwrap()
+            .subject_validation
+            .clone()
+            .unwrap();
+        assert_eq!(v.max_stale, Duration::from_secs(600));
+        assert_eq!(v.transport.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(
+            v.transport.proxy.as_ref().map(|u| u.as_str()),
+            Some("http://proxy.internal:3128/")
+        );
+        assert!(v.transport.client_cert.is_none());
+
+        let mut bad = base.to_vec();
+        bad.extend([
+            ("subject_jwks_max_stale", "2d".into()),
+            ("subject_jwks_ca_file", "/nonexistent/ca.pem".into()),
+            ("subject_jwks_proxy", "socks5://p:1".into()),
+        ]);
+        let errs = dialect(&bad).err().unwrap();
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        for k in [
+            "subject_jwks_max_stale",
+            "subject_jwks_ca_file",
+            "subject_jwks_proxy",
+        ] {
+            assert!(keys.contains(&k), "{errs:?}");
+        }
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("subject_jwks_max_stale", "1h".into()),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(errs[0].0, "subject_jwks_max_stale");
+        assert!(errs[0].1.contains("subject_jwks_url"), "{errs:?}");
     }
 
     #[test]

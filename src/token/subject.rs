@@ -497,7 +497,10 @@ mod tests {
     fn freshness_follows_max_age_within_bounds() {
         let f = |v: &str| freshness(Some(v.as_bytes()));
         assert_eq!(freshness(None), DEFAULT_FRESHNESS);
-        assert_eq!(f("public, max-age=60, must-revalidate"), Duration::from_secs(60));
+        assert_eq!(
+            f("public, max-age=60, must-revalidate"),
+            Duration::from_secs(60)
+        );
         assert_eq!(f("Max-Age=\"120\""), Duration::from_secs(120));
         assert_eq!(f("max-age=0"), MIN_FRESHNESS);
         assert_eq!(f("max-age=999999"), MAX_FRESHNESS);

@@ -140,12 +140,16 @@ impl FakeIdp {
     /// Credential keys for a token exchange at this fake that validates subjects against its
     /// JWKS, plus the `extra` TOML lines.
     pub fn credential(&self, extra: &str) -> String {
+        self.credential_with_jwks_at(&format!("http://{}/jwks", self.addr), extra)
+    }
+    /// Like [`Self::credential`], with the JWKS at `jwks_url`.
+    pub fn credential_with_jwks_at(&self, jwks_url: &str, extra: &str) -> String {
         format!(
-            "dialect = \"oauth2\"\ngrant = \"token_exchange\"\ntoken_url = \"http://{a}/token\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
-             subject_jwks_url = \"http://{a}/jwks\"\nsubject_issuer = \"{ISSUER}\"\nsubject_audience = \"{SUBJECT_AUD}\"\n{extra}\n",
+            "dialect = \"oauth2\"\ngrant = \"token_exchange\"\ntoken_url = \"http://{}/token\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\n\
+             subject_jwks_url = \"{jwks_url}\"\nsubject_issuer = \"{ISSUER}\"\nsubject_audience = \"{SUBJECT_AUD}\"\n{extra}\n",
+            self.addr,
             super::CLIENT_ID,
             super::CLIENT_SECRET,
-            a = self.addr
         )
     }
 }
@@ -173,10 +177,17 @@ async fn exchange(
     Form(form): Form<std::collections::HashMap<String, String>>,
 ) -> Response {
     let Some(subject) = form.get("subject_token") else {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "invalid_request"}))).into_response();
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_request"})),
+        )
+            .into_response();
     };
     if form.get("grant_type").map(String::as_str) != Some(EXCHANGE_GRANT) {
-        return (StatusCode::BAD_REQUEST, Json(json!({"error": "unsupported_grant_type"})))
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "unsupported_grant_type"})),
+        )
             .into_response();
     }
     s.exchanged.lock().unwrap().push(subject.clone());

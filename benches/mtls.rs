@@ -40,10 +40,10 @@ fn mtls(c: &mut Criterion) {
     let plain = target(dir.path(), false);
     let mtls = target(dir.path(), true);
     c.bench_function("upstream_peer_https", |b| {
-        b.iter(|| black_box(plain.peer(black_box(addr))))
+        b.iter(|| black_box(plain.peer(black_box(addr), None)))
     });
     c.bench_function("upstream_peer_https_client_cert", |b| {
-        b.iter(|| black_box(mtls.peer(black_box(addr))))
+        b.iter(|| black_box(mtls.peer(black_box(addr), None)))
     });
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine with the Rust toolchain lacks to build and test tokenward:
-# cmake (pingora's zlib-ng), cargo-nextest, and the real servers the tests use (Prometheus, Redis,
-# nginx: the HTTP/1 conformance suite's reference peer).
+# cmake (pingora's zlib-ng), cargo-nextest, the real servers the tests use (Prometheus, Redis,
+# nginx: the HTTP/1 conformance suite's reference peer), and what builds and runs the container
+# image offline (podman, buildah, runc; readelf, CA certificates, curl and python3 for the test).
 # Each step runs only when its tool is missing, so running this again is cheap.
 set -euo pipefail
 
@@ -15,6 +16,15 @@ command -v prometheus >/dev/null || missing+=(prometheus)
 command -v redis-server >/dev/null || missing+=(redis-server)
 # nginx lives in /usr/sbin, which is not on every user's PATH.
 [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || missing+=(nginx)
+# The image (scripts/image.sh, scripts/test-image.sh): podman builds and runs it; runc is the
+# runtime the test asks for (crun fails on hosts with hybrid cgroups).
+command -v podman >/dev/null || missing+=(podman)
+command -v buildah >/dev/null || missing+=(buildah)
+command -v runc >/dev/null || missing+=(runc)
+command -v readelf >/dev/null || missing+=(binutils)
+[ -r /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing Debian packages: ${missing[*]}"
     as_root apt-get update -qq

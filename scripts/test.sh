@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: unit tests, black-box tests of the binary against fake
-# providers and upstreams (and a real Prometheus), a bounded run of every fuzz target, and
-# offline validation of every deployment artifact. Installs whatever a fresh machine lacks first.
+# providers and upstreams (and a real Prometheus), a bounded run of every fuzz target, offline
+# validation of every deployment artifact, and the container image built (release binary) and run.
+# Installs whatever a fresh machine lacks first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,6 @@ TOKENWARD_SERVER__THREADS=1 cargo nextest run --locked --no-fail-fast \
     --test proxy --test keepalive --test faults
 scripts/fuzz.sh
 scripts/validate-deploy.sh
+# Builds the release binary and the image, runs it read-only against fakes on loopback, and prints
+# the image size and start-to-ready time (skipped with the reason where no container can run).
+scripts/test-image.sh

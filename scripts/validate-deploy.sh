@@ -36,6 +36,8 @@ KUBE_VERSIONS=${KUBE_VERSIONS:-"1.30.0 1.33.0"}
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# The version the manifests' and chart's image tags must name (scripts/image.sh tags it).
+TOKENWARD_VERSION=$(scripts/version.sh)
 
 log() { printf '%s\n' "$*"; }
 section() { printf '\n### %s\n' "$*"; }
@@ -184,27 +186,66 @@ kube_validate() {
     return "$rc"
 }
 
-# --- Dockerfile (no hadolint offline: grep for the properties operators rely on)
+# --- Container images (no hadolint offline: grep for the properties operators rely on). The
+# offline build (deploy/Containerfile, scripts/image.sh) and the Dockerfile's final stage must
+# make the same image; scripts/test-image.sh builds and runs the offline one.
 dockerfile_sanity() {
     local f=deploy/Dockerfile ok=0
-    want() { if grep -Eq "$1" "$f"; then log "ok:      $2"; else log "MISSING: $2"; ok=1; fi; }
+    want() { if grep -Eq "$1" "$f"; then log "ok:      $f: $2"; else log "MISSING: $f: $2"; ok=1; fi; }
     want '^FROM rust:1-bookworm AS builder' "builder stage rust:1-bookworm"
     want 'apt-get install .*cmake' "cmake installed in the builder"
     want 'cargo build --release --locked' "cargo build --release --locked"
-    want '^FROM (gcr\.io/distroless/cc-debian12:nonroot|debian:[a-z]+-slim)' "minimal runtime image"
-    want '/usr/local/bin/tokenward' "binary at /usr/local/bin/tokenward"
-    want '^USER 65532(:65532)?$' "USER numeric non-root 65532"
-    want '^ENTRYPOINT \["tokenward", *"run"\]' 'ENTRYPOINT ["tokenward","run"]'
-    want '^CMD \["--config", *"/etc/tokenward/tokenward\.toml"\]' "CMD --config /etc/tokenward/tokenward.toml"
-    want '^EXPOSE 9901' "EXPOSE 9901 (admin)"
-    want '^VOLUME \["/var/lib/tokenward"\]' "state VOLUME /var/lib/tokenward"
-    # The last USER must not be root, whatever came before.
-    if grep -E '^USER ' "$f" | tail -n1 | grep -Eq '^USER (0|root)(:|$)'; then log "last USER is root"; ok=1; fi
+    want '^RUN image-rootfs\.sh ' "file tree assembled by scripts/image-rootfs.sh, as offline"
+    for f in deploy/Dockerfile deploy/Containerfile; do
+        want '^FROM scratch$' "final stage FROM scratch"
+        want '^USER 65532:65532$' "USER numeric non-root 65532:65532"
+        want '^ENTRYPOINT \["/bin/tokenward"\]$' 'ENTRYPOINT ["/bin/tokenward"]'
+        want '^CMD \["run", "--config", "/etc/tokenward/tokenward\.toml"\]$' "CMD run --config /etc/tokenward/tokenward.toml"
+        want '^EXPOSE 9901$' "EXPOSE 9901 (admin)"
+        want '^VOLUME \["/var/lib/tokenward"\]$' "state VOLUME /var/lib/tokenward"
+        # The last USER must not be root, whatever came before.
+        if grep -E '^USER ' "$f" | tail -n1 | grep -Eq '^USER (0|root)(:|$)'; then log "$f: last USER is root"; ok=1; fi
+    done
     if [ -f deploy/Dockerfile.dockerignore ]; then log "ok:      deploy/Dockerfile.dockerignore present"
     else log "MISSING: deploy/Dockerfile.dockerignore"; ok=1; fi
     return "$ok"
 }
-check "Dockerfile sanity (non-root USER, ENTRYPOINT tokenward run, ...)" dockerfile_sanity
+check "Dockerfile and Containerfile sanity (FROM scratch, USER 65532, ENTRYPOINT /bin/tokenward, ...)" dockerfile_sanity
+
+# Same user, paths, labels, entrypoint and command: the Dockerfile's final stage, with each COPY's
+# `--from=builder` and /image/ source prefix taken away, is the Containerfile, instruction by
+# instruction (comments and line continuations aside).
+images_agree() {
+    "$PY" - deploy/Dockerfile deploy/Containerfile <<'PYEOF'
+import re, sys
+def instructions(path):
+    out, cur = [], ""
+    for line in open(path):
+        line = line.rstrip("\n")
+        if not cur and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.endswith("\\"):
+            cur += line[:-1].strip() + " "
+            continue
+        out.append(re.sub(r"\s+", " ", (cur + line).strip()))
+        cur = ""
+    return out
+docker = instructions(sys.argv[1])
+final = max(i for i, ins in enumerate(docker) if ins.upper().startswith("FROM "))
+docker_final = [re.sub(r"^COPY (--from=builder )(.*?)/image/", r"COPY \2", ins) for ins in docker[final:]]
+offline = instructions(sys.argv[2])
+if docker_final == offline:
+    print(f"ok:    {len(offline)} instructions agree:")
+    for ins in offline:
+        print("         " + ins[:110])
+    sys.exit(0)
+import difflib
+print("FAIL:  the Dockerfile's final stage and the Containerfile differ:")
+print("\n".join(difflib.unified_diff(docker_final, offline, "Dockerfile (final stage)", "Containerfile", lineterm="")))
+sys.exit(1)
+PYEOF
+}
+check "Dockerfile final stage = Containerfile (same user, paths, labels, entrypoint, command)" images_agree
 
 # --- Prometheus
 check "promtool check rules deploy/prometheus/alerts.yml" promtool check rules deploy/prometheus/alerts.yml
@@ -381,10 +422,11 @@ check "helm template rejects bad values" helm_rejects_bad_values
 # Both the plain manifests and the chart must have the same deployment shape: native sidecar,
 # probes, security context, volumes, annotations.
 sidecar_shape() {
-    "$PY" - deploy/kubernetes/deployment.yaml "$WORK/helm-default.yaml" "$WORK/helm-pvc.yaml" \
+    "$PY" - "$TOKENWARD_VERSION" deploy/kubernetes/deployment.yaml "$WORK/helm-default.yaml" "$WORK/helm-pvc.yaml" \
         "$WORK/helm-redis.yaml" "$WORK/helm-redis-secret.yaml" <<'PYEOF'
 import sys, yaml
 errors = []
+IMAGE = "localhost/tokenward:" + sys.argv.pop(1)
 def expect(cond, what, src):
     print(("ok:    " if cond else "FAIL:  ") + f"{src}: {what}")
     if not cond:
@@ -403,7 +445,9 @@ for path in sys.argv[1:]:
         continue
     tw = sidecars[0]
     expect(tw.get("restartPolicy") == "Always", "native sidecar (restartPolicy: Always)", path)
-    expect(tw.get("args") == ["--config", "/etc/tokenward/tokenward.toml"], "args --config /etc/tokenward/tokenward.toml", path)
+    expect(tw.get("args") == ["run", "--config", "/etc/tokenward/tokenward.toml"], "args run --config /etc/tokenward/tokenward.toml", path)
+    expect(tw.get("image") == IMAGE and tw.get("imagePullPolicy") == "IfNotPresent",
+           f"image {IMAGE} (scripts/image.sh's tag), imagePullPolicy IfNotPresent", path)
     expect(any(p.get("containerPort") == 9901 and p.get("name") == "admin" for p in tw.get("ports", [])), "admin port 9901", path)
     for probe, route in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         expect(tw.get(probe, {}).get("httpGet", {}).get("path") == route, f"{probe} on {route}", path)
@@ -442,7 +486,7 @@ check "native sidecar shape (manifests and rendered chart)" sidecar_shape
 # at the path its embedded tokenward.toml reads (`tokenward check` of that config runs in the
 # Rust suite, tests/cli.rs).
 workload_identity_shape() {
-    "$PY" - deploy/kubernetes/workload-identity.yaml deploy/kubernetes/kustomization.yaml <<'PYEOF'
+    "$PY" - deploy/kubernetes/workload-identity.yaml deploy/kubernetes/kustomization.yaml "$TOKENWARD_VERSION" <<'PYEOF'
 import sys, tomllib, yaml
 errors = []
 def expect(cond, what):
@@ -460,6 +504,9 @@ expect(len(sources) == 1 and sources[0].get("audience") == "api://AzureADTokenEx
 token_vol = next((n for n, v in vols.items() if "projected" in v), None)
 sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "tokenward"]
 expect(len(sidecars) == 1 and sidecars[0].get("restartPolicy") == "Always", "tokenward is a native sidecar")
+expect(len(sidecars) == 1 and sidecars[0].get("image") == "localhost/tokenward:" + sys.argv[3]
+       and sidecars[0].get("args") == ["run", "--config", "/etc/tokenward/tokenward.toml"],
+       f"image localhost/tokenward:{sys.argv[3]}, args run --config /etc/tokenward/tokenward.toml")
 mounts = {m["name"]: m for m in sidecars[0].get("volumeMounts", [])} if sidecars else {}
 expect(mounts.get(token_vol, {}).get("mountPath") == "/var/run/secrets/azure/tokens" and mounts.get(token_vol, {}).get("readOnly") is True,
        "token mounted read-only at /var/run/secrets/azure/tokens in tokenward")
@@ -642,10 +689,13 @@ def expect(cond, what):
     if not cond:
         errors.append(what)
 expect({"provider", "api", "tokenward", "legacy-app"} <= set(s), "services provider, api, tokenward, legacy-app")
-expect(s["provider"]["entrypoint"][:4] == ["tokenward", "dev", "--component", "provider"], "provider runs `tokenward dev --component provider`")
-expect(s["api"]["entrypoint"][:4] == ["tokenward", "dev", "--component", "echo"], "api runs `tokenward dev --component echo`")
+expect(s["provider"]["command"][:3] == ["dev", "--component", "provider"], "provider runs `tokenward dev --component provider`")
+expect(s["api"]["command"][:3] == ["dev", "--component", "echo"], "api runs `tokenward dev --component echo`")
 tw = s["tokenward"]
-expect("entrypoint" not in tw, "tokenward uses the image entrypoint `tokenward run`")
+for name in ("provider", "api", "tokenward"):
+    expect("entrypoint" not in s[name], f"{name} keeps the image's entrypoint /bin/tokenward")
+    expect(s[name]["image"] == "${TOKENWARD_IMAGE:-localhost/tokenward:dev}", f"{name} runs localhost/tokenward:dev (scripts/image.sh's tag) unless TOKENWARD_IMAGE says otherwise")
+expect("command" not in tw, "tokenward uses the image's CMD `run --config /etc/tokenward/tokenward.toml`")
 expect(any(v.endswith(":/etc/tokenward/tokenward.toml:ro") for v in tw["volumes"] if isinstance(v, str)), "config mounted read-only")
 expect(any(str(v).endswith(":/var/lib/tokenward") for v in tw["volumes"]), "state volume at /var/lib/tokenward")
 expect("client_secret" in tw.get("secrets", []), "client_secret via compose secrets")

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca_bundle;
 pub mod cli;
 pub mod config;
 pub mod dev;

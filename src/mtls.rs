@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -185,9 +185,14 @@ fn pem_error(e: &rustls_pki_types::pem::Error) -> &'static str {
     }
 }
 
+/// Lower-case hex of a SHA-256, as certificates' thumbprints are shown.
+pub fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl ClientIdentity {
     pub fn thumbprint_hex(&self) -> String {
-        self.thumbprint.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.thumbprint)
     }
 
     /// The certificate and key as reqwest takes them (PEM, key and chain together).
@@ -249,17 +254,25 @@ type Build<T> = Box<dyn Fn(&ClientIdentity) -> Result<T, String> + Send + Sync>;
 /// Something built from a client certificate (an HTTP client, a pingora `CertKey`) that is
 /// built again when the certificate or key file changes. Files are looked at (a `stat` each, no
 /// read) at most once per `min_interval`, on use; a change that does not load (a half-written
-/// pair, a key that does not match yet) keeps the previous version and is tried again.
+/// pair, a key that does not match yet) keeps the previous version and is tried again. The
+/// version before the last change is kept too: a token bound to the old certificate (RFC 8705
+/// §3) goes out on a connection that presents it until a token bound to the new one is held.
 pub struct Rotating<T> {
     source: ClientCertSource,
     build: Build<T>,
-    current: ArcSwap<T>,
-    thumbprint: Mutex<[u8; 32]>,
+    current: ArcSwap<Built<T>>,
+    previous: ArcSwapOption<Built<T>>,
     seen: Mutex<Seen>,
     min_interval: Duration,
     epoch: Instant,
     /// Milliseconds since `epoch` before which files are not looked at again.
     next_check: AtomicU64,
+}
+
+/// One version built from one certificate, with the SHA-256 of its leaf.
+struct Built<T> {
+    value: Arc<T>,
+    thumbprint: [u8; 32],
 }
 
 struct Seen {
@@ -280,8 +293,11 @@ impl<T> Rotating<T> {
         Ok(Rotating {
             source,
             build: Box::new(build),
-            current: ArcSwap::from_pointee(first),
-            thumbprint: Mutex::new(identity.thumbprint),
+            current: ArcSwap::from_pointee(Built {
+                value: Arc::new(first),
+                thumbprint: identity.thumbprint,
+            }),
+            previous: ArcSwapOption::empty(),
             seen: Mutex::new(Seen {
                 loaded,
                 failed: None,
@@ -297,13 +313,42 @@ impl<T> Rotating<T> {
         if self.due() {
             self.check();
         }
-        self.current.load_full()
+        self.current.load().value.clone()
+    }
+
+    /// SHA-256 of the current leaf certificate, after looking at the files if they are due.
+    pub fn thumbprint(&self) -> [u8; 32] {
+        if self.due() {
+            self.check();
+        }
+        self.current.load().thumbprint
+    }
+
+    /// The version built from the certificate of SHA-256 `thumbprint` (a token's binding): the
+    /// current one, or the one before it. A certificate not seen yet makes the files be looked
+    /// at now (a token obtained with a new certificate can arrive before this looks on its
+    /// own). `None` when neither is that certificate.
+    pub fn matching(&self, thumbprint: &[u8; 32]) -> Option<Arc<T>> {
+        let pick = |rotating: &Self| {
+            let current = rotating.current.load();
+            if current.thumbprint == *thumbprint {
+                return Some(current.value.clone());
+            }
+            let previous = rotating.previous.load();
+            previous
+                .as_ref()
+                .filter(|p| p.thumbprint == *thumbprint)
+                .map(|p| p.value.clone())
+        };
+        pick(self).or_else(|| {
+            self.check();
+            pick(self)
+        })
     }
 
     /// SHA-256 of the leaf certificate in use, for logs.
     pub fn thumbprint_hex(&self) -> String {
-        let t = *self.thumbprint.lock().unwrap_or_else(|e| e.into_inner());
-        t.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.current.load().thumbprint)
     }
 
     fn due(&self) -> bool {
@@ -337,8 +382,13 @@ impl<T> Rotating<T> {
             .and_then(|id| (self.build)(&id).map(|t| (t, id.thumbprint)));
         match built {
             Ok((t, thumbprint)) => {
-                self.current.store(Arc::new(t));
-                *self.thumbprint.lock().unwrap_or_else(|e| e.into_inner()) = thumbprint;
+                let before = self.current.swap(Arc::new(Built {
+                    value: Arc::new(t),
+                    thumbprint,
+                }));
+                if before.thumbprint != thumbprint {
+                    self.previous.store(Some(before));
+                }
                 seen.loaded = now;
                 seen.failed = None;
                 tracing::info!(
@@ -469,5 +519,25 @@ mod tests {
         source(dir.path(), &cert_b, &key_b);
         // Within the interval the change is not seen yet.
         assert_eq!(*r.current(), a);
+    }
+
+    #[test]
+    fn the_pair_before_a_rotation_stays_at_hand_for_its_bound_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_a, key_a) = pair("a");
+        let (cert_b, key_b) = pair("b");
+        let s = source(dir.path(), &cert_a, &key_a);
+        let r = Rotating::new(s, Duration::from_secs(3600), |id| Ok(id.thumbprint)).unwrap();
+        let a = r.thumbprint();
+        let b = parse_identity(&cert_b, &key_b).unwrap().thumbprint;
+        assert_eq!(r.matching(&a).as_deref(), Some(&a));
+        assert_eq!(r.matching(&b), None);
+        source(dir.path(), &cert_b, &key_b);
+        // A token bound to the new certificate makes the files be looked at before the
+        // interval is up; the old pair stays available to the token bound to it.
+        assert_eq!(r.matching(&b).as_deref(), Some(&b));
+        assert_eq!(r.matching(&a).as_deref(), Some(&a));
+        assert_eq!(*r.current(), b);
+        assert_eq!(r.matching(&[7; 32]), None);
     }
 }

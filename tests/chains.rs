@@ -545,6 +545,36 @@ async fn redis_emptied_after_a_rotation_with_the_stale_replica_writing_first() {
     assert_eq!(provider.successes(), 4, "{}", provider.summary());
 }
 
+/// Redis loses everything while replica A is one rotation behind B; A's refresh writes A's
+/// state back and settles under the lease, and B's refresh, started right after, waits for that
+/// lease. B's flight holds B's chain, so B's periodic comparison with Redis is skipped: B must
+/// write its newer state back while it waits, or A's settle ends with A presenting the refresh
+/// token B already spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_waiting_for_the_lease_writes_its_newer_state_back() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+
+    a.signal("STOP");
+    refresh_and_wait(&b).await;
+    redis.flush_all();
+    a.signal("CONT");
+    let on_a = spawn_forced_refresh(&a);
+    wait_for("A's state written back", SOON, || {
+        !redis.chain_keys().is_empty()
+    })
+    .await;
+    let on_b = spawn_forced_refresh(&b);
+    let _ = on_a.await.unwrap().unwrap();
+    let _ = on_b.await.unwrap().unwrap();
+
+    refresh_and_wait(&a).await;
+    refresh_and_wait(&b).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+}
+
 /// F2a: Redis loses everything and at once a replica starts with nothing but the bootstrap
 /// value, long spent. It waits for the store to settle (the live replica writes its chain
 /// back) instead of presenting the spent value, which would revoke the account's family.
@@ -711,6 +741,39 @@ async fn identity_changes_by_reload_move_the_chain_for_every_replica() {
     // Two markers and the named chain: three keys besides the leases.
     let keys = account.redis.chain_keys();
     assert_eq!(keys.len(), 3, "{keys:?}");
+}
+
+/// A chain moved by a reload on replica A, then Redis loses everything before replica B (frozen
+/// meanwhile) has followed the marker: the marker went with the data, and each replica would
+/// write the chain back under its own key and present one refresh token from both. A restores
+/// the markers it left, so B follows the chain instead of refreshing under the old key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_emptied_right_after_a_move_keeps_one_chain() {
+    let account = OneAccount::start(60).await;
+    let (redis, provider) = (&account.redis, &account.provider);
+    let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
+    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
+    let before = reloads(&a);
+    let loopback = provider.token_url();
+    rewrite_config(&a, &loopback, &loopback.replace("127.0.0.1", "localhost"));
+    a.signal("HUP");
+    wait_for("the reload", SOON, || reloads(&a) > before).await;
+
+    b.signal("STOP");
+    refresh_and_wait(&a).await;
+    assert!(
+        a.logs().contains("moved the chain to its new key"),
+        "{}",
+        a.logs()
+    );
+    redis.flush_all();
+    b.signal("CONT");
+
+    refresh_and_wait(&b).await;
+    refresh_and_wait(&a).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+    assert!(b.logs().contains("following it"), "{}", b.logs());
 }
 
 /// F3, by rolling restart: replica A restarts with `chain = "NAME"` added while B still runs

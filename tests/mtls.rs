@@ -30,6 +30,15 @@ fn sha256(der: &[u8]) -> [u8; 32] {
     Sha256::digest(der).into()
 }
 
+/// SHA-256 of a connection's client certificate (zeros without one).
+fn cert_of(chain: &[CertificateDer<'static>]) -> [u8; 32] {
+    chain.first().map(|c| sha256(c)).unwrap_or_default()
+}
+
+fn hex(digest: &[u8; 32]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A certificate authority made for one test.
 struct Ca {
     key: rcgen::KeyPair,
@@ -254,6 +263,9 @@ enum Role {
     TokenEndpoint,
     /// An API that needs a bearer token on an mTLS connection.
     Upstream,
+    /// An API that also checks the token's binding to the certificate (RFC 8705 §3): the
+    /// connection's certificate must be the one the token was issued to.
+    BoundUpstream,
     /// A subject issuer's JWKS: this document, to anyone.
     Jwks(&'static str),
 }
@@ -392,7 +404,9 @@ async fn handle(
             {
                 (400, r#"{"error":"invalid_request"}"#.to_string())
             } else {
-                let token = format!("mtls-at-{}", rand_hex());
+                // Bound to the certificate (as `cnf.x5t#S256` would bind a JWT): its SHA-256
+                // is part of the token.
+                let token = format!("mtls-at-{}-{}", hex(&cert_of(chain)), rand_hex());
                 issued = Some(token.clone());
                 (
                     200,
@@ -401,8 +415,16 @@ async fn handle(
                 )
             }
         }
-        Role::Upstream if !accepted => (403, "{}".to_string()),
-        Role::Upstream
+        Role::Upstream | Role::BoundUpstream if !accepted => (403, "{}".to_string()),
+        Role::BoundUpstream
+            if !authorization
+                .as_deref()
+                .unwrap_or("")
+                .starts_with(&format!("Bearer mtls-at-{}-", hex(&cert_of(chain)))) =>
+        {
+            (401, r#"{"error":"invalid_token"}"#.to_string())
+        }
+        Role::Upstream | Role::BoundUpstream
             if !authorization
                 .as_deref()
                 .unwrap_or("")
@@ -410,12 +432,12 @@ async fn handle(
         {
             (401, "{}".to_string())
         }
-        Role::Upstream => (200, format!("{{\"path\":{path:?}}}")),
+        Role::Upstream | Role::BoundUpstream => (200, format!("{{\"path\":{path:?}}}")),
         Role::Jwks(document) => (200, document.to_string()),
     };
     hits.lock().unwrap().push(Hit {
         conn,
-        cert: chain.first().map(|c| sha256(c)).unwrap_or_default(),
+        cert: cert_of(chain),
         path,
         status,
         form,
@@ -949,6 +971,123 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         .concat(),
     )
     .await;
+}
+
+/// RFC 8705 §3: the token endpoint binds each token to the certificate it was called with, and
+/// the upstream refuses a token on a connection presenting another. The certificate is renewed
+/// (same CA, new key) under 10 requests a second: tokenward obtains a token bound to the new
+/// certificate first and keeps presenting the old certificate with the old token until then,
+/// so the upstream never refuses a request, and sees the new certificate with its token within
+/// 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_renewed_certificate_never_meets_a_token_bound_to_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, clients) = (Ca::new("servers"), Ca::new("clients"));
+    let server_ca_path = dir.path().join("server-ca.pem");
+    server_ca.write(&server_ca_path);
+    let idp = MtlsServer::start(Role::TokenEndpoint, &server_ca, Trust::ca(&clients)).await;
+    let upstream = MtlsServer::start(Role::BoundUpstream, &server_ca, Trust::ca(&clients)).await;
+    let (old, new) = (
+        clients.issue("tokenward", None),
+        clients.issue("tokenward", None),
+    );
+    let (cert, key) = old.install(dir.path(), "client");
+    let (proxy, admin) = (free_port(), free_port());
+    let routes = format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"{}\"\ncredential = \"api\"\n\
+         ca_file = \"{}\"\ntls_client_cert = {{ file = \"{}\" }}\ntls_client_key = {{ file = \"{}\" }}\n",
+        upstream.url(""),
+        server_ca_path.display(),
+        cert.display(),
+        key.display()
+    );
+    let credential = mtls_credential(
+        &idp.url("/token"),
+        "tls_client_auth",
+        &cert,
+        &key,
+        &server_ca_path,
+    );
+    let config = write_config(dir.path(), admin, &routes, &credential);
+    let tw = Tokenward::start_with(tempfile::tempdir().unwrap(), config, proxy, admin);
+    tw.wait_ready().await;
+
+    // One client, 10 requests a second, bounded in count and time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (stop, failures, sent, url) =
+            (stop.clone(), failures.clone(), sent.clone(), tw.url(""));
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for i in 0..300 {
+                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                    break;
+                }
+                match client.get(format!("{url}/bound/{i}")).send().await {
+                    Ok(r) if r.status() == 200 => {}
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("HTTP {}", r.status())),
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    wait_for("load before the renewal", Duration::from_secs(10), || {
+        sent.load(Ordering::SeqCst) >= 20
+    })
+    .await;
+
+    new.install(dir.path(), "client");
+    let renewed_at = Instant::now();
+    let bound_to_new = format!("Bearer mtls-at-{}-", hex(&new.sha));
+    wait_for(
+        "the new certificate with a token bound to it upstream",
+        Duration::from_secs(5),
+        || {
+            upstream.hits().iter().any(|h| {
+                h.cert == new.sha
+                    && h.status == 200
+                    && h.authorization
+                        .as_deref()
+                        .is_some_and(|a| a.starts_with(&bound_to_new))
+            })
+        },
+    )
+    .await;
+    let took = renewed_at.elapsed();
+    let sent_then = sent.load(Ordering::SeqCst);
+    wait_for("load after the renewal", Duration::from_secs(10), || {
+        sent.load(Ordering::SeqCst) >= sent_then + 20
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+
+    let hits = upstream.hits();
+    let refused: Vec<&Hit> = hits.iter().filter(|h| h.status != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "the upstream refused {} requests (binding mismatches): {refused:?}\n{}",
+        refused.len(),
+        tw.logs()
+    );
+    let failures = failures.lock().unwrap().clone();
+    assert!(failures.is_empty(), "{failures:?}");
+    let first_new = hits.iter().position(|h| h.cert == new.sha).unwrap();
+    assert!(
+        hits[first_new..].iter().all(|h| h.cert == new.sha),
+        "the old certificate went out again after the new one"
+    );
+    assert!(took <= Duration::from_secs(5), "{took:?}");
+    tw.assert_no_leaks(&[old.key_material(), new.key_material()].concat())
+        .await;
 }
 
 /// A token-exchange credential whose token endpoint needs its client certificate and a private

@@ -656,7 +656,7 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
     }
     let ca_file = raw.ca_file.map(PathBuf::from);
     if let Some(ca) = &ca_file {
-        if let Err(reason) = crate::proxy::upstream::load_ca_bundle(ca) {
+        if let Err(reason) = crate::ca_bundle::load(ca) {
             c.push(format!("{key}.ca_file"), reason);
         }
     }

@@ -39,10 +39,10 @@ pub(super) fn validate(
         }
     });
     let ca_file = ca_file.map(PathBuf::from);
-    if let Some(ca) = &ca_file
-        && let Err(reason) = check_ca_file(ca)
-    {
-        c.push(format!("{key}.ca_file"), reason);
+    if let Some(ca) = &ca_file {
+        if let Err(reason) = crate::ca_bundle::load(ca) {
+            c.push(format!("{key}.ca_file"), reason);
+        }
     }
     ProviderTransport {
         proxy,
@@ -103,11 +103,6 @@ pub(super) fn client_cert(
         }
     }
     Some(source)
-}
-
-/// Reads a `ca_file`-like key's PEM bundle, saying why it cannot be used.
-pub fn check_ca_file(path: &std::path::Path) -> Result<(), String> {
-    crate::proxy::upstream::load_ca_bundle(path).map(|_| ())
 }
 
 /// Parses `proxy = "http://host:port"`. The raw value is never echoed: a mistyped URL could

@@ -105,7 +105,7 @@ impl ProviderClient {
         };
         if let Some(path) = &transport.ca_file {
             builder = builder.tls_built_in_root_certs(false);
-            for der in crate::proxy::upstream::load_ca_bundle(path)? {
+            for der in crate::ca_bundle::load(path)? {
                 let cert = reqwest::Certificate::from_der(&der)
                     .map_err(|e| format!("CA bundle {}: {}", path.display(), root_cause(&e)))?;
                 builder = builder.add_root_certificate(cert);
@@ -117,6 +117,15 @@ impl ProviderClient {
         builder
             .build()
             .map_err(|e| format!("cannot build the provider HTTP client: {e}"))
+    }
+
+    /// SHA-256 of the client certificate the next request presents (after looking at its
+    /// files), for a client that has one.
+    pub fn client_cert_thumbprint(&self) -> Option<[u8; 32]> {
+        match &self.client {
+            Clients::Fixed(_) => None,
+            Clients::Rotating(clients) => Some(clients.thumbprint()),
+        }
     }
 
     pub fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {

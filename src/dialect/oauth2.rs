@@ -813,7 +813,7 @@ fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Subj
         .as_deref()
         .map(std::path::PathBuf::from);
     if let Some(path) = &ca_file
-        && let Err(reason) = crate::config::transport::check_ca_file(path)
+        && let Err(reason) = crate::ca_bundle::load(path)
     {
         err("subject_jwks_ca_file", &reason);
     }

@@ -331,7 +331,7 @@ impl ListenerApp {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let peer = route.upstream.current_peer()?;
+            let peer = route.peer_for(Some(&token))?;
             let mut request = upstream_request(downstream.req_header(), route, has_body)?;
             if websocket {
                 // As pingora-proxy does for the upgrades it passes (`sanitize_h1_upstream_request`).

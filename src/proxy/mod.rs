@@ -258,7 +258,7 @@ impl ProxyHttp for TokenwardProxy {
             .route
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
-        Ok(Box::new(route.upstream.current_peer()?))
+        Ok(Box::new(route.peer_for(ctx.token.as_deref())?))
     }
 
     async fn upstream_request_filter(

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use super::metrics::RouteMetrics;
 use super::upstream::UpstreamTarget;
 use crate::config::RouteConfig;
-use crate::token::Credential;
+use crate::token::{Credential, Token};
+use pingora::upstreams::peer::HttpPeer;
 
 pub struct Route {
     pub name: Arc<str>,
@@ -20,6 +21,10 @@ pub struct Route {
     /// replayed once with a new one.
     pub reauth_statuses: Box<[u16]>,
     pub metrics: RouteMetrics,
+    /// The route presents the same client certificate files as its credential's token
+    /// endpoint: its tokens are bound to the certificate (RFC 8705 §3), and each goes out on a
+    /// connection presenting the certificate it was obtained with.
+    binds_certificate: bool,
 }
 
 impl Route {
@@ -28,6 +33,8 @@ impl Route {
         credential: Arc<Credential>,
         metrics: RouteMetrics,
     ) -> Result<Self, String> {
+        let binds_certificate = config.client_cert.is_some()
+            && config.client_cert == credential.config().transport.client_cert;
         Ok(Route {
             name: Arc::from(config.name.as_str()),
             host: config.host.clone(),
@@ -40,7 +47,16 @@ impl Route {
                 .map_err(|e| format!("route {:?}: {e}", config.name))?,
             reauth_statuses: config.reauth_statuses.clone().into_boxed_slice(),
             metrics,
+            binds_certificate,
         })
+    }
+
+    /// The upstream peer for a request carrying `token`.
+    pub fn peer_for(&self, token: Option<&Token>) -> pingora::Result<HttpPeer> {
+        let bound_to = token
+            .filter(|_| self.binds_certificate)
+            .and_then(|t| t.bound_cert.as_ref());
+        self.upstream.current_peer(bound_to)
     }
 
     fn matches(&self, host: Option<&str>, path: &str) -> bool {

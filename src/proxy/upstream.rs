@@ -4,7 +4,6 @@
 //! exchanges may be sent again.
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,35 +50,12 @@ pub struct UpstreamTarget {
     addr: ArcSwapOption<SocketAddr>,
 }
 
-/// Reads a PEM bundle, checking that every certificate parses (pingora panics on bad DER).
-pub fn load_ca_bundle(path: &Path) -> Result<Vec<Vec<u8>>, String> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-    let ders: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read CA bundle {}: {e}", path.display()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("CA bundle {} is not valid PEM: {e}", path.display()))?;
-    if ders.is_empty() {
-        return Err(format!("CA bundle {} holds no certificate", path.display()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for der in &ders {
-        roots.add(der.clone()).map_err(|e| {
-            format!(
-                "CA bundle {} holds an unusable certificate: {e}",
-                path.display()
-            )
-        })?;
-    }
-    Ok(ders.into_iter().map(|d| d.to_vec()).collect())
-}
-
 impl UpstreamTarget {
     pub fn new(route: &RouteConfig) -> Result<Self, String> {
         let u = &route.upstream;
         let (ca, ca_key) = match &route.ca_file {
             Some(path) => {
-                let ders = load_ca_bundle(path)?;
+                let ders = crate::ca_bundle::load(path)?;
                 let key = crate::mtls::digest64(ders.iter().map(Vec::as_slice));
                 let certs: Vec<WrappedX509> = ders
                     .into_iter()
@@ -148,9 +124,11 @@ impl UpstreamTarget {
         true
     }
 
-    /// The peer at the current address. An upstream whose name has not resolved is unreachable:
-    /// an upstream error (a JSON 502), like a refused connection.
-    pub fn current_peer(&self) -> pingora::Result<HttpPeer> {
+    /// The peer at the current address, presenting the client certificate `bound_to` names (the
+    /// SHA-256 of the one the token was obtained with, where the route presents the credential's
+    /// certificate) or else the current one. An upstream whose name has not resolved is
+    /// unreachable: an upstream error (a JSON 502), like a refused connection.
+    pub fn current_peer(&self, bound_to: Option<&[u8; 32]>) -> pingora::Result<HttpPeer> {
         let addr = self.address().ok_or_else(|| {
             Error::explain(
                 ErrorType::ConnectNoRoute,
@@ -158,7 +136,7 @@ impl UpstreamTarget {
             )
             .into_up()
         })?;
-        Ok(self.peer(addr))
+        Ok(self.peer(addr, bound_to))
     }
 
     /// Resolves the host name once; keeps the previous address when resolution fails.
@@ -172,7 +150,7 @@ impl UpstreamTarget {
         Ok(found)
     }
 
-    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
+    pub fn peer(&self, addr: SocketAddr, bound_to: Option<&[u8; 32]>) -> HttpPeer {
         // SNI is always set: pingora skips certificate verification when it is empty.
         let mut peer = HttpPeer::new(addr, self.tls, self.host.clone());
         peer.options.connection_timeout = Some(self.connect_timeout);
@@ -186,7 +164,12 @@ impl UpstreamTarget {
             // request's reach in the shared pool.
             peer.group_key = self.ca_key;
             if let Some(rotating) = &self.client_cert {
-                let (cert, group_key) = &*rotating.current();
+                // A token bound to the certificate before a rotation goes out with that one
+                // until the token bound to the new one is held: never the two mixed.
+                let chosen = bound_to
+                    .and_then(|t| rotating.matching(t))
+                    .unwrap_or_else(|| rotating.current());
+                let (cert, group_key) = &*chosen;
                 peer.client_cert_key = Some(cert.clone());
                 peer.group_key = *group_key;
             }
@@ -267,14 +250,15 @@ mod tests {
             "[[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:1\"\nupstream = \"{upstream}\"\ncredential = \"c\"\n\
              [credentials.c]\ndialect = \"oauth2\"\ntoken_url = \"http://127.0.0.1:2/t\"\nclient_id = \"i\"\nclient_secret = \"s\"\n"
         );
-        let config = crate::config::Config::parse(Path::new("t.toml"), &text, false).unwrap();
+        let config =
+            crate::config::Config::parse(std::path::Path::new("t.toml"), &text, false).unwrap();
         UpstreamTarget::new(&config.routes[0]).unwrap()
     }
 
     #[test]
     fn an_unresolved_upstream_is_an_upstream_failure_and_a_reload_carries_the_address_over() {
         let old = target("http://api.internal:8080");
-        let e = old.current_peer().unwrap_err();
+        let e = old.current_peer(None).unwrap_err();
         assert_eq!(e.etype(), &ErrorType::ConnectNoRoute);
         // fail_to_proxy answers an upstream error with the JSON 502, an internal one with 500.
         assert_eq!(e.esource(), &pingora::prelude::ErrorSource::Upstream);
@@ -285,7 +269,7 @@ mod tests {
         assert!(same.adopt_address(&old));
         use pingora::upstreams::peer::Peer;
         assert_eq!(
-            same.current_peer().unwrap().address().to_string(),
+            same.current_peer(None).unwrap().address().to_string(),
             addr.to_string()
         );
         assert!(!target("http://api.internal:9090").adopt_address(&old));

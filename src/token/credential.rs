@@ -127,6 +127,11 @@ pub struct Chain {
     /// Set when this process followed a marker saying its chain was superseded by a new
     /// bootstrap value, until it adopts the new chain: it has nothing of its own to write back.
     followed_rollout: bool,
+    /// The markers this process left when it moved the chain, by the key each was left at: a
+    /// store that loses its data loses them too, while replicas that have not followed one yet
+    /// still hold the chain under its old key and would write it back there and refresh from
+    /// it. This process writes them again (see `keep_markers`).
+    left_markers: Vec<(ChainKey, ChainState)>,
 }
 
 /// A chain to carry from one key to another (the settings that name its key changed), or —
@@ -181,6 +186,16 @@ impl Chain {
     /// refresh token to present.
     fn is_live(&self) -> bool {
         self.holds_history() && self.refresh.is_some()
+    }
+
+    /// Remembers the marker left at `from` for a move to `to`: the chain lives at `to` now, so
+    /// a marker this process left there on an earlier move (a move back) is not its to keep.
+    fn left_marker(&mut self, from: &ChainKey, marker: ChainState, to: &ChainKey) {
+        self.left_markers
+            .retain(|(k, _)| k.identity != from.identity && k.identity != to.identity);
+        self.left_markers.push((from.clone(), marker));
+        let excess = self.left_markers.len().saturating_sub(MAX_HOPS);
+        self.left_markers.drain(..excess);
     }
 }
 
@@ -504,6 +519,35 @@ impl Credential {
         }
         let (rx, _) = self.flight(Purpose::Forced);
         self.wait(rx, self.wait_limit()).await
+    }
+
+    /// Whether the client certificate the token endpoint is called with changed since the
+    /// current token was obtained with another: the token is bound to the old one (RFC 8705
+    /// §3), and one bound to the new one is needed before the upstream sees the new one.
+    pub fn certificate_renewed(&self) -> bool {
+        let Some(bound) = self.current.load().as_ref().and_then(|t| t.bound_cert) else {
+            return false;
+        };
+        self.client
+            .client_cert_thumbprint()
+            .is_some_and(|now| now != bound)
+    }
+
+    /// Obtains a token bound to the renewed client certificate (unless a back-off holds
+    /// provider calls back); returns when the flight it started or joined ends.
+    pub async fn rebind_certificate(self: &Arc<Self>) {
+        if self.exchanger.is_some() || self.held_back(Instant::now()) {
+            return;
+        }
+        info!(credential = %self.name, "the client certificate changed; obtaining a token bound to the new one");
+        let (mut rx, _) = self.flight(Purpose::Forced);
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
+    /// Whether this credential's token endpoint is called with a client certificate, whose
+    /// files are then watched for a renewal.
+    pub fn has_client_certificate(&self) -> bool {
+        self.client.client_cert_thumbprint().is_some()
     }
 
     /// The flight in progress, or a new one for `purpose`; `true` when joining one.
@@ -961,8 +1005,10 @@ impl Credential {
                 // Nothing stored under the old key: a marker keeps the replicas that hold the
                 // chain from writing it back there; none is needed when nobody can hold it.
                 if pending.holds_history {
-                    self.leave_marker(&from, &held, 0, None, &to, pending.superseded)
+                    let marker = self
+                        .leave_marker(&from, &held, 0, None, &to, pending.superseded)
                         .await?;
+                    chain.left_marker(&from, marker, &to);
                 }
                 return Ok(());
             };
@@ -976,15 +1022,17 @@ impl Credential {
             } else {
                 self.write_carried(&to, lease, &state).await?;
             }
-            self.leave_marker(
-                &from,
-                &held,
-                version,
-                state.origin.clone(),
-                &to,
-                pending.superseded,
-            )
-            .await?;
+            let marker = self
+                .leave_marker(
+                    &from,
+                    &held,
+                    version,
+                    state.origin.clone(),
+                    &to,
+                    pending.superseded,
+                )
+                .await?;
+            chain.left_marker(&from, marker, &to);
             info!(credential = %self.name, superseded = pending.superseded, "moved the chain to its new key; a marker under the old key sends the other replicas after it");
             return Ok(());
         }
@@ -1029,7 +1077,7 @@ impl Credential {
     }
 
     /// Writes the marker that sends the replicas still using `from` to `to`, fenced on the
-    /// version read under `held`.
+    /// version read under `held`; returns it.
     async fn leave_marker(
         &self,
         from: &ChainKey,
@@ -1038,7 +1086,7 @@ impl Credential {
         origin: Option<String>,
         to: &ChainKey,
         superseded: bool,
-    ) -> Result<(), DialectError> {
+    ) -> Result<ChainState, DialectError> {
         let marker = ChainState {
             origin,
             moved_to: Some(MovedTo {
@@ -1053,10 +1101,37 @@ impl Credential {
             .await
             .map_err(moving_failed)?
         {
-            Some(_) => Ok(()),
+            Some(_) => Ok(marker),
             None => Err(DialectError::transient(
                 "the chain changed under its old key during the move; moving it at the next attempt",
             )),
+        }
+    }
+
+    /// Writes again the markers this process left when it moved the chain, where the store lost
+    /// them (a restart, a flush, a failover): a replica that had not followed one yet must find
+    /// it before it refreshes under the old key — it waits for the store to settle first, longer
+    /// than a sync interval. Only over nothing or over a point of this chain not ahead of the
+    /// one held here, which is what such a replica writes back.
+    async fn keep_markers(&self, chain: &Chain) {
+        let Some(lineage) = chain.lineage.as_ref() else {
+            return;
+        };
+        for (key, marker) in &chain.left_markers {
+            let lost = match self.store.load(key).await {
+                Ok(None) => true,
+                Ok(Some(s)) => {
+                    s.state.moved_to.is_none()
+                        && matches!(
+                            Lineage::relation(Some(lineage), s.state.lineage.as_ref()),
+                            Relation::Same | Relation::Older
+                        )
+                }
+                Err(_) => false,
+            };
+            if lost && let Ok(Some(_)) = self.store.restore_marker(key, marker, lineage).await {
+                warn!(credential = %self.name, "the shared store lost the marker this replica left where the chain moved from; wrote it again, so replicas still there follow the chain");
+            }
         }
     }
 
@@ -1122,6 +1197,7 @@ impl Credential {
             }
             Ok(None) => self.set_mode(StoreMode::Shared),
         }
+        self.keep_markers(&chain).await;
     }
 
     /// Writes this process's chain (and token) to the store over version `expected`, under the
@@ -1327,6 +1403,14 @@ impl Credential {
                         Ok(stored) => {
                             if first {
                                 waited_from = Some(stored.as_ref().map_or(0, |s| s.version));
+                            }
+                            // The store lost what it knew (or went back) and this flight holds
+                            // the chain, so the periodic comparison that would write this
+                            // replica's point back is skipped: write it back now, or the holder
+                            // settling that store presents an older point of the chain.
+                            if self.lost_by_store(chain, stored.as_ref()) {
+                                let seen = stored.as_ref().map_or(0, |s| s.version);
+                                self.write_back_forward(chain, None, seen).await;
                             }
                             let newer = stored.as_ref().is_some_and(|s| self.may_adopt(chain, s));
                             if let Some(stored) = stored.filter(|_| newer) {
@@ -1575,6 +1659,17 @@ impl Credential {
         self.config.timing.timeout * 2 + Duration::from_secs(1)
     }
 
+    /// Whether the store lost this process's point of the chain: it holds nothing or an older
+    /// point, while this process holds history and has no move to make first.
+    fn lost_by_store(&self, chain: &Chain, stored: Option<&Stored>) -> bool {
+        self.store.is_shared()
+            && chain.holds_history()
+            && chain.moving.is_none()
+            && stored.is_none_or(|s| {
+                s.state.moved_to.is_none() && self.relation(chain, s) == Relation::Older
+            })
+    }
+
     /// Whether a stored state may replace this process's chain outside a lease: never one
     /// behind it.
     fn may_adopt(&self, chain: &Chain, stored: &Stored) -> bool {
@@ -1621,6 +1716,7 @@ impl Credential {
             Ok(None) => {}
             Err(e) => self.store_down(chain, &e),
         }
+        self.keep_markers(chain).await;
         Reconciled::SettleUntil(Instant::now() + self.settle_time())
     }
 
@@ -1679,6 +1775,9 @@ impl Credential {
                 refresh_token: chain.refresh.clone(),
             };
             let sent = SentAt::now();
+            // The certificate this exchange presents (looked at now, as the request will):
+            // a provider binding the token to it makes it the one the upstream must see.
+            let bound_cert = self.client.client_cert_thumbprint();
             let result = self.obtain(held).await;
             self.metrics
                 .duration
@@ -1728,7 +1827,10 @@ impl Credential {
                 generation,
                 after_rejection,
             )
-            .map(Arc::new)
+            .map(|mut token| {
+                token.bound_cert = bound_cert;
+                Arc::new(token)
+            })
             .map_err(DialectError::transient);
             if rotated || (self.store.is_shared() && token.is_ok()) {
                 // Persisted before it is used: the provider may have revoked the old one.
@@ -1871,35 +1973,46 @@ impl Credential {
             .store
             .save_forward(&key, lease, chain.version, &state)
             .await;
-        let mut s = self.status();
-        match result {
-            Ok(Some(version)) => {
-                chain.version = version;
-                chain.unsaved = false;
-                chain.loaded = true;
-                s.persist_error = None;
-                drop(s);
-                self.store_answered();
+        let stored = {
+            let mut s = self.status();
+            match result {
+                Ok(Some(version)) => {
+                    chain.version = version;
+                    chain.unsaved = false;
+                    chain.loaded = true;
+                    s.persist_error = None;
+                    drop(s);
+                    self.store_answered();
+                    true
+                }
+                Ok(None) => {
+                    // Another writer extended the chain after this one read it (this process
+                    // stalled past its lease, another replica took it over and refreshed): the
+                    // stored chain wins; the next flight reads it. What this refresh obtained is
+                    // dropped — and the provider saw one refresh token twice, so a provider that
+                    // rotates strictly has likely revoked the family.
+                    self.metrics.lease("lost").inc();
+                    error!(credential = %self.name, "lost the refresh lease during the provider call: another replica took it over and moved the chain on before this answer could be stored; keeping the stored chain (a provider that rotates strictly may have revoked it)");
+                    chain.loaded = false;
+                    chain.unsaved = false;
+                    s.persist_error = Some("fenced out by a newer write".into());
+                    false
+                }
+                Err(e) => {
+                    error!(credential = %self.name, error = %e, "cannot persist the refresh token; it is kept in memory and saved again as soon as the store answers");
+                    chain.unsaved = true;
+                    s.persist_error = Some(e.to_string());
+                    drop(s);
+                    self.store_down(chain, &e);
+                    false
+                }
             }
-            Ok(None) => {
-                // Another writer extended the chain after this one read it (this process
-                // stalled past its lease, another replica took it over and refreshed): the
-                // stored chain wins; the next flight reads it. What this refresh obtained is
-                // dropped — and the provider saw one refresh token twice, so a provider that
-                // rotates strictly has likely revoked the family.
-                self.metrics.lease("lost").inc();
-                error!(credential = %self.name, "lost the refresh lease during the provider call: another replica took it over and moved the chain on before this answer could be stored; keeping the stored chain (a provider that rotates strictly may have revoked it)");
-                chain.loaded = false;
-                chain.unsaved = false;
-                s.persist_error = Some("fenced out by a newer write".into());
-            }
-            Err(e) => {
-                error!(credential = %self.name, error = %e, "cannot persist the refresh token; it is kept in memory and saved again as soon as the store answers");
-                chain.unsaved = true;
-                s.persist_error = Some(e.to_string());
-                drop(s);
-                self.store_down(chain, &e);
-            }
+        };
+        // A store that lost its data during the provider call lost this process's markers too:
+        // the replicas still at an old key must find them before they settle, not at the next
+        // sync.
+        if stored {
+            self.keep_markers(chain).await;
         }
     }
 

@@ -46,6 +46,9 @@ pub struct Token {
     /// Obtained because the upstream rejected the token before it: if the upstream rejects this
     /// one too within `min_refresh_interval`, the upstream is at fault, not the token.
     pub after_rejection: bool,
+    /// SHA-256 of the client certificate the token endpoint was called with (RFC 8705 §3: the
+    /// provider may bind the token to it), where this process obtained the token with one.
+    pub bound_cert: Option<[u8; 32]>,
 }
 
 /// When a provider request was sent: a token's lifetime counts from here, not from when the
@@ -240,6 +243,7 @@ impl Token {
             usable_until: s.usable_until,
             expires_at: s.expires_at,
             after_rejection,
+            bound_cert: None,
         })
     }
 

@@ -40,10 +40,16 @@ impl Refresher {
 /// credential's `probe_interval` instead.
 pub(crate) const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How often the client certificate files of a credential that has one are looked at (a
+/// `stat` each), so a renewed certificate gets a token bound to it before the upstream
+/// connections present it (they look as often: `proxy::upstream::CLIENT_CERT_CHECK_INTERVAL`).
+const CLIENT_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Keeps one credential's token fresh (and, for a token-exchange credential that validates
 /// subjects, its issuer's key set) until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
     let mut next_sync = Instant::now() + STORE_SYNC_INTERVAL;
+    let watches_certificate = credential.has_client_certificate();
     let subject_keys = credential
         .exchanger()
         .and_then(|x| x.subject_validator())
@@ -55,6 +61,9 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
         let syncs = credential.store_mode() != StoreMode::File;
         let wake = credential.next_wake();
         let mut at = if syncs { wake.min(next_sync) } else { wake };
+        if watches_certificate {
+            at = at.min(Instant::now() + CLIENT_CERT_CHECK_INTERVAL);
+        }
         if let Some(keys) = &subject_keys {
             at = at.min(keys.next_refresh());
         }
@@ -71,6 +80,12 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
                     StoreMode::Shared | StoreMode::File => STORE_SYNC_INTERVAL,
                     StoreMode::Local | StoreMode::Hold => credential.config().timing.probe_interval,
                 };
+        }
+        if watches_certificate && credential.certificate_renewed() {
+            tokio::select! {
+                _ = credential.rebind_certificate() => {}
+                _ = shutdown.changed() => return,
+            }
         }
         if let Some(keys) = &subject_keys {
             tokio::select! {

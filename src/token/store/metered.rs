@@ -8,7 +8,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
-use super::{ChainKey, ChainState, Lease, StoreError, Stored, TokenStore};
+use super::{ChainKey, ChainState, Lease, Lineage, StoreError, Stored, TokenStore};
 
 pub struct MeteredStore {
     inner: Arc<dyn TokenStore>,
@@ -122,6 +122,16 @@ impl TokenStore for MeteredStore {
         state: &ChainState,
     ) -> Result<Option<u64>, StoreError> {
         let call = self.inner.save_forward(key, lease, expected, state);
+        self.metered("save", "fenced", call).await
+    }
+
+    async fn restore_marker(
+        &self,
+        key: &ChainKey,
+        marker: &ChainState,
+        over: &Lineage,
+    ) -> Result<Option<u64>, StoreError> {
+        let call = self.inner.restore_marker(key, marker, over);
         self.metered("save", "fenced", call).await
     }
 }

@@ -279,6 +279,21 @@ pub trait TokenStore: Send + Sync {
     ) -> Result<Option<u64>, StoreError> {
         self.save(key, lease, expected, state).await
     }
+
+    /// Writes `marker` (a moved chain's forwarding marker) again at the key the chain left,
+    /// whatever the version and the lease, when the store holds nothing there or a point of the
+    /// chain of lineage `over` not ahead of it: what a replica that had not followed the marker
+    /// yet wrote back after the store lost it. Never over another chain, a point ahead, or a
+    /// marker. Returns the new version, or `None` when it did not write. A store that files
+    /// chains by name never moves one.
+    async fn restore_marker(
+        &self,
+        _key: &ChainKey,
+        _marker: &ChainState,
+        _over: &Lineage,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// The store `config` names: Redis when `state.redis` is set, else files in `state.dir`.

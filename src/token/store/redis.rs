@@ -510,6 +510,29 @@ return tonumber(next)
     )
 });
 
+/// Writes a moved chain's marker again where the store lost it: when the key holds nothing, or a
+/// state of the mover's lineage (epoch) with a counter not above the mover's — a stale replica's
+/// write-back. Never over another chain, a newer point or a marker (mirrored epoch ""). Renews
+/// the expiry. Returns the new version, 0 when it did not write.
+/// KEYS: state. ARGV: sealed marker, mover's epoch, mover's counter, ttl ms.
+static RESTORE_MARKER: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local v = redis.call('HGET', KEYS[1], 'v')
+if v then
+  if redis.call('HGET', KEYS[1], 'e') ~= ARGV[2]
+      or tonumber(redis.call('HGET', KEYS[1], 'n') or '0') > tonumber(ARGV[3]) then
+    return 0
+  end
+end
+local next = tostring(tonumber(v or '0') + 1)
+redis.call('HSET', KEYS[1], 'v', next, 's', ARGV[1], 'e', '', 'n', '0')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return tonumber(next)
+",
+    )
+});
+
 /// Extends the lease only while its holder still has it. KEYS: lease. ARGV: holder, ttl ms.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -1208,6 +1231,32 @@ impl TokenStore for RedisStore {
     ) -> Result<Option<u64>, StoreError> {
         self.write(key, lease, expected, state, true).await
     }
+
+    async fn restore_marker(
+        &self,
+        key: &ChainKey,
+        marker: &ChainState,
+        over: &Lineage,
+    ) -> Result<Option<u64>, StoreError> {
+        let name = state_key(key);
+        let blob = self.seal(&name, marker)?;
+        let ttl_ms = u64::try_from(self.inner.settings.chain_ttl.as_millis()).unwrap_or(u64::MAX);
+        let (epoch, counter) = (over.epoch.clone(), over.counter);
+        let mut conn = self.inner.conn.clone();
+        let written: u64 = self
+            .run("write", async move {
+                RESTORE_MARKER
+                    .key(&name)
+                    .arg(&blob)
+                    .arg(&epoch)
+                    .arg(counter.to_string())
+                    .arg(ttl_ms.to_string())
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok((written > 0).then_some(written))
+    }
 }
 
 #[cfg(test)]
@@ -1415,6 +1464,82 @@ mod tests {
             !server.holds_bytes(b"00112233445566778899aabbccddeeff"),
             "sealed"
         );
+    }
+
+    #[tokio::test]
+    async fn a_lost_marker_is_restored_over_nothing_or_a_stale_point_only() {
+        let server = RedisServer::start();
+        let store = store(&server);
+        let marker = ChainState {
+            moved_to: Some(MovedTo {
+                identity: "00112233445566778899aabbccddeeff".into(),
+                superseded: false,
+            }),
+            ..ChainState::default()
+        };
+        let mover = Lineage {
+            epoch: "e1".into(),
+            counter: 5,
+            parent: None,
+        };
+        let is_marker = async |store: &RedisStore| {
+            let got = store.load(&chain()).await.unwrap();
+            got.is_some_and(|g| g.state == marker)
+        };
+        // Nothing there (the store lost it): written.
+        assert!(
+            store
+                .restore_marker(&chain(), &marker, &mover)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(is_marker(&store).await);
+        // A marker there already: left alone.
+        assert_eq!(
+            store
+                .restore_marker(&chain(), &marker, &mover)
+                .await
+                .unwrap(),
+            None
+        );
+        // What a stale replica writes back (same chain, not ahead): replaced.
+        for counter in [3, 5] {
+            server.flush_all();
+            let stale = at(state("rt-stale", None), "e1", counter);
+            store
+                .save_forward(&chain(), None, 0, &stale)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                store
+                    .restore_marker(&chain(), &marker, &mover)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            assert!(is_marker(&store).await, "over counter {counter}");
+        }
+        // A point ahead of the mover's, or another chain: never replaced.
+        for (epoch, counter) in [("e1", 6), ("e2", 1)] {
+            server.flush_all();
+            let other = at(state("rt-other", None), epoch, counter);
+            store
+                .save_forward(&chain(), None, 0, &other)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                store
+                    .restore_marker(&chain(), &marker, &mover)
+                    .await
+                    .unwrap(),
+                None
+            );
+            let got = store.load(&chain()).await.unwrap().unwrap();
+            assert_eq!(got.state, other, "{epoch} {counter}");
+        }
     }
 
     #[test]

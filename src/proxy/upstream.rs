@@ -1,7 +1,7 @@
 //! Upstream targets: the resolved address (re-resolved in the background, so DNS changes are
 //! followed without a restart), the Host header, the CA bundle for https upstreams, the client
-//! certificate for mutual TLS (both part of the connection-pool key), the keep-alive pool's idle timeout, and which failed upstream
-//! exchanges may be sent again.
+//! certificate for mutual TLS (both part of the connection-pool key), the keep-alive pool's idle
+//! timeout, and which failed upstream exchanges may be sent again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

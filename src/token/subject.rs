@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::dialect::{ProviderClient, SubjectValidation};
 
@@ -425,7 +425,15 @@ impl SubjectValidator {
                     st.failures = 0;
                     st.retry_at = None;
                     drop(st);
-                    info!(credential = %me.credential, keys = set.keys.len(), fresh_for_s = set.fresh_until.saturating_duration_since(now).as_secs(), "fetched the subject issuer's JWKS");
+                    let fresh_for_s = set.fresh_until.saturating_duration_since(now).as_secs();
+                    // A routine refresh (as often as every 5 s) is not news; new keys are.
+                    let kids =
+                        |s: &KeySet| s.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+                    if me.keys.load().as_deref().map(kids) == Some(kids(&set)) {
+                        debug!(credential = %me.credential, keys = set.keys.len(), fresh_for_s, "refreshed the subject issuer's JWKS");
+                    } else {
+                        info!(credential = %me.credential, keys = set.keys.len(), fresh_for_s, "fetched the subject issuer's JWKS");
+                    }
                     me.keys.store(Some(Arc::new(set)));
                 }
                 Err(e) => {

@@ -10,6 +10,7 @@ pub mod dialect;
 pub mod dpop;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod log_limit;
 pub mod mtls;
 pub mod proxy;
 pub mod secret;

@@ -213,14 +213,20 @@ impl ClientIdentity {
     /// the certificates' serial numbers only, which two certificates (two CAs, two self-signed
     /// certificates, a renewal that keeps the serial) can share.
     pub fn pool_key(&self) -> u64 {
-        let mut h = Sha256::new();
-        for c in &self.chain {
-            h.update((c.len() as u64).to_be_bytes());
-            h.update(c.as_ref());
-        }
-        let d = h.finalize();
-        u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
+        digest64(self.chain.iter().map(|c| c.as_ref()))
     }
+}
+
+/// The first 64 bits of a SHA-256 over `parts`, each length-prefixed so no two lists of parts
+/// hash alike: a connection-pool key for certificates (pingora's pool keys are `u64`).
+pub fn digest64<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u64 {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().unwrap_or_default())
 }
 
 /// What identifies one version of a file: a replaced file (new inode, as Kubernetes' and

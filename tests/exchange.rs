@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use common::jwks::{ISSUER, SUBJECT_AUD, TestKey, call, claims, now_s};
 use common::*;
 use serde_json::json;
 
@@ -545,23 +546,6 @@ async fn a_token_past_its_refresh_point_is_exchanged_again_in_the_background() {
     assert_eq!(provider.calls().len(), 2);
 }
 
-/// A request from `subject` (as a bearer token) to `path`: its status and JSON body.
-async fn call(tw: &Tokenward, subject: &str) -> (u16, serde_json::Value, Option<String>) {
-    let r = reqwest::Client::new()
-        .get(tw.url("/x"))
-        .bearer_auth(subject)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    let retry = r
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let body = r.json().await.unwrap_or(serde_json::Value::Null);
-    (status, body, retry)
-}
-
 fn exchanged_to(provider: &FakeExchange) -> Vec<String> {
     provider.calls().into_iter().map(|(s, _)| s).collect()
 }
@@ -761,60 +745,6 @@ fn token_exchange_config_errors_name_the_key() {
 }
 
 // ---- local validation of the subject (subject_jwks_url) ----
-
-const ISSUER: &str = "https://idp.test.example";
-const SUBJECT_AUD: &str = "tokenward-mid-tier";
-
-/// A P-256 key made for the test, published (or not) in the fake's JWKS under `kid`.
-struct TestKey {
-    kid: String,
-    pem: String,
-    x: String,
-    y: String,
-}
-
-impl TestKey {
-    fn new(kid: &str) -> Self {
-        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        // The uncompressed point: 0x04 || X || Y.
-        let raw = pair.public_key_raw();
-        assert_eq!(raw.len(), 65);
-        let b64 =
-            |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
-        TestKey {
-            kid: kid.to_string(),
-            pem: pair.serialize_pem(),
-            x: b64(&raw[1..33]),
-            y: b64(&raw[33..65]),
-        }
-    }
-    fn jwk(&self) -> serde_json::Value {
-        json!({"kty": "EC", "crv": "P-256", "use": "sig", "alg": "ES256",
-               "kid": self.kid, "x": self.x, "y": self.y})
-    }
-    /// A JWT signed by this key, naming `kid` in its header.
-    fn sign_as(&self, kid: &str, claims: serde_json::Value) -> String {
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-        header.kid = Some(kid.to_string());
-        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.pem.as_bytes()).unwrap();
-        jsonwebtoken::encode(&header, &claims, &key).unwrap()
-    }
-    fn sign(&self, claims: serde_json::Value) -> String {
-        self.sign_as(&self.kid, claims)
-    }
-}
-
-fn now_s() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn claims(sub: &str, iss: &str, aud: &str, exp_in: i64) -> serde_json::Value {
-    json!({"sub": sub, "iss": iss, "aud": aud, "iat": now_s(),
-           "exp": (now_s() as i64 + exp_in), "jti": rand_hex()})
-}
 
 fn set_jwks(provider: &FakeExchange, keys: &[&TestKey]) {
     *provider.state.jwks.lock().unwrap() =

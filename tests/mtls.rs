@@ -1,6 +1,7 @@
 //! Mutual TLS (RFC 8705): a token endpoint and an upstream that demand a client certificate
 //! (TLS servers started here with CAs made here), pooled upstream connections kept apart by
-//! certificate, and certificate rotation under load.
+//! certificate and by CA bundle, certificate rotation under load, a subject JWKS fetched without
+//! the token endpoint's certificate, and the warning about private key files others can read.
 
 mod common;
 
@@ -19,6 +20,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use sha2::{Digest, Sha256};
 
 const MTLS_CLIENT_ID: &str = "tw-mtls-client";
+const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -264,6 +266,8 @@ enum Role {
     /// An API that also checks the token's binding to the certificate (RFC 8705 §3): the
     /// connection's certificate must be the one the token was issued to.
     BoundUpstream,
+    /// A subject issuer's JWKS: this document, to anyone.
+    Jwks(&'static str),
 }
 
 /// A TLS server (HTTP/1.1 and HTTP/2) for `localhost` that requires a client certificate.
@@ -389,7 +393,10 @@ async fn handle(
         Role::TokenEndpoint if !accepted => (401, r#"{"error":"invalid_client"}"#.to_string()),
         Role::TokenEndpoint => {
             if path != "/token"
-                || field("grant_type") != Some("client_credentials")
+                || !matches!(
+                    field("grant_type"),
+                    Some("client_credentials" | EXCHANGE_GRANT)
+                )
                 || field("client_id") != Some(MTLS_CLIENT_ID)
                 || field("client_secret").is_some()
                 || field("client_assertion").is_some()
@@ -426,6 +433,7 @@ async fn handle(
             (401, "{}".to_string())
         }
         Role::Upstream | Role::BoundUpstream => (200, format!("{{\"path\":{path:?}}}")),
+        Role::Jwks(document) => (200, document.to_string()),
     };
     hits.lock().unwrap().push(Hit {
         conn,
@@ -1080,4 +1088,204 @@ async fn a_renewed_certificate_never_meets_a_token_bound_to_the_old_one() {
     assert!(took <= Duration::from_secs(5), "{took:?}");
     tw.assert_no_leaks(&[old.key_material(), new.key_material()].concat())
         .await;
+}
+
+/// A token-exchange credential whose token endpoint needs its client certificate and a private
+/// CA, and whose subjects' JWKS is on a host with another CA (Entra's public JWKS beside a
+/// private token endpoint): the JWKS is fetched on its own client, which trusts
+/// `subject_jwks_ca_file` and shows no certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_subject_jwks_is_fetched_without_the_credentials_certificate_or_ca_file() {
+    use common::jwks::{ISSUER, SUBJECT_AUD, TestKey, call, subject_token};
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, client_ca, jwks_ca) = (
+        Ca::new("servers"),
+        Ca::new("clients"),
+        Ca::new("public-web"),
+    );
+    let (server_ca_path, jwks_ca_path) = (
+        dir.path().join("server-ca.pem"),
+        dir.path().join("jwks-ca.pem"),
+    );
+    server_ca.write(&server_ca_path);
+    jwks_ca.write(&jwks_ca_path);
+    let idp = MtlsServer::start(Role::TokenEndpoint, &server_ca, Trust::ca(&client_ca)).await;
+    let signer = TestKey::new("k1");
+    let document: &'static str = Box::leak(
+        serde_json::json!({"keys": [signer.jwk()]})
+            .to_string()
+            .into_boxed_str(),
+    );
+    // Asks every client for a certificate without requiring one: shows whether one is offered.
+    let jwks = MtlsServer::start(Role::Jwks(document), &jwks_ca, Trust::Optional).await;
+    let leaf = client_ca.issue("tokenward", None);
+    let (cert, key) = leaf.install(dir.path(), "client");
+
+    let upstream = FakeUpstream::start().await;
+    let (proxy, admin) = (free_port(), free_port());
+    let routes = format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
+        upstream.addr()
+    );
+    let credential = format!(
+        "{}grant = \"token_exchange\"\nsubject_jwks_url = \"{}\"\nsubject_jwks_ca_file = \"{}\"\n\
+         subject_issuer = \"{ISSUER}\"\nsubject_audience = \"{SUBJECT_AUD}\"\n",
+        mtls_credential(
+            &idp.url("/token"),
+            "tls_client_auth",
+            &cert,
+            &key,
+            &server_ca_path
+        ),
+        jwks.url("/jwks"),
+        jwks_ca_path.display()
+    );
+    let config = write_config(dir.path(), admin, &routes, &credential);
+    let tw = Tokenward::start_with(tempfile::tempdir().unwrap(), config, proxy, admin);
+    tw.wait_ready().await;
+
+    let subject = subject_token(&signer, "alice");
+    let (status, body, _) = call(&tw, &subject).await;
+    assert_eq!(status, 200, "{body}\n{}", tw.logs());
+    let fetched = jwks.hits();
+    assert!(!fetched.is_empty() && fetched.iter().all(|h| h.path == "/jwks"));
+    assert!(
+        fetched.iter().all(|h| h.cert == [0; 32]),
+        "the JWKS host was shown the credential's client certificate"
+    );
+    let exchanged = idp.hits();
+    assert_eq!(exchanged.len(), 1, "{exchanged:?}");
+    assert_eq!((exchanged[0].status, exchanged[0].cert), (200, leaf.sha));
+    assert!(
+        exchanged[0]
+            .form
+            .iter()
+            .any(|(k, v)| k == "subject_token" && *v == subject)
+    );
+    tw.assert_no_leaks(&[leaf.key_material(), vec![subject]].concat())
+        .await;
+}
+
+/// Two routes to one TLS upstream address and SNI, one whose `ca_file` signs the upstream's
+/// certificate and one whose does not: the second must fail verification on every request, on
+/// both request paths, and never be handed the first one's pooled, already verified connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pooled_upstream_connections_are_kept_apart_by_ca_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_ca, other_ca) = (Ca::new("servers"), Ca::new("someone-else"));
+    let (trusting, distrusting) = (
+        dir.path().join("trusting.pem"),
+        dir.path().join("other.pem"),
+    );
+    server_ca.write(&trusting);
+    other_ca.write(&distrusting);
+    let upstream = MtlsServer::start(Role::Upstream, &server_ca, Trust::Optional).await;
+    let idp = FakeProvider::start(300, false, None).await;
+    for fast_path in [true, false] {
+        let (proxy, admin) = (free_port(), free_port());
+        let route = |name: &str, ca: &Path| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\nlisten = \"{proxy}\"\npath_prefix = \"/{name}\"\nupstream = \"{}\"\n\
+                 credential = \"api\"\nca_file = \"{}\"\nhttp2 = false\n",
+                upstream.url(""),
+                ca.display()
+            )
+        };
+        // The first line still belongs to write_config's [server] table.
+        let routes = format!(
+            "http1_fast_path = {fast_path}\n{}{}",
+            route("a", &trusting),
+            route("b", &distrusting)
+        );
+        let config = write_config(dir.path(), admin, &routes, &oauth2_keys(&idp, ""));
+        let tw = Tokenward::start_with(tempfile::tempdir().unwrap(), config, proxy, admin);
+        tw.wait_ready().await;
+        let client = reqwest::Client::new();
+        for i in 0..3 {
+            let a = client.get(tw.url(&format!("/a/{i}"))).send().await.unwrap();
+            assert_eq!(a.status(), 200, "fast path {fast_path}: {}", tw.logs());
+            let b = client.get(tw.url(&format!("/b/{i}"))).send().await.unwrap();
+            assert_eq!(
+                b.status(),
+                502,
+                "fast path {fast_path}: route b's CA bundle does not sign the upstream, yet it was answered (a pooled connection route a verified)"
+            );
+        }
+        let hits = upstream.hits();
+        assert!(hits.iter().all(|h| !h.path.starts_with("/b/")), "{hits:?}");
+        // Route a's requests did share connections: the pool is in use.
+        let conns: std::collections::BTreeSet<usize> = hits
+            .iter()
+            .filter(|h| h.path.starts_with("/a/"))
+            .map(|h| h.conn)
+            .collect();
+        assert!(conns.len() < 3, "keep-alive was not used");
+    }
+}
+
+/// `check` and `run` name a private key file that group or others can read (its config key and
+/// path, never its content), and say nothing once it is the owner's only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_private_key_file_others_can_read_is_warned_about_by_check_and_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("clients");
+    ca.write(&dir.path().join("ca.pem"));
+    let leaf = ca.issue("tokenward", None);
+    let (cert, key) = leaf.install(dir.path(), "client");
+    let chmod = |mode| {
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let idp = MtlsServer::start(Role::TokenEndpoint, &ca, Trust::ca(&ca)).await;
+    let upstream = FakeUpstream::start().await;
+    let (proxy, admin) = (free_port(), free_port());
+    let routes = format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
+        upstream.addr()
+    );
+    let credential = mtls_credential(
+        &idp.url("/token"),
+        "tls_client_auth",
+        &cert,
+        &key,
+        &dir.path().join("ca.pem"),
+    );
+    let config = write_config(dir.path(), admin, &routes, &credential);
+    const WARNING: &str = "readable by group or others";
+
+    chmod(0o644);
+    let (code, out) = check(&config, &[]);
+    assert_eq!(code, Some(0), "a warning, not an error: {out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning: {out}"));
+    assert!(
+        line.contains("`credentials.api.tls_client_key`")
+            && line.contains(&key.display().to_string())
+            && line.contains("0644"),
+        "{line}"
+    );
+    let material = leaf.key_material();
+    for s in &material {
+        assert!(
+            !out.contains(s.as_str()),
+            "check printed key material: {out}"
+        );
+    }
+    let tw = Tokenward::start_with(tempfile::tempdir().unwrap(), config.clone(), proxy, admin);
+    tw.wait_ready().await;
+    let logs = tw.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains(WARNING) && l.contains("credentials.api.tls_client_key")),
+        "{logs}"
+    );
+    tw.assert_no_leaks(&material).await;
+    drop(tw);
+
+    chmod(0o600);
+    let (code, out) = check(&config, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains(WARNING), "{out}");
 }

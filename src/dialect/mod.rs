@@ -293,6 +293,12 @@ pub struct SubjectValidation {
     pub jwks_url: String,
     pub issuer: Option<String>,
     pub audience: Option<String>,
+    /// How long past its freshness the last good key set is still used while fetches fail
+    /// (`subject_jwks_max_stale`); after that, subjects are answered 503.
+    pub max_stale: std::time::Duration,
+    /// How the JWKS is reached: `subject_jwks_proxy` and `subject_jwks_ca_file`, never a client
+    /// certificate.
+    pub transport: crate::config::ProviderTransport,
 }
 
 /// The per-request part of the request that a [`RequestSigner`] sees.

@@ -82,6 +82,9 @@ struct Keys {
     subject_jwks_url: Option<String>,
     subject_issuer: Option<String>,
     subject_audience: Option<String>,
+    subject_jwks_max_stale: Option<String>,
+    subject_jwks_ca_file: Option<String>,
+    subject_jwks_proxy: Option<String>,
     exchange_style: Option<String>,
 }
 
@@ -653,6 +656,9 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("subject_jwks_url", k.subject_jwks_url.is_some()),
             ("subject_issuer", k.subject_issuer.is_some()),
             ("subject_audience", k.subject_audience.is_some()),
+            ("subject_jwks_max_stale", k.subject_jwks_max_stale.is_some()),
+            ("subject_jwks_ca_file", k.subject_jwks_ca_file.is_some()),
+            ("subject_jwks_proxy", k.subject_jwks_proxy.is_some()),
             ("exchange_style", k.exchange_style.is_some()),
         ] {
             if set {
@@ -750,12 +756,20 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     })
 }
 
-/// `subject_jwks_url`, `subject_issuer`, `subject_audience`: the last two only with the first.
+/// The longest `subject_jwks_max_stale`: a key set older than a day may trust keys the issuer
+/// withdrew long ago.
+const MAX_JWKS_STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// `subject_jwks_url` and the keys that only go with it: `subject_issuer`, `subject_audience`,
+/// `subject_jwks_max_stale`, `subject_jwks_ca_file`, `subject_jwks_proxy`.
 fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<SubjectValidation> {
     let Some(url) = &k.subject_jwks_url else {
         for (key, set) in [
             ("subject_issuer", k.subject_issuer.is_some()),
             ("subject_audience", k.subject_audience.is_some()),
+            ("subject_jwks_max_stale", k.subject_jwks_max_stale.is_some()),
+            ("subject_jwks_ca_file", k.subject_jwks_ca_file.is_some()),
+            ("subject_jwks_proxy", k.subject_jwks_proxy.is_some()),
         ] {
             if set {
                 err(key, "is checked only with subject_jwks_url set");
@@ -774,10 +788,45 @@ fn subject_validation(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Subj
             err(key, "must not be empty (leave it out to skip the check)");
         }
     }
+    let max_stale = match k
+        .subject_jwks_max_stale
+        .as_deref()
+        .map(humantime::parse_duration)
+    {
+        None => Duration::from_secs(3600),
+        Some(Ok(d)) if d <= MAX_JWKS_STALE => d,
+        Some(_) => {
+            err(
+                "subject_jwks_max_stale",
+                "must be a duration of at most 24h, such as \"1h\"",
+            );
+            Duration::from_secs(3600)
+        }
+    };
+    let proxy = k.subject_jwks_proxy.as_deref().and_then(|raw| {
+        crate::config::transport::parse_proxy(raw)
+            .map_err(|reason| err("subject_jwks_proxy", &reason))
+            .ok()
+    });
+    let ca_file = k
+        .subject_jwks_ca_file
+        .as_deref()
+        .map(std::path::PathBuf::from);
+    if let Some(path) = &ca_file
+        && let Err(reason) = crate::ca_bundle::load(path)
+    {
+        err("subject_jwks_ca_file", &reason);
+    }
     Some(SubjectValidation {
         jwks_url: url.clone(),
         issuer: k.subject_issuer.clone(),
         audience: k.subject_audience.clone(),
+        max_stale,
+        transport: crate::config::ProviderTransport {
+            proxy,
+            ca_file,
+            client_cert: None,
+        },
     })
 }
 
@@ -1402,6 +1451,76 @@ mod tests {
         assert!(keys.contains(&"actor_token_type"), "{keys:?}");
         let errs = dialect(&[("actor", "svc".into())]).err().unwrap();
         assert_eq!(errs[0].0, "actor");
+    }
+
+    #[test]
+    fn the_subject_jwks_has_its_own_transport_and_staleness_bound() {
+        let base = [
+            ("grant", "token_exchange".into()),
+            ("subject_jwks_url", "https://idp.example/jwks".into()),
+        ];
+        let d = dialect(&base).unwrap();
+        let v = d
+            .exchange_settings()
+            .unwrap()
+            .subject_validation
+            .clone()
+            .unwrap();
+        assert_eq!(v.max_stale, Duration::from_secs(3600));
+        assert_eq!(v.transport, crate::config::ProviderTransport::default());
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("jwks-ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["idp.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let mut keys = base.to_vec();
+        keys.extend([
+            ("subject_jwks_max_stale", "10m".into()),
+            ("subject_jwks_ca_file", ca.display().to_string().into()),
+            ("subject_jwks_proxy", "http://proxy.internal:3128".into()),
+        ]);
+        let d = dialect(&keys).unwrap();
+        let v = d
+            .exchange_settings()
+            .unwrap()
+            .subject_validation
+            .clone()
+            .unwrap();
+        assert_eq!(v.max_stale, Duration::from_secs(600));
+        assert_eq!(v.transport.ca_file.as_deref(), Some(ca.as_path()));
+        assert_eq!(
+            v.transport.proxy.as_ref().map(|u| u.as_str()),
+            Some("http://proxy.internal:3128/")
+        );
+        assert!(v.transport.client_cert.is_none());
+
+        let mut bad = base.to_vec();
+        bad.extend([
+            ("subject_jwks_max_stale", "2d".into()),
+            ("subject_jwks_ca_file", "/nonexistent/ca.pem".into()),
+            ("subject_jwks_proxy", "socks5://p:1".into()),
+        ]);
+        let errs = dialect(&bad).err().unwrap();
+        let keys: Vec<_> = errs.iter().map(|(k, _)| k.as_str()).collect();
+        for k in [
+            "subject_jwks_max_stale",
+            "subject_jwks_ca_file",
+            "subject_jwks_proxy",
+        ] {
+            assert!(keys.contains(&k), "{errs:?}");
+        }
+        let errs = dialect(&[
+            ("grant", "token_exchange".into()),
+            ("subject_jwks_max_stale", "1h".into()),
+        ])
+        .err()
+        .unwrap();
+        assert_eq!(errs[0].0, "subject_jwks_max_stale");
+        assert!(errs[0].1.contains("subject_jwks_url"), "{errs:?}");
     }
 
     #[test]

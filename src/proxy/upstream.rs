@@ -1,7 +1,7 @@
 //! Upstream targets: the resolved address (re-resolved in the background, so DNS changes are
 //! followed without a restart), the Host header, the CA bundle for https upstreams, the client
-//! certificate for mutual TLS, the keep-alive pool's idle timeout, and which failed upstream
-//! exchanges may be sent again.
+//! certificate for mutual TLS (both part of the connection-pool key), the keep-alive pool's idle
+//! timeout, and which failed upstream exchanges may be sent again.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,6 +42,10 @@ pub struct UpstreamTarget {
     /// `false`: every request on a new connection, closed after its answer.
     pub keepalive: bool,
     ca: Option<Arc<[WrappedX509]>>,
+    /// The pool key of `ca` (0 for the system roots): pingora's own pool key ignores the CA
+    /// bundle a connection was verified with.
+    ca_key: u64,
+    /// The client certificate, with the pool key of its chain and `ca_key` together.
     client_cert: Option<crate::mtls::Rotating<PeerCert>>,
     addr: ArcSwapOption<SocketAddr>,
 }
@@ -49,22 +53,26 @@ pub struct UpstreamTarget {
 impl UpstreamTarget {
     pub fn new(route: &RouteConfig) -> Result<Self, String> {
         let u = &route.upstream;
-        let ca = match &route.ca_file {
+        let (ca, ca_key) = match &route.ca_file {
             Some(path) => {
                 let ders = crate::ca_bundle::load(path)?;
+                let key = crate::mtls::digest64(ders.iter().map(Vec::as_slice));
                 let certs: Vec<WrappedX509> = ders
                     .into_iter()
                     .map(|der| WrappedX509::new(der, pingora::utils::tls::parse_x509))
                     .collect();
-                Some(Arc::from(certs.into_boxed_slice()))
+                (Some(Arc::from(certs.into_boxed_slice())), key)
             }
-            None => None,
+            None => (None, 0),
         };
         let client_cert = match &route.client_cert {
             Some(source) => Some(crate::mtls::Rotating::new(
                 source.clone(),
                 CLIENT_CERT_CHECK_INTERVAL,
-                |identity| Ok((Arc::new(identity.cert_key()), identity.pool_key())),
+                move |identity| {
+                    let key = pool_group(ca_key, identity.pool_key());
+                    Ok((Arc::new(identity.cert_key()), key))
+                },
             )?),
             None => None,
         };
@@ -89,6 +97,7 @@ impl UpstreamTarget {
             idle_timeout: route.idle_timeout,
             keepalive: route.upstream_keepalive,
             ca,
+            ca_key,
             client_cert,
             addr: ArcSwapOption::new(literal.map(|ip| Arc::new(SocketAddr::new(ip, u.port)))),
         })
@@ -150,21 +159,29 @@ impl UpstreamTarget {
         if self.tls {
             peer.options.alpn = if self.http2 { ALPN::H2H1 } else { ALPN::H1 };
             peer.options.ca = self.ca.clone();
+            // Keeps connections verified against another CA bundle, or made with another
+            // certificate (another route's, or this route's before a rotation), out of this
+            // request's reach in the shared pool.
+            peer.group_key = self.ca_key;
             if let Some(rotating) = &self.client_cert {
                 // A token bound to the certificate before a rotation goes out with that one
                 // until the token bound to the new one is held: never the two mixed.
                 let chosen = bound_to
                     .and_then(|t| rotating.matching(t))
                     .unwrap_or_else(|| rotating.current());
-                let (cert, pool_key) = &*chosen;
+                let (cert, group_key) = &*chosen;
                 peer.client_cert_key = Some(cert.clone());
-                // Keeps connections made with another certificate (another route's, or this
-                // route's before a rotation) out of this request's reach in the shared pool.
-                peer.group_key = *pool_key;
+                peer.group_key = *group_key;
             }
         }
         peer
     }
+}
+
+/// The pool key of connections verified against the CA bundle `ca_key` and presenting the
+/// client certificate `cert_key`.
+fn pool_group(ca_key: u64, cert_key: u64) -> u64 {
+    crate::mtls::digest64([&ca_key.to_be_bytes()[..], &cert_key.to_be_bytes()[..]])
 }
 
 /// What is known of one failed attempt to proxy a request, once its connection was obtained.

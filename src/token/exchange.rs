@@ -149,14 +149,15 @@ impl Exchanger {
             .max_capacity(settings.cache_max_entries)
             .time_to_live(REJECTION_MARK_TTL)
             .build();
-        let validator = settings.subject_validation.clone().map(|v| {
-            Arc::new(SubjectValidator::new(
+        let validator = match settings.subject_validation.clone() {
+            Some(v) => Some(Arc::new(SubjectValidator::new(
                 Arc::from(config.name.as_str()),
                 v,
-                client.clone(),
+                config.timing.timeout,
                 config.timing.min_refresh_interval,
-            ))
-        });
+            )?)),
+            None => None,
+        };
         Ok(Exchanger {
             name: Arc::from(config.name.as_str()),
             identity: exchange_identity(config),
@@ -188,6 +189,12 @@ impl Exchanger {
     /// The credential `actor` names, if any.
     pub fn actor_name(&self) -> Option<&str> {
         self.settings.actor.as_deref()
+    }
+
+    /// The subject issuer's key set, when subjects are validated locally: its background
+    /// refresh runs with the credential's refresher.
+    pub fn subject_validator(&self) -> Option<&Arc<SubjectValidator>> {
+        self.validator.as_ref()
     }
 
     /// Points `actor` at the credential of that name in the configuration now serving.
@@ -258,14 +265,18 @@ impl Exchanger {
             Ok(()) => Ok(()),
             Err(SubjectError::Rejected(reason)) => {
                 self.rejected_locally.fetch_add(1, Ordering::Relaxed);
-                warn!(credential = %self.name, reason = %reason, "subject token failed local validation; not exchanged");
+                if self.metrics.refusal_log.allow(&reason) {
+                    warn!(credential = %self.name, reason = %reason, "subject token failed local validation; not exchanged (logged once a minute per reason; tokenward_log_lines_suppressed_total counts the rest)");
+                }
                 Err(Refusal::Rejected)
             }
             Err(SubjectError::Unavailable {
                 reason,
                 retry_after,
             }) => {
-                warn!(credential = %self.name, reason = %reason, "cannot validate the subject token");
+                if self.metrics.refusal_log.allow(&reason) {
+                    warn!(credential = %self.name, reason = %reason, "cannot validate the subject token (logged once a minute per reason)");
+                }
                 Err(Refusal::Unavailable(Unavailable {
                     credential: self.name.clone(),
                     class: "provider_unavailable",
@@ -448,7 +459,10 @@ impl Exchanger {
             }
             Err(e) if e.class == ErrorClass::Relogin => {
                 self.count_outcome(OUTCOME_REJECTED);
-                info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token");
+                // The message names the provider's error (and Entra's codes), never the subject.
+                if self.metrics.refusal_log.allow(&e.message) {
+                    info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token (logged once a minute per reason; tokenward_log_lines_suppressed_total counts the rest)");
+                }
                 {
                     // A refusal is an answer: the provider is up.
                     let mut h = self.health();

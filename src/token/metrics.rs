@@ -1,6 +1,10 @@
 //! The token engine's metrics, registered on the registry the server hands it.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use super::credential::StoreMode;
+use crate::log_limit::LogLimiter;
 use prometheus::{
     Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
     Registry,
@@ -26,6 +30,7 @@ pub struct TokenMetrics {
     exchanges: IntCounterVec,
     exchange_duration: HistogramVec,
     exchange_rejections_kept: IntCounterVec,
+    log_lines_suppressed: IntCounterVec,
 }
 
 /// How a per-caller lookup was answered.
@@ -41,7 +46,12 @@ pub struct ExchangeMetrics {
     pub exchanges: [IntCounter; 4],
     pub duration: Histogram,
     pub rejections_kept: IntCounter,
+    /// Holds back the log lines of refused subjects: a caller must not control log volume.
+    pub refusal_log: Arc<LogLimiter>,
 }
+
+/// A refused subject's log line is written once per reason in this window, then counted.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 pub const LEASE_EVENTS: [&str; 4] = ["acquired", "waited", "taken_over", "lost"];
 
@@ -71,6 +81,7 @@ pub struct ExchangeFamilies {
     exchanges: IntCounterVec,
     duration: HistogramVec,
     rejections_kept: IntCounterVec,
+    log_lines_suppressed: IntCounterVec,
 }
 
 impl ExchangeFamilies {
@@ -81,6 +92,10 @@ impl ExchangeFamilies {
             exchanges: EXCHANGE_OUTCOMES.map(|o| self.exchanges.with_label_values(&[name, o])),
             duration: self.duration.with_label_values(&[name]),
             rejections_kept: self.rejections_kept.with_label_values(&[name]),
+            refusal_log: Arc::new(LogLimiter::new(REFUSAL_LOG_WINDOW, {
+                let (family, name) = (self.log_lines_suppressed.clone(), name.to_string());
+                Box::new(move |reason| family.with_label_values(&[&name, reason]))
+            })),
         }
     }
 }
@@ -206,7 +221,15 @@ impl TokenMetrics {
                 ),
                 &["credential"],
             )?,
+            log_lines_suppressed: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_log_lines_suppressed_total",
+                    "Log lines about refused subjects not written, by reason: each reason is logged once a minute per credential, so callers cannot control log volume.",
+                ),
+                &["credential", "reason"],
+            )?,
         };
+        registry.register(Box::new(m.log_lines_suppressed.clone()))?;
         registry.register(Box::new(m.exchange_rejections_kept.clone()))?;
         registry.register(Box::new(m.exchange_entries.clone()))?;
         registry.register(Box::new(m.exchange_lookups.clone()))?;
@@ -245,6 +268,7 @@ impl TokenMetrics {
                 exchanges: self.exchanges.clone(),
                 duration: self.exchange_duration.clone(),
                 rejections_kept: self.exchange_rejections_kept.clone(),
+                log_lines_suppressed: self.log_lines_suppressed.clone(),
             },
         }
     }

@@ -1,5 +1,6 @@
 //! The background refresher: one task per credential that wakes at the soft threshold (or when a
-//! back-off ends) and starts or joins the credential's flight; on a shared store it also keeps
+//! back-off ends) and starts or joins the credential's flight, and refreshes a token-exchange
+//! credential's subject key set when it is due; on a shared store it also keeps
 //! the credential in step with the store between refreshes. A reload that adds
 //! credentials hands them over through a channel; replaced ones retire and their task ends.
 
@@ -44,10 +45,15 @@ pub(crate) const STORE_SYNC_INTERVAL: Duration = Duration::from_secs(5);
 /// connections present it (they look as often: `proxy::upstream::CLIENT_CERT_CHECK_INTERVAL`).
 const CLIENT_CERT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Keeps one credential's token fresh until shutdown or until a reload retires it.
+/// Keeps one credential's token fresh (and, for a token-exchange credential that validates
+/// subjects, its issuer's key set) until shutdown or until a reload retires it.
 pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch) {
     let mut next_sync = Instant::now() + STORE_SYNC_INTERVAL;
     let watches_certificate = credential.has_client_certificate();
+    let subject_keys = credential
+        .exchanger()
+        .and_then(|x| x.subject_validator())
+        .cloned();
     loop {
         if *shutdown.borrow() || credential.is_retired() {
             return;
@@ -57,6 +63,9 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
         let mut at = if syncs { wake.min(next_sync) } else { wake };
         if watches_certificate {
             at = at.min(Instant::now() + CLIENT_CERT_CHECK_INTERVAL);
+        }
+        if let Some(keys) = &subject_keys {
+            at = at.min(keys.next_refresh());
         }
         tokio::select! {
             _ = tokio::time::sleep_until(at.into()) => {}
@@ -75,6 +84,12 @@ pub async fn keep_fresh(credential: Arc<Credential>, mut shutdown: ShutdownWatch
         if watches_certificate && credential.certificate_renewed() {
             tokio::select! {
                 _ = credential.rebind_certificate() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        if let Some(keys) = &subject_keys {
+            tokio::select! {
+                _ = keys.refresh_if_due() => {}
                 _ = shutdown.changed() => return,
             }
         }

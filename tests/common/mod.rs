@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod assertion;
+pub mod jwks;
 pub mod nginx;
 pub mod peers;
 pub mod raw;

@@ -118,6 +118,7 @@ fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
     let token_metrics = TokenMetrics::register(&registry).unwrap();
     let settings = ExchangeSettings {
         subject_header: http::header::AUTHORIZATION,
+        subject_scheme: Some("Bearer".into()),
         subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         cache_max_entries: 10_000,

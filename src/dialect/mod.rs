@@ -263,8 +263,12 @@ pub trait Dialect: Send + Sync {
 /// How a token-exchange credential (RFC 8693) takes each caller's token and caches the result.
 #[derive(Debug, Clone)]
 pub struct ExchangeSettings {
-    /// Where the caller's token is read (a `Bearer ` prefix is stripped).
+    /// Where the caller's token is read.
     pub subject_header: ::http::HeaderName,
+    /// The auth scheme that must precede the caller's token there (`Bearer` by default,
+    /// matched case-insensitively); `None` takes the header's whole value (a custom header
+    /// only). A value in any other scheme (`Basic` carries a password) is never a subject.
+    pub subject_scheme: Option<String>,
     pub subject_token_type: String,
     pub requested_token_type: String,
     pub cache_max_entries: u64,

@@ -71,6 +71,7 @@ struct Keys {
     private_key_alg: Option<String>,
     private_key_kid: Option<String>,
     subject_header: Option<String>,
+    subject_scheme: Option<String>,
     subject_token_type: Option<String>,
     requested_token_type: Option<String>,
     cache_max_entries: Option<u64>,
@@ -644,6 +645,7 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     if k.grant != GrantType::TokenExchange {
         for (key, set) in [
             ("subject_header", k.subject_header.is_some()),
+            ("subject_scheme", k.subject_scheme.is_some()),
             ("subject_token_type", k.subject_token_type.is_some()),
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
@@ -666,6 +668,28 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         Ok(h) => Some(h),
         Err(_) => {
             err("subject_header", "is not a valid HTTP header name");
+            None
+        }
+    };
+    let subject_scheme = match k.subject_scheme.as_deref().unwrap_or("Bearer") {
+        "" if subject_header
+            .as_ref()
+            .is_none_or(|h| h == http::header::AUTHORIZATION) =>
+        {
+            err(
+                "subject_scheme",
+                "must name a scheme: an Authorization header always carries one (\"\" takes a custom subject_header's whole value)",
+            );
+            None
+        }
+        "" => None,
+        // RFC 9110 §11.1: an auth-scheme is a token.
+        s if s.bytes().all(is_tchar) => Some(s.to_string()),
+        _ => {
+            err(
+                "subject_scheme",
+                "must be an auth scheme such as \"Bearer\" (letters, digits and !#$%&'*+-.^_`|~)",
+            );
             None
         }
     };
@@ -739,6 +763,7 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     };
     Some(ExchangeSettings {
         subject_header: subject_header?,
+        subject_scheme,
         subject_token_type,
         requested_token_type,
         cache_max_entries,
@@ -821,6 +846,11 @@ fn token_dpop(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<TokenDpop> {
         origin: url.origin().ascii_serialization(),
         path: url.path().to_string(),
     })
+}
+
+/// RFC 9110 §5.6.2: a character of a token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 fn missing_secret() -> DialectError {

@@ -120,12 +120,20 @@ impl Drop for ProbeGuard<'_> {
     }
 }
 
-/// Strips an auth scheme the caller's header carries (RFC 6750 §2.1: case-insensitive).
-pub fn subject_from_header(value: &[u8]) -> Option<&str> {
+/// The subject token in a caller's header value: what follows `scheme` (RFC 9110 §11.1:
+/// case-insensitive, then one or more spaces), or with no scheme the whole value. A value in
+/// another scheme, or none, is no subject: it must never be sent to the provider.
+pub fn subject_from_header<'a>(value: &'a [u8], scheme: Option<&str>) -> Option<&'a str> {
     let v = std::str::from_utf8(value).ok()?.trim();
-    let v = match (v.get(..6), v.as_bytes().get(6)) {
-        (Some(p), None | Some(b' ')) if p.eq_ignore_ascii_case("bearer") => v[6..].trim_start(),
-        _ => v,
+    let v = match scheme {
+        None => v,
+        Some(scheme) => {
+            let (given, rest) = v.split_at_checked(scheme.len())?;
+            if !given.eq_ignore_ascii_case(scheme) || !rest.starts_with(' ') {
+                return None;
+            }
+            rest.trim_start()
+        }
     };
     (!v.is_empty()).then_some(v)
 }
@@ -183,6 +191,26 @@ impl Exchanger {
 
     pub fn subject_header(&self) -> &http::HeaderName {
         &self.settings.subject_header
+    }
+
+    /// What a request without a subject token is told it lacks.
+    pub fn subject_wanted(&self) -> String {
+        match &self.settings.subject_scheme {
+            Some(scheme) => format!(
+                "this route needs the caller's token in {} as \"{scheme} <token>\"",
+                self.settings.subject_header
+            ),
+            None => format!(
+                "this route needs the caller's token in {}",
+                self.settings.subject_header
+            ),
+        }
+    }
+
+    /// The subject token in this caller's `subject_header` value, if it carries one in the
+    /// configured scheme.
+    pub fn subject_in<'a>(&self, value: &'a [u8]) -> Option<&'a str> {
+        subject_from_header(value, self.settings.subject_scheme.as_deref())
     }
 
     /// The credential `actor` names, if any.
@@ -582,12 +610,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn strips_a_bearer_scheme_only() {
-        assert_eq!(subject_from_header(b"Bearer abc"), Some("abc"));
-        assert_eq!(subject_from_header(b"bearer  abc "), Some("abc"));
-        assert_eq!(subject_from_header(b"abc"), Some("abc"));
-        assert_eq!(subject_from_header(b"Bearer "), None);
-        assert_eq!(subject_from_header(b""), None);
-        assert_eq!(subject_from_header(b"Bearerish"), Some("Bearerish"));
+    fn takes_the_subject_from_the_configured_scheme_only() {
+        let bearer = Some("Bearer");
+        assert_eq!(subject_from_header(b"Bearer abc", bearer), Some("abc"));
+        assert_eq!(subject_from_header(b"bearer  abc ", bearer), Some("abc"));
+        assert_eq!(subject_from_header(b"BEARER abc", bearer), Some("abc"));
+        for refused in [
+            &b"abc"[..],
+            b"Bearer ",
+            b"",
+            b"Bearerish",
+            b"Basic dXNlcjpwYXNz",
+            b"DPoP eyJ.x.y",
+            b"Bearer\tabc",
+            b"Bear",
+        ] {
+            assert_eq!(subject_from_header(refused, bearer), None, "{refused:?}");
+        }
+        assert_eq!(subject_from_header(b"DPoP eyJ", Some("dpop")), Some("eyJ"));
+        assert_eq!(subject_from_header(b" abc ", None), Some("abc"));
+        assert_eq!(subject_from_header(b"  ", None), None);
     }
 }

@@ -176,6 +176,34 @@ impl DialectError {
     }
 }
 
+/// Whose fault a failed token exchange is, as the provider's answer says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Blame {
+    /// The provider tied the refusal to the caller's token (`invalid_grant`,
+    /// `interaction_required`, Entra's user-side AADSTS codes): that caller's 401, remembered.
+    Subject,
+    /// Anything else — tokenward's own request, client, actor token or settings, or the
+    /// provider itself: a 503 for the caller, never remembered against its token.
+    Credential,
+}
+
+/// A failed token exchange: the error, and whose fault it is.
+#[derive(Debug, Clone)]
+pub struct ExchangeError {
+    pub error: DialectError,
+    pub blame: Blame,
+}
+
+impl ExchangeError {
+    /// A failure that is not the caller's.
+    pub fn credential(error: DialectError) -> Self {
+        ExchangeError {
+            error,
+            blame: Blame::Credential,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Dialect: Send + Sync {
     /// What this dialect will do, for `tokenward check`: endpoints and grant, never a secret.
@@ -246,17 +274,17 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Exchanges a caller's token (RFC 8693, or Entra's on-behalf-of), with `actor` as the
-    /// `actor_token` when the credential names one. A refusal of the subject itself is
-    /// [`ErrorClass::Relogin`]; provider trouble is transient as for [`Dialect::obtain`].
+    /// `actor_token` when the credential names one. The error says whose fault a failure is
+    /// ([`Blame`]); provider trouble is transient as for [`Dialect::obtain`].
     async fn exchange(
         &self,
         _subject: &Secret,
         _actor: Option<&Secret>,
         _client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
-        Err(DialectError::fatal(
+    ) -> Result<Grant, ExchangeError> {
+        Err(ExchangeError::credential(DialectError::fatal(
             "this credential does not exchange tokens",
-        ))
+        )))
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Dialect, DialectError, ErrorClass, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
+    Blame, Dialect, DialectError, ErrorClass, ExchangeError, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
     Held, ProviderClient, SubjectValidation, parse_keys,
 };
 use crate::dpop::DpopKey;
@@ -954,55 +954,71 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
     DialectError { class, message }
 }
 
-/// Classifies a failed token exchange: provider trouble stays transient; any other refusal
-/// (RFC 8693 §2.2.2: invalid_grant, invalid_request, invalid_token, 400/401) is a refusal of
-/// this caller's token, not of the credential as a whole.
-fn exchange_failure(response: &ProviderResponse) -> DialectError {
+/// Entra ID's AADSTS codes that name the signed-in user or the user's token, not the client:
+/// the assertion's signature (50013), a malformed or expired assertion (50027, 500133), a
+/// session revoked or a password changed or expired (50132, 50133, 50173, 50055), the account
+/// locked, disabled or missing (50053, 50057, 50034), no signed-in user (50058), multi-factor
+/// authentication or a Conditional Access policy (50076, 50079, 50158, 53003), consent
+/// (65001), the user not assigned to the app (50105). Entra sends them under `invalid_grant` or
+/// `interaction_required` mostly; these count as the caller's under any error code but
+/// `invalid_client` and `unauthorized_client`, which always name the client.
+const ENTRA_USER_CODES: &[u64] = &[
+    50013, 50027, 500133, 50132, 50133, 50173, 50055, 50053, 50057, 50034, 50058, 50076, 50079,
+    50158, 53003, 65001, 50105,
+];
+
+/// Entra's `error_codes`: numbers only, so safe to log, unlike its `error_description`.
+fn entra_codes(body: Option<&serde_json::Value>) -> Vec<u64> {
+    body.and_then(|b| b.get("error_codes"))
+        .and_then(|c| c.as_array())
+        .map(|codes| codes.iter().filter_map(|c| c.as_u64()).take(4).collect())
+        .unwrap_or_default()
+}
+
+/// Classifies a failed token exchange. Provider trouble stays transient. A refusal is the
+/// caller's only when the provider ties it to the subject: `invalid_grant`,
+/// `interaction_required`, or one of Entra's user-side codes. Everything else —
+/// `invalid_request` (RFC 8693 uses it for a refused actor token too), `invalid_client`,
+/// `invalid_target`, `invalid_dpop_proof`, a `use_dpop_nonce` repeated after its retry, a
+/// firewall's 403 page — is about tokenward's own request: every caller would get it, so it is
+/// the credential's, never remembered against a caller's token.
+fn exchange_failure(response: &ProviderResponse) -> ExchangeError {
     let failure = parse_failure(response, GrantKind::Login);
     if let ErrorClass::Transient { .. } = failure.class {
-        return failure;
+        return ExchangeError::credential(failure);
     }
     let body = response.json().ok();
-    // These name tokenward's own client or settings, whatever subject came with them: the
-    // credential is at fault, so every caller gets a 503 and the credential backs off, rather
-    // than each caller being told (and remembered) that its token was refused.
-    if matches!(
-        body.as_ref().and_then(error_code),
-        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope")
-    ) {
-        return failure;
-    }
+    let code = body.as_ref().and_then(error_code);
+    let entra = entra_codes(body.as_ref());
     let what = failure
         .message
         .split(':')
         .next()
         .unwrap_or("token endpoint refused");
-    // Entra names the cause in `error_codes` (AADSTS50013: bad assertion, …): numbers only,
-    // so they are safe to log, unlike its `error_description`.
-    let aadsts: Vec<String> = body
-        .as_ref()
-        .and_then(|b| b.get("error_codes"))
-        .and_then(|c| c.as_array())
-        .map(|codes| {
-            codes
-                .iter()
-                .filter_map(|c| c.as_u64())
-                .take(4)
-                .map(|c| format!("AADSTS{c}"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let codes = if aadsts.is_empty() {
+    let codes = if entra.is_empty() {
         String::new()
     } else {
-        format!(" ({})", aadsts.join(", "))
+        let named: Vec<String> = entra.iter().map(|c| format!("AADSTS{c}")).collect();
+        format!(" ({})", named.join(", "))
     };
-    let why = if body.as_ref().and_then(error_code) == Some("interaction_required") {
+    let client_refused = matches!(code, Some("invalid_client" | "unauthorized_client"));
+    let subject_tied = !client_refused
+        && (matches!(code, Some("invalid_grant" | "interaction_required"))
+            || entra.iter().any(|c| ENTRA_USER_CODES.contains(c)));
+    if !subject_tied {
+        return ExchangeError::credential(DialectError::fatal(format!(
+            "{what}{codes}: the provider refused tokenward's request, not the caller's token; check the credential's settings and its actor"
+        )));
+    }
+    let why = if code == Some("interaction_required") {
         "interaction_required: the caller must sign in or consent again"
     } else {
         "the subject token was refused"
     };
-    DialectError::relogin(format!("{what}{codes}: {why}"))
+    ExchangeError {
+        error: DialectError::relogin(format!("{what}{codes}: {why}")),
+        blame: Blame::Subject,
+    }
 }
 
 #[async_trait]
@@ -1186,11 +1202,11 @@ impl Dialect for OAuth2 {
         subject: &Secret,
         actor: Option<&Secret>,
         client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
+    ) -> Result<Grant, ExchangeError> {
         let Some(settings) = &self.exchange else {
-            return Err(DialectError::fatal(
+            return Err(ExchangeError::credential(DialectError::fatal(
                 "this credential does not exchange tokens",
-            ));
+            )));
         };
         let actor = actor.map(Secret::expose);
         let (response, ()) = self
@@ -1202,10 +1218,12 @@ impl Dialect for OAuth2 {
                 },
                 client,
             )
-            .await?;
+            .await
+            .map_err(ExchangeError::credential)?;
         if (200..300).contains(&response.status) {
-            self.check_token_type(&response)?;
-            return parse_success(&response, GrantKind::Login);
+            self.check_token_type(&response)
+                .map_err(ExchangeError::credential)?;
+            return parse_success(&response, GrantKind::Login).map_err(ExchangeError::credential);
         }
         Err(exchange_failure(&response))
     }
@@ -1435,22 +1453,41 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_subject_is_told_apart_from_an_outage() {
-        let class = |status, body| exchange_failure(&resp(status, body)).class;
-        assert_eq!(
-            class(400, r#"{"error":"invalid_grant"}"#),
-            ErrorClass::Relogin
-        );
-        assert_eq!(
-            class(401, r#"{"error":"invalid_token"}"#),
-            ErrorClass::Relogin
-        );
-        assert!(matches!(class(503, ""), ErrorClass::Transient { .. }));
-        assert!(matches!(
-            class(400, r#"{"error":"temporarily_unavailable"}"#),
-            ErrorClass::Transient { .. }
-        ));
-        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#)).message;
+    fn a_refused_subject_is_told_apart_from_the_credentials_refusals_and_outages() {
+        let blame = |status, body| exchange_failure(&resp(status, body)).blame;
+        for subject in [
+            r#"{"error":"invalid_grant"}"#,
+            r#"{"error":"interaction_required"}"#,
+            r#"{"error":"invalid_request","error_codes":[50027]}"#,
+            r#"{"error":"invalid_grant","error_codes":[50013]}"#,
+        ] {
+            assert_eq!(blame(400, subject), Blame::Subject, "{subject}");
+        }
+        for credential in [
+            r#"{"error":"invalid_request"}"#,
+            r#"{"error":"invalid_client"}"#,
+            r#"{"error":"invalid_client","error_codes":[50013]}"#,
+            r#"{"error":"invalid_target"}"#,
+            r#"{"error":"invalid_scope"}"#,
+            r#"{"error":"invalid_dpop_proof"}"#,
+            r#"{"error":"use_dpop_nonce"}"#,
+            r#"{"error":"invalid_token"}"#,
+            "<html>Request blocked by the firewall</html>",
+        ] {
+            assert_eq!(blame(400, credential), Blame::Credential, "{credential}");
+        }
+        assert_eq!(blame(403, "<html>Forbidden</html>"), Blame::Credential);
+        let e = exchange_failure(&resp(503, ""));
+        assert_eq!(e.blame, Blame::Credential);
+        assert!(matches!(e.error.class, ErrorClass::Transient { .. }));
+        let e = exchange_failure(&resp(400, r#"{"error":"temporarily_unavailable"}"#));
+        assert!(matches!(e.error.class, ErrorClass::Transient { .. }));
+        let e = exchange_failure(&resp(400, r#"{"error":"invalid_request"}"#));
+        assert_eq!(e.error.class, ErrorClass::Fatal);
+        assert!(e.error.message.contains("not the caller's token"), "{}", e.error.message);
+        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#))
+            .error
+            .message;
         assert!(
             msg.contains("invalid_grant") && msg.contains("subject token"),
             "{msg}"
@@ -1459,12 +1496,17 @@ mod tests {
             400,
             r#"{"error":"invalid_grant","error_description":"AADSTS50013: secret-ish","error_codes":[50013]}"#,
         ))
+        .error
         .message;
         assert!(msg.contains("AADSTS50013"), "{msg}");
         assert!(!msg.contains("secret-ish"), "{msg}");
         let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
-        assert_eq!(e.class, ErrorClass::Relogin);
-        assert!(e.message.contains("interaction_required"), "{}", e.message);
+        assert_eq!(e.error.class, ErrorClass::Relogin);
+        assert!(
+            e.error.message.contains("interaction_required"),
+            "{}",
+            e.error.message
+        );
     }
 
     #[test]

@@ -20,7 +20,9 @@ use super::metrics::ExchangeMetrics;
 use super::model::{SentAt, Token};
 use super::subject::{SubjectError, SubjectValidator};
 use crate::config::CredentialConfig;
-use crate::dialect::{DialectError, ErrorClass, ExchangeSettings, ProviderClient};
+use crate::dialect::{
+    Blame, DialectError, ErrorClass, ExchangeError, ExchangeSettings, Grant, ProviderClient,
+};
 use crate::secret::Secret;
 
 /// The cache key: SHA-256 of the credential's identity and the subject token, so neither the
@@ -68,6 +70,16 @@ pub enum Refusal {
     Rejected,
     /// The provider cannot answer now: 503 with `retry_after`.
     Unavailable(Unavailable),
+}
+
+/// How an exchange failed, once sorted by whose fault it is.
+enum Refused {
+    /// The provider refused the caller's token (the message names why, never the token).
+    Subject(String),
+    /// Not the caller's fault: the provider, or tokenward's own request.
+    Failure(DialectError),
+    /// No request was made (the actor credential has no token): answered as it says.
+    NotSent(Refusal),
 }
 
 #[derive(Default)]
@@ -304,9 +316,9 @@ impl Exchanger {
         }
     }
 
-    /// The actor credential's current token, through its own engine (cached, refreshed and
-    /// single-flighted like any service token); its refusal is this request's 503.
-    async fn actor_token(&self) -> Result<Option<Arc<Token>>, Refusal> {
+    /// The actor credential and its current token, through its own engine (cached, refreshed
+    /// and single-flighted like any service token); its refusal is this request's 503.
+    async fn actor_token(&self) -> Result<Option<(Arc<Credential>, Arc<Token>)>, Refusal> {
         let Some(name) = self.settings.actor.as_deref() else {
             return Ok(None);
         };
@@ -319,7 +331,7 @@ impl Exchanger {
             }));
         };
         match actor.token().await {
-            Ok(token) => Ok(Some(token)),
+            Ok(token) => Ok(Some((actor, token))),
             Err(u) => {
                 warn!(credential = %self.name, actor = name, class = u.class, reason = %u.reason, "no actor token; not exchanging");
                 Err(Refusal::Unavailable(Unavailable {
@@ -329,6 +341,65 @@ impl Exchanger {
                     retry_after: u.retry_after,
                 }))
             }
+        }
+    }
+
+    /// One request to the token endpoint, bounded by the credential's timeout.
+    async fn call_provider(
+        &self,
+        subject: &Secret,
+        actor: Option<&(Arc<Credential>, Arc<Token>)>,
+    ) -> Result<Grant, ExchangeError> {
+        let sent = Instant::now();
+        let result = tokio::time::timeout(
+            self.config.timing.timeout + Duration::from_secs(1),
+            self.config
+                .dialect
+                .exchange(subject, actor.map(|(_, t)| t.value()), &self.client),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ExchangeError::credential(DialectError::transient(
+                "the token exchange timed out",
+            )))
+        });
+        self.metrics
+            .duration
+            .observe(sent.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The exchange, and when the provider refused tokenward's request while an actor token
+    /// went with it, once more with a fresh actor token: the actor's token is the part of the
+    /// request most likely to have gone bad (revoked, rotated keys). The actor credential's
+    /// own guard keeps a token obtained for such a refusal for `min_refresh_interval`, so a
+    /// provider refusing every actor token costs one actor refresh per interval, not one per
+    /// caller.
+    async fn exchange_with_actor(&self, subject: &Secret) -> Result<(Grant, SentAt), Refused> {
+        let actor = self.actor_token().await.map_err(Refused::NotSent)?;
+        let sent = SentAt::now();
+        let refused = match self.call_provider(subject, actor.as_ref()).await {
+            Ok(grant) => return Ok((grant, sent)),
+            Err(e) => e,
+        };
+        let retry = match &actor {
+            Some((credential, token))
+                if refused.blame == Blame::Credential
+                    && !matches!(refused.error.class, ErrorClass::Transient { .. }) =>
+            {
+                credential.refused(token.generation, "the token endpoint, as actor token")
+            }
+            _ => false,
+        };
+        if !retry {
+            return Err(self.failed(refused));
+        }
+        warn!(credential = %self.name, actor = self.settings.actor.as_deref(), error = %refused.error.message, "the provider refused the exchange with the actor token; trying once more with a fresh one");
+        let actor = self.actor_token().await.map_err(Refused::NotSent)?;
+        let sent = SentAt::now();
+        match self.call_provider(subject, actor.as_ref()).await {
+            Ok(grant) => Ok((grant, sent)),
+            Err(e) => Err(self.failed(e)),
         }
     }
 
@@ -421,99 +492,94 @@ impl Exchanger {
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
             h.probing.then(|| ProbeGuard(&self.health))
         };
-        let actor = self.actor_token().await?;
-        let sent = SentAt::now();
-        let result = tokio::time::timeout(
-            self.config.timing.timeout + Duration::from_secs(1),
-            self.config
-                .dialect
-                .exchange(subject, actor.as_ref().map(|t| t.value()), &self.client),
-        )
-        .await
-        .unwrap_or_else(|_| Err(DialectError::transient("the token exchange timed out")));
-        self.metrics
-            .duration
-            .observe(sent.instant.elapsed().as_secs_f64());
-        let grant = match result {
-            Ok(grant) if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES => {
-                return Err(self.oversized(key, grant.access_token.expose().len()).await);
-            }
-            other => other,
+        let (grant, sent) = match self.exchange_with_actor(subject).await {
+            Ok(answer) => answer,
+            Err(Refused::Subject(message)) => return Err(self.subject_refused(key, message).await),
+            Err(Refused::Failure(e)) => return Err(self.failure(e)),
+            Err(Refused::NotSent(refusal)) => return Err(refusal),
         };
-        let after_rejection = grant.is_ok() && self.rejected.remove(&key).await.is_some();
-        let result = grant.and_then(|grant| {
-            let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            Token::from_grant(
-                grant,
-                sent,
-                &self.config.presentation,
-                &self.config.timing,
-                generation,
-                after_rejection,
-            )
-            .map_err(DialectError::transient)
-        });
-        match result {
-            Ok(token) => {
-                self.count_outcome(OUTCOME_SUCCESS);
-                {
-                    let mut h = self.health();
-                    if h.failures > 0 {
-                        info!(credential = %self.name, "token exchange works again");
-                    }
-                    h.failures = 0;
-                    h.not_before = None;
-                    h.probing = false;
-                }
-                let subject_exp = subject_expiry(subject.expose());
-                let valid_until =
-                    subject_exp.map_or(token.usable_until, |e| e.min(token.usable_until));
-                Ok(Arc::new(Entry {
-                    token: Arc::new(token),
-                    valid_until,
-                    subject_exp,
-                }))
-            }
-            Err(e) if e.class == ErrorClass::Relogin => {
-                self.count_outcome(OUTCOME_REJECTED);
-                info!(credential = %self.name, error = %e.message, "token exchange refused the caller's token");
-                {
-                    // A refusal is an answer: the provider is up.
-                    let mut h = self.health();
-                    h.failures = 0;
-                    h.not_before = None;
-                    h.probing = false;
-                    h.last_error = Some(e.message.clone());
-                    h.last_error_at = Some(SystemTime::now());
-                }
-                self.negative.insert(key, Refusal::Rejected).await;
-                Err(Refusal::Rejected)
-            }
-            Err(e) => {
-                let retry_after = match e.class {
-                    ErrorClass::Transient { retry_after } => retry_after,
-                    _ => None,
-                };
-                self.count_outcome(if e.class == ErrorClass::Fatal {
-                    OUTCOME_FATAL
-                } else {
-                    OUTCOME_TRANSIENT
-                });
-                {
-                    let mut h = self.health();
-                    h.failures = h.failures.saturating_add(1);
-                    h.not_before = Some(
-                        Instant::now()
-                            + backoff(h.failures, self.config.timing.max_backoff, retry_after),
-                    );
-                    h.probing = false;
-                    h.last_error = Some(e.message.clone());
-                    h.last_error_at = Some(SystemTime::now());
-                }
-                warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
-                Err(Refusal::Unavailable(self.unavailable()))
-            }
+        if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES {
+            return Err(self.oversized(key, grant.access_token.expose().len()).await);
         }
+        let after_rejection = self.rejected.remove(&key).await.is_some();
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        let token = Token::from_grant(
+            grant,
+            sent,
+            &self.config.presentation,
+            &self.config.timing,
+            generation,
+            after_rejection,
+        )
+        .map_err(|e| self.failure(DialectError::transient(e)))?;
+        self.count_outcome(OUTCOME_SUCCESS);
+        {
+            let mut h = self.health();
+            if h.failures > 0 {
+                info!(credential = %self.name, "token exchange works again");
+            }
+            h.failures = 0;
+            h.not_before = None;
+            h.probing = false;
+        }
+        let subject_exp = subject_expiry(subject.expose());
+        let valid_until = subject_exp.map_or(token.usable_until, |e| e.min(token.usable_until));
+        Ok(Arc::new(Entry {
+            token: Arc::new(token),
+            valid_until,
+            subject_exp,
+        }))
+    }
+
+    /// Sorts a failed exchange: the caller's refusal, or a failure that is not the caller's.
+    fn failed(&self, e: ExchangeError) -> Refused {
+        match e.blame {
+            Blame::Subject => Refused::Subject(e.error.message),
+            Blame::Credential => Refused::Failure(e.error),
+        }
+    }
+
+    /// The provider refused this caller's token: 401, remembered for `negative_ttl`.
+    async fn subject_refused(&self, key: Key, message: String) -> Refusal {
+        self.count_outcome(OUTCOME_REJECTED);
+        info!(credential = %self.name, error = %message, "token exchange refused the caller's token");
+        {
+            // A refusal is an answer: the provider is up.
+            let mut h = self.health();
+            h.failures = 0;
+            h.not_before = None;
+            h.probing = false;
+            h.last_error = Some(message);
+            h.last_error_at = Some(SystemTime::now());
+        }
+        self.negative.insert(key, Refusal::Rejected).await;
+        Refusal::Rejected
+    }
+
+    /// The provider could not or would not exchange for reasons that are not the caller's:
+    /// a 503 with the back-off's Retry-After, nothing remembered against this caller.
+    fn failure(&self, e: DialectError) -> Refusal {
+        let retry_after = match e.class {
+            ErrorClass::Transient { retry_after } => retry_after,
+            _ => None,
+        };
+        self.count_outcome(if e.class == ErrorClass::Fatal {
+            OUTCOME_FATAL
+        } else {
+            OUTCOME_TRANSIENT
+        });
+        {
+            let mut h = self.health();
+            h.failures = h.failures.saturating_add(1);
+            h.not_before = Some(
+                Instant::now() + backoff(h.failures, self.config.timing.max_backoff, retry_after),
+            );
+            h.probing = false;
+            h.last_error = Some(e.message.clone());
+            h.last_error_at = Some(SystemTime::now());
+        }
+        warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
+        Refusal::Unavailable(self.unavailable())
     }
 
     /// A token over [`MAX_EXCHANGED_TOKEN_BYTES`]: not cached, and this caller is answered 503

@@ -40,6 +40,9 @@ const REJECTION_MARK_TTL: Duration = Duration::from_secs(60);
 /// One caller's exchanged token and the instant it stops being served.
 pub struct Entry {
     pub token: Arc<Token>,
+    /// The cache's epoch when the exchange began: an entry of an older epoch (before a flush,
+    /// or a reload that replaced the actor) is never served.
+    epoch: u64,
     /// The token's own hard threshold, or the subject token's `exp` when that is earlier.
     valid_until: Instant,
     subject_exp: Option<Instant>,
@@ -112,6 +115,8 @@ pub struct Exchanger {
     refreshing: Mutex<HashSet<Key>>,
     health: Mutex<Health>,
     generation: AtomicU64,
+    /// Bumped by every flush of the per-caller cache (see [`Entry::epoch`]).
+    epoch: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
     negatives: AtomicU64,
@@ -193,6 +198,7 @@ impl Exchanger {
             refreshing: Mutex::new(HashSet::new()),
             health: Mutex::new(Health::default()),
             generation: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             negatives: AtomicU64::new(0),
@@ -230,17 +236,70 @@ impl Exchanger {
         self.settings.actor.as_deref()
     }
 
-    /// Points `actor` at the credential of that name in the configuration now serving.
+    /// Points `actor` at the credential of that name in the configuration now serving. When
+    /// that is another credential than before (a reload replaced it), the tokens exchanged
+    /// with the old one's actor token are not served any more.
     pub fn set_actor(&self, actor: Option<Arc<Credential>>) {
-        self.actor.store(actor);
+        let previous = self.actor.swap(actor.clone());
+        let same = match (&previous, &actor) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same && previous.is_some() {
+            info!(credential = %self.name, "the actor credential changed; dropping every caller's exchanged token");
+            self.flush();
+        }
+    }
+
+    /// Drops every caller's entry, the refused and failing ones too, and makes sure an
+    /// exchange in flight now is not served afterwards.
+    fn flush(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        self.negative.invalidate_all();
+        self.rejected.invalidate_all();
+    }
+
+    /// `POST /tokens/NAME/invalidate`: drops every caller's exchanged token, or with
+    /// `subject_sha256` (SHA-256 of the raw subject token, see [`subject_digest`]) that one
+    /// caller's. Says whether anything was dropped.
+    pub async fn invalidate(&self, subject_sha256: Option<&[u8; 32]>) -> bool {
+        match subject_sha256 {
+            Some(digest) => {
+                let key = self.key_of_digest(digest);
+                let dropped = self.cache.remove(&key).await.is_some();
+                let refused = self.negative.remove(&key).await.is_some();
+                self.rejected.remove(&key).await;
+                if dropped || refused {
+                    info!(credential = %self.name, "one caller's exchanged token invalidated by an operator");
+                }
+                dropped || refused
+            }
+            None => {
+                self.cache.run_pending_tasks().await;
+                self.negative.run_pending_tasks().await;
+                let held = self.cache.entry_count() + self.negative.entry_count();
+                self.flush();
+                info!(credential = %self.name, entries = held, "every caller's exchanged token invalidated by an operator");
+                held > 0
+            }
+        }
     }
 
     pub fn key(&self, subject: &str) -> Key {
+        self.key_of_digest(&subject_digest(subject))
+    }
+
+    /// The cache key of the subject whose SHA-256 is `digest`: hashed again with the
+    /// credential's identity, so two credentials never share an entry and an operator who
+    /// knows a caller's subject hash can name its entry.
+    fn key_of_digest(&self, digest: &[u8; 32]) -> Key {
         Sha256::new()
-            .chain_update(b"tokenward exchange v1\n")
+            .chain_update(b"tokenward exchange v2\n")
             .chain_update(self.identity.as_bytes())
             .chain_update(b"\n")
-            .chain_update(subject.as_bytes())
+            .chain_update(digest)
             .finalize()
             .into()
     }
@@ -254,7 +313,12 @@ impl Exchanger {
     pub async fn token(self: &Arc<Self>, subject: &Secret) -> Result<Arc<Token>, Refusal> {
         let key = self.key(subject.expose());
         let now = Instant::now();
-        if let Some(entry) = self.cache.get(&key).await
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let cached = self.cache.get(&key).await;
+        if cached.as_ref().is_some_and(|e| e.epoch != epoch) {
+            // Exchanged before a flush: never served; exchanged again below.
+            self.cache.invalidate(&key).await;
+        } else if let Some(entry) = cached
             && now < entry.valid_until
         {
             self.count_lookup(0);
@@ -492,6 +556,7 @@ impl Exchanger {
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
             h.probing.then(|| ProbeGuard(&self.health))
         };
+        let epoch = self.epoch.load(Ordering::Acquire);
         let (grant, sent) = match self.exchange_with_actor(subject).await {
             Ok(answer) => answer,
             Err(Refused::Subject(message)) => return Err(self.subject_refused(key, message).await),
@@ -526,6 +591,7 @@ impl Exchanger {
         let valid_until = subject_exp.map_or(token.usable_until, |e| e.min(token.usable_until));
         Ok(Arc::new(Entry {
             token: Arc::new(token),
+            epoch,
             valid_until,
             subject_exp,
         }))
@@ -659,6 +725,12 @@ impl Exchanger {
             "last_error_at": h.last_error_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         })
     }
+}
+
+/// SHA-256 of the raw subject token (the header value after the scheme): how an operator
+/// names one caller to `invalidate?subject_sha256=<hex>` (`printf %s "$TOKEN" | sha256sum`).
+pub fn subject_digest(subject: &str) -> [u8; 32] {
+    Sha256::digest(subject.as_bytes()).into()
 }
 
 /// The subject token's JWT `exp` as an instant, when it has one.

@@ -122,6 +122,7 @@ fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
         subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         cache_max_entries: 10_000,
+        max_exchanges_per_second: 50,
         negative_ttl: Duration::from_secs(5),
         actor: None,
         actor_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),

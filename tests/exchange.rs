@@ -1305,8 +1305,10 @@ async fn a_refused_client_is_a_503_for_every_caller_not_a_401() {
         assert!(retry.is_some(), "a 503 without Retry-After");
     }
     let calls = provider.calls();
+    // The credential backs off once failures span three callers (one caller's failures back
+    // off that caller only, issue 19 defect 4): three calls, then none.
     assert!(
-        calls.len() <= 2 && calls.iter().all(|(_, s)| *s == 401),
+        calls.len() <= 3 && calls.iter().all(|(_, s)| *s == 401),
         "20 callers cost {calls:?}"
     );
     let status = tw.get_json("/tokens/api").await;

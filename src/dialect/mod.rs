@@ -185,6 +185,9 @@ pub enum Blame {
     /// Anything else — tokenward's own request, client, actor token or settings, or the
     /// provider itself: a 503 for the caller, never remembered against its token.
     Credential,
+    /// A success answer that cannot be used (a negative `expires_in`, no token in it): this
+    /// caller's failure, backed off for that caller alone.
+    Unusable,
 }
 
 /// A failed token exchange: the error, and whose fault it is.
@@ -300,6 +303,8 @@ pub struct ExchangeSettings {
     pub subject_token_type: String,
     pub requested_token_type: String,
     pub cache_max_entries: u64,
+    /// The most exchanges per second that cache misses may cause (`max_exchanges_per_second`).
+    pub max_exchanges_per_second: u32,
     /// How long a refused subject token is answered 401 without asking the provider again.
     pub negative_ttl: Duration,
     /// Another credential whose current token is sent as `actor_token` (RFC 8693 §2.1).

@@ -75,6 +75,7 @@ struct Keys {
     subject_token_type: Option<String>,
     requested_token_type: Option<String>,
     cache_max_entries: Option<u64>,
+    max_exchanges_per_second: Option<u32>,
     negative_ttl: Option<String>,
     dpop: Option<bool>,
     dpop_key: Option<SecretSource>,
@@ -649,6 +650,7 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("subject_token_type", k.subject_token_type.is_some()),
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
+            ("max_exchanges_per_second", k.max_exchanges_per_second.is_some()),
             ("negative_ttl", k.negative_ttl.is_some()),
             ("actor", k.actor.is_some()),
             ("actor_token_type", k.actor_token_type.is_some()),
@@ -750,6 +752,10 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     if cache_max_entries == 0 {
         err("cache_max_entries", "must be at least 1");
     }
+    let max_exchanges_per_second = k.max_exchanges_per_second.unwrap_or(50);
+    if !(1..=100_000).contains(&max_exchanges_per_second) {
+        err("max_exchanges_per_second", "must be between 1 and 100000");
+    }
     let negative_ttl = match k.negative_ttl.as_deref().map(humantime::parse_duration) {
         None => Duration::from_secs(5),
         Some(Ok(d)) if d <= MAX_NEGATIVE_TTL => d,
@@ -767,6 +773,7 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         subject_token_type,
         requested_token_type,
         cache_max_entries,
+        max_exchanges_per_second,
         negative_ttl,
         actor: k.actor.clone(),
         actor_token_type,
@@ -1223,7 +1230,10 @@ impl Dialect for OAuth2 {
         if (200..300).contains(&response.status) {
             self.check_token_type(&response)
                 .map_err(ExchangeError::credential)?;
-            return parse_success(&response, GrantKind::Login).map_err(ExchangeError::credential);
+            return parse_success(&response, GrantKind::Login).map_err(|error| ExchangeError {
+                error,
+                blame: Blame::Unusable,
+            });
         }
         Err(exchange_failure(&response))
     }

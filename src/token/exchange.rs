@@ -15,7 +15,8 @@ use moka::future::Cache;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::credential::{Credential, Unavailable, backoff, exchange_identity};
+use super::credential::{Credential, Unavailable, exchange_identity};
+use super::exchange_health::{Budget, CALLERS_FOR_OUTAGE, CallerBackoff, Failed, Health};
 use super::metrics::ExchangeMetrics;
 use super::model::{SentAt, Token};
 use super::subject::{SubjectError, SubjectValidator};
@@ -83,16 +84,17 @@ enum Refused {
     Failure(DialectError),
     /// No request was made (the actor credential has no token): answered as it says.
     NotSent(Refusal),
+    /// The provider answered with something that cannot be used: this caller's failure.
+    Unusable(String),
 }
 
-#[derive(Default)]
-struct Health {
-    failures: u32,
-    not_before: Option<Instant>,
-    /// While failing, only one exchange probes the provider at a time.
-    probing: bool,
-    last_error: Option<String>,
-    last_error_at: Option<SystemTime>,
+/// Why an exchange is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A caller has no usable token: it waits for this one.
+    Miss,
+    /// A cached token passed its refresh point: made in the background.
+    Refresh,
 }
 
 pub struct Exchanger {
@@ -107,6 +109,12 @@ pub struct Exchanger {
     negative: Cache<Key, Refusal>,
     /// Callers whose token an upstream rejected: their next token is obtained because of it.
     rejected: Cache<Key, ()>,
+    /// Callers whose exchanges failed for reasons not tied to their token (a 500 for that
+    /// subject, an unusable answer): each backs off alone until failures span several callers.
+    failing: Cache<Key, CallerBackoff>,
+    /// `max_exchanges_per_second`: what cache misses may cost the provider.
+    budget: Mutex<Budget>,
+    throttled: AtomicU64,
     /// The credential named by `actor`, set (and reset at each reload) by the server.
     actor: ArcSwapOption<Credential>,
     validator: Option<Arc<SubjectValidator>>,
@@ -174,6 +182,14 @@ impl Exchanger {
             .max_capacity(settings.cache_max_entries)
             .time_to_live(REJECTION_MARK_TTL)
             .build();
+        let failing = Cache::builder()
+            .max_capacity(settings.cache_max_entries)
+            .time_to_live(config.timing.max_backoff.max(config.timing.probe_interval))
+            .build();
+        let budget = Mutex::new(Budget::new(
+            settings.max_exchanges_per_second,
+            Instant::now(),
+        ));
         let validator = settings.subject_validation.clone().map(|v| {
             Arc::new(SubjectValidator::new(
                 Arc::from(config.name.as_str()),
@@ -191,6 +207,9 @@ impl Exchanger {
             cache,
             negative,
             rejected,
+            failing,
+            budget,
+            throttled: AtomicU64::new(0),
             actor: ArcSwapOption::empty(),
             validator,
             rejected_locally: AtomicU64::new(0),
@@ -259,6 +278,7 @@ impl Exchanger {
         self.cache.invalidate_all();
         self.negative.invalidate_all();
         self.rejected.invalidate_all();
+        self.failing.invalidate_all();
     }
 
     /// `POST /tokens/NAME/invalidate`: drops every caller's exchanged token, or with
@@ -271,6 +291,7 @@ impl Exchanger {
                 let dropped = self.cache.remove(&key).await.is_some();
                 let refused = self.negative.remove(&key).await.is_some();
                 self.rejected.remove(&key).await;
+                self.failing.remove(&key).await;
                 if dropped || refused {
                     info!(credential = %self.name, "one caller's exchanged token invalidated by an operator");
                 }
@@ -331,6 +352,18 @@ impl Exchanger {
             self.count_lookup(2);
             return Err(refusal);
         }
+        if let Some(backoff) = self.failing.get(&key).await
+            && now < backoff.not_before
+        {
+            // This caller's exchanges fail; others go on.
+            self.count_lookup(2);
+            return Err(Refusal::Unavailable(Unavailable {
+                credential: self.name.clone(),
+                class: "provider_unavailable",
+                reason: backoff.reason.clone(),
+                retry_after: whole_seconds(backoff.not_before - now),
+            }));
+        }
         self.count_lookup(1);
         let subject_exp = subject_expiry(subject.expose());
         if subject_exp.is_some_and(|e| e <= now) {
@@ -343,7 +376,7 @@ impl Exchanger {
             .try_get_with(key, async move {
                 // Inside the single flight: one caller's burst costs one check.
                 me.check_subject(&init_subject).await?;
-                me.exchange(key, &init_subject).await
+                me.exchange(key, &init_subject, Purpose::Miss).await
             })
             .await
         {
@@ -509,7 +542,7 @@ impl Exchanger {
         let me = self.clone();
         let subject = subject.clone();
         tokio::spawn(async move {
-            if let Ok(entry) = me.exchange(key, &subject).await {
+            if let Ok(entry) = me.exchange(key, &subject, Purpose::Refresh).await {
                 me.cache.insert(key, entry).await;
             }
             me.refreshing
@@ -520,16 +553,12 @@ impl Exchanger {
     }
 
     fn held_back(&self, now: Instant) -> bool {
-        let h = self.health();
-        h.not_before.is_some_and(|t| now < t) || (h.failures > 0 && h.probing)
+        self.health().held_back(now)
     }
 
     fn unavailable(&self) -> Unavailable {
         let h = self.health();
-        let wait = h
-            .not_before
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_secs(1));
+        let wait = h.wait(Instant::now()).unwrap_or(Duration::from_secs(1));
         Unavailable {
             credential: self.name.clone(),
             class: "provider_unavailable",
@@ -537,30 +566,64 @@ impl Exchanger {
                 .last_error
                 .clone()
                 .unwrap_or_else(|| "the token exchange is backing off".into()),
-            retry_after: Duration::from_secs(wait.as_secs_f64().ceil().max(1.0) as u64),
+            retry_after: whole_seconds(wait),
         }
     }
 
-    /// One provider call for `key`, unless the credential is backing off after failures.
-    async fn exchange(&self, key: Key, subject: &Secret) -> Result<Arc<Entry>, Refusal> {
+    /// Takes one exchange from `max_exchanges_per_second`, or answers 503 with the wait.
+    fn admit(&self) -> Result<(), Refusal> {
+        let admitted = self
+            .budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(Instant::now());
+        admitted.map_err(|wait| {
+            self.throttled.fetch_add(1, Ordering::Relaxed);
+            self.metrics.throttled.inc();
+            Refusal::Unavailable(Unavailable {
+                credential: self.name.clone(),
+                class: "exchange_rate_limited",
+                reason: format!(
+                    "more than max_exchanges_per_second ({}) new callers",
+                    self.settings.max_exchanges_per_second
+                ),
+                retry_after: whole_seconds(wait),
+            })
+        })
+    }
+
+    /// One provider call for `key`, unless the credential is backing off after failures or
+    /// (for a cache miss) over `max_exchanges_per_second`.
+    async fn exchange(
+        &self,
+        key: Key,
+        subject: &Secret,
+        purpose: Purpose,
+    ) -> Result<Arc<Entry>, Refusal> {
         // A probe whose request was cancelled (the caller went away) must not keep every other
         // caller out: the flag goes with it.
         let _probe = {
             let mut h = self.health();
             let now = Instant::now();
-            if h.not_before.is_some_and(|t| now < t) || (h.failures > 0 && h.probing) {
+            if h.held_back(now) {
                 drop(h);
                 return Err(Refusal::Unavailable(self.unavailable()));
             }
-            h.probing = h.failures > 0;
+            h.probing = h.outage;
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
             h.probing.then(|| ProbeGuard(&self.health))
         };
+        if purpose == Purpose::Miss {
+            // A cached caller's refresh is not a new caller: a flood of distinct subjects must
+            // not starve the callers already served.
+            self.admit()?;
+        }
         let epoch = self.epoch.load(Ordering::Acquire);
         let (grant, sent) = match self.exchange_with_actor(subject).await {
             Ok(answer) => answer,
             Err(Refused::Subject(message)) => return Err(self.subject_refused(key, message).await),
-            Err(Refused::Failure(e)) => return Err(self.failure(e)),
+            Err(Refused::Failure(e)) => return Err(self.failure(key, e).await),
+            Err(Refused::Unusable(message)) => return Err(self.unusable(key, message).await),
             Err(Refused::NotSent(refusal)) => return Err(refusal),
         };
         if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES {
@@ -576,17 +639,16 @@ impl Exchanger {
             generation,
             after_rejection,
         )
-        .map_err(|e| self.failure(DialectError::transient(e)))?;
+        ;
+        let token = match token {
+            Ok(token) => token,
+            Err(e) => return Err(self.unusable(key, e).await),
+        };
         self.count_outcome(OUTCOME_SUCCESS);
-        {
-            let mut h = self.health();
-            if h.failures > 0 {
-                info!(credential = %self.name, "token exchange works again");
-            }
-            h.failures = 0;
-            h.not_before = None;
-            h.probing = false;
+        if self.health().answered() {
+            info!(credential = %self.name, "token exchange works again");
         }
+        self.failing.invalidate(&key).await;
         let subject_exp = subject_expiry(subject.expose());
         let valid_until = subject_exp.map_or(token.usable_until, |e| e.min(token.usable_until));
         Ok(Arc::new(Entry {
@@ -602,6 +664,7 @@ impl Exchanger {
         match e.blame {
             Blame::Subject => Refused::Subject(e.error.message),
             Blame::Credential => Refused::Failure(e.error),
+            Blame::Unusable => Refused::Unusable(e.error.message),
         }
     }
 
@@ -612,19 +675,19 @@ impl Exchanger {
         {
             // A refusal is an answer: the provider is up.
             let mut h = self.health();
-            h.failures = 0;
-            h.not_before = None;
-            h.probing = false;
+            h.answered();
             h.last_error = Some(message);
             h.last_error_at = Some(SystemTime::now());
         }
+        self.failing.invalidate(&key).await;
         self.negative.insert(key, Refusal::Rejected).await;
         Refusal::Rejected
     }
 
-    /// The provider could not or would not exchange for reasons that are not the caller's:
-    /// a 503 with the back-off's Retry-After, nothing remembered against this caller.
-    fn failure(&self, e: DialectError) -> Refusal {
+    /// The provider could not or would not exchange for reasons that are not the caller's: a
+    /// 503, nothing remembered against this caller's token. While the failures are this
+    /// caller's alone it backs off alone; once they span several callers the credential does.
+    async fn failure(&self, key: Key, e: DialectError) -> Refusal {
         let retry_after = match e.class {
             ErrorClass::Transient { retry_after } => retry_after,
             _ => None,
@@ -634,18 +697,70 @@ impl Exchanger {
         } else {
             OUTCOME_TRANSIENT
         });
+        let timing = &self.config.timing;
+        let now = Instant::now();
+        let failed = self.health().failed(
+            key,
+            now,
+            timing.min_refresh_interval,
+            timing.max_backoff,
+            retry_after,
+            &e.message,
+        );
+        match failed {
+            Failed::Caller => {
+                warn!(credential = %self.name, error = %e.message, "token exchange failed for one caller; backing that caller off");
+                self.back_off_caller(key, now, retry_after, e.message).await
+            }
+            Failed::OutageBegan => {
+                warn!(credential = %self.name, error = %e.message, callers = CALLERS_FOR_OUTAGE, "token exchange failures span several callers; backing off the credential");
+                Refusal::Unavailable(self.unavailable())
+            }
+            Failed::OutageGoesOn => {
+                warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
+                Refusal::Unavailable(self.unavailable())
+            }
+        }
+    }
+
+    /// An answer that cannot be used (a token already expired by its `expires_in`, a body that
+    /// is no token response): this caller's failure alone, whoever else is served.
+    async fn unusable(&self, key: Key, message: String) -> Refusal {
+        self.count_outcome(OUTCOME_FATAL);
+        warn!(credential = %self.name, error = %message, "token exchange answered a token that cannot be used; backing this caller off");
         {
             let mut h = self.health();
-            h.failures = h.failures.saturating_add(1);
-            h.not_before = Some(
-                Instant::now() + backoff(h.failures, self.config.timing.max_backoff, retry_after),
-            );
-            h.probing = false;
-            h.last_error = Some(e.message.clone());
+            h.last_error = Some(message.clone());
             h.last_error_at = Some(SystemTime::now());
         }
-        warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
-        Refusal::Unavailable(self.unavailable())
+        self.back_off_caller(key, Instant::now(), None, message)
+            .await
+    }
+
+    /// Backs one caller off (capped at `probe_interval`: it holds no token), and its 503.
+    async fn back_off_caller(
+        &self,
+        key: Key,
+        now: Instant,
+        retry_after: Option<Duration>,
+        reason: String,
+    ) -> Refusal {
+        let previous = self.failing.get(&key).await;
+        let backoff = CallerBackoff::next(
+            previous.as_ref(),
+            now,
+            self.config.timing.probe_interval,
+            retry_after,
+            reason,
+        );
+        let refusal = Refusal::Unavailable(Unavailable {
+            credential: self.name.clone(),
+            class: "provider_unavailable",
+            reason: backoff.reason.clone(),
+            retry_after: whole_seconds(backoff.not_before - now),
+        });
+        self.failing.insert(key, backoff).await;
+        refusal
     }
 
     /// A token over [`MAX_EXCHANGED_TOKEN_BYTES`]: not cached, and this caller is answered 503
@@ -687,6 +802,7 @@ impl Exchanger {
     /// Lets moka finish its pending evictions so the entry count is exact, and publishes it.
     pub async fn settle(&self) {
         self.cache.run_pending_tasks().await;
+        self.failing.run_pending_tasks().await;
         self.negative.run_pending_tasks().await;
         self.rejected.run_pending_tasks().await;
         self.update_gauges();
@@ -720,11 +836,20 @@ impl Exchanger {
             "subject_rejected_locally": self.rejected_locally.load(Ordering::Relaxed),
             "rejections_kept": self.rejections_kept.load(Ordering::Relaxed),
             "consecutive_failures": h.failures,
-            "next_attempt_in_s": h.not_before.map(|t| t.saturating_duration_since(Instant::now()).as_secs_f64()),
+            "backing_off": h.outage,
+            "failing_callers": h.failing_callers(),
+            "callers_backing_off": self.failing.entry_count(),
+            "throttled": self.throttled.load(Ordering::Relaxed),
+            "next_attempt_in_s": h.wait(Instant::now()).map(|d| d.as_secs_f64()),
             "last_error": h.last_error,
             "last_error_at": h.last_error_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
         })
     }
+}
+
+/// Retry-After in whole seconds, at least 1.
+fn whole_seconds(wait: Duration) -> Duration {
+    Duration::from_secs(wait.as_secs_f64().ceil().max(1.0) as u64)
 }
 
 /// SHA-256 of the raw subject token (the header value after the scheme): how an operator

@@ -26,6 +26,7 @@ pub struct TokenMetrics {
     exchanges: IntCounterVec,
     exchange_duration: HistogramVec,
     exchange_rejections_kept: IntCounterVec,
+    exchange_throttled: IntCounterVec,
 }
 
 /// How a per-caller lookup was answered.
@@ -41,6 +42,7 @@ pub struct ExchangeMetrics {
     pub exchanges: [IntCounter; 4],
     pub duration: Histogram,
     pub rejections_kept: IntCounter,
+    pub throttled: IntCounter,
 }
 
 pub const LEASE_EVENTS: [&str; 4] = ["acquired", "waited", "taken_over", "lost"];
@@ -71,6 +73,7 @@ pub struct ExchangeFamilies {
     exchanges: IntCounterVec,
     duration: HistogramVec,
     rejections_kept: IntCounterVec,
+    throttled: IntCounterVec,
 }
 
 impl ExchangeFamilies {
@@ -81,6 +84,7 @@ impl ExchangeFamilies {
             exchanges: EXCHANGE_OUTCOMES.map(|o| self.exchanges.with_label_values(&[name, o])),
             duration: self.duration.with_label_values(&[name]),
             rejections_kept: self.rejections_kept.with_label_values(&[name]),
+            throttled: self.throttled.with_label_values(&[name]),
         }
     }
 }
@@ -206,8 +210,16 @@ impl TokenMetrics {
                 ),
                 &["credential"],
             )?,
+            exchange_throttled: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_exchange_throttled_total",
+                    "Cache misses answered 503 without an exchange: over max_exchanges_per_second.",
+                ),
+                &["credential"],
+            )?,
         };
         registry.register(Box::new(m.exchange_rejections_kept.clone()))?;
+        registry.register(Box::new(m.exchange_throttled.clone()))?;
         registry.register(Box::new(m.exchange_entries.clone()))?;
         registry.register(Box::new(m.exchange_lookups.clone()))?;
         registry.register(Box::new(m.exchanges.clone()))?;
@@ -245,6 +257,7 @@ impl TokenMetrics {
                 exchanges: self.exchanges.clone(),
                 duration: self.exchange_duration.clone(),
                 rejections_kept: self.exchange_rejections_kept.clone(),
+                throttled: self.exchange_throttled.clone(),
             },
         }
     }
@@ -277,6 +290,7 @@ impl TokenMetrics {
         }
         let _ = self.exchange_duration.remove_label_values(&[name]);
         let _ = self.exchange_rejections_kept.remove_label_values(&[name]);
+        let _ = self.exchange_throttled.remove_label_values(&[name]);
     }
 }
 

@@ -122,6 +122,9 @@ pub struct Exchanger {
     rejections_kept: AtomicU64,
     refreshing: Mutex<HashSet<Key>>,
     health: Mutex<Health>,
+    /// Held by the one exchange in flight while the provider is not known to answer (see
+    /// [`Health::proven`]).
+    probe_slot: tokio::sync::Semaphore,
     generation: AtomicU64,
     /// Bumped by every flush of the per-caller cache (see [`Entry::epoch`]).
     epoch: AtomicU64,
@@ -216,6 +219,7 @@ impl Exchanger {
             rejections_kept: AtomicU64::new(0),
             refreshing: Mutex::new(HashSet::new()),
             health: Mutex::new(Health::default()),
+            probe_slot: tokio::sync::Semaphore::new(1),
             generation: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -570,6 +574,22 @@ impl Exchanger {
         }
     }
 
+    /// While the provider has not answered since its last failure (or since the start),
+    /// exchanges go one at a time: the others wait for this one's outcome (at most the
+    /// exchange's own bound) and go on at once when it was an answer. An outage so costs one
+    /// exchange in flight, however many new callers arrive.
+    async fn probe_slot(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, Refusal> {
+        if self.health().proven {
+            return Ok(None);
+        }
+        let bound = self.config.timing.timeout + Duration::from_secs(1);
+        let permit = match tokio::time::timeout(bound, self.probe_slot.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            _ => return Err(Refusal::Unavailable(self.unavailable())),
+        };
+        Ok((!self.health().proven).then_some(permit))
+    }
+
     /// Takes one exchange from `max_exchanges_per_second`, or answers 503 with the wait.
     fn admit(&self) -> Result<(), Refusal> {
         let admitted = self
@@ -600,6 +620,7 @@ impl Exchanger {
         subject: &Secret,
         purpose: Purpose,
     ) -> Result<Arc<Entry>, Refusal> {
+        let _slot = self.probe_slot().await?;
         // A probe whose request was cancelled (the caller went away) must not keep every other
         // caller out: the flag goes with it.
         let _probe = {
@@ -703,7 +724,9 @@ impl Exchanger {
             key,
             now,
             timing.min_refresh_interval,
-            timing.max_backoff,
+            // Callers without a token wait for the provider's return: it must be noticed
+            // within `probe_interval`, as for a service credential holding no token.
+            timing.probe_interval,
             retry_after,
             &e.message,
         );
@@ -714,6 +737,9 @@ impl Exchanger {
             }
             Failed::OutageBegan => {
                 warn!(credential = %self.name, error = %e.message, callers = CALLERS_FOR_OUTAGE, "token exchange failures span several callers; backing off the credential");
+                // The provider is at fault, not those callers: the credential's back-off alone
+                // decides when they are tried again, so all are served once it answers.
+                self.failing.invalidate_all();
                 Refusal::Unavailable(self.unavailable())
             }
             Failed::OutageGoesOn => {

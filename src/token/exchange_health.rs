@@ -51,6 +51,10 @@ pub struct Health {
     pub probing: bool,
     /// Set while the credential-wide back-off runs: failures spanned several callers.
     pub outage: bool,
+    /// Whether the provider has answered since the last failure (or since the start). Until
+    /// it has, exchanges go one at a time: at the start of an outage a wave of new callers
+    /// must not all probe a provider that is down.
+    pub proven: bool,
     /// Failing callers (by key) and when they failed, newest last, within the window.
     recent: VecDeque<(Key, Instant)>,
     pub last_error: Option<String>,
@@ -81,6 +85,7 @@ impl Health {
         self.not_before = None;
         self.probing = false;
         self.outage = false;
+        self.proven = true;
         self.recent.clear();
         was_failing
     }
@@ -97,6 +102,7 @@ impl Health {
         reason: &str,
     ) -> Failed {
         self.probing = false;
+        self.proven = false;
         self.last_error = Some(reason.to_string());
         self.last_error_at = Some(SystemTime::now());
         let window = window.max(MIN_WINDOW);
@@ -208,7 +214,9 @@ mod tests {
             Failed::OutageGoesOn
         );
         assert!(h.wait(after).unwrap() <= CAP, "capped at probe_interval");
+        assert!(!h.proven);
         assert!(h.answered());
+        assert!(h.proven);
         assert!(!h.held_back(after));
         assert_eq!(h.failing_callers(), 0);
         // A zero window still sees failures span callers.

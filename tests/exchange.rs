@@ -101,15 +101,16 @@ async fn exchange_endpoint(
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay as u64)).await;
     }
-    let calls_before = s.calls.lock().unwrap().len();
+    let subject = form_urlencoded::parse(body.as_bytes())
+        .find(|(k, _)| k == "subject_token" || k == "assertion")
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
     let response = exchange_answer(&s, headers, body);
-    let calls = s.calls.lock().unwrap().clone();
-    if let Some((subject, status)) = calls.get(calls_before) {
-        s.spans
-            .lock()
-            .unwrap()
-            .push((subject.clone(), *status, arrived, Instant::now()));
-    }
+    let status = response.status().as_u16();
+    s.spans
+        .lock()
+        .unwrap()
+        .push((subject, status, arrived, Instant::now()));
     response
 }
 

@@ -5,7 +5,7 @@
 //! Optionally the subject is validated locally first ([`super::subject`]), and another
 //! credential's token is sent as the actor token.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use arc_swap::ArcSwapOption;
 use moka::future::Cache;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::credential::{Credential, Unavailable, exchange_identity};
@@ -20,7 +21,7 @@ use super::exchange_health::{Budget, CALLERS_FOR_OUTAGE, CallerBackoff, Failed, 
 use super::metrics::ExchangeMetrics;
 use super::model::{SentAt, Token};
 use super::subject::{SubjectError, SubjectValidator};
-use crate::config::CredentialConfig;
+use crate::config::{CredentialConfig, Timing};
 use crate::dialect::{
     Blame, DialectError, ErrorClass, ExchangeError, ExchangeSettings, Grant, ProviderClient,
 };
@@ -120,7 +121,12 @@ pub struct Exchanger {
     validator: Option<Arc<SubjectValidator>>,
     rejected_locally: AtomicU64,
     rejections_kept: AtomicU64,
-    refreshing: Mutex<HashSet<Key>>,
+    /// Background exchanges under way, by caller, with the channel their outcome comes on.
+    refreshing: Mutex<HashMap<Key, watch::Receiver<Option<Result<Arc<Entry>, Refusal>>>>>,
+    /// The credential's timing for exchanged tokens: refreshed at `refresh_at` of their
+    /// lifetime, without the `min_refresh_interval` floor of service tokens (that floor is
+    /// about one token's refresh rate; a caller's token lives on its own schedule).
+    timing: Timing,
     health: Mutex<Health>,
     /// Held by the one exchange in flight while the provider is not known to answer (see
     /// [`Health::proven`]).
@@ -217,7 +223,11 @@ impl Exchanger {
             validator,
             rejected_locally: AtomicU64::new(0),
             rejections_kept: AtomicU64::new(0),
-            refreshing: Mutex::new(HashSet::new()),
+            refreshing: Mutex::new(HashMap::new()),
+            timing: Timing {
+                min_refresh_interval: Duration::ZERO,
+                ..config.timing.clone()
+            },
             health: Mutex::new(Health::default()),
             probe_slot: tokio::sync::Semaphore::new(1),
             generation: AtomicU64::new(0),
@@ -372,6 +382,9 @@ impl Exchanger {
         let subject_exp = subject_expiry(subject.expose());
         if subject_exp.is_some_and(|e| e <= now) {
             return Err(Refusal::Rejected);
+        }
+        if let Some(joined) = self.join_refresh(&key).await {
+            return joined.map(|entry| entry.token.clone());
         }
         let me = self.clone();
         let init_subject = subject.clone();
@@ -532,28 +545,49 @@ impl Exchanger {
     }
 
     /// Starts a background exchange for a caller whose token passed its soft threshold, at most
-    /// one per caller at a time; the cached token keeps being served meanwhile.
+    /// one per caller at a time; the cached token keeps being served meanwhile, and a request
+    /// of this caller that finds no usable token while it runs joins it (see
+    /// [`Exchanger::join_refresh`]) rather than making a second exchange.
     fn refresh_ahead(self: &Arc<Self>, key: Key, subject: &Secret) {
         if self.held_back(Instant::now()) {
             return;
         }
+        let (done, outcome) = watch::channel(None);
         {
             let mut refreshing = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
-            if !refreshing.insert(key) {
+            if refreshing.contains_key(&key) {
                 return;
             }
+            refreshing.insert(key, outcome);
         }
         let me = self.clone();
         let subject = subject.clone();
         tokio::spawn(async move {
-            if let Ok(entry) = me.exchange(key, &subject, Purpose::Refresh).await {
-                me.cache.insert(key, entry).await;
+            let result = me.exchange(key, &subject, Purpose::Refresh).await;
+            if let Ok(entry) = &result {
+                me.cache.insert(key, entry.clone()).await;
             }
+            // Stored first, then announced: a request after this finds the new entry.
+            done.send_replace(Some(result));
             me.refreshing
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&key);
         });
+    }
+
+    /// The outcome of this caller's background exchange, when one is under way: a request
+    /// whose cached token lapsed just now waits for it instead of exchanging a second time.
+    async fn join_refresh(&self, key: &Key) -> Option<Result<Arc<Entry>, Refusal>> {
+        let mut outcome = self
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)?
+            .clone();
+        // An error means the task ended without a word (it panicked): exchange as usual.
+        let done = outcome.wait_for(Option::is_some).await.ok()?;
+        done.clone()
     }
 
     fn held_back(&self, now: Instant) -> bool {
@@ -634,10 +668,18 @@ impl Exchanger {
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
             h.probing.then(|| ProbeGuard(&self.health))
         };
-        if purpose == Purpose::Miss {
+        match purpose {
             // A cached caller's refresh is not a new caller: a flood of distinct subjects must
             // not starve the callers already served.
-            self.admit()?;
+            Purpose::Miss => self.admit()?,
+            Purpose::Refresh => {
+                // A caller whose refreshes fail waits out its back-off like a miss would.
+                if let Some(backoff) = self.failing.get(&key).await
+                    && Instant::now() < backoff.not_before
+                {
+                    return Err(Refusal::Unavailable(self.unavailable()));
+                }
+            }
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let (grant, sent) = match self.exchange_with_actor(subject).await {
@@ -656,7 +698,7 @@ impl Exchanger {
             grant,
             sent,
             &self.config.presentation,
-            &self.config.timing,
+            &self.timing,
             generation,
             after_rejection,
         )

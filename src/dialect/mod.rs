@@ -185,6 +185,11 @@ pub enum Blame {
     /// Anything else — tokenward's own request, client, actor token or settings, or the
     /// provider itself: a 503 for the caller, never remembered against its token.
     Credential,
+    /// Entra ID Conditional Access: the caller's token lacks what a policy requires (MFA, a
+    /// compliant device, an authentication context). The JSON `claims` Entra sent, for the
+    /// caller's app to request a new token with; a refusal of this token, but one the user
+    /// can resolve at once, so it is never remembered.
+    Claims(String),
     /// A success answer that cannot be used (a negative `expires_in`, no token in it): this
     /// caller's failure, backed off for that caller alone.
     Unusable,

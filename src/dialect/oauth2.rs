@@ -982,6 +982,19 @@ fn entra_codes(body: Option<&serde_json::Value>) -> Vec<u64> {
         .unwrap_or_default()
 }
 
+/// The longest `claims` challenge passed on: its base64 must fit a response header that
+/// clients and proxies accept (commonly 8 KiB or more), with room to spare.
+const MAX_CLAIMS_BYTES: usize = 4096;
+
+/// Entra's `claims` member of a refusal (a Conditional Access claims challenge): a JSON
+/// object sent as a string. Anything else (not JSON, not an object, too large) is ignored,
+/// and the refusal is then an ordinary one.
+fn claims_challenge(body: Option<&serde_json::Value>) -> Option<String> {
+    let claims = body?.get("claims")?.as_str()?;
+    let parsed: serde_json::Value = serde_json::from_str(claims).ok()?;
+    (claims.len() <= MAX_CLAIMS_BYTES && parsed.is_object()).then(|| claims.to_string())
+}
+
 /// Classifies a failed token exchange. Provider trouble stays transient. A refusal is the
 /// caller's only when the provider ties it to the subject: `invalid_grant`,
 /// `interaction_required`, or one of Entra's user-side codes. Everything else —
@@ -1016,6 +1029,14 @@ fn exchange_failure(response: &ProviderResponse) -> ExchangeError {
         return ExchangeError::credential(DialectError::fatal(format!(
             "{what}{codes}: the provider refused tokenward's request, not the caller's token; check the credential's settings and its actor"
         )));
+    }
+    if let Some(claims) = claims_challenge(body.as_ref()) {
+        return ExchangeError {
+            error: DialectError::relogin(format!(
+                "{what}{codes}: Conditional Access: the caller must satisfy a claims challenge (step up and request a new token)"
+            )),
+            blame: Blame::Claims(claims),
+        };
     }
     let why = if code == Some("interaction_required") {
         "interaction_required: the caller must sign in or consent again"
@@ -1510,6 +1531,20 @@ mod tests {
         .message;
         assert!(msg.contains("AADSTS50013"), "{msg}");
         assert!(!msg.contains("secret-ish"), "{msg}");
+        let claims = r#"{"access_token":{"capolids":{"essential":true,"values":["p1"]}}}"#;
+        for error in ["invalid_grant", "interaction_required"] {
+            let body = serde_json::json!({"error": error, "error_codes": [50076], "suberror": "basic_action", "claims": claims});
+            let e = exchange_failure(&resp(400, &body.to_string()));
+            assert_eq!(e.blame, Blame::Claims(claims.to_string()), "{error}");
+            assert!(e.error.message.contains("claims challenge"), "{}", e.error.message);
+        }
+        for ignored in ["not json", "[1]", &format!("{{\"a\":\"{}\"}}", "x".repeat(5000))] {
+            let body = serde_json::json!({"error": "invalid_grant", "claims": ignored});
+            assert_eq!(exchange_failure(&resp(400, &body.to_string())).blame, Blame::Subject);
+        }
+        // A client refusal stays the credential's, claims or not.
+        let body = serde_json::json!({"error": "invalid_client", "claims": claims});
+        assert_eq!(exchange_failure(&resp(401, &body.to_string())).blame, Blame::Credential);
         let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
         assert_eq!(e.error.class, ErrorClass::Relogin);
         assert!(

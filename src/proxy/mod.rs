@@ -111,6 +111,16 @@ impl TokenwardProxy {
                 Ok(Some(Ok(token)))
             }
             Err(Refusal::Unavailable(u)) => Ok(Some(Err(u))),
+            Err(Refusal::ClaimsChallenge(claims)) => {
+                let body = json!({
+                    "error": "insufficient_claims",
+                    "route": &*route.name,
+                    "credential": route.credential.name(),
+                    "message": "the identity provider requires the user to satisfy a Conditional Access policy; request a new token with the claims in WWW-Authenticate",
+                });
+                respond::claims_challenge(session, body, &claims).await?;
+                Ok(None)
+            }
             Err(Refusal::Rejected) => {
                 let body = json!({
                     "error": "subject_token_rejected",

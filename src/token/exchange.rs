@@ -75,6 +75,9 @@ pub enum Refusal {
     Rejected,
     /// The provider cannot answer now: 503 with `retry_after`.
     Unavailable(Unavailable),
+    /// Entra Conditional Access: the caller must step up; the claims (base64 of the JSON
+    /// Entra sent) go back in `WWW-Authenticate`, 401. Never remembered: the user resolves it.
+    ClaimsChallenge(Arc<str>),
 }
 
 /// How an exchange failed, once sorted by whose fault it is.
@@ -87,6 +90,8 @@ enum Refused {
     NotSent(Refusal),
     /// The provider answered with something that cannot be used: this caller's failure.
     Unusable(String),
+    /// A Conditional Access claims challenge (the message, the claims JSON).
+    Claims(String, String),
 }
 
 /// Why an exchange is made.
@@ -687,6 +692,7 @@ impl Exchanger {
             Err(Refused::Subject(message)) => return Err(self.subject_refused(key, message).await),
             Err(Refused::Failure(e)) => return Err(self.failure(key, e).await),
             Err(Refused::Unusable(message)) => return Err(self.unusable(key, message).await),
+            Err(Refused::Claims(message, claims)) => return Err(self.claims_challenge(message, &claims)),
             Err(Refused::NotSent(refusal)) => return Err(refusal),
         };
         if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES {
@@ -728,7 +734,26 @@ impl Exchanger {
             Blame::Subject => Refused::Subject(e.error.message),
             Blame::Credential => Refused::Failure(e.error),
             Blame::Unusable => Refused::Unusable(e.error.message),
+            Blame::Claims(claims) => Refused::Claims(e.error.message, claims),
         }
+    }
+
+    /// Conditional Access refused this caller's token with a claims challenge: passed on for
+    /// the app to step the user up, and not remembered (the next token may satisfy it).
+    fn claims_challenge(&self, message: String, claims: &str) -> Refusal {
+        use base64::Engine;
+        self.count_outcome(OUTCOME_REJECTED);
+        info!(credential = %self.name, error = %message, "token exchange answered a claims challenge; passing it to the caller");
+        {
+            let mut h = self.health();
+            h.answered();
+            h.last_error = Some(message);
+            h.last_error_at = Some(SystemTime::now());
+        }
+        // MSAL and Entra's own APIs send the claims base64-encoded (standard alphabet, padded).
+        Refusal::ClaimsChallenge(Arc::from(
+            base64::engine::general_purpose::STANDARD.encode(claims),
+        ))
     }
 
     /// The provider refused this caller's token: 401, remembered for `negative_ttl`.

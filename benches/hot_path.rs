@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use tokenward::config::{Config, CredentialConfig, Presentation, Timing};
 use tokenward::dialect::{
-    Dialect, DialectError, ExchangeSettings, Expiry, Grant, GrantKind, Held, ProviderClient,
+    Dialect, DialectError, ExchangeError, ExchangeSettings, Expiry, Grant, GrantKind, Held,
+    ProviderClient,
 };
 use tokenward::proxy::metrics::ProxyMetrics;
 use tokenward::proxy::routing::{Route, RouteTable};
@@ -59,8 +60,11 @@ impl Dialect for InstantExchange {
         _subject: &Secret,
         _actor: Option<&Secret>,
         _client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
-        Instant.obtain(&Held::default(), _client).await
+    ) -> Result<Grant, ExchangeError> {
+        Instant
+            .obtain(&Held::default(), _client)
+            .await
+            .map_err(ExchangeError::credential)
     }
 }
 

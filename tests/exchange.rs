@@ -20,8 +20,7 @@ const AUDIENCE: &str = "orders-api";
 const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
 const OBO_SCOPE: &str = "api://orders/.default";
 /// The claims a Conditional Access refusal asks for (Entra's `claims`, a JSON string).
-const CA_CLAIMS: &str =
-    r#"{"access_token":{"capolids":{"essential":true,"values":["9ab03e19-ed42-4168-b6b7-7001fb3e933a"]}}}"#;
+const CA_CLAIMS: &str = r#"{"access_token":{"capolids":{"essential":true,"values":["9ab03e19-ed42-4168-b6b7-7001fb3e933a"]}}}"#;
 
 #[derive(Default)]
 struct ExchangeState {
@@ -1462,7 +1461,10 @@ async fn a_reload_that_replaces_the_actor_starts_a_fresh_per_caller_cache() {
         "min_refresh_interval = \"1s\"",
         "min_refresh_interval = \"2s\"",
     );
-    wait_for("the reload", Duration::from_secs(10), || reloads(&tw) > before).await;
+    wait_for("the reload", Duration::from_secs(10), || {
+        reloads(&tw) > before
+    })
+    .await;
     assert_eq!(call(&tw, &s).await.0, 200);
     assert_eq!(
         exchanged_to(&provider),
@@ -1470,7 +1472,10 @@ async fn a_reload_that_replaces_the_actor_starts_a_fresh_per_caller_cache() {
         "the caller's token from under the old actor was served after the reload"
     );
     let actors = provider.state.actors.lock().unwrap().clone();
-    assert_ne!(actors[0], actors[1], "exchanged again with the new actor's token");
+    assert_ne!(
+        actors[0], actors[1],
+        "exchanged again with the new actor's token"
+    );
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -1501,7 +1506,11 @@ async fn invalidate_drops_every_callers_token_or_one_by_its_subject_hash() {
         sha256_hex(&a)
     ))
     .await;
-    assert_eq!((status, &body["invalidated"]), (200, &json!(true)), "{body}");
+    assert_eq!(
+        (status, &body["invalidated"]),
+        (200, &json!(true)),
+        "{body}"
+    );
     for s in [&a, &b] {
         assert_eq!(call(&tw, s).await.0, 200);
     }
@@ -1516,11 +1525,19 @@ async fn invalidate_drops_every_callers_token_or_one_by_its_subject_hash() {
         sha256_hex("nobody")
     ))
     .await;
-    assert_eq!((status, &body["invalidated"]), (200, &json!(false)), "{body}");
+    assert_eq!(
+        (status, &body["invalidated"]),
+        (200, &json!(false)),
+        "{body}"
+    );
     let (status, body) = post("/tokens/api/invalidate?subject_sha256=xyz").await;
     assert_eq!(status, 400, "{body}");
     let (status, body) = post("/tokens/api/invalidate").await;
-    assert_eq!((status, &body["invalidated"]), (200, &json!(true)), "{body}");
+    assert_eq!(
+        (status, &body["invalidated"]),
+        (200, &json!(true)),
+        "{body}"
+    );
     for s in [&a, &b] {
         assert_eq!(call(&tw, s).await.0, 200);
     }
@@ -1575,7 +1592,10 @@ async fn one_callers_failures_do_not_back_off_the_other_callers() {
         .iter()
         .filter(|(s, _)| *s == boom || *s == zero)
         .count();
-    assert!(failing <= 10, "{failing} exchanges for the two failing callers");
+    assert!(
+        failing <= 10,
+        "{failing} exchanges for the two failing callers"
+    );
     let mut secrets = vec![boom, zero];
     secrets.extend(provider.minted());
     tw.assert_no_leaks(&secrets).await;
@@ -1623,7 +1643,10 @@ async fn a_flood_of_distinct_subjects_is_capped_at_max_exchanges_per_second() {
     let sent = next.load(Ordering::SeqCst).min(5_000);
     let exchanges = provider.calls().len();
     println!("{sent} junk subjects in {elapsed:?}: {exchanges} exchanges");
-    assert!(exchanges <= 50 * 10, "{exchanges} exchanges for {sent} junk subjects");
+    assert!(
+        exchanges <= 50 * 10,
+        "{exchanges} exchanges for {sent} junk subjects"
+    );
     assert!(
         exchanges as f64 <= 50.0 * (elapsed.as_secs_f64() + 1.0),
         "{exchanges} exchanges in {elapsed:?}"
@@ -1699,7 +1722,10 @@ async fn after_an_outage_every_caller_is_served_within_two_seconds() {
     for (i, a) in during.iter().enumerate() {
         for b in &during[i + 1..] {
             let overlap = a.2 < b.3 && b.2 < a.3;
-            assert!(!overlap, "two exchanges in flight during the outage: {a:?} {b:?}");
+            assert!(
+                !overlap,
+                "two exchanges in flight during the outage: {a:?} {b:?}"
+            );
         }
     }
     println!(
@@ -1764,7 +1790,11 @@ async fn per_caller_tokens_are_refreshed_ahead_in_one_flight_per_caller() {
             gaps.iter().all(|g| *g >= Duration::from_millis(2500)),
             "two exchanges close together for one caller: {gaps:?}"
         );
-        assert!(at.len() <= 6, "{} exchanges for one caller in 15 s", at.len());
+        assert!(
+            at.len() <= 6,
+            "{} exchanges for one caller in 15 s",
+            at.len()
+        );
     }
 }
 

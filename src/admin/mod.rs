@@ -267,35 +267,6 @@ fn client_keeps_alive(request: &pingora::http::RequestHeader) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn invalidate_takes_one_subject_digest_or_nothing() {
-        let hex = "ab".repeat(32);
-        assert_eq!(invalidate_query(None, true), Ok(None));
-        assert_eq!(invalidate_query(Some(""), false), Ok(None));
-        assert_eq!(
-            invalidate_query(Some(&format!("subject_sha256={hex}")), true),
-            Ok(Some([0xab; 32]))
-        );
-        assert_eq!(
-            invalidate_query(Some(&format!("subject_sha256={}", hex.to_uppercase())), true),
-            Ok(Some([0xab; 32]))
-        );
-        for bad in [
-            "subject_sha256=xyz".to_string(),
-            format!("subject_sha256={hex}&subject_sha256={hex}"),
-            format!("subject_sha={hex}"),
-            format!("subject_sha256={}", "é".repeat(32)),
-        ] {
-            assert!(invalidate_query(Some(&bad), true).is_err(), "{bad}");
-        }
-        assert!(invalidate_query(Some(&format!("subject_sha256={hex}")), false).is_err());
-    }
-}
-
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -349,5 +320,37 @@ impl ServeHttp for AdminApp {
             ),
             _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidate_takes_one_subject_digest_or_nothing() {
+        let hex = "ab".repeat(32);
+        assert_eq!(invalidate_query(None, true), Ok(None));
+        assert_eq!(invalidate_query(Some(""), false), Ok(None));
+        assert_eq!(
+            invalidate_query(Some(&format!("subject_sha256={hex}")), true),
+            Ok(Some([0xab; 32]))
+        );
+        assert_eq!(
+            invalidate_query(
+                Some(&format!("subject_sha256={}", hex.to_uppercase())),
+                true
+            ),
+            Ok(Some([0xab; 32]))
+        );
+        for bad in [
+            "subject_sha256=xyz".to_string(),
+            format!("subject_sha256={hex}&subject_sha256={hex}"),
+            format!("subject_sha={hex}"),
+            format!("subject_sha256={}", "é".repeat(32)),
+        ] {
+            assert!(invalidate_query(Some(&bad), true).is_err(), "{bad}");
+        }
+        assert!(invalidate_query(Some(&format!("subject_sha256={hex}")), false).is_err());
     }
 }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Blame, Dialect, DialectError, ErrorClass, ExchangeError, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
-    Held, ProviderClient, SubjectValidation, parse_keys,
+    Blame, Dialect, DialectError, ErrorClass, ExchangeError, ExchangeSettings, ExchangeStyle,
+    Expiry, Grant, GrantKind, Held, ProviderClient, SubjectValidation, parse_keys,
 };
 use crate::dpop::DpopKey;
 use crate::secret::{Secret, SecretSource};
@@ -650,7 +650,10 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
             ("subject_token_type", k.subject_token_type.is_some()),
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
-            ("max_exchanges_per_second", k.max_exchanges_per_second.is_some()),
+            (
+                "max_exchanges_per_second",
+                k.max_exchanges_per_second.is_some(),
+            ),
             ("negative_ttl", k.negative_ttl.is_some()),
             ("actor", k.actor.is_some()),
             ("actor_token_type", k.actor_token_type.is_some()),
@@ -1515,7 +1518,11 @@ mod tests {
         assert!(matches!(e.error.class, ErrorClass::Transient { .. }));
         let e = exchange_failure(&resp(400, r#"{"error":"invalid_request"}"#));
         assert_eq!(e.error.class, ErrorClass::Fatal);
-        assert!(e.error.message.contains("not the caller's token"), "{}", e.error.message);
+        assert!(
+            e.error.message.contains("not the caller's token"),
+            "{}",
+            e.error.message
+        );
         let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#))
             .error
             .message;
@@ -1536,15 +1543,29 @@ mod tests {
             let body = serde_json::json!({"error": error, "error_codes": [50076], "suberror": "basic_action", "claims": claims});
             let e = exchange_failure(&resp(400, &body.to_string()));
             assert_eq!(e.blame, Blame::Claims(claims.to_string()), "{error}");
-            assert!(e.error.message.contains("claims challenge"), "{}", e.error.message);
+            assert!(
+                e.error.message.contains("claims challenge"),
+                "{}",
+                e.error.message
+            );
         }
-        for ignored in ["not json", "[1]", &format!("{{\"a\":\"{}\"}}", "x".repeat(5000))] {
+        for ignored in [
+            "not json",
+            "[1]",
+            &format!("{{\"a\":\"{}\"}}", "x".repeat(5000)),
+        ] {
             let body = serde_json::json!({"error": "invalid_grant", "claims": ignored});
-            assert_eq!(exchange_failure(&resp(400, &body.to_string())).blame, Blame::Subject);
+            assert_eq!(
+                exchange_failure(&resp(400, &body.to_string())).blame,
+                Blame::Subject
+            );
         }
         // A client refusal stays the credential's, claims or not.
         let body = serde_json::json!({"error": "invalid_client", "claims": claims});
-        assert_eq!(exchange_failure(&resp(401, &body.to_string())).blame, Blame::Credential);
+        assert_eq!(
+            exchange_failure(&resp(401, &body.to_string())).blame,
+            Blame::Credential
+        );
         let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
         assert_eq!(e.error.class, ErrorClass::Relogin);
         assert!(

@@ -80,6 +80,9 @@ pub enum Refusal {
     ClaimsChallenge(Arc<str>),
 }
 
+/// What a background exchange ends with: nothing yet, then its entry or its refusal.
+type RefreshOutcome = Option<Result<Arc<Entry>, Refusal>>;
+
 /// How an exchange failed, once sorted by whose fault it is.
 enum Refused {
     /// The provider refused the caller's token (the message names why, never the token).
@@ -127,7 +130,7 @@ pub struct Exchanger {
     rejected_locally: AtomicU64,
     rejections_kept: AtomicU64,
     /// Background exchanges under way, by caller, with the channel their outcome comes on.
-    refreshing: Mutex<HashMap<Key, watch::Receiver<Option<Result<Arc<Entry>, Refusal>>>>>,
+    refreshing: Mutex<HashMap<Key, watch::Receiver<RefreshOutcome>>>,
     /// The credential's timing for exchanged tokens: refreshed at `refresh_at` of their
     /// lifetime, without the `min_refresh_interval` floor of service tokens (that floor is
     /// about one token's refresh rate; a caller's token lives on its own schedule).
@@ -482,9 +485,7 @@ impl Exchanger {
                 "the token exchange timed out",
             )))
         });
-        self.metrics
-            .duration
-            .observe(sent.elapsed().as_secs_f64());
+        self.metrics.duration.observe(sent.elapsed().as_secs_f64());
         result
     }
 
@@ -583,7 +584,7 @@ impl Exchanger {
 
     /// The outcome of this caller's background exchange, when one is under way: a request
     /// whose cached token lapsed just now waits for it instead of exchanging a second time.
-    async fn join_refresh(&self, key: &Key) -> Option<Result<Arc<Entry>, Refusal>> {
+    async fn join_refresh(&self, key: &Key) -> RefreshOutcome {
         let mut outcome = self
             .refreshing
             .lock()
@@ -692,7 +693,9 @@ impl Exchanger {
             Err(Refused::Subject(message)) => return Err(self.subject_refused(key, message).await),
             Err(Refused::Failure(e)) => return Err(self.failure(key, e).await),
             Err(Refused::Unusable(message)) => return Err(self.unusable(key, message).await),
-            Err(Refused::Claims(message, claims)) => return Err(self.claims_challenge(message, &claims)),
+            Err(Refused::Claims(message, claims)) => {
+                return Err(self.claims_challenge(message, &claims));
+            }
             Err(Refused::NotSent(refusal)) => return Err(refusal),
         };
         if grant.access_token.expose().len() > MAX_EXCHANGED_TOKEN_BYTES {
@@ -707,8 +710,7 @@ impl Exchanger {
             &self.timing,
             generation,
             after_rejection,
-        )
-        ;
+        );
         let token = match token {
             Ok(token) => token,
             Err(e) => return Err(self.unusable(key, e).await),

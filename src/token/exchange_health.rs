@@ -109,7 +109,8 @@ impl Health {
         let outcome = if self.outage {
             Failed::OutageGoesOn
         } else {
-            self.recent.retain(|(k, at)| *k != key && now - *at < window);
+            self.recent
+                .retain(|(k, at)| *k != key && now - *at < window);
             self.recent.push_back((key, now));
             if self.recent.len() < CALLERS_FOR_OUTAGE {
                 return Failed::Caller;
@@ -163,7 +164,9 @@ impl Budget {
             self.tokens -= 1.0;
             Ok(())
         } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.per_second,
+            ))
         }
     }
 }
@@ -206,7 +209,10 @@ mod tests {
             Failed::OutageBegan
         );
         assert!(h.held_back(later));
-        assert!(h.wait(later).unwrap() >= Duration::from_secs(2), "Retry-After is a floor");
+        assert!(
+            h.wait(later).unwrap() >= Duration::from_secs(2),
+            "Retry-After is a floor"
+        );
         let after = later + Duration::from_secs(3);
         assert!(!h.held_back(after));
         assert_eq!(

@@ -1,7 +1,8 @@
 //! Per-caller tokens (RFC 8693 token exchange): each caller's token is exchanged for one minted
 //! for the upstream, cached per caller in a bounded moka cache keyed by a hash of the subject
-//! token, with single flight per caller, a negative cache for refused subjects, back-off per
-//! credential (an outage costs one provider call per step, not one per caller) and refresh ahead.
+//! token, with one flight per caller (shared by a miss and the background refresh ahead), a
+//! negative cache for refused subjects, and back-off (see [`super::exchange_health`]: per
+//! caller, per credential once failures span callers, a cap on exchanges per second).
 //! Optionally the subject is validated locally first ([`super::subject`]), and another
 //! credential's token is sent as the actor token.
 
@@ -27,8 +28,9 @@ use crate::dialect::{
 };
 use crate::secret::Secret;
 
-/// The cache key: SHA-256 of the credential's identity and the subject token, so neither the
-/// subject nor a prefix of it is kept as a key, and two credentials never share an entry.
+/// The cache key: SHA-256 of the credential's identity and the subject token's SHA-256, so
+/// neither the subject nor a prefix of it is kept as a key, two credentials never share an
+/// entry, and an operator can name one caller's entry by its subject's SHA-256.
 pub type Key = [u8; 32];
 
 /// The largest exchanged token kept. Servers commonly cap one request header at 8–16 KiB
@@ -746,29 +748,26 @@ impl Exchanger {
         use base64::Engine;
         self.count_outcome(OUTCOME_REJECTED);
         info!(credential = %self.name, error = %message, "token exchange answered a claims challenge; passing it to the caller");
-        {
-            let mut h = self.health();
-            h.answered();
-            h.last_error = Some(message);
-            h.last_error_at = Some(SystemTime::now());
-        }
+        self.answered_with(message);
         // MSAL and Entra's own APIs send the claims base64-encoded (standard alphabet, padded).
         Refusal::ClaimsChallenge(Arc::from(
             base64::engine::general_purpose::STANDARD.encode(claims),
         ))
     }
 
+    /// A refusal of the caller's token is an answer: the provider is up.
+    fn answered_with(&self, message: String) {
+        let mut h = self.health();
+        h.answered();
+        h.last_error = Some(message);
+        h.last_error_at = Some(SystemTime::now());
+    }
+
     /// The provider refused this caller's token: 401, remembered for `negative_ttl`.
     async fn subject_refused(&self, key: Key, message: String) -> Refusal {
         self.count_outcome(OUTCOME_REJECTED);
         info!(credential = %self.name, error = %message, "token exchange refused the caller's token");
-        {
-            // A refusal is an answer: the provider is up.
-            let mut h = self.health();
-            h.answered();
-            h.last_error = Some(message);
-            h.last_error_at = Some(SystemTime::now());
-        }
+        self.answered_with(message);
         self.failing.invalidate(&key).await;
         self.negative.insert(key, Refusal::Rejected).await;
         Refusal::Rejected

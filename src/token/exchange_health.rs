@@ -91,7 +91,6 @@ impl Health {
     }
 
     /// An exchange for caller `key` failed for a reason that is not the caller's.
-    #[allow(clippy::too_many_arguments)]
     pub fn failed(
         &mut self,
         key: Key,

@@ -822,11 +822,8 @@ impl Exchanger {
     async fn unusable(&self, key: Key, message: String) -> Refusal {
         self.count_outcome(OUTCOME_FATAL);
         warn!(credential = %self.name, error = %message, "token exchange answered a token that cannot be used; backing this caller off");
-        {
-            let mut h = self.health();
-            h.last_error = Some(message.clone());
-            h.last_error_at = Some(SystemTime::now());
-        }
+        // Still an answer: the provider is up.
+        self.answered_with(message.clone());
         self.back_off_caller(key, Instant::now(), None, message)
             .await
     }

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use tokenward::config::{Config, CredentialConfig, Presentation, Timing};
 use tokenward::dialect::{
-    Dialect, DialectError, ExchangeSettings, Expiry, Grant, GrantKind, Held, ProviderClient,
+    Dialect, DialectError, ExchangeError, ExchangeSettings, Expiry, Grant, GrantKind, Held,
+    ProviderClient,
 };
 use tokenward::proxy::metrics::ProxyMetrics;
 use tokenward::proxy::routing::{Route, RouteTable};
@@ -59,8 +60,11 @@ impl Dialect for InstantExchange {
         _subject: &Secret,
         _actor: Option<&Secret>,
         _client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
-        Instant.obtain(&Held::default(), _client).await
+    ) -> Result<Grant, ExchangeError> {
+        Instant
+            .obtain(&Held::default(), _client)
+            .await
+            .map_err(ExchangeError::credential)
     }
 }
 
@@ -118,9 +122,11 @@ fn exchange_setup(config: &CredentialConfig) -> (Arc<Credential>, Secret) {
     let token_metrics = TokenMetrics::register(&registry).unwrap();
     let settings = ExchangeSettings {
         subject_header: http::header::AUTHORIZATION,
+        subject_scheme: Some("Bearer".into()),
         subject_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         requested_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),
         cache_max_entries: 10_000,
+        max_exchanges_per_second: 50,
         negative_ttl: Duration::from_secs(5),
         actor: None,
         actor_token_type: "urn:ietf:params:oauth:token-type:access_token".into(),

@@ -152,7 +152,7 @@ impl AdminApp {
         }
     }
 
-    async fn action(&self, name: &str, action: &str) -> Response<Vec<u8>> {
+    async fn action(&self, name: &str, action: &str, query: Option<&str>) -> Response<Vec<u8>> {
         let Some(c) = self.shared.credential(name) else {
             return reply_json(
                 StatusCode::NOT_FOUND,
@@ -185,7 +185,19 @@ impl AdminApp {
                 ),
             },
             "invalidate" => {
-                let dropped = c.invalidate(None);
+                let subject = match invalidate_query(query, c.exchanger().is_some()) {
+                    Ok(subject) => subject,
+                    Err(reason) => {
+                        return reply_json(
+                            StatusCode::BAD_REQUEST,
+                            json!({"error": "bad_request", "credential": name, "reason": reason}),
+                        );
+                    }
+                };
+                let dropped = match c.exchanger() {
+                    Some(x) => x.invalidate(subject.as_ref()).await,
+                    None => c.invalidate(None),
+                };
                 reply_json(
                     StatusCode::OK,
                     json!({"credential": name, "invalidated": dropped}),
@@ -194,6 +206,47 @@ impl AdminApp {
             _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
     }
+}
+
+/// `invalidate`'s query: nothing, or for a token-exchange credential `subject_sha256=<hex>`
+/// (SHA-256 of one caller's raw subject token). Anything else is refused rather than ignored:
+/// a misspelt parameter must not drop every caller's token.
+fn invalidate_query(query: Option<&str>, exchange: bool) -> Result<Option<[u8; 32]>, String> {
+    let mut subject = None;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "subject_sha256" if !exchange => {
+                return Err("subject_sha256 names a caller of a token-exchange credential; this credential has one token".into());
+            }
+            "subject_sha256" if subject.is_none() => {
+                let digest = hex_digest(&value).ok_or(
+                    "subject_sha256 must be the SHA-256 of the subject token, 64 hex digits",
+                )?;
+                subject = Some(digest);
+            }
+            "subject_sha256" => return Err("subject_sha256 is given more than once".into()),
+            other => {
+                return Err(format!(
+                    "unknown parameter {:?}",
+                    other.chars().take(32).collect::<String>()
+                ));
+            }
+        }
+    }
+    Ok(subject)
+}
+
+fn hex_digest(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let text = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(text, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// Whether the client asked to keep its connection (RFC 9112 §9.3): HTTP/1.1 unless it sent
@@ -258,7 +311,8 @@ impl ServeHttp for AdminApp {
                 }
                 let name = name.to_string();
                 let action = action.to_string();
-                self.action(&name, &action).await
+                let query = session.req_header().uri.query().map(str::to_string);
+                self.action(&name, &action, query.as_deref()).await
             }
             (_, ["healthz" | "readyz" | "metrics" | "tokens", ..]) => reply_json(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -266,5 +320,37 @@ impl ServeHttp for AdminApp {
             ),
             _ => reply_json(StatusCode::NOT_FOUND, json!({"error": "not_found"})),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalidate_takes_one_subject_digest_or_nothing() {
+        let hex = "ab".repeat(32);
+        assert_eq!(invalidate_query(None, true), Ok(None));
+        assert_eq!(invalidate_query(Some(""), false), Ok(None));
+        assert_eq!(
+            invalidate_query(Some(&format!("subject_sha256={hex}")), true),
+            Ok(Some([0xab; 32]))
+        );
+        assert_eq!(
+            invalidate_query(
+                Some(&format!("subject_sha256={}", hex.to_uppercase())),
+                true
+            ),
+            Ok(Some([0xab; 32]))
+        );
+        for bad in [
+            "subject_sha256=xyz".to_string(),
+            format!("subject_sha256={hex}&subject_sha256={hex}"),
+            format!("subject_sha={hex}"),
+            format!("subject_sha256={}", "é".repeat(32)),
+        ] {
+            assert!(invalidate_query(Some(&bad), true).is_err(), "{bad}");
+        }
+        assert!(invalidate_query(Some(&format!("subject_sha256={hex}")), false).is_err());
     }
 }

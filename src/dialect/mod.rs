@@ -176,6 +176,42 @@ impl DialectError {
     }
 }
 
+/// Whose fault a failed token exchange is, as the provider's answer says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Blame {
+    /// The provider tied the refusal to the caller's token (`invalid_grant`,
+    /// `interaction_required`, Entra's user-side AADSTS codes): that caller's 401, remembered.
+    Subject,
+    /// Anything else — tokenward's own request, client, actor token or settings, or the
+    /// provider itself: a 503 for the caller, never remembered against its token.
+    Credential,
+    /// Entra ID Conditional Access: the caller's token lacks what a policy requires (MFA, a
+    /// compliant device, an authentication context). The JSON `claims` Entra sent, for the
+    /// caller's app to request a new token with; a refusal of this token, but one the user
+    /// can resolve at once, so it is never remembered.
+    Claims(String),
+    /// A success answer that cannot be used (a negative `expires_in`, no token in it): this
+    /// caller's failure, backed off for that caller alone.
+    Unusable,
+}
+
+/// A failed token exchange: the error, and whose fault it is.
+#[derive(Debug, Clone)]
+pub struct ExchangeError {
+    pub error: DialectError,
+    pub blame: Blame,
+}
+
+impl ExchangeError {
+    /// A failure that is not the caller's.
+    pub fn credential(error: DialectError) -> Self {
+        ExchangeError {
+            error,
+            blame: Blame::Credential,
+        }
+    }
+}
+
 #[async_trait]
 pub trait Dialect: Send + Sync {
     /// What this dialect will do, for `tokenward check`: endpoints and grant, never a secret.
@@ -246,28 +282,34 @@ pub trait Dialect: Send + Sync {
     }
 
     /// Exchanges a caller's token (RFC 8693, or Entra's on-behalf-of), with `actor` as the
-    /// `actor_token` when the credential names one. A refusal of the subject itself is
-    /// [`ErrorClass::Relogin`]; provider trouble is transient as for [`Dialect::obtain`].
+    /// `actor_token` when the credential names one. The error says whose fault a failure is
+    /// ([`Blame`]); provider trouble is transient as for [`Dialect::obtain`].
     async fn exchange(
         &self,
         _subject: &Secret,
         _actor: Option<&Secret>,
         _client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
-        Err(DialectError::fatal(
+    ) -> Result<Grant, ExchangeError> {
+        Err(ExchangeError::credential(DialectError::fatal(
             "this credential does not exchange tokens",
-        ))
+        )))
     }
 }
 
 /// How a token-exchange credential (RFC 8693) takes each caller's token and caches the result.
 #[derive(Debug, Clone)]
 pub struct ExchangeSettings {
-    /// Where the caller's token is read (a `Bearer ` prefix is stripped).
+    /// Where the caller's token is read.
     pub subject_header: ::http::HeaderName,
+    /// The auth scheme that must precede the caller's token there (`Bearer` by default,
+    /// matched case-insensitively); `None` takes the header's whole value (a custom header
+    /// only). A value in any other scheme (`Basic` carries a password) is never a subject.
+    pub subject_scheme: Option<String>,
     pub subject_token_type: String,
     pub requested_token_type: String,
     pub cache_max_entries: u64,
+    /// The most exchanges per second that cache misses may cause (`max_exchanges_per_second`).
+    pub max_exchanges_per_second: u32,
     /// How long a refused subject token is answered 401 without asking the provider again.
     pub negative_ttl: Duration,
     /// Another credential whose current token is sent as `actor_token` (RFC 8693 §2.1).

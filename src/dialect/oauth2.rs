@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use super::http::{ProviderResponse, required_str};
 use super::{
-    Dialect, DialectError, ErrorClass, ExchangeSettings, ExchangeStyle, Expiry, Grant, GrantKind,
-    Held, ProviderClient, SubjectValidation, parse_keys,
+    Blame, Dialect, DialectError, ErrorClass, ExchangeError, ExchangeSettings, ExchangeStyle,
+    Expiry, Grant, GrantKind, Held, ProviderClient, SubjectValidation, parse_keys,
 };
 use crate::dpop::DpopKey;
 use crate::secret::{Secret, SecretSource};
@@ -71,9 +71,11 @@ struct Keys {
     private_key_alg: Option<String>,
     private_key_kid: Option<String>,
     subject_header: Option<String>,
+    subject_scheme: Option<String>,
     subject_token_type: Option<String>,
     requested_token_type: Option<String>,
     cache_max_entries: Option<u64>,
+    max_exchanges_per_second: Option<u32>,
     negative_ttl: Option<String>,
     dpop: Option<bool>,
     dpop_key: Option<SecretSource>,
@@ -647,9 +649,14 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     if k.grant != GrantType::TokenExchange {
         for (key, set) in [
             ("subject_header", k.subject_header.is_some()),
+            ("subject_scheme", k.subject_scheme.is_some()),
             ("subject_token_type", k.subject_token_type.is_some()),
             ("requested_token_type", k.requested_token_type.is_some()),
             ("cache_max_entries", k.cache_max_entries.is_some()),
+            (
+                "max_exchanges_per_second",
+                k.max_exchanges_per_second.is_some(),
+            ),
             ("negative_ttl", k.negative_ttl.is_some()),
             ("actor", k.actor.is_some()),
             ("actor_token_type", k.actor_token_type.is_some()),
@@ -672,6 +679,28 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
         Ok(h) => Some(h),
         Err(_) => {
             err("subject_header", "is not a valid HTTP header name");
+            None
+        }
+    };
+    let subject_scheme = match k.subject_scheme.as_deref().unwrap_or("Bearer") {
+        "" if subject_header
+            .as_ref()
+            .is_none_or(|h| h == http::header::AUTHORIZATION) =>
+        {
+            err(
+                "subject_scheme",
+                "must name a scheme: an Authorization header always carries one (\"\" takes a custom subject_header's whole value)",
+            );
+            None
+        }
+        "" => None,
+        // RFC 9110 §11.1: an auth-scheme is a token.
+        s if s.bytes().all(is_tchar) => Some(s.to_string()),
+        _ => {
+            err(
+                "subject_scheme",
+                "must be an auth scheme such as \"Bearer\" (letters, digits and !#$%&'*+-.^_`|~)",
+            );
             None
         }
     };
@@ -732,6 +761,10 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     if cache_max_entries == 0 {
         err("cache_max_entries", "must be at least 1");
     }
+    let max_exchanges_per_second = k.max_exchanges_per_second.unwrap_or(50);
+    if !(1..=100_000).contains(&max_exchanges_per_second) {
+        err("max_exchanges_per_second", "must be between 1 and 100000");
+    }
     let negative_ttl = match k.negative_ttl.as_deref().map(humantime::parse_duration) {
         None => Duration::from_secs(5),
         Some(Ok(d)) if d <= MAX_NEGATIVE_TTL => d,
@@ -745,9 +778,11 @@ fn exchange_settings(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<Excha
     };
     Some(ExchangeSettings {
         subject_header: subject_header?,
+        subject_scheme,
         subject_token_type,
         requested_token_type,
         cache_max_entries,
+        max_exchanges_per_second,
         negative_ttl,
         actor: k.actor.clone(),
         actor_token_type,
@@ -872,6 +907,11 @@ fn token_dpop(k: &Keys, err: &mut impl FnMut(&str, &str)) -> Option<TokenDpop> {
     })
 }
 
+/// RFC 9110 §5.6.2: a character of a token.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 fn missing_secret() -> DialectError {
     DialectError::fatal("`client_secret` is not configured")
 }
@@ -973,55 +1013,92 @@ pub fn parse_failure(response: &ProviderResponse, kind: GrantKind) -> DialectErr
     DialectError { class, message }
 }
 
-/// Classifies a failed token exchange: provider trouble stays transient; any other refusal
-/// (RFC 8693 §2.2.2: invalid_grant, invalid_request, invalid_token, 400/401) is a refusal of
-/// this caller's token, not of the credential as a whole.
-fn exchange_failure(response: &ProviderResponse) -> DialectError {
+/// Entra ID's AADSTS codes that name the signed-in user or the user's token, not the client:
+/// the assertion's signature (50013), a malformed or expired assertion (50027, 500133), a
+/// session revoked or a password changed or expired (50132, 50133, 50173, 50055), the account
+/// locked, disabled or missing (50053, 50057, 50034), no signed-in user (50058), multi-factor
+/// authentication or a Conditional Access policy (50076, 50079, 50158, 53003), consent
+/// (65001), the user not assigned to the app (50105). Entra sends them under `invalid_grant` or
+/// `interaction_required` mostly; these count as the caller's under any error code but
+/// `invalid_client` and `unauthorized_client`, which always name the client.
+const ENTRA_USER_CODES: &[u64] = &[
+    50013, 50027, 500133, 50132, 50133, 50173, 50055, 50053, 50057, 50034, 50058, 50076, 50079,
+    50158, 53003, 65001, 50105,
+];
+
+/// Entra's `error_codes`: numbers only, so safe to log, unlike its `error_description`.
+fn entra_codes(body: Option<&serde_json::Value>) -> Vec<u64> {
+    body.and_then(|b| b.get("error_codes"))
+        .and_then(|c| c.as_array())
+        .map(|codes| codes.iter().filter_map(|c| c.as_u64()).take(4).collect())
+        .unwrap_or_default()
+}
+
+/// The longest `claims` challenge passed on: its base64 must fit a response header that
+/// clients and proxies accept (commonly 8 KiB or more), with room to spare.
+const MAX_CLAIMS_BYTES: usize = 4096;
+
+/// Entra's `claims` member of a refusal (a Conditional Access claims challenge): a JSON
+/// object sent as a string. Anything else (not JSON, not an object, too large) is ignored,
+/// and the refusal is then an ordinary one.
+fn claims_challenge(body: Option<&serde_json::Value>) -> Option<String> {
+    let claims = body?.get("claims")?.as_str()?;
+    let parsed: serde_json::Value = serde_json::from_str(claims).ok()?;
+    (claims.len() <= MAX_CLAIMS_BYTES && parsed.is_object()).then(|| claims.to_string())
+}
+
+/// Classifies a failed token exchange. Provider trouble stays transient. A refusal is the
+/// caller's only when the provider ties it to the subject: `invalid_grant`,
+/// `interaction_required`, or one of Entra's user-side codes. Everything else —
+/// `invalid_request` (RFC 8693 uses it for a refused actor token too), `invalid_client`,
+/// `invalid_target`, `invalid_dpop_proof`, a `use_dpop_nonce` repeated after its retry, a
+/// firewall's 403 page — is about tokenward's own request: every caller would get it, so it is
+/// the credential's, never remembered against a caller's token.
+fn exchange_failure(response: &ProviderResponse) -> ExchangeError {
     let failure = parse_failure(response, GrantKind::Login);
     if let ErrorClass::Transient { .. } = failure.class {
-        return failure;
+        return ExchangeError::credential(failure);
     }
     let body = response.json().ok();
-    // These name tokenward's own client or settings, whatever subject came with them: the
-    // credential is at fault, so every caller gets a 503 and the credential backs off, rather
-    // than each caller being told (and remembered) that its token was refused.
-    if matches!(
-        body.as_ref().and_then(error_code),
-        Some("invalid_client" | "unauthorized_client" | "unsupported_grant_type" | "invalid_scope")
-    ) {
-        return failure;
-    }
+    let code = body.as_ref().and_then(error_code);
+    let entra = entra_codes(body.as_ref());
     let what = failure
         .message
         .split(':')
         .next()
         .unwrap_or("token endpoint refused");
-    // Entra names the cause in `error_codes` (AADSTS50013: bad assertion, …): numbers only,
-    // so they are safe to log, unlike its `error_description`.
-    let aadsts: Vec<String> = body
-        .as_ref()
-        .and_then(|b| b.get("error_codes"))
-        .and_then(|c| c.as_array())
-        .map(|codes| {
-            codes
-                .iter()
-                .filter_map(|c| c.as_u64())
-                .take(4)
-                .map(|c| format!("AADSTS{c}"))
-                .collect()
-        })
-        .unwrap_or_default();
-    let codes = if aadsts.is_empty() {
+    let codes = if entra.is_empty() {
         String::new()
     } else {
-        format!(" ({})", aadsts.join(", "))
+        let named: Vec<String> = entra.iter().map(|c| format!("AADSTS{c}")).collect();
+        format!(" ({})", named.join(", "))
     };
-    let why = if body.as_ref().and_then(error_code) == Some("interaction_required") {
+    let client_refused = matches!(code, Some("invalid_client" | "unauthorized_client"));
+    let subject_tied = !client_refused
+        && (matches!(code, Some("invalid_grant" | "interaction_required"))
+            || entra.iter().any(|c| ENTRA_USER_CODES.contains(c)));
+    if !subject_tied {
+        return ExchangeError::credential(DialectError::fatal(format!(
+            "{what}{codes}: the provider refused tokenward's request, not the caller's token; check the credential's settings and its actor"
+        )));
+    }
+    if let Some(claims) = claims_challenge(body.as_ref()) {
+        return ExchangeError {
+            error: DialectError::relogin(format!(
+                "{what}{codes}: Conditional Access: the caller must satisfy a claims challenge (step up and request a new token)"
+            )),
+            blame: Blame::Claims(claims),
+        };
+    }
+    let why = if code == Some("interaction_required") {
         "interaction_required: the caller must sign in or consent again"
     } else {
         "the subject token was refused"
     };
-    DialectError::relogin(format!("{what}{codes}: {why}"))
+    ExchangeError {
+        error: DialectError::relogin(format!("{what}{codes}: {why}")),
+        blame: Blame::Subject,
+    }
 }
 
 #[async_trait]
@@ -1205,11 +1282,11 @@ impl Dialect for OAuth2 {
         subject: &Secret,
         actor: Option<&Secret>,
         client: &ProviderClient,
-    ) -> Result<Grant, DialectError> {
+    ) -> Result<Grant, ExchangeError> {
         let Some(settings) = &self.exchange else {
-            return Err(DialectError::fatal(
+            return Err(ExchangeError::credential(DialectError::fatal(
                 "this credential does not exchange tokens",
-            ));
+            )));
         };
         let actor = actor.map(Secret::expose);
         let (response, ()) = self
@@ -1221,10 +1298,15 @@ impl Dialect for OAuth2 {
                 },
                 client,
             )
-            .await?;
+            .await
+            .map_err(ExchangeError::credential)?;
         if (200..300).contains(&response.status) {
-            self.check_token_type(&response)?;
-            return parse_success(&response, GrantKind::Login);
+            self.check_token_type(&response)
+                .map_err(ExchangeError::credential)?;
+            return parse_success(&response, GrantKind::Login).map_err(|error| ExchangeError {
+                error,
+                blame: Blame::Unusable,
+            });
         }
         Err(exchange_failure(&response))
     }
@@ -1524,22 +1606,45 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_subject_is_told_apart_from_an_outage() {
-        let class = |status, body| exchange_failure(&resp(status, body)).class;
-        assert_eq!(
-            class(400, r#"{"error":"invalid_grant"}"#),
-            ErrorClass::Relogin
+    fn a_refused_subject_is_told_apart_from_the_credentials_refusals_and_outages() {
+        let blame = |status, body| exchange_failure(&resp(status, body)).blame;
+        for subject in [
+            r#"{"error":"invalid_grant"}"#,
+            r#"{"error":"interaction_required"}"#,
+            r#"{"error":"invalid_request","error_codes":[50027]}"#,
+            r#"{"error":"invalid_grant","error_codes":[50013]}"#,
+        ] {
+            assert_eq!(blame(400, subject), Blame::Subject, "{subject}");
+        }
+        for credential in [
+            r#"{"error":"invalid_request"}"#,
+            r#"{"error":"invalid_client"}"#,
+            r#"{"error":"invalid_client","error_codes":[50013]}"#,
+            r#"{"error":"invalid_target"}"#,
+            r#"{"error":"invalid_scope"}"#,
+            r#"{"error":"invalid_dpop_proof"}"#,
+            r#"{"error":"use_dpop_nonce"}"#,
+            r#"{"error":"invalid_token"}"#,
+            "<html>Request blocked by the firewall</html>",
+        ] {
+            assert_eq!(blame(400, credential), Blame::Credential, "{credential}");
+        }
+        assert_eq!(blame(403, "<html>Forbidden</html>"), Blame::Credential);
+        let e = exchange_failure(&resp(503, ""));
+        assert_eq!(e.blame, Blame::Credential);
+        assert!(matches!(e.error.class, ErrorClass::Transient { .. }));
+        let e = exchange_failure(&resp(400, r#"{"error":"temporarily_unavailable"}"#));
+        assert!(matches!(e.error.class, ErrorClass::Transient { .. }));
+        let e = exchange_failure(&resp(400, r#"{"error":"invalid_request"}"#));
+        assert_eq!(e.error.class, ErrorClass::Fatal);
+        assert!(
+            e.error.message.contains("not the caller's token"),
+            "{}",
+            e.error.message
         );
-        assert_eq!(
-            class(401, r#"{"error":"invalid_token"}"#),
-            ErrorClass::Relogin
-        );
-        assert!(matches!(class(503, ""), ErrorClass::Transient { .. }));
-        assert!(matches!(
-            class(400, r#"{"error":"temporarily_unavailable"}"#),
-            ErrorClass::Transient { .. }
-        ));
-        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#)).message;
+        let msg = exchange_failure(&resp(400, r#"{"error":"invalid_grant"}"#))
+            .error
+            .message;
         assert!(
             msg.contains("invalid_grant") && msg.contains("subject token"),
             "{msg}"
@@ -1548,12 +1653,45 @@ mod tests {
             400,
             r#"{"error":"invalid_grant","error_description":"AADSTS50013: secret-ish","error_codes":[50013]}"#,
         ))
+        .error
         .message;
         assert!(msg.contains("AADSTS50013"), "{msg}");
         assert!(!msg.contains("secret-ish"), "{msg}");
+        let claims = r#"{"access_token":{"capolids":{"essential":true,"values":["p1"]}}}"#;
+        for error in ["invalid_grant", "interaction_required"] {
+            let body = serde_json::json!({"error": error, "error_codes": [50076], "suberror": "basic_action", "claims": claims});
+            let e = exchange_failure(&resp(400, &body.to_string()));
+            assert_eq!(e.blame, Blame::Claims(claims.to_string()), "{error}");
+            assert!(
+                e.error.message.contains("claims challenge"),
+                "{}",
+                e.error.message
+            );
+        }
+        for ignored in [
+            "not json",
+            "[1]",
+            &format!("{{\"a\":\"{}\"}}", "x".repeat(5000)),
+        ] {
+            let body = serde_json::json!({"error": "invalid_grant", "claims": ignored});
+            assert_eq!(
+                exchange_failure(&resp(400, &body.to_string())).blame,
+                Blame::Subject
+            );
+        }
+        // A client refusal stays the credential's, claims or not.
+        let body = serde_json::json!({"error": "invalid_client", "claims": claims});
+        assert_eq!(
+            exchange_failure(&resp(401, &body.to_string())).blame,
+            Blame::Credential
+        );
         let e = exchange_failure(&resp(400, r#"{"error":"interaction_required"}"#));
-        assert_eq!(e.class, ErrorClass::Relogin);
-        assert!(e.message.contains("interaction_required"), "{}", e.message);
+        assert_eq!(e.error.class, ErrorClass::Relogin);
+        assert!(
+            e.error.message.contains("interaction_required"),
+            "{}",
+            e.error.message
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::secret::Secret;
-use crate::token::exchange::{Refusal, subject_from_header};
+use crate::token::exchange::Refusal;
 use crate::token::{Exchanger, Token, Unavailable};
 use routing::{Route, RouteTable};
 
@@ -94,13 +94,13 @@ impl TokenwardProxy {
             .req_header()
             .headers
             .get(exchanger.subject_header())
-            .and_then(|v| subject_from_header(v.as_bytes()))
+            .and_then(|v| exchanger.subject_in(v.as_bytes()))
             .map(Secret::new);
         let Some(subject) = subject else {
             let body = json!({
                 "error": "missing_subject_token",
                 "route": &*route.name,
-                "message": format!("this route needs the caller's token in {}", exchanger.subject_header()),
+                "message": exchanger.subject_wanted(),
             });
             respond::json(session, 401, body, None).await?;
             return Ok(None);
@@ -111,6 +111,16 @@ impl TokenwardProxy {
                 Ok(Some(Ok(token)))
             }
             Err(Refusal::Unavailable(u)) => Ok(Some(Err(u))),
+            Err(Refusal::ClaimsChallenge(claims)) => {
+                let body = json!({
+                    "error": "insufficient_claims",
+                    "route": &*route.name,
+                    "credential": route.credential.name(),
+                    "message": "the identity provider requires the user to satisfy a Conditional Access policy; request a new token with the claims in WWW-Authenticate",
+                });
+                respond::claims_challenge(session, body, &claims).await?;
+                Ok(None)
+            }
             Err(Refusal::Rejected) => {
                 let body = json!({
                     "error": "subject_token_rejected",

@@ -18,6 +18,21 @@ pub async fn json(
     write(session, header, body).await
 }
 
+/// A 401 that passes a Conditional Access claims challenge on to the caller, in the form
+/// Entra ID's own APIs use and MSAL reads (`claims` is base64 of the claims JSON).
+pub async fn claims_challenge(
+    session: &mut Session,
+    body: serde_json::Value,
+    claims_base64: &str,
+) -> Result<()> {
+    let (mut header, body) = json_parts(401, body, None)?;
+    header.insert_header(
+        http::header::WWW_AUTHENTICATE,
+        format!("Bearer error=\"insufficient_claims\", claims=\"{claims_base64}\""),
+    )?;
+    write(session, header, body).await
+}
+
 /// Writes a whole answer of tokenward's own.
 pub async fn write(session: &mut Session, header: ResponseHeader, body: Bytes) -> Result<()> {
     session

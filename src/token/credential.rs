@@ -655,6 +655,12 @@ impl Credential {
     /// make us hammer the provider). Says whether a request that saw the rejection can expect a
     /// different token now.
     pub fn reject(&self, generation: u64) -> bool {
+        self.refused(generation, "upstream")
+    }
+
+    /// Like [`Credential::reject`], for a refusal by `by` (the upstream, or a token endpoint
+    /// that refused this token as another credential's actor token).
+    pub fn refused(&self, generation: u64, by: &str) -> bool {
         let Some(current) = self.current.load_full() else {
             return true;
         };
@@ -665,14 +671,14 @@ impl Credential {
             && current.issued_at.elapsed() < self.config.timing.min_refresh_interval
         {
             self.metrics.rejections_kept.inc();
-            warn!(credential = %self.name, generation, "upstream rejected a token obtained for its rejection of the previous one; keeping it and passing the rejection on (min_refresh_interval)");
+            warn!(credential = %self.name, generation, by, "a token obtained for the rejection of the previous one was rejected too; keeping it and passing the rejection on (min_refresh_interval)");
             return false;
         }
         self.rejected.store(true, Ordering::Release);
         // Losing the compare-and-swap to a concurrent rejection of the same token is fine: either
         // way the token is gone and a new one is on its way.
         if self.invalidate(Some(generation)) {
-            warn!(credential = %self.name, generation, "upstream rejected the token; obtaining a new one");
+            warn!(credential = %self.name, generation, by, "the token was rejected; obtaining a new one");
         }
         true
     }

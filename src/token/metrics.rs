@@ -31,6 +31,7 @@ pub struct TokenMetrics {
     exchange_duration: HistogramVec,
     exchange_rejections_kept: IntCounterVec,
     log_lines_suppressed: IntCounterVec,
+    exchange_throttled: IntCounterVec,
 }
 
 /// How a per-caller lookup was answered.
@@ -48,6 +49,7 @@ pub struct ExchangeMetrics {
     pub rejections_kept: IntCounter,
     /// Holds back the log lines of refused subjects: a caller must not control log volume.
     pub refusal_log: Arc<LogLimiter>,
+    pub throttled: IntCounter,
 }
 
 /// A refused subject's log line is written once per reason in this window, then counted.
@@ -82,6 +84,7 @@ pub struct ExchangeFamilies {
     duration: HistogramVec,
     rejections_kept: IntCounterVec,
     log_lines_suppressed: IntCounterVec,
+    throttled: IntCounterVec,
 }
 
 impl ExchangeFamilies {
@@ -96,6 +99,7 @@ impl ExchangeFamilies {
                 let (family, name) = (self.log_lines_suppressed.clone(), name.to_string());
                 Box::new(move |reason| family.with_label_values(&[&name, reason]))
             })),
+            throttled: self.throttled.with_label_values(&[name]),
         }
     }
 }
@@ -228,9 +232,17 @@ impl TokenMetrics {
                 ),
                 &["credential", "reason"],
             )?,
+            exchange_throttled: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_exchange_throttled_total",
+                    "Cache misses answered 503 without an exchange: over max_exchanges_per_second.",
+                ),
+                &["credential"],
+            )?,
         };
         registry.register(Box::new(m.log_lines_suppressed.clone()))?;
         registry.register(Box::new(m.exchange_rejections_kept.clone()))?;
+        registry.register(Box::new(m.exchange_throttled.clone()))?;
         registry.register(Box::new(m.exchange_entries.clone()))?;
         registry.register(Box::new(m.exchange_lookups.clone()))?;
         registry.register(Box::new(m.exchanges.clone()))?;
@@ -269,6 +281,7 @@ impl TokenMetrics {
                 duration: self.exchange_duration.clone(),
                 rejections_kept: self.exchange_rejections_kept.clone(),
                 log_lines_suppressed: self.log_lines_suppressed.clone(),
+                throttled: self.exchange_throttled.clone(),
             },
         }
     }
@@ -301,6 +314,7 @@ impl TokenMetrics {
         }
         let _ = self.exchange_duration.remove_label_values(&[name]);
         let _ = self.exchange_rejections_kept.remove_label_values(&[name]);
+        let _ = self.exchange_throttled.remove_label_values(&[name]);
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod credential;
 pub mod exchange;
+pub mod exchange_health;
 pub mod jwt;
 pub mod metrics;
 pub mod model;

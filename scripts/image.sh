@@ -25,6 +25,9 @@ if git rev-parse --git-dir >/dev/null 2>&1; then
     git diff --quiet HEAD -- 2>/dev/null || REVISION="$REVISION-dirty"
 fi
 SOURCE=${TOKENWARD_IMAGE_SOURCE:-$(git remote get-url origin 2>/dev/null || echo unknown)}
+# A remote URL can carry credentials (CI systems clone with https://user:token@host/...): the
+# label travels with the image, so only scheme, host and path go into it.
+SOURCE=$(sed -E 's#^([a-z][a-z0-9+.-]*://)[^/@]*@#\1#' <<<"$SOURCE")
 
 if [ -n "${TOKENWARD_BINARY:-}" ]; then
     BINARY=$TOKENWARD_BINARY

@@ -58,6 +58,7 @@ fn build<W>(
     format: LogFormat,
     filter: EnvFilter,
     writer: W,
+    colour: bool,
 ) -> (impl Subscriber + Send + Sync + 'static, LevelHandle)
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -79,6 +80,7 @@ where
             Some(
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
+                    .with_ansi(colour)
                     .with_writer(writer),
             ),
         ),
@@ -93,7 +95,14 @@ where
 
 /// Installs the global subscriber; later calls are ignored (tests start several servers).
 pub fn init(format: LogFormat, level: &str) {
-    let (subscriber, handle) = build(format, filter(level), std::io::stderr);
+    let (subscriber, handle) = build(
+        format,
+        filter(level),
+        std::io::stderr,
+        // Colour codes only for a person at a terminal: a pipe, a file or a container's log
+        // collector would keep them as text.
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     if subscriber.try_init().is_ok() {
         let _ = LEVEL.set(handle);
     }
@@ -151,7 +160,7 @@ mod tests {
         let filter = EnvFilter::new(
             "pingora_proxy::proxy_h1=debug,pingora_core=trace,hyper_util=trace,trace",
         );
-        let (subscriber, handle) = build(LogFormat::Text, filter, out.clone());
+        let (subscriber, handle) = build(LogFormat::Text, filter, out.clone(), false);
         tracing::subscriber::with_default(subscriber, || {
             emit_all();
             handle.reload(EnvFilter::new("warn")).unwrap();

@@ -62,6 +62,12 @@ impl FileStore {
                 reason: "not a directory".into(),
             });
         }
+        // Leases are lock files and refresh tokens are written by rename: a directory this
+        // process cannot write (a read-only mount, another owner) is a start-up error naming
+        // it, not a credential that never becomes ready.
+        let probe = dir.join(format!(".write-check-{}", std::process::id()));
+        std::fs::File::create(&probe).map_err(|e| io("write to state directory", e))?;
+        let _ = std::fs::remove_file(&probe);
         // A crash between writing a temporary file and renaming it leaves the temporary behind;
         // the state file itself is intact, so the leftovers are only litter. A live process's
         // may be a write in progress (another process on the same directory).
@@ -373,6 +379,19 @@ mod tests {
         );
         let now = store.load(&c).await.unwrap().unwrap();
         assert_eq!((now.version, now.state), (2, state("rt-2", None)));
+    }
+
+    #[test]
+    fn a_state_directory_that_cannot_be_written_is_an_error_naming_it() {
+        // /proc/self is a directory nobody can create files in, root included.
+        let e = FileStore::open(Path::new("/proc/self"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("write to state directory") && e.contains("/proc/self"),
+            "{e}"
+        );
     }
 
     #[test]

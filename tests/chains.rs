@@ -171,6 +171,15 @@ async fn refresh_and_wait(tw: &Tokenward) {
     wait_for_new_token(tw, &before).await;
 }
 
+/// Rewrites `from` to `to` in `tw`'s config and reloads it with SIGHUP, waiting for the reload.
+async fn reload(tw: &Tokenward, from: &str, to: &str) {
+    let reloads = || tw.logs().matches("configuration reloaded").count();
+    let before = reloads();
+    rewrite_config(tw, from, to);
+    tw.signal("HUP");
+    wait_for("the reload", SOON, || reloads() > before).await;
+}
+
 /// Waits until `tw` serves a token other than `before`, failing after [`SOON`].
 async fn wait_for_new_token(tw: &Tokenward, before: &str) {
     let deadline = Instant::now() + SOON;
@@ -506,6 +515,23 @@ fn chain_key(redis: &RedisServer) -> String {
     keys[0].clone()
 }
 
+/// Waits for the forced refreshes `calls` (whatever they answered), then refreshes A and B once
+/// more each, and checks that both serve and that no refresh token was presented twice.
+async fn settled_and_intact(
+    calls: [tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>; 2],
+    (a, a_addr): (&Tokenward, SocketAddr),
+    (b, b_addr): (&Tokenward, SocketAddr),
+    provider: &StrictProvider,
+) {
+    for call in calls {
+        let _ = call.await.unwrap().unwrap();
+    }
+    refresh_and_wait(a).await;
+    refresh_and_wait(b).await;
+    assert_served(&[a_addr, b_addr], 5).await;
+    assert_chain_intact(provider);
+}
+
 fn assert_chain_intact(provider: &StrictProvider) {
     assert!(provider.refused().is_empty(), "{}", provider.summary());
     assert!(
@@ -566,13 +592,7 @@ async fn a_replica_waiting_for_the_lease_writes_its_newer_state_back() {
     })
     .await;
     let on_b = spawn_forced_refresh(&b);
-    let _ = on_a.await.unwrap().unwrap();
-    let _ = on_b.await.unwrap().unwrap();
-
-    refresh_and_wait(&a).await;
-    refresh_and_wait(&b).await;
-    assert_served(&[a_addr, b_addr], 5).await;
-    assert_chain_intact(provider);
+    settled_and_intact([on_a, on_b], (&a, a_addr), (&b, b_addr), provider).await;
 }
 
 /// Redis loses everything, both replicas are asked to refresh (one settles the store under the
@@ -593,12 +613,7 @@ async fn redis_emptied_twice_while_the_store_settles() {
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     redis.flush_all();
-    let _ = on_a.await.unwrap().unwrap();
-    let _ = on_b.await.unwrap().unwrap();
-    refresh_and_wait(&a).await;
-    refresh_and_wait(&b).await;
-    assert_served(&[a_addr, b_addr], 5).await;
-    assert_chain_intact(provider);
+    settled_and_intact([on_a, on_b], (&a, a_addr), (&b, b_addr), provider).await;
 }
 
 /// F2a: Redis loses everything and at once a replica starts with nothing but the bootstrap
@@ -688,15 +703,11 @@ async fn a_scope_change_by_reload_or_rolling_restart_keeps_one_chain() {
         .await;
     let key = chain_key(redis);
 
-    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
     for (from, to) in [
         ("scope = \"read\"", "scope = \"read write\""),
         ("scope = \"read write\"", "scope = \"read\""),
     ] {
-        let before = reloads(&a);
-        rewrite_config(&a, from, to);
-        a.signal("HUP");
-        wait_for("the reload", SOON, || reloads(&a) > before).await;
+        reload(&a, from, to).await;
         refresh_and_wait(&a).await;
         refresh_and_wait(&b).await;
     }
@@ -729,13 +740,6 @@ async fn identity_changes_by_reload_move_the_chain_for_every_replica() {
     let account = OneAccount::start(60).await;
     let provider = &account.provider;
     let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
-    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
-    let reload = async |tw: &Tokenward, from: &str, to: &str| {
-        let before = reloads(tw);
-        rewrite_config(tw, from, to);
-        tw.signal("HUP");
-        wait_for("the reload", SOON, || reloads(tw) > before).await;
-    };
     let loopback = provider.token_url();
     let respelled = loopback.replace("127.0.0.1", "localhost");
     let named = "timeout = \"1s\"\nchain = \"api-account\"";
@@ -778,12 +782,8 @@ async fn redis_emptied_right_after_a_move_keeps_one_chain() {
     let account = OneAccount::start(60).await;
     let (redis, provider) = (&account.redis, &account.provider);
     let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
-    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
-    let before = reloads(&a);
     let loopback = provider.token_url();
-    rewrite_config(&a, &loopback, &loopback.replace("127.0.0.1", "localhost"));
-    a.signal("HUP");
-    wait_for("the reload", SOON, || reloads(&a) > before).await;
+    reload(&a, &loopback, &loopback.replace("127.0.0.1", "localhost")).await;
 
     b.signal("STOP");
     refresh_and_wait(&a).await;
@@ -811,13 +811,6 @@ async fn a_move_reverted_on_another_replica_first_keeps_the_chain() {
     let account = OneAccount::start(60).await;
     let provider = &account.provider;
     let ((a, a_addr), (b, b_addr)) = account.two_replicas("timeout = \"1s\"").await;
-    let reloads = |tw: &Tokenward| tw.logs().matches("configuration reloaded").count();
-    let reload = async |tw: &Tokenward, from: &str, to: &str| {
-        let before = reloads(tw);
-        rewrite_config(tw, from, to);
-        tw.signal("HUP");
-        wait_for("the reload", SOON, || reloads(tw) > before).await;
-    };
     let loopback = provider.token_url();
     let respelled = loopback.replace("127.0.0.1", "localhost");
 

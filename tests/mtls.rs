@@ -490,6 +490,71 @@ fn mtls_credential(token_url: &str, auth: &str, cert: &Path, key: &Path, ca: &Pa
     )
 }
 
+/// Clients sending GETs to `url/W/I` in a loop, each request `every` after the last answer,
+/// bounded in count and time, recording every answer that is not a 200.
+struct Load {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    sent: Arc<AtomicUsize>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: &str, clients: usize, max_each: usize, every: Duration) -> Load {
+        let (stop, failures, sent) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::<Mutex<Vec<String>>>::default(),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let workers = (0..clients)
+            .map(|w| {
+                let (stop, failures, sent, url) = (
+                    stop.clone(),
+                    failures.clone(),
+                    sent.clone(),
+                    url.to_string(),
+                );
+                tokio::spawn(async move {
+                    let client = reqwest::Client::new();
+                    let deadline = Instant::now() + Duration::from_secs(40);
+                    for i in 0..max_each {
+                        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+                            break;
+                        }
+                        let failure = match client.get(format!("{url}/{w}/{i}")).send().await {
+                            Ok(r) if r.status() == 200 => None,
+                            Ok(r) => Some(format!("HTTP {}", r.status())),
+                            Err(e) => Some(e.to_string()),
+                        };
+                        failures.lock().unwrap().extend(failure);
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(every).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            failures,
+            sent,
+            workers,
+        }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops the clients and returns the failures they met.
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        self.failures.lock().unwrap().clone()
+    }
+}
+
 fn check(config: &Path, extra: &[&str]) -> (Option<i32>, String) {
     let out = std::process::Command::new(bin())
         .arg("check")
@@ -866,35 +931,9 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     );
 
     // Load: two clients in a loop, bounded in count and time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sent = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for w in 0..2 {
-        let (stop, failures, sent, url) =
-            (stop.clone(), failures.clone(), sent.clone(), tw.url(""));
-        workers.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let deadline = Instant::now() + Duration::from_secs(40);
-            for i in 0..20_000 {
-                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
-                    break;
-                }
-                match client.get(format!("{url}/load/{w}/{i}")).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    Ok(r) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("HTTP {}", r.status())),
-                    Err(e) => failures.lock().unwrap().push(e.to_string()),
-                }
-                sent.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }));
-    }
+    let load = Load::start(&tw.url("/load"), 2, 20_000, Duration::from_millis(5));
     wait_for("load before the rotation", Duration::from_secs(10), || {
-        sent.load(Ordering::SeqCst) >= 50
+        load.sent() >= 50
     })
     .await;
 
@@ -926,17 +965,12 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
         last.conn, before[1].conn,
         "a new connection after the rotation"
     );
-    let sent_at_refresh = sent.load(Ordering::SeqCst);
+    let sent_at_refresh = load.sent();
     wait_for("load after the rotation", Duration::from_secs(10), || {
-        sent.load(Ordering::SeqCst) >= sent_at_refresh + 50
+        load.sent() >= sent_at_refresh + 50
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.unwrap();
-    }
-
-    let failures = failures.lock().unwrap().clone();
+    let failures = load.stop().await;
     assert!(
         failures.is_empty(),
         "{} failed requests: {failures:?}\n{}",
@@ -1013,34 +1047,9 @@ async fn a_renewed_certificate_never_meets_a_token_bound_to_the_old_one() {
     tw.wait_ready().await;
 
     // One client, 10 requests a second, bounded in count and time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sent = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (stop, failures, sent, url) =
-            (stop.clone(), failures.clone(), sent.clone(), tw.url(""));
-        tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            for i in 0..300 {
-                if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
-                    break;
-                }
-                match client.get(format!("{url}/bound/{i}")).send().await {
-                    Ok(r) if r.status() == 200 => {}
-                    Ok(r) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("HTTP {}", r.status())),
-                    Err(e) => failures.lock().unwrap().push(e.to_string()),
-                }
-                sent.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-    };
+    let load = Load::start(&tw.url("/bound"), 1, 300, Duration::from_millis(100));
     wait_for("load before the renewal", Duration::from_secs(10), || {
-        sent.load(Ordering::SeqCst) >= 20
+        load.sent() >= 20
     })
     .await;
 
@@ -1062,13 +1071,12 @@ async fn a_renewed_certificate_never_meets_a_token_bound_to_the_old_one() {
     )
     .await;
     let took = renewed_at.elapsed();
-    let sent_then = sent.load(Ordering::SeqCst);
+    let sent_then = load.sent();
     wait_for("load after the renewal", Duration::from_secs(10), || {
-        sent.load(Ordering::SeqCst) >= sent_then + 20
+        load.sent() >= sent_then + 20
     })
     .await;
-    stop.store(true, Ordering::SeqCst);
-    load.await.unwrap();
+    let failures = load.stop().await;
 
     let hits = upstream.hits();
     let refused: Vec<&Hit> = hits.iter().filter(|h| h.status != 200).collect();
@@ -1078,7 +1086,6 @@ async fn a_renewed_certificate_never_meets_a_token_bound_to_the_old_one() {
         refused.len(),
         tw.logs()
     );
-    let failures = failures.lock().unwrap().clone();
     assert!(failures.is_empty(), "{failures:?}");
     let first_new = hits.iter().position(|h| h.cert == new.sha).unwrap();
     assert!(

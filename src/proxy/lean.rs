@@ -17,10 +17,10 @@ use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::Stream;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::v1::server::HttpSession as Downstream;
+use pingora::protocols::Stream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use serde_json::json;
@@ -128,6 +128,33 @@ impl ServerApp for ListenerApp {
             };
             return self.full.process_new(stream, shutdown).await;
         }
+        // Nothing of a request is held before its first byte arrives: a connection accepted
+        // and left idle (10,000 of them, benches/README.md) costs its socket and this small
+        // wait, not a session with its header buffer and the request loop's state. The byte is
+        // read and given back to the stream (pingora's peek), one read per connection.
+        let mut first = [0u8; 1];
+        let mut stop = shutdown.clone();
+        let mut stream = stream;
+        tokio::select! {
+            biased;
+            peeked = stream.try_peek(&mut first) => {
+                if peeked.is_err() {
+                    return None;
+                }
+            }
+            _ = stop.wait_for(|stopping| *stopping) => return None,
+        }
+        Box::pin(self.serve_connection(stream, shutdown)).await
+    }
+
+    async fn cleanup(&self) {
+        self.full.http_cleanup().await;
+    }
+}
+
+impl ListenerApp {
+    /// The lean path's loop over one client connection's requests, from its first byte.
+    async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let (mut stream, guard) = Guarded::wrap(stream);
         // Bytes read past the previous request that belong to the next one.
         let mut prefix: Option<BytesMut> = None;
@@ -176,12 +203,6 @@ impl ServerApp for ListenerApp {
         }
     }
 
-    async fn cleanup(&self) {
-        self.full.http_cleanup().await;
-    }
-}
-
-impl ListenerApp {
     /// Gives the request just read to the `ProxyHttp` path, which parses it again from its raw
     /// header and the bytes read past it (a request without a body, so those can only belong to
     /// the next request), and serves the connection's next requests too, as pingora's own

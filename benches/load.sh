@@ -204,7 +204,7 @@ measure_cpu() { # target size → µs of proxy CPU per request
     # shellcheck disable=SC2086
     after=$(cpu_ticks $pids)
     local ok
-    ok=$(awk '/\[200\]/ { print $2 }' "$WORK/hey.out")
+    ok=$(awk '$1 == "[200]" { print $2 }' "$WORK/hey.out")
     [ "${ok:-0}" -eq "$n" ] || { echo "$1 $2: only ${ok:-0} of $n requests got 200" >&2; cat "$WORK/hey.out" >&2; exit 1; }
     awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="$n" 'BEGIN { printf "%.1f", t / hz / n * 1e6 }'
 }

@@ -72,7 +72,7 @@ until_up() { # url, tries of 0.2 s
 }
 load() { # requests → fails unless every one got 200
     hey -n "$1" -c "$CONC" -t 20 "http://127.0.0.1:$ROUTE/" >"$WORK/hey.out"
-    local ok; ok=$(awk '/\[200\]/ { print $2 }' "$WORK/hey.out")
+    local ok; ok=$(awk '$1 == "[200]" { print $2 }' "$WORK/hey.out")
     [ "${ok:-0}" -eq "$1" ] || { echo "only ${ok:-0} of $1 requests got 200" >&2; cat "$WORK/hey.out" >&2; exit 1; }
 }
 stop() { kill -9 "$1"; wait "$1" 2>/dev/null || true; }

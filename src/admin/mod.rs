@@ -70,6 +70,9 @@ pub fn credential_status(c: &Credential) -> Value {
         "persist_error": status.persist_error,
         "store_mode": c.store_mode().as_str(),
     });
+    if let Some(source) = c.config().dialect.token_source() {
+        v["source"] = json!(source);
+    }
     if let Some(x) = c.exchanger() {
         // Per-caller tokens only: counts, never a token or a subject.
         v["state"] = json!("per_caller");

@@ -226,7 +226,13 @@ impl ProxyHttp for TokenwardProxy {
                 return Ok(true);
             }
         }
-        if let Some(signer) = route.credential.config().dialect.request_signer() {
+        let signer = route.credential.config().dialect.request_signer();
+        if let Some(signer) = signer.as_ref().filter(|s| !s.signs_body()) {
+            // Signed over the headers only: the body streams, its first 64 KiB kept so a
+            // request the upstream refused for its signature can be replayed.
+            ctx.signed = Some(signing::streaming(signer.clone()));
+            session.as_mut().enable_retry_buffering();
+        } else if let Some(signer) = signer {
             // The signature covers the body, so the whole body is read before any header goes
             // upstream (and kept, so a rejected request can be replayed too).
             match signing::buffer_body(session, signer).await? {

@@ -334,6 +334,12 @@ pub trait RequestSigner: Send + Sync {
         true
     }
 
+    /// The path to send upstream in place of `path`, when the signature needs the path on the
+    /// wire spelled as it signs it (S3 compares the path as received).
+    fn wire_path(&self, _path: &str) -> Option<String> {
+        None
+    }
+
     /// Fields removed from the upstream request before it is signed: whatever the client sent
     /// in the fields the signature owns.
     fn replaces(&self) -> &[::http::HeaderName] {

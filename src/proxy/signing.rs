@@ -165,6 +165,19 @@ impl Signed {
         for name in self.signer.replaces() {
             request.remove_header(name);
         }
+        if let Some(path) = self.signer.wire_path(request.uri.path()) {
+            let target = match request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let uri = target.parse::<http::Uri>().map_err(|_| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "cannot respell the request path for signing",
+                )
+            })?;
+            request.set_uri(uri);
+        }
         if let Some(body) = &self.body {
             // Framed first: the signature may cover the framing fields the upstream sees.
             request.remove_header(&http::header::EXPECT);

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod assertion;
+pub mod moto;
 pub mod nginx;
 pub mod peers;
 pub mod raw;

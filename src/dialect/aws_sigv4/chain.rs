@@ -21,12 +21,13 @@ pub struct Credentials {
     pub expiration: Option<SystemTime>,
 }
 
-/// A key id, secret or session token holds no newline, so the three travel as lines of one
-/// secret through the engine (which knows tokens only as opaque secrets).
+/// A key id, secret or session token holds no whitespace, so the three travel as one secret,
+/// separated by spaces, through the engine (which knows tokens only as opaque secrets that
+/// could be written into a header).
 impl Credentials {
     pub fn encode(&self) -> Secret {
         Secret::new(format!(
-            "{}\n{}\n{}",
+            "{} {} {}",
             self.access_key_id,
             self.secret_access_key.expose(),
             self.session_token.as_ref().map_or("", |t| t.expose())
@@ -35,7 +36,7 @@ impl Credentials {
 
     /// `(access key id, secret access key, session token)` from an encoded token.
     pub fn decode(token: &Secret) -> Option<(&str, &str, Option<&str>)> {
-        let mut parts = token.expose().splitn(3, '\n');
+        let mut parts = token.expose().splitn(3, ' ');
         let id = parts.next().filter(|s| !s.is_empty())?;
         let secret = parts.next().filter(|s| !s.is_empty())?;
         let session = parts.next().filter(|s| !s.is_empty());
@@ -43,13 +44,13 @@ impl Credentials {
     }
 
     fn checked(self, what: &str) -> Result<Self, DialectError> {
-        let bad = |v: &str| v.is_empty() || v.contains(['\n', '\r']);
+        let bad = |v: &str| v.is_empty() || v.contains(char::is_whitespace);
         if bad(&self.access_key_id)
             || bad(self.secret_access_key.expose())
             || self.session_token.as_ref().is_some_and(|t| bad(t.expose()))
         {
             return Err(DialectError::transient(format!(
-                "{what} answered credentials with an empty or multi-line field"
+                "{what} answered credentials with an empty field or one holding whitespace"
             )));
         }
         Ok(self)
@@ -257,7 +258,7 @@ pub async fn fetch(
             access_key_id,
             secret_access_key,
             session_token,
-        } => Ok(Credentials {
+        } => Credentials {
             access_key_id: access_key_id.clone(),
             secret_access_key: vendor::resolve(secret_access_key, "secret_access_key")?,
             session_token: session_token
@@ -265,7 +266,8 @@ pub async fn fetch(
                 .map(|t| vendor::resolve(t, "session_token"))
                 .transpose()?,
             expiration: None,
-        }),
+        }
+        .checked("the config keys"),
         Source::Environment => {
             let need = |name: &str| {
                 env_set(env, name).ok_or_else(|| {

@@ -419,6 +419,15 @@ impl RequestSigner for Signer {
         self.payload == Payload::Signed
     }
 
+    /// S3 signs the path as received, and so does a verifier that reads it from the wire:
+    /// the path goes upstream spelled as it is signed (each byte outside RFC 3986's unreserved
+    /// set and `/` percent-encoded once), whatever spelling the client chose.
+    fn wire_path(&self, path: &str) -> Option<String> {
+        (self.style == sigv4::PathStyle::S3)
+            .then(|| sigv4::canonical_uri(path, self.style))
+            .filter(|canonical| canonical != path)
+    }
+
     fn replaces(&self) -> &[http::HeaderName] {
         &REPLACED
     }

@@ -421,7 +421,11 @@ mod vectors {
             let expected = read("header-canonical-request.txt").unwrap();
             if context.is_none() {
                 // The old cases sign at a time of their own: their point is the path (line 2).
-                assert_eq!(canonical.lines().nth(1), expected.lines().nth(1), "{name}: path");
+                assert_eq!(
+                    canonical.lines().nth(1),
+                    expected.lines().nth(1),
+                    "{name}: path"
+                );
                 checked += 1;
                 continue;
             }

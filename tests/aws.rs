@@ -55,6 +55,127 @@ async fn make_bucket(tw: &Tokenward, bucket: &str) {
     assert_eq!(status, 200, "create bucket: {body}\nlogs:\n{}", tw.logs());
 }
 
+/// What the recording front saw of one request on its way to moto.
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    headers: Vec<(String, String)>,
+    body_sha256: String,
+}
+
+impl Recorded {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A recording front between tokenward and moto: it passes each request on unchanged (Host
+/// included) and keeps its head and the SHA-256 of its body, so the tests check what moto does
+/// not (the body against `X-Amz-Content-Sha256`, every `x-amz-*` field signed, the date).
+async fn recording_front(moto: &Moto) -> (String, Arc<Mutex<Vec<Recorded>>>) {
+    type FrontState = (String, Arc<Mutex<Vec<Recorded>>>, reqwest::Client);
+    async fn handler(
+        State((moto, seen, client)): State<FrontState>,
+        req: axum::extract::Request,
+    ) -> axum::response::Response {
+        use sha2::Digest;
+        let method = req.method().clone();
+        let target = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let headers = req.headers().clone();
+        let body = axum::body::to_bytes(req.into_body(), 64 << 20)
+            .await
+            .unwrap();
+        seen.lock().unwrap().push(Recorded {
+            method: method.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_string()))
+                .collect(),
+            body_sha256: sha2::Sha256::digest(&body)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        });
+        let mut forward = client.request(method, format!("{moto}{target}"));
+        for (k, v) in &headers {
+            if !matches!(
+                k.as_str(),
+                "content-length" | "transfer-encoding" | "connection"
+            ) {
+                forward = forward.header(k, v);
+            }
+        }
+        let answer = forward.body(body).send().await.unwrap();
+        let mut out = axum::response::Response::builder().status(answer.status().as_u16());
+        for (k, v) in answer.headers() {
+            // Content-Length stays: a HEAD's names the object's size, not the empty body's.
+            if !matches!(k.as_str(), "transfer-encoding" | "connection") {
+                out = out.header(k, v);
+            }
+        }
+        out.body(axum::body::Body::from(answer.bytes().await.unwrap()))
+            .unwrap()
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let addr = serve(Router::new().fallback(any(handler)).with_state((
+        moto.url(),
+        seen.clone(),
+        client,
+    )))
+    .await;
+    (format!("http://{addr}"), seen)
+}
+
+/// The checks moto leaves out, on one recorded request.
+fn check_what_moto_does_not(r: &Recorded, access_key_id: &str) {
+    let authorization = r.header("authorization").unwrap();
+    assert!(
+        authorization.starts_with(&format!("AWS4-HMAC-SHA256 Credential={access_key_id}/")),
+        "{authorization}"
+    );
+    let signed: Vec<&str> = authorization
+        .split("SignedHeaders=")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .split(';')
+        .collect();
+    for (name, _) in &r.headers {
+        if name.starts_with("x-amz-") || name == "host" {
+            assert!(
+                signed.contains(&name.as_str()),
+                "{name} is not signed: {signed:?}"
+            );
+        }
+    }
+    assert_eq!(
+        r.header("x-amz-content-sha256"),
+        Some(r.body_sha256.as_str()),
+        "the signed payload hash is the body's"
+    );
+    let date = time::PrimitiveDateTime::parse(
+        r.header("x-amz-date").unwrap(),
+        time::macros::format_description!("[year][month][day]T[hour][minute][second]Z"),
+    )
+    .unwrap()
+    .assume_utc();
+    let skew = (time::OffsetDateTime::now_utc() - date).abs();
+    assert!(
+        skew < time::Duration::seconds(60),
+        "X-Amz-Date is {skew} off"
+    );
+}
+
 async fn tokens(tw: &Tokenward) -> Value {
     tw.get_json("/tokens/api").await
 }
@@ -63,8 +184,9 @@ async fn tokens(tw: &Tokenward) -> Value {
 async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_authorization() {
     let moto = Moto::start().await;
     let keys = moto.user.clone();
+    let (front, recorded) = recording_front(&moto).await;
     let tw = Tokenward::start(
-        &moto.url(),
+        &front,
         &static_keys(&moto, &keys, "max_body_bytes = 1048576"),
     );
     tw.wait_ready().await;
@@ -99,6 +221,14 @@ async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_autho
         got.bytes().await.unwrap() == body,
         "the body round-trips byte for byte"
     );
+    let put = recorded
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|r| r.method == "PUT" && r.header("x-amz-meta-origin").is_some())
+        .cloned()
+        .unwrap();
+    check_what_moto_does_not(&put, &keys.access_key_id);
     // Another key outside the prefix, then a listing by a prefix with a space and non-ASCII.
     let r = client
         .put(tw.url("/bucket-one/other(1)+x"))
@@ -151,6 +281,9 @@ async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_autho
     assert_eq!(refusal["error"], "body_too_large");
     assert_eq!(refusal["limit_bytes"], 1024 * 1024);
     assert_eq!(moto.log().lines().count(), before, "nothing reached moto");
+    for r in recorded.lock().unwrap().iter() {
+        check_what_moto_does_not(r, &keys.access_key_id);
+    }
 
     let status = tokens(&tw).await;
     assert_eq!(status["source"], "config");

@@ -353,6 +353,19 @@ async fn a_wrong_secret_gets_motos_signature_does_not_match_and_leaks_nothing() 
     assert_eq!(r.status(), 403);
     let body = r.text().await.unwrap();
     assert!(body.contains("SignatureDoesNotMatch"), "{body}");
+    // The code is in S3's body only: the credentials are dropped for the next request, and
+    // `/tokens` names the refusal by its code.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = tokens(&tw).await;
+        if status["last_upstream_rejection"]["code"] == "SignatureDoesNotMatch"
+            && status["token"]["generation"].as_u64() >= Some(2)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tw.assert_no_leaks(&[wrong.secret_access_key.clone()]).await;
 }
 
@@ -419,8 +432,12 @@ struct FakeCreds {
 
 impl FakeCreds {
     fn new(moto: &Moto, lifetime: Duration, expected: &str) -> Self {
+        Self::serving(moto.temporary.clone(), lifetime, expected)
+    }
+
+    fn serving(temporary: Vec<Keys>, lifetime: Duration, expected: &str) -> Self {
         FakeCreds {
-            temporary: moto.temporary.clone(),
+            temporary,
             lifetime,
             served: Arc::default(),
             refused: Arc::default(),
@@ -807,4 +824,112 @@ async fn web_identity_rereads_its_token_file_at_every_sts_call() {
     let mut secrets = fake.secrets();
     secrets.push("web-identity-jwt-two".into());
     tw.assert_no_leaks(&secrets).await;
+}
+
+/// An AWS JSON-protocol upstream (API Gateway, Lambda) that refuses one access key with 403
+/// `x-amzn-ErrorType: ExpiredTokenException` and echoes the body's length to any other.
+async fn refusing_upstream(refused_key: String) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
+    type UpState = (String, Arc<Mutex<Vec<String>>>);
+    async fn handler(
+        State((refused, seen)): State<UpState>,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::response::Response {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let key = auth
+            .split("Credential=")
+            .nth(1)
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_string();
+        seen.lock().unwrap().push(key.clone());
+        if key == refused {
+            return (
+                StatusCode::FORBIDDEN,
+                [(
+                    "x-amzn-errortype",
+                    "ExpiredTokenException:http://internal.amazon.com/",
+                )],
+                r#"{"message":"The security token included in the request is expired"}"#,
+            )
+                .into_response();
+        }
+        format!("{} bytes", body.len()).into_response()
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let addr = serve(
+        Router::new()
+            .fallback(any(handler))
+            .with_state((refused_key, seen.clone())),
+    )
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn an_expired_token_answer_drops_the_credentials_and_replays_once_with_new_ones() {
+    let keys = |n: usize| Keys {
+        access_key_id: format!("ASIAFAKEKEY000000{n}"),
+        secret_access_key: format!("fake-secret-{n}-{}", rand_hex()),
+        session_token: Some(format!("fake-session-{n}-{}", rand_hex())),
+    };
+    let fake = FakeCreds::serving(
+        vec![keys(0), keys(1)],
+        Duration::from_secs(3600),
+        "t0k3n-file",
+    );
+    let creds = container_endpoint(fake.clone()).await;
+    let (upstream, seen) = refusing_upstream(fake.temporary[0].access_key_id.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0k3n-file").unwrap();
+    let tw = Tokenward::start_in_env(
+        &format!("http://{upstream}"),
+        &format!(
+            "dialect = \"aws-sigv4\"\nregion = \"eu-west-1\"\nservice = \"execute-api\"\n{SHORT}"
+        ),
+        &[
+            (
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                &format!("http://{creds}/creds"),
+            ),
+            (
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+                token_file.to_str().unwrap(),
+            ),
+        ],
+    );
+    tw.wait_ready().await;
+    let r = reqwest::Client::new()
+        .post(tw.url("/prod/orders"))
+        .body(vec![b'x'; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.text().await.unwrap(),
+        "1000 bytes",
+        "the replay carries the whole body"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen,
+        [
+            fake.temporary[0].access_key_id.clone(),
+            fake.temporary[1].access_key_id.clone()
+        ],
+        "refused once, replayed once with the new key"
+    );
+    assert_eq!(fake.served().len(), 2);
+    let status = tokens(&tw).await;
+    assert_eq!(
+        status["last_upstream_rejection"]["code"],
+        "ExpiredTokenException"
+    );
+    tw.assert_no_leaks(&fake.secrets()).await;
 }

@@ -323,6 +323,20 @@ pub struct SignInput<'a> {
     pub body: &'a [u8],
 }
 
+/// What an upstream answer says about the credentials that signed the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamVerdict {
+    /// Nothing about the credentials.
+    Accepted,
+    /// The upstream refused the credentials (its error code): they are dropped and the request
+    /// is replayed once with new ones, as for a bearer token's 401.
+    Rejected(String),
+    /// Only the body can tell; its first bytes go to [`RequestSigner::rejection_in_body`]. The
+    /// answer has reached the client by then, so it is not replayed; the credentials are
+    /// dropped for the next request.
+    InBody,
+}
+
 /// Computes the headers of one upstream request from the current token, its query and its body.
 pub trait RequestSigner: Send + Sync {
     /// The largest request body this signer buffers; larger requests are answered 413.
@@ -337,6 +351,17 @@ pub trait RequestSigner: Send + Sync {
     /// The path to send upstream in place of `path`, when the signature needs the path on the
     /// wire spelled as it signs it (S3 compares the path as received).
     fn wire_path(&self, _path: &str) -> Option<String> {
+        None
+    }
+
+    /// Whether the upstream's answer (status and header) refused the credentials.
+    fn verdict(&self, _status: u16, _headers: &::http::HeaderMap) -> UpstreamVerdict {
+        UpstreamVerdict::Accepted
+    }
+
+    /// After [`UpstreamVerdict::InBody`]: the error code in the body's first bytes, when it
+    /// names a refusal of the credentials.
+    fn rejection_in_body(&self, _body_start: &[u8]) -> Option<&'static str> {
         None
     }
 

@@ -22,7 +22,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use serde_json::json;
 
-use crate::dialect::{RequestSigner, SignInput};
+use crate::dialect::{RequestSigner, SignInput, UpstreamVerdict};
 use crate::token::Token;
 
 /// pingora's retry buffer (`BODY_BUF_LIMIT` in pingora-core 0.9): what it replays by itself.
@@ -208,6 +208,17 @@ impl Signed {
             request.insert_header(name, value)?;
         }
         Ok(())
+    }
+
+    /// What the upstream's answer says about the credentials that signed the request.
+    pub fn verdict(&self, response: &ResponseHeader) -> UpstreamVerdict {
+        self.signer
+            .verdict(response.status.as_u16(), &response.headers)
+    }
+
+    /// After [`UpstreamVerdict::InBody`]: the refusal's code in the first bytes of its body.
+    pub fn rejection_in_body(&self, body_start: &[u8]) -> Option<&'static str> {
+        self.signer.rejection_in_body(body_start)
     }
 
     /// Replaces what pingora replays from its retry buffer with the whole body.

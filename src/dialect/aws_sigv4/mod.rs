@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{
     Dialect, DialectError, Expiry, Grant, GrantKind, Held, ProviderClient, RequestSigner,
-    SignInput, parse_keys,
+    SignInput, UpstreamVerdict, parse_keys,
 };
 use crate::secret::{Secret, SecretSource};
 use chain::{AssumeRole, Credentials, Source, Sts};
@@ -330,6 +330,19 @@ pub struct Signer {
     max_body: usize,
 }
 
+/// AWS error codes that refuse the credentials themselves (a signature made with a wrong or
+/// rotated secret, an unknown or expired key): new credentials can help. `AccessDenied` is
+/// not among them: the credentials were fine, the policy says no.
+const CREDENTIAL_ERRORS: [&str; 7] = [
+    "SignatureDoesNotMatch",
+    "InvalidClientTokenId",
+    "ExpiredTokenException",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "UnrecognizedClientException",
+    "InvalidSignatureException",
+];
+
 /// Fields the signature replaces whatever the client sent in them.
 static REPLACED: [http::HeaderName; 4] = [
     http::header::AUTHORIZATION,
@@ -428,6 +441,41 @@ impl RequestSigner for Signer {
             .filter(|canonical| canonical != path)
     }
 
+    /// S3 answers a refused signature 403 (an expired token 400) with the code in an XML body;
+    /// the JSON protocols name it in `x-amzn-ErrorType` too (`Code:` then a URL, at times).
+    fn verdict(&self, status: u16, headers: &http::HeaderMap) -> UpstreamVerdict {
+        if !matches!(status, 400 | 403) {
+            return UpstreamVerdict::Accepted;
+        }
+        match headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(kind) => {
+                let code = kind.split(':').next().unwrap_or_default().trim();
+                match CREDENTIAL_ERRORS.iter().find(|c| **c == code) {
+                    Some(c) => UpstreamVerdict::Rejected((*c).to_string()),
+                    None => UpstreamVerdict::Accepted,
+                }
+            }
+            None => UpstreamVerdict::InBody,
+        }
+    }
+
+    fn rejection_in_body(&self, body_start: &[u8]) -> Option<&'static str> {
+        let text = String::from_utf8_lossy(body_start);
+        // `<Code>X</Code>` (XML) or `"__type":"…#X"` / `"code":"X"` (JSON): the code as a whole
+        // word, so `ExpiredToken` is not read out of `ExpiredTokenException`.
+        CREDENTIAL_ERRORS.iter().copied().find(|code| {
+            text.match_indices(code).any(|(at, _)| {
+                let before = text[..at].chars().next_back();
+                let after = text[at + code.len()..].chars().next();
+                !before.is_some_and(|c| c.is_ascii_alphanumeric())
+                    && !after.is_some_and(|c| c.is_ascii_alphanumeric())
+            })
+        })
+    }
+
     fn replaces(&self) -> &[http::HeaderName] {
         &REPLACED
     }
@@ -521,6 +569,40 @@ mod tests {
         );
         assert!(!text.contains("wJalrXUtnFEMI"), "{text}");
         assert_eq!(d.token_source().as_deref(), Some("config+assume-role"));
+    }
+
+    #[test]
+    fn refusals_of_the_credentials_are_told_from_other_refusals() {
+        // No keys and an empty environment: the chain's last source, IMDS.
+        let d = build(&[("region", "us-east-1"), ("service", "execute-api")]).unwrap();
+        assert_eq!(d.token_source().as_deref(), Some("imds"));
+        let s = &d.signer;
+        let mut h = http::HeaderMap::new();
+        assert_eq!(s.verdict(200, &h), UpstreamVerdict::Accepted);
+        assert_eq!(s.verdict(403, &h), UpstreamVerdict::InBody);
+        h.insert(
+            "x-amzn-errortype",
+            "ExpiredTokenException:http://internal".parse().unwrap(),
+        );
+        assert_eq!(
+            s.verdict(403, &h),
+            UpstreamVerdict::Rejected("ExpiredTokenException".into())
+        );
+        h.insert("x-amzn-errortype", "AccessDeniedException".parse().unwrap());
+        assert_eq!(s.verdict(403, &h), UpstreamVerdict::Accepted);
+        assert_eq!(
+            s.rejection_in_body(b"<Error><Code>SignatureDoesNotMatch</Code>"),
+            Some("SignatureDoesNotMatch")
+        );
+        assert_eq!(
+            s.rejection_in_body(br#"{"__type":"com.amazon#ExpiredTokenException"}"#),
+            Some("ExpiredTokenException")
+        );
+        assert_eq!(
+            s.rejection_in_body(b"<Error><Code>AccessDenied</Code>"),
+            None
+        );
+        assert_eq!(s.rejection_in_body(b"<Code>ExpiredTokenX</Code>"), None);
     }
 
     #[test]

@@ -233,6 +233,22 @@ fn check_container_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// Whether `url` names a link-local address (IPv4 169.254.0.0/16, IPv6 fe80::/10) or the
+/// EC2 and EKS agents' IPv6 addresses (fd00:ec2::254, fd00:ec2::23): never routed off the host.
+pub fn on_link_local(url: &str) -> bool {
+    let Ok(parsed) = url::Url::parse(url) else {
+        return false;
+    };
+    match parsed.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_link_local(),
+        Some(url::Host::Ipv6(ip)) => {
+            let s = ip.segments();
+            (s[0] & 0xffc0) == 0xfe80 || (s[..4] == [0xfd00, 0x0ec2, 0, 0])
+        }
+        _ => false,
+    }
+}
+
 /// STS settings shared by web identity and AssumeRole.
 #[derive(Debug, Clone)]
 pub struct Sts {
@@ -619,6 +635,15 @@ mod tests {
         .unwrap();
         assert!(matches!(s, Source::Imds { endpoint } if endpoint == "http://127.0.0.1:9"));
         assert!(default_source(&env_of(&[]), None, Some("/t")).is_err());
+    }
+
+    #[test]
+    fn metadata_addresses_are_link_local() {
+        assert!(on_link_local("http://169.254.169.254"));
+        assert!(on_link_local("http://169.254.170.2/v2/credentials"));
+        assert!(on_link_local("http://[fd00:ec2::23]/v1/credentials"));
+        assert!(!on_link_local("http://10.0.0.1/creds"));
+        assert!(!on_link_local("http://metadata.example"));
     }
 
     #[test]

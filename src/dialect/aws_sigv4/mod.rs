@@ -256,11 +256,16 @@ impl Dialect for AwsSigV4 {
         )
     }
 
+    /// The metadata services at their link-local addresses (IMDS, the ECS and EKS Pod Identity
+    /// agents) speak plain http by design and are answered by the host itself: they are not
+    /// listed, so `check` does not warn about them; an address moved elsewhere is.
     fn endpoints(&self) -> Vec<String> {
         let mut out = Vec::new();
         match &self.source {
-            Source::Container { url, .. } => out.push(url.clone()),
-            Source::Imds { endpoint } => out.push(endpoint.clone()),
+            Source::Container { url, .. } if !chain::on_link_local(url) => out.push(url.clone()),
+            Source::Imds { endpoint } if !chain::on_link_local(endpoint) => {
+                out.push(endpoint.clone())
+            }
             _ => {}
         }
         if self.uses_sts() {

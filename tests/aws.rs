@@ -300,7 +300,8 @@ async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_autho
             "the secret reached the state dir"
         );
     }
-    tw.assert_no_leaks(&[keys.secret_access_key.clone()]).await;
+    tw.assert_no_leaks(std::slice::from_ref(&keys.secret_access_key))
+        .await;
 }
 
 #[tokio::test]
@@ -333,7 +334,8 @@ async fn unsigned_payload_streams_a_20_mib_put_with_environment_credentials() {
     let got = client.get(tw.url("/big/twenty")).send().await.unwrap();
     assert_eq!(got.status(), 200);
     assert!(got.bytes().await.unwrap() == body);
-    tw.assert_no_leaks(&[keys.secret_access_key.clone()]).await;
+    tw.assert_no_leaks(std::slice::from_ref(&keys.secret_access_key))
+        .await;
 }
 
 #[tokio::test]
@@ -366,7 +368,8 @@ async fn a_wrong_secret_gets_motos_signature_does_not_match_and_leaks_nothing() 
         assert!(Instant::now() < deadline, "{status}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tw.assert_no_leaks(&[wrong.secret_access_key.clone()]).await;
+    tw.assert_no_leaks(std::slice::from_ref(&wrong.secret_access_key))
+        .await;
 }
 
 #[tokio::test]
@@ -409,7 +412,8 @@ async fn assume_role_at_motos_sts_on_top_of_static_keys() {
         moto.log().contains("POST / HTTP/1.1\" 200"),
         "AssumeRole at moto"
     );
-    tw.assert_no_leaks(&[keys.secret_access_key.clone()]).await;
+    tw.assert_no_leaks(std::slice::from_ref(&keys.secret_access_key))
+        .await;
 }
 
 /// One credentials answer of a fake: which of the two temporary sets, and when.

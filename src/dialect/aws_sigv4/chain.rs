@@ -459,7 +459,7 @@ fn json_credentials(
 }
 
 /// The text of the first `<tag>…</tag>` in an STS answer, with XML's five entities decoded.
-fn xml_text<'a>(xml: &'a str, tag: &str) -> Option<String> {
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
     let open = format!("<{tag}>");
     let close = format!("</{tag}>");
     let start = xml.find(&open)? + open.len();

@@ -550,9 +550,14 @@ pub async fn assume_role(
     if let Some(token) = &base.session_token {
         signed.push(("x-amz-security-token", token.expose()));
     }
+    let scope = sigv4::Scope {
+        amz_date: &amz_date,
+        region: &sts.region,
+        service: "sts",
+    };
     let authorization = sigv4::authorization(
         &base.access_key_id,
-        base.secret_access_key.expose(),
+        &sigv4::signing_key(base.secret_access_key.expose(), &scope),
         &sigv4::Request {
             method: "POST",
             path: url.path(),
@@ -560,11 +565,7 @@ pub async fn assume_role(
             headers: &signed,
             payload_hash: &payload_hash,
         },
-        &sigv4::Scope {
-            amz_date: &amz_date,
-            region: &sts.region,
-            service: "sts",
-        },
+        &scope,
         sigv4::PathStyle::OTHER,
     );
     let mut request = client

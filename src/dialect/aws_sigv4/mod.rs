@@ -211,6 +211,7 @@ impl AwsSigV4 {
                 payload: k.payload,
                 style,
                 max_body: max_body as usize,
+                key: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -333,6 +334,33 @@ pub struct Signer {
     payload: Payload,
     style: sigv4::PathStyle,
     max_body: usize,
+    /// The signing key of the last access key and day: four HMACs a day rather than four per
+    /// request. An access key id names one secret (a new secret comes with a new id).
+    key: std::sync::Mutex<Option<DayKey>>,
+}
+
+struct DayKey {
+    access_key_id: String,
+    date: String,
+    key: [u8; 32],
+}
+
+impl Signer {
+    fn day_key(&self, access_key_id: &str, secret: &str, scope: &sigv4::Scope<'_>) -> [u8; 32] {
+        let mut cached = self.key.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some(k) if k.access_key_id == access_key_id && k.date == scope.date() => k.key,
+            _ => {
+                let key = sigv4::signing_key(secret, scope);
+                *cached = Some(DayKey {
+                    access_key_id: access_key_id.to_string(),
+                    date: scope.date().to_string(),
+                    key,
+                });
+                key
+            }
+        }
+    }
 }
 
 /// AWS error codes that refuse the credentials themselves (a signature made with a wrong or
@@ -393,9 +421,14 @@ impl Signer {
         if let Some(session) = session {
             signed.push(("x-amz-security-token", session));
         }
+        let scope = sigv4::Scope {
+            amz_date: &amz_date,
+            region: &self.region,
+            service: &self.service,
+        };
         let authorization = sigv4::authorization(
             access_key_id,
-            secret,
+            &self.day_key(access_key_id, secret, &scope),
             &sigv4::Request {
                 method: input.method,
                 path: input.path,
@@ -403,11 +436,7 @@ impl Signer {
                 headers: &signed,
                 payload_hash: &payload_hash,
             },
-            &sigv4::Scope {
-                amz_date: &amz_date,
-                region: &self.region,
-                service: &self.service,
-            },
+            &scope,
             self.style,
         );
         let value = |s: &str, sensitive: bool| {
@@ -659,6 +688,36 @@ mod tests {
         assert_eq!(
             get("x-amz-content-sha256").as_deref(),
             Some(sigv4::EMPTY_SHA256)
+        );
+        // The day's signing key is kept per access key: another key signs with its own.
+        let other = Credentials {
+            access_key_id: "AKIDOTHER".into(),
+            secret_access_key: Secret::new("another-secret"),
+            session_token: None,
+            expiration: None,
+        }
+        .encode();
+        let input = SignInput {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &headers,
+            body: b"",
+        };
+        let first = d.signer.headers_at(&other, &input, at).unwrap();
+        let fresh = Signer {
+            region: "us-east-1".into(),
+            service: "service".into(),
+            payload: Payload::Signed,
+            style: sigv4::PathStyle::OTHER,
+            max_body: 0,
+            key: std::sync::Mutex::new(None),
+        }
+        .headers_at(&other, &input, at)
+        .unwrap();
+        assert_eq!(
+            first[0].1, fresh[0].1,
+            "a cached key never signs for another"
         );
         let auth = get("authorization").unwrap();
         assert!(auth.starts_with(

@@ -55,7 +55,7 @@ pub struct Scope<'a> {
 }
 
 impl Scope<'_> {
-    fn date(&self) -> &str {
+    pub fn date(&self) -> &str {
         self.amz_date.get(..8).unwrap_or(self.amz_date)
     }
 
@@ -236,21 +236,29 @@ fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     mac.finalize().into_bytes().into()
 }
 
-pub fn signature(secret_access_key: &str, scope: &Scope<'_>, string_to_sign: &str) -> String {
+/// The key a day's signatures in one region and service are made with (AWS's `kSigning`).
+pub fn signing_key(secret_access_key: &str, scope: &Scope<'_>) -> [u8; 32] {
     let k_date = hmac(
         format!("AWS4{secret_access_key}").as_bytes(),
         scope.date().as_bytes(),
     );
     let k_region = hmac(&k_date, scope.region.as_bytes());
     let k_service = hmac(&k_region, scope.service.as_bytes());
-    let k_signing = hmac(&k_service, b"aws4_request");
-    hex(&hmac(&k_signing, string_to_sign.as_bytes()))
+    hmac(&k_service, b"aws4_request")
 }
 
-/// The `Authorization` value for `request`.
+pub fn signature(secret_access_key: &str, scope: &Scope<'_>, string_to_sign: &str) -> String {
+    hex(&hmac(
+        &signing_key(secret_access_key, scope),
+        string_to_sign.as_bytes(),
+    ))
+}
+
+/// The `Authorization` value for `request`, signed with `key` (from [`signing_key`] for the
+/// same date, region and service as `scope`).
 pub fn authorization(
     access_key_id: &str,
-    secret_access_key: &str,
+    key: &[u8; 32],
     request: &Request<'_>,
     scope: &Scope<'_>,
     style: PathStyle,
@@ -260,7 +268,7 @@ pub fn authorization(
     format!(
         "{ALGORITHM} Credential={access_key_id}/{}, SignedHeaders={signed}, Signature={}",
         scope.credential_scope(),
-        signature(secret_access_key, scope, &to_sign)
+        hex(&hmac(key, to_sign.as_bytes()))
     )
 }
 

@@ -522,6 +522,61 @@ PYEOF
 }
 check "workload identity example (projected token to the sidecar only)" workload_identity_shape
 
+# The EKS example: each projected token (IRSA, Pod Identity) reaches the sidecar only, with the
+# audience AWS expects, at the path its tokenward.toml or its variables name.
+aws_eks_shape() {
+    "$PY" - deploy/kubernetes/aws-eks.yaml deploy/kubernetes/kustomization.yaml "$TOKENWARD_VERSION" <<'PYEOF'
+import sys, tomllib, yaml
+errors = []
+def expect(cond, what):
+    print(("ok:    " if cond else "FAIL:  ") + what)
+    if not cond:
+        errors.append(what)
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+configs = {d["metadata"]["name"]: tomllib.loads(d["data"]["tokenward.toml"]) for d in docs if d["kind"] == "ConfigMap"}
+deps = [d for d in docs if d["kind"] == "Deployment"]
+expect(len(deps) == 2, "two Deployments (IRSA and Pod Identity)")
+audiences = set()
+for dep in deps:
+    name = dep["metadata"]["name"]
+    spec = dep["spec"]["template"]["spec"]
+    expect(spec.get("automountServiceAccountToken") is False, f"{name}: no API service-account token in the pod")
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    projected = {n: s["serviceAccountToken"] for n, v in vols.items() for s in v.get("projected", {}).get("sources", []) if "serviceAccountToken" in s}
+    expect(len(projected) == 1, f"{name}: one projected token")
+    if len(projected) != 1:
+        continue
+    (vol, source), = projected.items()
+    audiences.add(source.get("audience"))
+    sidecars = [c for c in spec.get("initContainers", []) if c["name"] == "tokenward"]
+    expect(len(sidecars) == 1 and sidecars[0].get("restartPolicy") == "Always"
+           and sidecars[0].get("image") == "localhost/tokenward:" + sys.argv[3], f"{name}: tokenward is a native sidecar, image localhost/tokenward:{sys.argv[3]}")
+    if not sidecars:
+        continue
+    mount = next((m for m in sidecars[0].get("volumeMounts", []) if m["name"] == vol), {})
+    expect(mount.get("readOnly") is True, f"{name}: token mounted read-only in tokenward")
+    token_path = mount.get("mountPath", "") + "/" + source.get("path", "")
+    others = [c["name"] for c in spec.get("containers", []) if any(m["name"] == vol for m in c.get("volumeMounts", []))]
+    expect(not others, f"{name}: the app containers do not get the token")
+    env = {e["name"]: e.get("value") for e in sidecars[0].get("env", [])}
+    cfg = configs.get(name + "-tokenward", {})
+    creds = [c for c in cfg.get("credentials", {}).values() if c.get("dialect") == "aws-sigv4"]
+    expect(len(creds) == 1, f"{name}: one aws-sigv4 credential")
+    if source.get("audience") == "sts.amazonaws.com":
+        expect(creds and creds[0].get("web_identity_token_file") == token_path and creds[0].get("role_arn", "").startswith("arn:aws:iam::"),
+               f"{name}: IRSA reads {token_path} and names its role")
+    else:
+        expect(source.get("audience") == "pods.eks.amazonaws.com", f"{name}: Pod Identity token audience pods.eks.amazonaws.com")
+        expect(env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") == token_path
+               and env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") == "http://169.254.170.23/v1/credentials",
+               f"{name}: Pod Identity variables name the agent and {token_path}")
+expect(audiences == {"sts.amazonaws.com", "pods.eks.amazonaws.com"}, "IRSA and Pod Identity audiences")
+expect("aws-eks.yaml" not in open(sys.argv[2]).read(), "standalone: not in kustomization.yaml")
+sys.exit(1 if errors else 0)
+PYEOF
+}
+check "EKS example (IRSA and Pod Identity tokens to the sidecar only)" aws_eks_shape
+
 # --- tokenward.toml files: TOML syntax and the settings each deployment shape depends on.
 # (`tokenward check --config ... --skip-secrets` validates their meaning on the Rust side.)
 toml_configs() {

@@ -239,11 +239,16 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
     for c in &config.credentials {
         let t = &c.timing;
         println!("credential {}: {}", c.name, c.dialect.describe());
+        let presents = if c.dialect.request_signer().is_some() {
+            "signs each request with it".to_string()
+        } else {
+            format!(
+                "sends `{}: {}{{token}}{}`",
+                c.presentation.header, c.presentation.prefix, c.presentation.suffix
+            )
+        };
         println!(
-            "           sends `{}: {}{{token}}{}`; refreshes at {:.0}% of the lifetime, stops serving {} before expiry",
-            c.presentation.header,
-            c.presentation.prefix,
-            c.presentation.suffix,
+            "           {presents}; refreshes at {:.0}% of the lifetime, stops serving {} before expiry",
             t.refresh_at * 100.0,
             humantime::format_duration(t.expiry_margin)
         );

@@ -65,25 +65,32 @@ fn configmap_config(dir: &Path) -> PathBuf {
     path
 }
 
-/// The tokenward.toml of the ConfigMap in the multi-document workload-identity example.
-fn workload_identity_config(dir: &Path) -> PathBuf {
+/// The tokenward.toml of every ConfigMap in a multi-document example of deploy/kubernetes/
+/// (workload identity, EKS), each written out so `check` can read it.
+fn embedded_configs(dir: &Path, example: &str) -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let text =
-        std::fs::read_to_string(root.join("deploy/kubernetes/workload-identity.yaml")).unwrap();
-    let config = text
+    let text = std::fs::read_to_string(root.join("deploy/kubernetes").join(example)).unwrap();
+    let configs: Vec<PathBuf> = text
         .split("\n---\n")
-        .find(|doc| doc.contains("kind: ConfigMap"))
-        .and_then(|doc| doc.split_once("  tokenward.toml: |\n"))
-        .map(|(_, body)| {
-            body.lines()
+        .filter(|doc| doc.contains("kind: ConfigMap"))
+        .filter_map(|doc| doc.split_once("  tokenward.toml: |\n"))
+        .enumerate()
+        .map(|(i, (_, body))| {
+            let config = body
+                .lines()
                 .map(|l| l.strip_prefix("    ").unwrap_or(l))
                 .collect::<Vec<_>>()
-                .join("\n")
+                .join("\n");
+            let path = dir.join(format!("{example}-{i}-tokenward.toml"));
+            std::fs::write(&path, config).unwrap();
+            path
         })
-        .expect("workload-identity.yaml has a ConfigMap with tokenward.toml");
-    let path = dir.join("workload-identity-tokenward.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+        .collect();
+    assert!(
+        !configs.is_empty(),
+        "{example} has a ConfigMap with tokenward.toml"
+    );
+    configs
 }
 
 #[test]
@@ -91,7 +98,10 @@ fn check_passes_on_every_shipped_config() {
     let dir = tempfile::tempdir().unwrap();
     let mut configs = shipped_configs();
     configs.push(configmap_config(dir.path()));
-    configs.push(workload_identity_config(dir.path()));
+    configs.extend(embedded_configs(dir.path(), "workload-identity.yaml"));
+    let eks = embedded_configs(dir.path(), "aws-eks.yaml");
+    assert_eq!(eks.len(), 2, "IRSA and Pod Identity");
+    configs.extend(eks);
     assert!(configs.len() >= 10, "{configs:?}");
     for path in configs {
         let out = tokenward(&[

@@ -70,6 +70,12 @@ pub fn credential_status(c: &Credential) -> Value {
         "persist_error": status.persist_error,
         "store_mode": c.store_mode().as_str(),
     });
+    if let Some(source) = c.config().dialect.token_source() {
+        v["source"] = json!(source);
+    }
+    if let Some((code, at)) = &status.last_upstream_rejection {
+        v["last_upstream_rejection"] = json!({"code": code, "at": rfc3339(*at)});
+    }
     if let Some(x) = c.exchanger() {
         // Per-caller tokens only: counts, never a token or a subject.
         v["state"] = json!("per_caller");

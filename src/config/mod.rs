@@ -694,8 +694,9 @@ fn validate_route(c: &mut Collector, key: &str, raw: RouteFile) -> Option<RouteC
 fn check_chain_collisions(c: &mut Collector, credentials: &[CredentialConfig]) {
     let mut seen: BTreeMap<String, &str> = BTreeMap::new();
     for cred in credentials {
-        if cred.dialect.exchange_settings().is_some() {
-            // Per-caller tokens only: no chain of its own.
+        if cred.dialect.exchange_settings().is_some() || cred.dialect.keeps_tokens_in_memory_only()
+        {
+            // Per-caller tokens only, or tokens persisted nowhere: no chain in the store.
             continue;
         }
         if let Some(first) = seen.insert(cred.chain_identity(), &cred.name) {
@@ -1320,6 +1321,23 @@ credentials:
         let err = load_str("toml", &twice).unwrap_err();
         assert_eq!(err.0[0].key, "credentials.b.chain", "{err}");
         assert!(err.0[0].reason.contains("\"a\""), "{err}");
+    }
+
+    #[test]
+    fn credentials_persisted_nowhere_share_no_chain_so_one_source_may_serve_several() {
+        // S3 and OpenSearch signed with the one instance role, beside a shared store: AWS
+        // credentials never reach the store, so they have no chain to collide on.
+        let text = format!(
+            "[state]\nredis = \"redis://127.0.0.1\"\nencryption_key = \"{STORE_KEY}\"\n\
+             [[routes]]\nname = \"r\"\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://u\"\ncredential = \"a\"\n\
+             [credentials.a]\ndialect = \"aws-sigv4\"\nregion = \"eu-west-1\"\nservice = \"s3\"\naccess_key_id = \"AKID\"\nsecret_access_key = \"s\"\n\
+             [credentials.b]\ndialect = \"aws-sigv4\"\nregion = \"eu-west-1\"\nservice = \"es\"\naccess_key_id = \"AKID\"\nsecret_access_key = \"s\"\n"
+        );
+        assert!(
+            load_str("toml", &text).is_ok(),
+            "{:?}",
+            load_str("toml", &text).err()
+        );
     }
 
     #[test]

@@ -364,6 +364,9 @@ mod tests {
             .sign(
                 &Secret::new("tok"),
                 &SignInput {
+                    method: "GET",
+                    path: "/",
+                    headers: &http::HeaderMap::new(),
                     query: Some("a=1"),
                     body: b"xyz",
                 },

@@ -1,6 +1,7 @@
 //! Provider dialects: each knows how to obtain a token from one kind of provider. The token
 //! engine drives every dialect through the same [`Dialect`] trait and never knows which it has.
 
+pub mod aws_sigv4;
 pub mod babelbird;
 pub mod cloudreve;
 pub mod custom;
@@ -31,6 +32,7 @@ pub const NAMES: &[&str] = &[
     "cloudreve",
     "custom",
     "google-service-account",
+    "aws-sigv4",
 ];
 
 /// Builds the dialect named by `dialect = "…"` from the rest of the credential's keys.
@@ -56,6 +58,7 @@ pub fn build(
         "google-service-account" => {
             boxed(google::GoogleServiceAccount::from_keys(credential, keys))
         }
+        "aws-sigv4" => boxed(aws_sigv4::AwsSigV4::from_keys(keys)),
         other => Err(vec![(
             "dialect".into(),
             format!("unknown dialect {other:?}; one of: {}", NAMES.join(", ")),
@@ -261,6 +264,18 @@ pub trait Dialect: Send + Sync {
         None
     }
 
+    /// Where this credential's tokens come from, when the dialect picks among several sources
+    /// (the AWS credential chain): shown in `/tokens`, never a secret.
+    fn token_source(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether the tokens must be persisted nowhere (no state file, no shared store): for
+    /// credentials that are themselves signing secrets (AWS), obtained again after a restart.
+    fn keeps_tokens_in_memory_only(&self) -> bool {
+        false
+    }
+
     /// Set for a credential whose tokens are DPoP-bound (RFC 9449): the key that signs a proof
     /// for each of its token requests and each upstream request that presents its token.
     fn dpop(&self) -> Option<&Arc<crate::dpop::DpopKey>> {
@@ -345,16 +360,64 @@ pub struct SubjectValidation {
 
 /// The per-request part of the request that a [`RequestSigner`] sees.
 pub struct SignInput<'a> {
+    pub method: &'a str,
+    /// The path as the upstream will see it.
+    pub path: &'a str,
+    /// The headers the upstream will see (its own Host), before the signer's are added.
+    pub headers: &'a ::http::HeaderMap,
     /// The raw query string (without `?`), if any.
     pub query: Option<&'a str>,
     /// The whole request body exactly as it is sent upstream.
     pub body: &'a [u8],
 }
 
+/// What an upstream answer says about the credentials that signed the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamVerdict {
+    /// Nothing about the credentials.
+    Accepted,
+    /// The upstream refused the credentials (its error code): they are dropped and the request
+    /// is replayed once with new ones, as for a bearer token's 401.
+    Rejected(String),
+    /// Only the body can tell; its first bytes go to [`RequestSigner::rejection_in_body`]. The
+    /// answer has reached the client by then, so it is not replayed; the credentials are
+    /// dropped for the next request.
+    InBody,
+}
+
 /// Computes the headers of one upstream request from the current token, its query and its body.
 pub trait RequestSigner: Send + Sync {
     /// The largest request body this signer buffers; larger requests are answered 413.
     fn max_body_bytes(&self) -> usize;
+
+    /// Whether the signature covers the body, which is then buffered whole before the request
+    /// goes upstream; otherwise the body streams.
+    fn signs_body(&self) -> bool {
+        true
+    }
+
+    /// The path to send upstream in place of `path`, when the signature needs the path on the
+    /// wire spelled as it signs it (S3 compares the path as received).
+    fn wire_path(&self, _path: &str) -> Option<String> {
+        None
+    }
+
+    /// Whether the upstream's answer (status and header) refused the credentials.
+    fn verdict(&self, _status: u16, _headers: &::http::HeaderMap) -> UpstreamVerdict {
+        UpstreamVerdict::Accepted
+    }
+
+    /// After [`UpstreamVerdict::InBody`]: the error code in the body's first bytes, when it
+    /// names a refusal of the credentials.
+    fn rejection_in_body(&self, _body_start: &[u8]) -> Option<&'static str> {
+        None
+    }
+
+    /// Fields removed from the upstream request before it is signed: whatever the client sent
+    /// in the fields the signature owns.
+    fn replaces(&self) -> &[::http::HeaderName] {
+        &[]
+    }
 
     /// The headers to send upstream (they replace the credential's presentation header). The
     /// error names what is missing (e.g. an unreadable secret), never a value.

@@ -25,6 +25,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::dialect::UpstreamVerdict;
 use crate::secret::Secret;
 use crate::token::exchange::Refusal;
 use crate::token::{Exchanger, Token, Unavailable};
@@ -71,6 +72,9 @@ pub struct RequestCtx {
     resent: bool,
     /// For credentials that sign each request: the signer and the whole buffered body.
     signed: Option<signing::Signed>,
+    /// The first bytes of an answer whose body alone can say whether it refused the signing
+    /// credentials (S3's XML errors), while they are read.
+    rejection_probe: Option<bytes::BytesMut>,
     /// For token-exchange credentials: the caller's own token, to exchange again after an
     /// upstream rejection. Dropped with the request.
     subject: Option<Secret>,
@@ -167,6 +171,7 @@ impl ProxyHttp for TokenwardProxy {
             nonce_replayed: false,
             resent: false,
             signed: None,
+            rejection_probe: None,
             subject: None,
             informational: 0,
             guard: None,
@@ -236,7 +241,13 @@ impl ProxyHttp for TokenwardProxy {
                 return Ok(true);
             }
         }
-        if let Some(signer) = route.credential.config().dialect.request_signer() {
+        let signer = route.credential.config().dialect.request_signer();
+        if let Some(signer) = signer.as_ref().filter(|s| !s.signs_body()) {
+            // Signed over the headers only: the body streams, its first 64 KiB kept so a
+            // request the upstream refused for its signature can be replayed.
+            ctx.signed = Some(signing::streaming(signer.clone()));
+            session.as_mut().enable_retry_buffering();
+        } else if let Some(signer) = signer {
             // The signature covers the body, so the whole body is read before any header goes
             // upstream (and kept, so a rejected request can be replayed too).
             match signing::buffer_body(session, signer).await? {
@@ -402,6 +413,20 @@ impl ProxyHttp for TokenwardProxy {
                 return replay(status);
             }
         }
+        if let Some(signed) = &ctx.signed {
+            match signed.verdict(response) {
+                UpstreamVerdict::Accepted => {}
+                UpstreamVerdict::InBody => {
+                    ctx.rejection_probe = Some(bytes::BytesMut::new());
+                    return Ok(());
+                }
+                UpstreamVerdict::Rejected(code) => {
+                    route.credential.note_upstream_rejection(&code);
+                    let (route, token) = (route.clone(), token.clone());
+                    return reauthorize(session, ctx, &route, &token, status).await;
+                }
+            }
+        }
         if !route.reauth_statuses.contains(&status) {
             return Ok(());
         }
@@ -421,18 +446,37 @@ impl ProxyHttp for TokenwardProxy {
                 _ => Ok(()),
             };
         }
-        if ctx.replayed || session.as_ref().retry_buffer_truncated() {
-            // Still dropped: the next request must not carry a token the upstream refused.
+        let (route, token) = (route.clone(), token.clone());
+        reauthorize(session, ctx, &route, &token, status).await
+    }
+
+    /// A refusal of the signing credentials that only the body names (S3): the answer is on its
+    /// way to the client, so the credentials are dropped for the next request, not replayed.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(probe) = ctx.rejection_probe.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(chunk) = body {
+            let room = REJECTION_PROBE_BYTES.saturating_sub(probe.len());
+            probe.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        if !end_of_stream && probe.len() < REJECTION_PROBE_BYTES {
+            return Ok(None);
+        }
+        let probe = ctx.rejection_probe.take().unwrap_or_default();
+        if let (Some(signed), Some(route), Some(token)) = (&ctx.signed, &ctx.route, &ctx.token)
+            && let Some(code) = signed.rejection_in_body(&probe)
+        {
+            route.credential.note_upstream_rejection(code);
             route.credential.reject(token.generation);
-            return Ok(());
         }
-        match renewed(route, token).await {
-            Some(fresh) => {
-                info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
-                replay_with(ctx, fresh, status)
-            }
-            None => Ok(()),
-        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -740,6 +784,32 @@ fn retarget(route: &Route, request: &mut RequestHeader) -> Result<()> {
         request.set_uri(uri);
     }
     Ok(())
+}
+
+/// How much of an answer's body is read for a refusal of the signing credentials.
+const REJECTION_PROBE_BYTES: usize = 4096;
+
+/// The upstream refused `token` (a bearer token's 401, AWS credentials' signature): drops it
+/// and replays the request once with a new one when its body was kept whole and it was not
+/// replayed already; otherwise only drops it, so the next request does not carry it.
+async fn reauthorize(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    route: &Arc<Route>,
+    token: &Arc<Token>,
+    status: u16,
+) -> Result<()> {
+    if ctx.replayed || session.as_ref().retry_buffer_truncated() {
+        route.credential.reject(token.generation);
+        return Ok(());
+    }
+    match renewed(route, token).await {
+        Some(fresh) => {
+            info!(route = %route.name, status, "upstream rejected the token; replaying with a new one");
+            replay_with(ctx, fresh, status)
+        }
+        None => Ok(()),
+    }
 }
 
 /// After the upstream refused `token`: drops it (only if it is still the current one) and

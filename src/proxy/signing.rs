@@ -1,4 +1,5 @@
-//! Requests whose credential signs each request over its query and body (EnOS APIM).
+//! Requests whose credential signs each request over its query and body (EnOS APIM, AWS
+//! SigV4 with a signed payload), or over its headers only (AWS SigV4, unsigned payload).
 //!
 //! The signature goes into headers, and headers go upstream before the body, so the body is read
 //! whole in `request_filter`, up to the signer's bound (larger ones get a 413 without being read).
@@ -21,16 +22,17 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 use serde_json::json;
 
-use crate::dialect::{RequestSigner, SignInput};
+use crate::dialect::{RequestSigner, SignInput, UpstreamVerdict};
 use crate::token::Token;
 
 /// pingora's retry buffer (`BODY_BUF_LIMIT` in pingora-core 0.9): what it replays by itself.
 pub const RETRY_BUFFER: usize = 64 * 1024;
 
-/// A signed request's signer and its whole body.
+/// A signed request's signer and, when the signature covers it, its whole body.
 pub struct Signed {
     signer: Arc<dyn RequestSigner>,
-    body: Bytes,
+    /// `None` when the signer does not sign the body: it streams as for any route.
+    body: Option<Bytes>,
     /// The client sent a body (Content-Length or chunked), even an empty one.
     had_body: bool,
 }
@@ -105,7 +107,7 @@ pub async fn buffer_body(
     if downstream.is_body_empty() {
         return Ok(Ok(Signed {
             signer,
-            body: Bytes::new(),
+            body: Some(Bytes::new()),
             had_body,
         }));
     }
@@ -141,22 +143,59 @@ pub async fn buffer_body(
     }
     Ok(Ok(Signed {
         signer,
-        body: buf.freeze(),
+        body: Some(buf.freeze()),
         had_body,
     }))
+}
+
+/// A request whose signature does not cover its body (`payload = "unsigned"`): nothing is read
+/// here, the body streams.
+pub fn streaming(signer: Arc<dyn RequestSigner>) -> Signed {
+    Signed {
+        signer,
+        body: None,
+        had_body: false,
+    }
 }
 
 impl Signed {
     /// Writes the signer's headers (in place of the credential's presentation header) and
     /// frames the body as it will be sent.
     pub fn apply(&self, token: &Token, request: &mut RequestHeader) -> Result<()> {
+        for name in self.signer.replaces() {
+            request.remove_header(name);
+        }
+        if let Some(path) = self.signer.wire_path(request.uri.path()) {
+            let target = match request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let uri = target.parse::<http::Uri>().map_err(|_| {
+                Error::explain(
+                    ErrorType::InvalidHTTPHeader,
+                    "cannot respell the request path for signing",
+                )
+            })?;
+            request.set_uri(uri);
+        }
+        if let Some(body) = &self.body {
+            // Framed first: the signature may cover the framing fields the upstream sees.
+            request.remove_header(&http::header::EXPECT);
+            if self.had_body || !body.is_empty() {
+                request.remove_header(&http::header::TRANSFER_ENCODING);
+                request.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+            }
+        }
         let headers = self
             .signer
             .sign(
                 token.value(),
                 &SignInput {
+                    method: request.method.as_str(),
+                    path: request.uri.path(),
+                    headers: &request.headers,
                     query: request.uri.query(),
-                    body: &self.body,
+                    body: self.body.as_deref().unwrap_or_default(),
                 },
             )
             .map_err(|reason| {
@@ -168,18 +207,27 @@ impl Signed {
         for (name, value) in headers {
             request.insert_header(name, value)?;
         }
-        request.remove_header(&http::header::EXPECT);
-        if self.had_body || !self.body.is_empty() {
-            request.remove_header(&http::header::TRANSFER_ENCODING);
-            request.insert_header(http::header::CONTENT_LENGTH, self.body.len().to_string())?;
-        }
         Ok(())
+    }
+
+    /// What the upstream's answer says about the credentials that signed the request.
+    pub fn verdict(&self, response: &ResponseHeader) -> UpstreamVerdict {
+        self.signer
+            .verdict(response.status.as_u16(), &response.headers)
+    }
+
+    /// After [`UpstreamVerdict::InBody`]: the refusal's code in the first bytes of its body.
+    pub fn rejection_in_body(&self, body_start: &[u8]) -> Option<&'static str> {
+        self.signer.rejection_in_body(body_start)
     }
 
     /// Replaces what pingora replays from its retry buffer with the whole body.
     pub fn substitute(&self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        let Some(whole) = &self.body else {
+            return;
+        };
         *body = if end_of_stream {
-            (!self.body.is_empty()).then(|| self.body.clone())
+            (!whole.is_empty()).then(|| whole.clone())
         } else {
             Some(Bytes::new())
         };

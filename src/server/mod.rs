@@ -120,9 +120,15 @@ fn assemble(
             None => {
                 // A changed credential continues its predecessor's chain: one chain, one writer.
                 let predecessor = keep.iter().find(|old| old.name() == c.name);
+                // Credentials that are signing secrets themselves (AWS) are persisted nowhere.
+                let store = if c.dialect.keeps_tokens_in_memory_only() {
+                    Arc::new(crate::token::store::MemoryOnly) as Arc<dyn TokenStore>
+                } else {
+                    store.clone()
+                };
                 let fresh = Credential::new(
                     c.clone(),
-                    store.clone(),
+                    store,
                     predecessor.map(|p| p.chain()),
                     token_metrics.for_credential(&c.name),
                 )

@@ -292,6 +292,9 @@ pub struct Status {
     pub not_before: Option<Instant>,
     pub fatal: bool,
     pub persist_error: Option<String>,
+    /// The upstream's last refusal of the credentials themselves (an AWS error code such as
+    /// `SignatureDoesNotMatch`), and when: a code, never a message.
+    pub last_upstream_rejection: Option<(String, SystemTime)>,
 }
 
 pub struct Credential {
@@ -647,6 +650,12 @@ impl Credential {
             self.wake.notify_one();
         }
         swapped
+    }
+
+    /// Records the upstream's refusal of the credentials by its error code, for `/tokens`.
+    pub fn note_upstream_rejection(&self, code: &str) {
+        warn!(credential = %self.name, code, "upstream refused the credentials");
+        self.status().last_upstream_rejection = Some((code.to_string(), SystemTime::now()));
     }
 
     /// The upstream rejected token `generation`. The first rejection of a token drops it and a

@@ -4,6 +4,7 @@
 
 pub mod assertion;
 pub mod jwks;
+pub mod moto;
 pub mod nginx;
 pub mod peers;
 pub mod raw;

@@ -5,8 +5,11 @@
 //! writers can never fork a chain.
 
 mod file;
+mod memory;
 mod metered;
 mod redis;
+
+pub use memory::MemoryOnly;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -1531,6 +1531,61 @@ async fn one_callers_failures_do_not_back_off_the_other_callers() {
     tw.assert_no_leaks(&secrets).await;
 }
 
+/// One hostile caller holding three subjects the provider answers 500 for, sent again and
+/// again: its first round looks like an outage (three callers failing) and holds the others
+/// back for a back-off step or two, but its repeats count no more and lose every probe to
+/// another caller's, which ends the back-off. From then on new legitimate callers are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_caller_with_three_failing_subjects_does_not_lock_the_others_out() {
+    let (_provider, _upstream, tw) = setup("").await;
+    let hostile: Vec<String> = (0..3).map(|_| format!("boom-{}", rand_hex())).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let (url, stop) = (tw.url("/x"), stop.clone());
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            for _ in 0..400 {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                for s in &hostile {
+                    let _ = client.get(&url).bearer_auth(s).send().await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut statuses = Vec::new();
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut after_first_steps = Vec::new();
+    for round in 0..20 {
+        for caller in 0..5 {
+            let r = client
+                .get(tw.url("/x"))
+                .bearer_auth(subject(100 + caller * 100 + round))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            if started.elapsed() > Duration::from_secs(3) {
+                after_first_steps.push(status);
+            }
+            statuses.push(status);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    attacker.await.unwrap();
+    let served = after_first_steps.iter().filter(|s| **s == 200).count();
+    assert!(
+        after_first_steps.len() >= 20 && served == after_first_steps.len(),
+        "{served} of {} legitimate requests served after the first 3 s: {statuses:?}",
+        after_first_steps.len()
+    );
+}
+
 /// Defect 4: distinct junk subjects cost at most `max_exchanges_per_second` exchanges a
 /// second; the rest are answered 503 with Retry-After and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -33,6 +33,11 @@ use crate::secret::Secret;
 /// entry, and an operator can name one caller's entry by its subject's SHA-256.
 pub type Key = [u8; 32];
 
+/// How long a caller whose exchanges failed is remembered (its back-off, and that it counts
+/// once towards an outage): longer than any back-off step, so a caller repeating failing
+/// subjects cannot make them count as new callers again a moment later.
+const FAILING_CALLER_MEMORY: Duration = Duration::from_secs(600);
+
 /// The largest exchanged token kept. Servers commonly cap one request header at 8–16 KiB
 /// (nginx's default large header buffer is 8 KiB, Node's whole header block 16 KiB), so a larger
 /// token could not be presented upstream anyway; and with it the cache holds at most about
@@ -203,7 +208,13 @@ impl Exchanger {
             .build();
         let failing = Cache::builder()
             .max_capacity(settings.cache_max_entries)
-            .time_to_live(config.timing.max_backoff.max(config.timing.probe_interval))
+            .time_to_live(
+                config
+                    .timing
+                    .max_backoff
+                    .max(config.timing.probe_interval)
+                    .max(FAILING_CALLER_MEMORY),
+            )
             .build();
         let budget = Mutex::new(Budget::new(
             settings.max_exchanges_per_second,
@@ -674,14 +685,18 @@ impl Exchanger {
         purpose: Purpose,
     ) -> Result<Arc<Entry>, Refusal> {
         let _slot = self.probe_slot().await?;
+        let repeat = self.failing.get(&key).await.is_some();
         // A probe whose request was cancelled (the caller went away) must not keep every other
         // caller out: the flag goes with it.
         let _probe = {
             let mut h = self.health();
             let now = Instant::now();
-            if h.held_back(now) {
+            if h.held_back(now) || (h.outage && repeat && !h.repeat_may_probe(now)) {
                 drop(h);
                 return Err(Refusal::Unavailable(self.unavailable()));
+            }
+            if h.outage {
+                h.last_probe_at = Some(now);
             }
             h.probing = h.outage;
             // Built only for a probe: dropping a spare guard here would lock `health` twice.
@@ -804,8 +819,14 @@ impl Exchanger {
         });
         let timing = &self.config.timing;
         let now = Instant::now();
+        // A caller that failed before (its back-off still remembered) is a repeat: its subject
+        // makes the provider fail, and it does not count towards an outage again. Otherwise one
+        // caller holding three such subjects could hold every other caller in the
+        // credential-wide back-off, again and again.
+        let repeat = self.failing.get(&key).await.is_some();
         let failed = self.health().failed(
             key,
+            repeat,
             now,
             timing.min_refresh_interval,
             // Callers without a token wait for the provider's return: it must be noticed
@@ -823,13 +844,20 @@ impl Exchanger {
             }
             Failed::OutageBegan => {
                 warn!(credential = %self.name, error = %e.message, callers = CALLERS_FOR_OUTAGE, "token exchange failures span several callers; backing off the credential");
-                // The provider is at fault, not those callers: the credential's back-off alone
-                // decides when they are tried again, so all are served once it answers.
-                self.failing.invalidate_all();
+                // The callers whose failures began it keep their own (first, short) back-off:
+                // if their subjects, not the provider, are at fault, the next probe is another
+                // caller's, which ends the back-off as soon as the provider answers it.
+                let _ = self.back_off_caller(key, now, retry_after, e.message).await;
                 Refusal::Unavailable(self.unavailable())
             }
             Failed::OutageGoesOn => {
                 warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
+                // A probe by a caller that had failed before the outage backs that caller off
+                // further: if its subject is what fails, it must not win every probe while
+                // other callers wait.
+                if repeat {
+                    let _ = self.back_off_caller(key, now, retry_after, e.message).await;
+                }
                 Refusal::Unavailable(self.unavailable())
             }
         }

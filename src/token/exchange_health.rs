@@ -49,6 +49,10 @@ pub struct Health {
     pub not_before: Option<Instant>,
     /// While backing off, only one exchange probes the provider at a time.
     pub probing: bool,
+    /// When the last probe of the credential-wide back-off was sent.
+    pub last_probe_at: Option<Instant>,
+    /// The longest a back-off step lasts (`probe_interval`), set with each failure.
+    cap: Duration,
     /// Set while the credential-wide back-off runs: failures spanned several callers.
     pub outage: bool,
     /// Whether the provider has answered since the last failure (or since the start). Until
@@ -78,6 +82,14 @@ impl Health {
         self.outage && (self.not_before.is_some_and(|t| now < t) || self.probing)
     }
 
+    /// Whether a caller that failed before may probe during the credential-wide back-off: only
+    /// when no other caller has probed for two back-off steps. Its subject may be what fails,
+    /// and a caller repeating it fast must not win every probe while others wait; but where
+    /// every caller has failed before (a few callers, a long outage) one of them still probes.
+    pub fn repeat_may_probe(&self, now: Instant) -> bool {
+        self.last_probe_at.is_none_or(|at| now >= at + self.cap * 2)
+    }
+
     /// The provider answered (a token, or a refusal of the caller's token): it is up.
     pub fn answered(&mut self) -> bool {
         let was_failing = self.outage || !self.recent.is_empty();
@@ -90,10 +102,12 @@ impl Health {
         was_failing
     }
 
-    /// An exchange for caller `key` failed for a reason that is not the caller's.
+    /// An exchange for caller `key` failed for a reason that is not the caller's; `repeat`: that
+    /// caller failed before and is still backing off (it counts once towards an outage).
     pub fn failed(
         &mut self,
         key: Key,
+        repeat: bool,
         now: Instant,
         window: Duration,
         cap: Duration,
@@ -102,11 +116,14 @@ impl Health {
     ) -> Failed {
         self.probing = false;
         self.proven = false;
+        self.cap = cap;
         self.last_error = Some(reason.to_string());
         self.last_error_at = Some(SystemTime::now());
         let window = window.max(MIN_WINDOW);
         let outcome = if self.outage {
             Failed::OutageGoesOn
+        } else if repeat {
+            return Failed::Caller;
         } else {
             self.recent
                 .retain(|(k, at)| *k != key && now - *at < window);
@@ -187,24 +204,69 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..10 {
             let now = t0 + Duration::from_millis(100 * i);
-            assert_eq!(h.failed(key(1), now, W, CAP, None, "500"), Failed::Caller);
+            assert_eq!(
+                h.failed(key(1), false, now, W, CAP, None, "500"),
+                Failed::Caller
+            );
             assert!(!h.held_back(now));
         }
-        assert_eq!(h.failed(key(2), t0, W, CAP, None, "500"), Failed::Caller);
+        assert_eq!(
+            h.failed(key(2), false, t0, W, CAP, None, "500"),
+            Failed::Caller
+        );
         assert_eq!(h.failing_callers(), 2);
+    }
+
+    #[test]
+    fn a_caller_that_failed_before_counts_once_towards_an_outage() {
+        let mut h = Health::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            h.failed(key(1), false, t0, W, CAP, None, "500"),
+            Failed::Caller
+        );
+        assert_eq!(
+            h.failed(key(2), false, t0, W, CAP, None, "500"),
+            Failed::Caller
+        );
+        // The same two callers again, then again: still only their own trouble.
+        for _ in 0..3 {
+            for k in [1, 2] {
+                assert_eq!(
+                    h.failed(key(k), true, t0, W, CAP, None, "500"),
+                    Failed::Caller
+                );
+            }
+        }
+        assert!(!h.held_back(t0));
+        assert_eq!(
+            h.failed(key(3), false, t0, W, CAP, None, "500"),
+            Failed::OutageBegan
+        );
     }
 
     #[test]
     fn failures_of_three_callers_within_the_window_back_off_the_credential() {
         let mut h = Health::default();
         let t0 = Instant::now();
-        h.failed(key(1), t0, W, CAP, None, "500");
+        h.failed(key(1), false, t0, W, CAP, None, "500");
         // Out of the window by the time the others fail: not counted.
         let later = t0 + W + Duration::from_millis(1);
-        h.failed(key(2), later, W, CAP, None, "500");
-        assert_eq!(h.failed(key(3), later, W, CAP, None, "500"), Failed::Caller);
+        h.failed(key(2), false, later, W, CAP, None, "500");
         assert_eq!(
-            h.failed(key(4), later, W, CAP, Some(Duration::from_secs(2)), "500"),
+            h.failed(key(3), false, later, W, CAP, None, "500"),
+            Failed::Caller
+        );
+        assert_eq!(
+            h.failed(
+                key(4),
+                false,
+                later,
+                W,
+                CAP,
+                Some(Duration::from_secs(2)),
+                "500"
+            ),
             Failed::OutageBegan
         );
         assert!(h.held_back(later));
@@ -215,7 +277,7 @@ mod tests {
         let after = later + Duration::from_secs(3);
         assert!(!h.held_back(after));
         assert_eq!(
-            h.failed(key(5), after, W, CAP, None, "500"),
+            h.failed(key(5), false, after, W, CAP, None, "500"),
             Failed::OutageGoesOn
         );
         assert!(h.wait(after).unwrap() <= CAP, "capped at probe_interval");
@@ -227,7 +289,7 @@ mod tests {
         // A zero window still sees failures span callers.
         let mut h = Health::default();
         for n in 1..=3 {
-            h.failed(key(n), t0, Duration::ZERO, CAP, None, "500");
+            h.failed(key(n), false, t0, Duration::ZERO, CAP, None, "500");
         }
         assert!(h.outage);
     }

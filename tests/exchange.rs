@@ -1586,6 +1586,28 @@ async fn one_caller_with_three_failing_subjects_does_not_lock_the_others_out() {
     );
 }
 
+/// A caller decides how many requests it sends, not how much tokenward logs: 200 requests
+/// refused 503 for one failing subject write one "request refused" line, and the rest are
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refused_requests_are_logged_once_per_reason_and_counted() {
+    let (_provider, _upstream, tw) = setup("").await;
+    let boom = format!("boom-{}", rand_hex());
+    for _ in 0..200 {
+        let (status, body, _) = call(&tw, &boom).await;
+        assert_eq!(status, 503, "{body}");
+    }
+    let lines = tw.logs().matches("request refused: no valid token").count();
+    assert_eq!(lines, 1, "{}", tw.logs());
+    let metrics = tw.get_text("/metrics").await;
+    let counted: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tokenward_refusal_log_lines_suppressed_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, 199.0, "{metrics}");
+}
+
 /// Defect 4: distinct junk subjects cost at most `max_exchanges_per_second` exchanges a
 /// second; the rest are answered 503 with Retry-After and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,6 +1,10 @@
 //! The proxy's per-route request metrics, with label children resolved once per route so the
 //! request path only increments.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::log_limit::LogLimiter;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
@@ -12,6 +16,7 @@ pub struct ProxyMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     fast_path: IntCounterVec,
+    refusals_unlogged: IntCounterVec,
 }
 
 #[derive(Clone)]
@@ -19,7 +24,13 @@ pub struct RouteMetrics {
     requests: [IntCounter; 6],
     duration: [Histogram; 6],
     fast_path: IntCounter,
+    /// Holds back the log line of each request refused for want of a token: callers decide
+    /// how many requests they send, so they must not decide how much is logged.
+    pub refusal_log: Arc<LogLimiter>,
 }
+
+/// A refused request's log line is written once per reason in this window, then counted.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(60);
 
 impl ProxyMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -50,7 +61,16 @@ impl ProxyMetrics {
                 ),
                 &["route"],
             )?,
+            refusals_unlogged: IntCounterVec::new(
+                Opts::new(
+                    "tokenward_refusal_log_lines_suppressed_total",
+                    "Log lines about requests refused for want of a token not written, by route and \
+                     reason: each reason is logged once a minute per route.",
+                ),
+                &["route", "reason"],
+            )?,
         };
+        registry.register(Box::new(m.refusals_unlogged.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.fast_path.clone()))?;
@@ -62,6 +82,10 @@ impl ProxyMetrics {
             requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[route, c])),
             duration: STATUS_CLASSES.map(|c| self.duration.with_label_values(&[route, c])),
             fast_path: self.fast_path.with_label_values(&[route]),
+            refusal_log: Arc::new(LogLimiter::new(REFUSAL_LOG_WINDOW, {
+                let (family, route) = (self.refusals_unlogged.clone(), route.to_string());
+                Box::new(move |reason| family.with_label_values(&[&route, reason]))
+            })),
         }
     }
 }

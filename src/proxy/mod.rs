@@ -711,14 +711,16 @@ fn no_route() -> serde_json::Value {
 
 /// The 503 body for a request refused for want of a token, logged with its reason.
 fn token_unavailable(route: &Route, unavailable: &Unavailable) -> serde_json::Value {
-    warn!(
-        route = %route.name,
-        credential = %unavailable.credential,
-        class = unavailable.class,
-        reason = %unavailable.reason,
-        retry_after_s = unavailable.retry_after.as_secs(),
-        "request refused: no valid token"
-    );
+    if route.metrics.refusal_log.allow(unavailable.class) {
+        warn!(
+            route = %route.name,
+            credential = %unavailable.credential,
+            class = unavailable.class,
+            reason = %unavailable.reason,
+            retry_after_s = unavailable.retry_after.as_secs(),
+            "request refused: no valid token (logged once a minute per route and class; tokenward_refusal_log_lines_suppressed_total counts the rest)"
+        );
+    }
     // The client learns the class only: the detail can name secret files, environment
     // variables or the provider's own words (it is in the log and `/tokens` for operators).
     json!({

@@ -238,3 +238,57 @@ async fn the_jwks_is_fetched_through_subject_jwks_proxy() {
     assert!(!idp.fetches().is_empty());
     assert_eq!(idp.exchanged(), vec![alice]);
 }
+
+/// A JWKS host that hangs: requests with unknown kids queue for the one fetch in progress and
+/// share its answer (the fetch times out), instead of each waiting for a fetch of its own in
+/// turn; a request under a known kid is not held up at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_behind_a_hanging_jwks_share_one_fetch() {
+    let idp = FakeIdp::start().await;
+    let k1 = TestKey::new("k1");
+    idp.publish(vec![k1.jwk()]);
+    let (_upstream, tw) = start(&idp, "timeout = \"1s\"\nmin_refresh_interval = \"1s\"").await;
+    assert_eq!(call(&tw, &subject_token(&k1, "alice")).await.0, 200);
+    // Past the floor between refetches since the fetch at start, so the wave below fetches.
+    let last = *idp.fetches().last().unwrap();
+    tokio::time::sleep_until((last + Duration::from_millis(1100)).into()).await;
+    idp.set_delay(Duration::from_secs(30));
+    let before = idp.fetches().len();
+    let stranger = TestKey::new("stranger");
+    let tw = std::sync::Arc::new(tw);
+    let started = Instant::now();
+    let mut batch = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let token = stranger.sign_as(&rand_hex(), claims("mallory", ISSUER, SUBJECT_AUD, 300));
+        let tw = tw.clone();
+        batch.spawn(async move { (call(&tw, &token).await.0, started.elapsed()) });
+    }
+    assert_eq!(call(&tw, &subject_token(&k1, "bob")).await.0, 200);
+    while let Some(answer) = batch.join_next().await {
+        let (status, after) = answer.unwrap();
+        assert_eq!(status, 401);
+        assert!(after < Duration::from_secs(5), "answered after {after:?}");
+    }
+    let fetches = idp.fetches().len() - before;
+    assert!(
+        fetches <= 2,
+        "{fetches} fetches for one wave of unknown kids"
+    );
+}
+
+/// A key the issuer rotates in just after tokenward fetched the set (within the 1 s floor
+/// between refetches) is found: its first token waits for the next allowed fetch instead of
+/// being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_rotated_in_just_after_a_fetch_is_accepted_at_its_first_use() {
+    let idp = FakeIdp::start().await;
+    let (k1, k2) = (TestKey::new("k1"), TestKey::new("k2"));
+    idp.publish(vec![k1.jwk()]);
+    let (_upstream, tw) = start(&idp, "min_refresh_interval = \"1s\"").await;
+    // An unknown kid refetches now; the next refetch may come only a second later.
+    let stranger = TestKey::new("stranger");
+    let forged = stranger.sign_as("nobody", claims("mallory", ISSUER, SUBJECT_AUD, 300));
+    assert_eq!(call(&tw, &forged).await.0, 401);
+    idp.publish(vec![k1.jwk(), k2.jwk()]);
+    assert_eq!(call(&tw, &subject_token(&k2, "carol")).await.0, 200);
+}

@@ -67,11 +67,17 @@ struct KeySet {
 #[derive(Default)]
 struct FetchState {
     last_attempt: Option<Instant>,
+    /// When the last fetch ended (well or not): a caller that asked before then has its answer.
+    last_finished: Option<Instant>,
     /// Consecutive failed fetches (0 after a good one).
     failures: u32,
     /// After a failure, when the background writer tries again.
     retry_at: Option<Instant>,
 }
+
+/// The longest a request waits for the next fetch it may cause (refetches are at least a
+/// second apart): a key rotated in just after a fetch is still found at its first use.
+const MAX_DEMAND_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a fetch is asked for.
 #[derive(Clone, Copy, PartialEq)]
@@ -391,35 +397,47 @@ impl SubjectValidator {
     }
 
     /// Fetches the key set again, one fetch at a time, unless it is no longer needed once this
-    /// caller's turn comes: another fetch replaced `seen` meanwhile, a due fetch is not due any
-    /// more, or a demanded one comes less than `refetch_interval` after the last attempt. The
-    /// fetch runs in its own task (a caller that goes away does not cut it); on failure the last
-    /// good set stays. Returns the set usable now.
+    /// caller's turn comes: another fetch replaced `seen` meanwhile, a fetch ended after this
+    /// caller asked (its answer, good or not, is this caller's too: callers queued behind a
+    /// JWKS host that hangs wait for one fetch, not one each), or a due fetch is not due any
+    /// more. A demanded fetch less than `refetch_interval` after the last attempt waits for the
+    /// interval to pass when that is at most [`MAX_DEMAND_WAIT`] away (a key rotated in just
+    /// after a fetch is still found), and is not made otherwise. The fetch runs in
+    /// its own task (a caller that goes away does not cut it); on failure the last good set
+    /// stays. Returns the set usable now.
     async fn refetch(
         self: &Arc<Self>,
         cause: Cause,
         seen: Option<Arc<KeySet>>,
     ) -> Option<Arc<KeySet>> {
         let me = self.clone();
+        let asked = Instant::now();
         let task = tokio::spawn(async move {
             let _writer = me.writer.lock().await;
+            let answered = |me: &Self| me.state().last_finished.is_some_and(|t| t >= asked);
+            if !same(&me.keys.load_full(), &seen) || answered(&me) {
+                return me.usable(Instant::now());
+            }
             let now = Instant::now();
-            if !same(&me.keys.load_full(), &seen) {
-                return me.usable(now);
+            match cause {
+                Cause::Due if now < me.next_refresh_after(now) => return me.usable(now),
+                Cause::Due => {}
+                Cause::Demand => {
+                    let next = me.state().last_attempt.map(|t| t + me.refetch_interval);
+                    match next.filter(|t| now < *t) {
+                        // A request waits for the next allowed fetch only briefly; further off,
+                        // it is judged on the set at hand.
+                        Some(next) if next - now > MAX_DEMAND_WAIT => return me.usable(now),
+                        Some(next) => tokio::time::sleep_until(next.into()).await,
+                        None => {}
+                    }
+                }
             }
-            let too_soon = match cause {
-                Cause::Due => now < me.next_refresh_after(now),
-                Cause::Demand => me
-                    .state()
-                    .last_attempt
-                    .is_some_and(|t| now < t + me.refetch_interval),
-            };
-            if too_soon {
-                return me.usable(now);
-            }
+            let now = Instant::now();
             me.state().last_attempt = Some(now);
             let result = me.fetch_once().await;
             let mut st = me.state();
+            st.last_finished = Some(Instant::now());
             match result {
                 Ok(set) => {
                     st.failures = 0;

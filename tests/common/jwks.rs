@@ -95,6 +95,8 @@ pub struct IdpState {
     pub max_age: Mutex<Option<u64>>,
     /// /jwks answers 503 while set.
     pub jwks_down: AtomicBool,
+    /// /jwks answers after this long (a host that hangs).
+    pub jwks_delay: Mutex<std::time::Duration>,
     /// When each /jwks request arrived, answered or not.
     pub jwks_fetches: Mutex<Vec<Instant>>,
     /// Every subject token exchanged at /token.
@@ -128,6 +130,9 @@ impl FakeIdp {
     pub fn set_max_age(&self, s: Option<u64>) {
         *self.state.max_age.lock().unwrap() = s;
     }
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        *self.state.jwks_delay.lock().unwrap() = delay;
+    }
     pub fn set_down(&self, down: bool) {
         self.state.jwks_down.store(down, Ordering::SeqCst);
     }
@@ -156,6 +161,8 @@ impl FakeIdp {
 
 async fn jwks(State(s): State<Arc<IdpState>>) -> Response {
     s.jwks_fetches.lock().unwrap().push(Instant::now());
+    let delay = *s.jwks_delay.lock().unwrap();
+    tokio::time::sleep(delay).await;
     if s.jwks_down.load(Ordering::SeqCst) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }

@@ -32,7 +32,12 @@ done
 
 WORK=$(mktemp -d)
 PIDS=()
+# Processes started inside a command substitution are that subshell's: they are listed in a
+# file too, so the cleanup finds them whichever shell started them (a failed load check exits a
+# subshell, which used to leave its tokenward answering the next run on the same ports).
+started() { PIDS+=("$1"); echo "$1" >>"$WORK/pids"; }
 cleanup() {
+    [ -e "$WORK/pids" ] && while read -r pid; do PIDS+=("$pid"); done <"$WORK/pids"
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
     [ -e "$WORK/nginx.conf" ] && nginx -c "$WORK/nginx.conf" -p "$WORK" -s stop 2>/dev/null || true
@@ -53,7 +58,7 @@ http {
 CONF
 nginx -c "$WORK/nginx.conf" -p "$WORK"
 "${BINS[0]}" dev --component provider --listen "127.0.0.1:$PROVIDER" --token-lifetime 1h >"$WORK/provider.log" 2>&1 &
-PIDS+=($!)
+started $!
 
 cat >"$WORK/tokenward.toml" <<CONF
 [server]
@@ -79,7 +84,7 @@ stop() { kill -9 "$1"; wait "$1" 2>/dev/null || true; }
 
 syscalls_per_request() { # binary
     "$1" run --config "$WORK/tokenward.toml" >"$WORK/tokenward.log" 2>&1 &
-    local pid=$!; PIDS+=("$pid")
+    local pid=$!; started "$pid"
     until_up "http://127.0.0.1:$ADMIN/readyz" 100
     load "$WARMUP"
     perf stat -e raw_syscalls:sys_enter -p "$pid" -x, -o "$WORK/perf.out" &
@@ -94,7 +99,7 @@ syscalls_per_request() { # binary
 instructions_per_request() { # binary
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" "$1" run --config "$WORK/tokenward.toml" \
         >"$WORK/tokenward.log" 2>&1 &
-    local pid=$!; PIDS+=("$pid")
+    local pid=$!; started "$pid"
     until_up "http://127.0.0.1:$ADMIN/readyz" 300
     load "$WARMUP"
     callgrind_control -z "$pid" >/dev/null 2>&1

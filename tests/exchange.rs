@@ -621,16 +621,28 @@ fn with_actor(provider: &FakeExchange, actor: &FakeProvider, extra: &str) -> Str
     )
 }
 
-#[tokio::test]
-async fn the_actor_credentials_current_token_goes_with_each_exchange() {
-    let provider = FakeExchange::start(300).await;
-    let actor = FakeProvider::start(3, false, None).await;
+/// Points `provider` at `actor` for the actor tokens it accepts and starts tokenward with the
+/// credential `api` exchanging at `provider` with `actor`'s token (plus `extra`), in front of a
+/// new upstream. Not waited for: some tests start with the actor failing.
+async fn start_with_actor(
+    provider: &FakeExchange,
+    actor: &FakeProvider,
+    extra: &str,
+) -> (FakeUpstream, Tokenward) {
     *provider.state.actor_source.lock().unwrap() = Some(actor.clone());
     let upstream = FakeUpstream::start().await;
     let tw = Tokenward::start(
         &format!("http://{}", upstream.addr()),
-        &with_actor(&provider, &actor, ""),
+        &with_actor(provider, actor, extra),
     );
+    (upstream, tw)
+}
+
+#[tokio::test]
+async fn the_actor_credentials_current_token_goes_with_each_exchange() {
+    let provider = FakeExchange::start(300).await;
+    let actor = FakeProvider::start(3, false, None).await;
+    let (upstream, tw) = start_with_actor(&provider, &actor, "").await;
     tw.wait_ready().await;
     // New callers over a few seconds: the actor's token is refreshed (every ~1.5 s) by its
     // own engine meanwhile, and each exchange must carry the one current at the time.
@@ -677,12 +689,7 @@ async fn an_actor_without_a_token_is_a_503_and_no_exchange() {
         status: 503,
         retry_after_s: 2,
     });
-    *provider.state.actor_source.lock().unwrap() = Some(actor.clone());
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &with_actor(&provider, &actor, ""),
-    );
+    let (upstream, tw) = start_with_actor(&provider, &actor, "").await;
     tw.wait_healthy().await;
     wait_for("the actor's first attempt", Duration::from_secs(10), || {
         actor.call_count() >= 1
@@ -924,8 +931,16 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
         assert_eq!(call(&tw, &unknown).await.0, 401);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Right after that refetch, another unknown kid waits for the next one the rate limit
+    // allows (at most a second away) rather than fetching at once.
+    let asked = Instant::now();
     assert_eq!(call(&tw, &unknown).await.0, 401);
-    assert_eq!(fetches(), 2, "refetches are rate-limited");
+    assert_eq!(fetches(), 3, "one more refetch, after the floor");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "refetches are rate-limited: the next came after {:?}",
+        asked.elapsed()
+    );
 
     // The issuer rotates in k2: a token under the new kid is accepted after a refetch.
     set_jwks(&provider, &[&k1, &k2]);
@@ -941,7 +956,7 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
         assert!(Instant::now() < deadline, "the new kid was never accepted");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(fetches(), 3);
+    assert_eq!(fetches(), 4);
 
     // The JWKS endpoint fails: the last good set stays in use.
     provider.state.jwks_down.store(true, Ordering::SeqCst);
@@ -1317,12 +1332,7 @@ async fn only_the_configured_scheme_carries_a_subject_token() {
 async fn a_refused_actor_token_is_the_credentials_fault_and_is_replaced() {
     let provider = FakeExchange::start(300).await;
     let actor = FakeProvider::start(300, false, None).await;
-    *provider.state.actor_source.lock().unwrap() = Some(actor.clone());
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &with_actor(&provider, &actor, "negative_ttl = \"60s\""),
-    );
+    let (upstream, tw) = start_with_actor(&provider, &actor, "negative_ttl = \"60s\"").await;
     tw.wait_ready().await;
     let first_actor_tokens = actor.successful_calls();
     provider.state.refuse_actor.store(true, Ordering::SeqCst);
@@ -1372,12 +1382,7 @@ async fn a_refused_actor_token_is_the_credentials_fault_and_is_replaced() {
 async fn a_reload_that_replaces_the_actor_starts_a_fresh_per_caller_cache() {
     let provider = FakeExchange::start(300).await;
     let actor = FakeProvider::start(300, false, None).await;
-    *provider.state.actor_source.lock().unwrap() = Some(actor.clone());
-    let upstream = FakeUpstream::start().await;
-    let tw = Tokenward::start(
-        &format!("http://{}", upstream.addr()),
-        &with_actor(&provider, &actor, ""),
-    );
+    let (_upstream, tw) = start_with_actor(&provider, &actor, "").await;
     tw.wait_ready().await;
     let s = subject(1);
     assert_eq!(call(&tw, &s).await.0, 200);

@@ -249,6 +249,20 @@ async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_autho
         list.contains("<Key>dir with space/déjà.bin</Key>") && !list.contains("other"),
         "{list}"
     );
+    // The same listing as forms and `urlencode` spell it (`+` for a space, raw `/` and `=`,
+    // parameters in any order): the query goes upstream as it is signed.
+    for query in [
+        "prefix=dir+with+space%2Fd%C3%A9j&list-type=2",
+        "list-type=2&delimiter=/&prefix=dir+with",
+        "list-type=2&prefix=dir+with&start-after=a=b",
+    ] {
+        let r = client
+            .get(tw.url(&format!("/bucket-one?{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{query}: {}", r.text().await.unwrap());
+    }
     let head = client
         .head(tw.url("/bucket-one/dir%20with%20space/d%C3%A9j%C3%A0.bin"))
         .send()

@@ -402,6 +402,12 @@ pub trait RequestSigner: Send + Sync {
         None
     }
 
+    /// The query to send upstream in place of `query`, when the signature needs it on the wire
+    /// spelled as it signs it (a verifier reading a `+` as a space, or the client's raw bytes).
+    fn wire_query(&self, _query: &str) -> Option<String> {
+        None
+    }
+
     /// Whether the upstream's answer (status and header) refused the credentials.
     fn verdict(&self, _status: u16, _headers: &::http::HeaderMap) -> UpstreamVerdict {
         UpstreamVerdict::Accepted

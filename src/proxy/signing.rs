@@ -165,10 +165,13 @@ impl Signed {
         for name in self.signer.replaces() {
             request.remove_header(name);
         }
-        if let Some(path) = self.signer.wire_path(request.uri.path()) {
-            let target = match request.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
+        let path = self.signer.wire_path(request.uri.path());
+        let query = request.uri.query().and_then(|q| self.signer.wire_query(q));
+        if path.is_some() || query.is_some() {
+            let path = path.unwrap_or_else(|| request.uri.path().to_string());
+            let target = match query.as_deref().or(request.uri.query()) {
+                Some(q) if !q.is_empty() => format!("{path}?{q}"),
+                _ => path,
             };
             let uri = target.parse::<http::Uri>().map_err(|_| {
                 Error::explain(

@@ -475,6 +475,13 @@ impl RequestSigner for Signer {
             .filter(|canonical| canonical != path)
     }
 
+    /// The query goes upstream exactly as it is signed: its parameters decoded (a `+` is a
+    /// space, as AWS reads a query) and encoded strictly, sorted — what AWS computes from
+    /// whatever spelling it receives, and what a verifier that reads the raw query checks.
+    fn wire_query(&self, query: &str) -> Option<String> {
+        Some(sigv4::canonical_query(Some(query))).filter(|canonical| canonical != query)
+    }
+
     /// S3 answers a refused signature 403 (an expired token 400) with the code in an XML body;
     /// the JSON protocols name it in `x-amzn-ErrorType` too (`Code:` then a URL, at times).
     fn verdict(&self, status: u16, headers: &http::HeaderMap) -> UpstreamVerdict {

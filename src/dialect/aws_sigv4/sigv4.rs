@@ -158,8 +158,11 @@ pub fn canonical_query(query: Option<&str>) -> String {
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let (mut ek, mut ev) = (String::new(), String::new());
-            uri_encode(&percent_decode(k), false, &mut ek);
-            uri_encode(&percent_decode(v), false, &mut ev);
+            // A query's `+` is a space (HTML forms, `URLSearchParams`, Python's `urlencode`),
+            // as AWS decodes it; a `+` meant literally arrives as `%2B`.
+            let form = |s: &str| percent_decode(&s.replace('+', " "));
+            uri_encode(&form(k), false, &mut ek);
+            uri_encode(&form(v), false, &mut ev);
             (ek, ev)
         })
         .collect();

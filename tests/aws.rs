@@ -249,6 +249,17 @@ async fn static_keys_sign_put_get_list_head_delete_and_replace_the_clients_autho
         list.contains("<Key>dir with space/déjà.bin</Key>") && !list.contains("other"),
         "{list}"
     );
+    // A field that cannot be signed (not visible ASCII) is the client's 400, not a 500.
+    let r = client
+        .get(tw.url("/bucket-one?list-type=2"))
+        .header(
+            "x-amz-meta-utf",
+            reqwest::header::HeaderValue::from_bytes("café".as_bytes()).unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
     // The same listing as forms and `urlencode` spell it (`+` for a space, raw `/` and `=`,
     // parameters in any order): the query goes upstream as it is signed.
     for query in [

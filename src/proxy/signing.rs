@@ -202,10 +202,13 @@ impl Signed {
                 },
             )
             .map_err(|reason| {
+                // What cannot be signed is what the client sent (a field that is not visible
+                // ASCII): its 400, naming the field in the log, not a server fault.
                 Error::explain(
-                    ErrorType::InternalError,
+                    ErrorType::InvalidHTTPHeader,
                     format!("cannot sign the request: {reason}"),
                 )
+                .into_down()
             })?;
         for (name, value) in headers {
             request.insert_header(name, value)?;

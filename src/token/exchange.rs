@@ -852,12 +852,10 @@ impl Exchanger {
             }
             Failed::OutageGoesOn => {
                 warn!(credential = %self.name, error = %e.message, "token exchange failed; backing off");
-                // A probe by a caller that had failed before the outage backs that caller off
-                // further: if its subject is what fails, it must not win every probe while
-                // other callers wait.
-                if repeat {
-                    let _ = self.back_off_caller(key, now, retry_after, e.message).await;
-                }
+                // The probing caller backs off too (its first step is short, and the cap is
+                // `probe_interval`): if its subject is what fails, it must not win every probe
+                // while other callers wait; its next try is a repeat's.
+                let _ = self.back_off_caller(key, now, retry_after, e.message).await;
                 Refusal::Unavailable(self.unavailable())
             }
         }

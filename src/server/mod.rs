@@ -29,9 +29,9 @@ use crate::proxy::{InFlight, TokenwardProxy};
 use crate::token::metrics::TokenMetrics;
 use crate::token::refresher::Refresher;
 use crate::token::{Credential, TokenStore};
-use pingora::listeners::ListenerConfig;
-use pingora::protocols::l4::stream::L4BufferSettings;
 
+mod client_stream;
+mod proxy_threads;
 mod reload;
 
 /// What the proxy, admin and background services share. Readers load each part lock-free;
@@ -372,10 +372,9 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     let conf = ServerConf {
         threads: config.threads,
         upstream_keepalive_pool_size: config.upstream_keepalive_pool_size,
-        // One thread gains nothing from stealing work, and tokio's single-threaded runtime
-        // costs 8-12 % less CPU per request than its multi-threaded one with one worker
-        // (benches/README.md); with more threads, stealing keeps them evenly loaded.
-        work_stealing: config.threads > 1,
+        // The proxy threads are tokenward's own (proxy_threads); pingora's services here
+        // (admin, housekeeping) run one thread each.
+        work_stealing: false,
         grace_period_seconds: Some(config.grace_period.as_secs().max(1)),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
@@ -384,22 +383,15 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    for addr in &listeners {
+    let proxy_threads = proxy_threads::bind(&listeners, config.threads, |addr| {
         let proxy = TokenwardProxy {
-            listener: *addr,
+            listener: addr,
             table: shared.routes.clone(),
             in_flight: shared.in_flight.clone(),
         };
-        let app = ListenerApp::new(proxy, &conf, config.http1_fast_path);
-        let mut service = Service::new(format!("proxy {addr}"), app);
-        // Unbuffered client reads: pingora reads each request into its own buffer anyway, and
-        // its default 64 KiB read buffer per connection would be a copy on every request and
-        // up to 64 KiB of memory on every idle connection (benches/README.md).
-        service.add_listener(
-            ListenerConfig::tcp(&addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
-        server.add_service(service);
-    }
+        ListenerApp::new(proxy, &conf, config.http1_fast_path)
+    })?;
+    server.add_service(proxy_threads::ProxyThreads::new(proxy_threads));
     let mut admin = Service::new(
         "admin".to_string(),
         HttpServer::new_app(AdminApp::new(shared.clone())),

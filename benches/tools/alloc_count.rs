@@ -33,7 +33,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Large enough for any request or answer head of this bench.
 const BUFFER: usize = 8192;
 const BODY: &[u8] = b"ok\n";
-const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
+const ANSWER: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n";
 
 // The counting allocator. This bench tool is the one place with `unsafe`: implementing
 // `GlobalAlloc` cannot be done otherwise. Each method only forwards its arguments unchanged to
@@ -45,6 +46,10 @@ static ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
 static REALLOCS: AtomicU64 = AtomicU64::new(0);
 static REALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
 static FREES: AtomicU64 = AtomicU64::new(0);
+/// Allocations of at least `LARGE` bytes (buffers, mostly), counted apart as well.
+static LARGE_ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LARGE_ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
+const LARGE: usize = 4096;
 
 thread_local! {
     /// Set on the bench's own threads (main, upstream, clients). Const-initialised and without
@@ -62,25 +67,30 @@ fn not_counted() {
     NOT_COUNTED.with(|c| c.set(true));
 }
 
+fn count_alloc(size: usize) {
+    if counted() {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        ALLOC_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+        if size >= LARGE {
+            LARGE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+            LARGE_ALLOC_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 struct Counting;
 
 // SAFETY: every method forwards to `System` with the caller's arguments, so `System`'s
 // guarantees are ours; the counters are atomics and the thread-local read cannot allocate.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-            ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
-        }
+        count_alloc(layout.size());
         // SAFETY: the caller's contract for `alloc` is passed on unchanged.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if counted() {
-            ALLOCS.fetch_add(1, Ordering::Relaxed);
-            ALLOC_BYTES.fetch_add(layout.size() as u64, Ordering::Relaxed);
-        }
+        count_alloc(layout.size());
         // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
@@ -113,6 +123,8 @@ struct Counts {
     reallocs: u64,
     realloc_bytes: u64,
     frees: u64,
+    large_allocs: u64,
+    large_alloc_bytes: u64,
 }
 
 fn counts() -> Counts {
@@ -122,6 +134,8 @@ fn counts() -> Counts {
         reallocs: REALLOCS.load(Ordering::Relaxed),
         realloc_bytes: REALLOC_BYTES.load(Ordering::Relaxed),
         frees: FREES.load(Ordering::Relaxed),
+        large_allocs: LARGE_ALLOCS.load(Ordering::Relaxed),
+        large_alloc_bytes: LARGE_ALLOC_BYTES.load(Ordering::Relaxed),
     }
 }
 
@@ -261,7 +275,9 @@ fn start_upstream() -> SocketAddr {
 
 /// Makes one request on `stream` and checks its answer: a 200 whose body is `ok\n`.
 fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut [u8; BUFFER]) -> Result<(), String> {
-    stream.write_all(request).map_err(|e| format!("write: {e}"))?;
+    stream
+        .write_all(request)
+        .map_err(|e| format!("write: {e}"))?;
     let mut filled = 0;
     let end = loop {
         if let Some(end) = find(&buf[..filled], b"\r\n\r\n") {
@@ -363,7 +379,9 @@ fn wait_ready(admin: SocketAddr) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    fail(&format!("tokenward not ready within 10 s (http://{admin}/readyz)"))
+    fail(&format!(
+        "tokenward not ready within 10 s (http://{admin}/readyz)"
+    ))
 }
 
 fn per_request(value: u64, requests: u64) -> f64 {
@@ -418,20 +436,26 @@ client_secret = "demo-secret"
         }
     });
     wait_ready(admin);
-    let _ = std::fs::remove_dir_all(&dir);
 
     let request = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n\r\n", proxy.port());
     let mut streams: Vec<TcpStream> = (0..args.connections).map(|_| connect(proxy)).collect();
     phase("warm-up", &mut streams, request.as_bytes(), args.warmup);
     let upstream_before = UPSTREAM_WITH_TOKEN.load(Ordering::Relaxed);
     let before = counts();
-    phase("measurement", &mut streams, request.as_bytes(), args.requests);
+    phase(
+        "measurement",
+        &mut streams,
+        request.as_bytes(),
+        args.requests,
+    );
     let after = counts();
     let upstream_seen = UPSTREAM_WITH_TOKEN.load(Ordering::Relaxed) - upstream_before;
 
     let without = UPSTREAM_WITHOUT_TOKEN.load(Ordering::Relaxed);
     if without > 0 {
-        fail(&format!("the upstream saw {without} requests without a bearer token"));
+        fail(&format!(
+            "the upstream saw {without} requests without a bearer token"
+        ));
     }
     if upstream_before != args.warmup || upstream_seen != args.requests {
         fail(&format!(
@@ -453,6 +477,11 @@ client_secret = "demo-secret"
         per_request(after.alloc_bytes - before.alloc_bytes, n)
     );
     println!(
+        "  of which >= {LARGE} bytes {:>9.2}   bytes/request              {:>9.1}",
+        per_request(after.large_allocs - before.large_allocs, n),
+        per_request(after.large_alloc_bytes - before.large_alloc_bytes, n)
+    );
+    println!(
         "reallocations/request      {:>9.2}   bytes reallocated/request  {:>9.1}   (new sizes)",
         per_request(after.reallocs - before.reallocs, n),
         per_request(after.realloc_bytes - before.realloc_bytes, n)
@@ -461,6 +490,8 @@ client_secret = "demo-secret"
         "frees/request              {:>9.2}",
         per_request(after.frees - before.frees, n)
     );
+    // Not before: tokenward watches its config file and would try a reload when it goes.
+    let _ = std::fs::remove_dir_all(&dir);
     // tokenward's server thread never returns; its threads end with the process.
     std::process::exit(0);
 }

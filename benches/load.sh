@@ -303,9 +303,9 @@ median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] 
 pinning="${UPSTREAM_CPU[*]:-unpinned} for the upstream, ${PROXY_CPU[*]:-unpinned} for the proxies, ${LOAD_CPU[*]:-unpinned} for load"
 echo "$(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)); $pinning"
 if [ -n "$THREADS" ]; then
-    conns="$CONNS_PER_THREAD per proxy thread"
-    [ -z "$CONNS_GIVEN" ] || conns=$CONNS
-    echo "cpu: hey -n $CPU_REQUESTS -c 50 at $RATE req/s (1m: a tenth of both); max: wrk -t$LOAD_THREADS, $conns connections, -d$DURATION; upstream nginx: $UPSTREAM_WORKERS workers"
+    conns="$CONNS_PER_THREAD connections per proxy thread"
+    [ -z "$CONNS_GIVEN" ] || conns="$CONNS connections"
+    echo "cpu: hey -n $CPU_REQUESTS -c 50 at $RATE req/s (1m: a tenth of both); max: wrk -t$LOAD_THREADS, $conns, -d$DURATION; upstream nginx: $UPSTREAM_WORKERS worker(s)"
     echo "$ROUNDS alternating rounds per thread count, medians; proxy threads (nginx: workers): $THREADS${ALT_THREADS:+ (alt: $ALT_THREADS)}"
 else
     echo "cpu: hey -n $CPU_REQUESTS -c 50 at $RATE req/s (1m: a tenth of both); max: wrk -t$LOAD_THREADS -c$(conns_for 1) -d$DURATION; $ROUNDS alternating rounds, medians; tokenward threads=$TW_THREADS"
@@ -358,13 +358,13 @@ for n in $STEPS; do
 done
 if [ -n "$THREADS" ]; then
     read -r first _ <<<"$THREADS"
-    printf '\nthroughput (req/s) at each thread count ÷ at %s thread(s):\n' "$first"
+    printf '\nthroughput (req/s) at each thread count N ÷ throughput at N = %s:\n' "$first"
     for size in $SIZES; do
         for t in $TARGETS; do
             line=$(printf '%-6s %-10s' "$size" "$t")
             for n in $STEPS; do
                 line+=$(awk -v n="$n" -v r="${RPS_AT[$t-$size-$n]}" -v r1="${RPS_AT[$t-$size-$first]}" \
-                    'BEGIN { printf "   %s: %s", n, r1 > 0 ? sprintf("%.2f×", r / r1) : "-" }')
+                    'BEGIN { printf "   %s: %s", n, (r1 > 0 ? sprintf("%.2f×", r / r1) : "-") }')
             done
             echo "$line"
         done

@@ -50,6 +50,25 @@ static FREES: AtomicU64 = AtomicU64::new(0);
 static LARGE_ALLOCS: AtomicU64 = AtomicU64::new(0);
 static LARGE_ALLOC_BYTES: AtomicU64 = AtomicU64::new(0);
 const LARGE: usize = 4096;
+/// The first few distinct sizes of large allocations in the measured phase (from `SIZES_ARMED`
+/// on, so that start-up's sizes do not fill the table) and how often each was asked for: which
+/// buffers a request costs. A size not fitting in the table is counted only in the totals.
+static SIZES_ARMED: AtomicBool = AtomicBool::new(false);
+static LARGE_SIZES: [(AtomicU64, AtomicU64); 8] =
+    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; 8];
+
+fn count_large_size(size: u64) {
+    for (slot, count) in &LARGE_SIZES {
+        let taken = match slot.compare_exchange(0, size, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => true,
+            Err(current) => current == size,
+        };
+        if taken {
+            count.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+}
 
 thread_local! {
     /// Set on the bench's own threads (main, upstream, clients). Const-initialised and without
@@ -74,6 +93,9 @@ fn count_alloc(size: usize) {
         if size >= LARGE {
             LARGE_ALLOCS.fetch_add(1, Ordering::Relaxed);
             LARGE_ALLOC_BYTES.fetch_add(size as u64, Ordering::Relaxed);
+            if SIZES_ARMED.load(Ordering::Relaxed) {
+                count_large_size(size as u64);
+            }
         }
     }
 }
@@ -125,6 +147,7 @@ struct Counts {
     frees: u64,
     large_allocs: u64,
     large_alloc_bytes: u64,
+    large_sizes: [(u64, u64); 8],
 }
 
 fn counts() -> Counts {
@@ -136,6 +159,10 @@ fn counts() -> Counts {
         frees: FREES.load(Ordering::Relaxed),
         large_allocs: LARGE_ALLOCS.load(Ordering::Relaxed),
         large_alloc_bytes: LARGE_ALLOC_BYTES.load(Ordering::Relaxed),
+        large_sizes: std::array::from_fn(|i| {
+            let (size, count) = &LARGE_SIZES[i];
+            (size.load(Ordering::Relaxed), count.load(Ordering::Relaxed))
+        }),
     }
 }
 
@@ -441,6 +468,7 @@ client_secret = "demo-secret"
     let mut streams: Vec<TcpStream> = (0..args.connections).map(|_| connect(proxy)).collect();
     phase("warm-up", &mut streams, request.as_bytes(), args.warmup);
     let upstream_before = UPSTREAM_WITH_TOKEN.load(Ordering::Relaxed);
+    SIZES_ARMED.store(true, Ordering::Relaxed);
     let before = counts();
     phase(
         "measurement",
@@ -481,6 +509,16 @@ client_secret = "demo-secret"
         per_request(after.large_allocs - before.large_allocs, n),
         per_request(after.large_alloc_bytes - before.large_alloc_bytes, n)
     );
+    let sizes: Vec<String> = after
+        .large_sizes
+        .iter()
+        .zip(before.large_sizes.iter())
+        .filter(|((size, after), (_, before))| *size > 0 && after > before)
+        .map(|((size, after), (_, before))| {
+            format!("{size} B × {:.2}", per_request(after - before, n))
+        })
+        .collect();
+    println!("    by size, per request      {}", sizes.join(", "));
     println!(
         "reallocations/request      {:>9.2}   bytes reallocated/request  {:>9.1}   (new sizes)",
         per_request(after.reallocs - before.reallocs, n),

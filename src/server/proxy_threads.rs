@@ -29,6 +29,11 @@ const BACKLOG: i32 = 65535;
 /// again at once would fail again at once, in a busy loop.
 const ACCEPT_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a new connection may stay silent: pingora's HTTP/1 sessions give up on a read
+/// after as long (their default `read_timeout`), and nginx on a request head
+/// (`client_header_timeout`).
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One proxy thread's sockets and the apps that serve them, one per route listener.
 pub struct ThreadListeners(Vec<(std::net::TcpListener, ListenerApp)>);
 
@@ -171,13 +176,15 @@ fn is_out_of_resources(e: &std::io::Error) -> bool {
 
 /// One client connection. Until its first byte arrives it costs its socket and this small
 /// task: nothing of a request (session, buffers, the request loop's state) is built for a
-/// connection that is only held open (benches/README.md, 10,000 idle connections).
+/// connection that is only held open (benches/README.md, 10,000 idle connections). One that
+/// sends nothing for `FIRST_BYTE_TIMEOUT` is closed, as a read that waits that long is.
 async fn serve_client(client: TcpStream, app: Arc<ListenerApp>, shutdown: ShutdownWatch) {
     let mut stop = shutdown.clone();
     tokio::select! {
         biased;
         _ = stop.wait_for(|stopping| *stopping) => return,
         readable = client.readable() => if readable.is_err() { return },
+        _ = tokio::time::sleep(FIRST_BYTE_TIMEOUT) => return,
     }
     let mut next: Option<Stream> = Some(Box::new(ClientStream::new(client)));
     while let Some(stream) = next {

@@ -113,12 +113,52 @@ enum Next {
 
 #[async_trait]
 impl ServerApp for ListenerApp {
+    /// A connection that may have sent nothing yet: a stream the `ProxyHttp` path kept alive.
     async fn process_new(
         self: &Arc<Self>,
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        if !self.lean || !self.table.load().forwards_plainly(self.listener) {
+        let mut stream = stream;
+        if self.serves_leanly() {
+            // Nothing of a request is held before its first byte arrives: an idle connection
+            // costs its socket and this small wait, not a session with its header buffer and
+            // the request loop's state. The byte is read and given back to the stream
+            // (pingora's peek).
+            let mut first = [0u8; 1];
+            let mut stop = shutdown.clone();
+            tokio::select! {
+                biased;
+                peeked = stream.try_peek(&mut first) => {
+                    if peeked.is_err() {
+                        return None;
+                    }
+                }
+                _ = stop.wait_for(|stopping| *stopping) => return None,
+            }
+        }
+        self.serve_arrived(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.full.http_cleanup().await;
+    }
+}
+
+impl ListenerApp {
+    fn serves_leanly(&self) -> bool {
+        self.lean && self.table.load().forwards_plainly(self.listener)
+    }
+
+    /// Serves a connection whose first byte has arrived (the proxy threads wait for it before
+    /// they build a stream), on the lean path or the `ProxyHttp` path. `Some` is a connection
+    /// the `ProxyHttp` path kept alive, for `process_new`.
+    pub async fn serve_arrived(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !self.serves_leanly() {
             // HTTP/2 frames its own way; an HTTP/1 connection gets the chunk guard, which
             // follows its requests' framing itself (pingora's loop runs between them).
             let stream = if stream.selected_alpn_proto() == Some(pingora::protocols::ALPN::H2) {
@@ -128,31 +168,9 @@ impl ServerApp for ListenerApp {
             };
             return self.full.process_new(stream, shutdown).await;
         }
-        // Nothing of a request is held before its first byte arrives: a connection accepted
-        // and left idle (10,000 of them, benches/README.md) costs its socket and this small
-        // wait, not a session with its header buffer and the request loop's state. The byte is
-        // read and given back to the stream (pingora's peek), one read per connection.
-        let mut first = [0u8; 1];
-        let mut stop = shutdown.clone();
-        let mut stream = stream;
-        tokio::select! {
-            biased;
-            peeked = stream.try_peek(&mut first) => {
-                if peeked.is_err() {
-                    return None;
-                }
-            }
-            _ = stop.wait_for(|stopping| *stopping) => return None,
-        }
         Box::pin(self.serve_connection(stream, shutdown)).await
     }
 
-    async fn cleanup(&self) {
-        self.full.http_cleanup().await;
-    }
-}
-
-impl ListenerApp {
     /// The lean path's loop over one client connection's requests, from its first byte.
     async fn serve_connection(&self, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         let (mut stream, guard) = Guarded::wrap(stream);

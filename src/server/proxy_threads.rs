@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::Context;
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use pingora::services::Service;
 use tokio::net::{TcpListener, TcpStream};
@@ -193,7 +192,9 @@ async fn serve_client(client: TcpStream, app: Arc<ListenerApp>, shutdown: Shutdo
         },
         _ = tokio::time::sleep(FIRST_BYTE_TIMEOUT) => return,
     }
-    let mut next: Option<Stream> = Some(Box::new(ClientStream::new(client)));
+    let mut next = app
+        .serve_arrived(Box::new(ClientStream::new(client)), &shutdown)
+        .await;
     while let Some(stream) = next {
         next = app.process_new(stream, &shutdown).await;
     }

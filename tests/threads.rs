@@ -81,20 +81,24 @@ fn proxy_thread_wakeups(pid: u32) -> BTreeMap<String, u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn each_proxy_thread_listens_on_its_own_socket_and_all_of_them_serve() {
+/// Starts tokenward with three proxy threads and `extra_env`, checks how many sockets listen on
+/// its route port, and that sixty connections are served, with their token, by all three threads.
+async fn three_threads_serve(extra_env: &[(&str, &str)], listening_sockets: usize) -> Tokenward {
     let provider = FakeProvider::start(3600, false, None).await;
     let upstream = FakeUpstream::start().await;
+    let mut env = vec![("TOKENWARD_SERVER__THREADS", "3")];
+    env.extend_from_slice(extra_env);
     let tw = Tokenward::start_in_env(
         &format!("http://{}", upstream.addr()),
         &oauth2_keys(&provider, ""),
-        &[("TOKENWARD_SERVER__THREADS", "3")],
+        &env,
     );
     tw.wait_ready().await;
     let port = tw.proxy.port();
-    // One SO_REUSEPORT socket per thread: the kernel spreads connections over them.
-    assert_eq!(listening_on(port, &socket_inodes(tw.pid())), 3);
-
+    assert_eq!(
+        listening_on(port, &socket_inodes(tw.pid())),
+        listening_sockets
+    );
     let idle = proxy_thread_wakeups(tw.pid());
     assert_eq!(idle.len(), 3, "{idle:?}");
     let requests = 60;
@@ -116,8 +120,8 @@ async fn each_proxy_thread_listens_on_its_own_socket_and_all_of_them_serve() {
         }),
         "every request went upstream with its one token"
     );
-    // Every thread took part: an idle proxy thread sleeps in epoll until a connection of its
-    // own arrives, so each one woke up. A thread the kernel gave none of the sixty connections
+    // Every thread took part: an idle proxy thread sleeps in epoll until a connection for it
+    // arrives, so each one woke up. A thread the kernel gave none of the sixty connections
     // (odds (2/3)^60 with three sockets) would not have.
     let busy = proxy_thread_wakeups(tw.pid());
     for (name, before) in &idle {
@@ -126,6 +130,64 @@ async fn each_proxy_thread_listens_on_its_own_socket_and_all_of_them_serve() {
             "{name} never woke: {idle:?} -> {busy:?}"
         );
     }
+    tw
+}
+
+/// Whether another process of the same user could bind `addr` with `SO_REUSEPORT`, and so take
+/// a share of its connections.
+fn port_can_be_joined(addr: SocketAddr) -> bool {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.set_reuse_port(true).unwrap();
+    socket.bind(&addr.into()).is_ok() && socket.listen(16).is_ok()
+}
+
+#[tokio::test]
+async fn each_proxy_thread_listens_on_its_own_socket_and_all_of_them_serve() {
+    // One SO_REUSEPORT socket per thread: the kernel spreads connections over them.
+    three_threads_serve(&[], 3).await;
+}
+
+#[tokio::test]
+async fn without_reuse_port_the_threads_share_one_socket_no_one_else_can_join() {
+    let tw = three_threads_serve(&[("TOKENWARD_SERVER__REUSE_PORT", "false")], 1).await;
+    assert!(!port_can_be_joined(tw.proxy));
+}
+
+#[tokio::test]
+async fn one_proxy_thread_leaves_its_port_to_no_one_else() {
+    let provider = FakeProvider::start(3600, false, None).await;
+    let upstream = FakeUpstream::start().await;
+    let tw = Tokenward::start_in_env(
+        &format!("http://{}", upstream.addr()),
+        &oauth2_keys(&provider, ""),
+        &[("TOKENWARD_SERVER__THREADS", "1")],
+    );
+    tw.wait_ready().await;
+    assert_eq!(get_on_new_connection(tw.proxy).await, 200);
+    // A socket with SO_REUSEPORT would let another process of the same user bind the port and
+    // take a share of the app's requests (a container of the same pod running as that user).
+    assert!(!port_can_be_joined(tw.proxy));
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_a_minute() {
+    let (_provider, _upstream, tw) = oauth2_setup(3600, "").await;
+    tw.wait_ready().await;
+    let mut silent = tokio::net::TcpStream::connect(tw.proxy).await.unwrap();
+    let opened = std::time::Instant::now();
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(80), silent.read(&mut buf))
+        .await
+        .expect("closed within 80 s");
+    let after = opened.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(after >= Duration::from_secs(59), "closed after {after:?}");
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ pub struct ServerFile {
     pub grace_period: Option<HumanDuration>,
     pub upstream_keepalive_pool_size: Option<usize>,
     pub http1_fast_path: Option<bool>,
+    pub reuse_port: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

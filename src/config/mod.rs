@@ -75,6 +75,9 @@ pub struct Config {
     pub upstream_keepalive_pool_size: usize,
     /// Plain HTTP/1 requests skip pingora-proxy's orchestration (`proxy::lean`).
     pub http1_fast_path: bool,
+    /// With several proxy threads, each has its own `SO_REUSEPORT` socket per listener;
+    /// otherwise they share one (`server::proxy_threads`).
+    pub reuse_port: bool,
     pub grace_period: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -506,6 +509,7 @@ fn validate(path: &Path, raw: FileConfig) -> Result<Config, ConfigErrors> {
         threads,
         upstream_keepalive_pool_size,
         http1_fast_path: raw.server.http1_fast_path.unwrap_or(true),
+        reuse_port: raw.server.reuse_port.unwrap_or(true),
         grace_period,
         log_format,
         log_level,
@@ -1093,6 +1097,18 @@ client_secret = "s3cret"
         assert_eq!(
             load_str("toml", &wrong).unwrap_err().0[0].key,
             "server.http1_fast_path"
+        );
+    }
+
+    #[test]
+    fn reuse_port_is_on_unless_turned_off() {
+        assert!(load_str("toml", GOOD).unwrap().reuse_port);
+        let off = format!("[server]\nreuse_port = false\n{GOOD}");
+        assert!(!load_str("toml", &off).unwrap().reuse_port);
+        let wrong = format!("[server]\nreuse_port = 1\n{GOOD}");
+        assert_eq!(
+            load_str("toml", &wrong).unwrap_err().0[0].key,
+            "server.reuse_port"
         );
     }
 

@@ -383,7 +383,8 @@ pub fn run(config: Config, extra: Vec<Box<dyn ServiceWithDependents>>) -> anyhow
     server.bootstrap();
     let conf = server.configuration.clone();
 
-    let proxy_threads = proxy_threads::bind(&listeners, config.threads, |addr| {
+    let sockets = proxy_threads::Sockets::for_threads(config.threads, config.reuse_port);
+    let proxy_threads = proxy_threads::bind(&listeners, sockets, |addr| {
         let proxy = TokenwardProxy {
             listener: addr,
             table: shared.routes.clone(),

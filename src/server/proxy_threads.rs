@@ -1,9 +1,10 @@
 //! The proxy threads: `server.threads` OS threads, each running a single-threaded tokio runtime
-//! that accepts on its own `SO_REUSEPORT` socket for every route listener and serves what it
-//! accepts with its own `ListenerApp` (so its own upstream keep-alive pool). The kernel spreads
-//! new connections over the sockets, as it does over nginx's workers with `reuseport`; a
-//! connection then lives on the thread that accepted it, with no work stealing and no wake-ups
-//! across threads (benches/README.md, "Many cores").
+//! that accepts on every route listener and serves what it accepts with its own `ListenerApp`
+//! (so its own upstream keep-alive pool). With several threads each has its own `SO_REUSEPORT`
+//! socket per listener and the kernel spreads new connections over them, as over nginx's
+//! workers with `reuseport` (`server.reuse_port = false`: they share one socket); a connection
+//! then lives on the thread that accepted it, with no work stealing and no wake-ups across
+//! threads (benches/README.md, "Many cores").
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,31 +37,76 @@ const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(60);
 /// One proxy thread's sockets and the apps that serve them, one per route listener.
 pub struct ThreadListeners(Vec<(std::net::TcpListener, ListenerApp)>);
 
-/// Binds one `SO_REUSEPORT` socket per listener for each of `threads` proxy threads, before the
-/// server starts, so a listener that cannot be bound is a start error naming its address and a
-/// client that connects once tokenward is up waits in the accept queue, not on a refused port.
+/// How the proxy threads listen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sockets {
+    /// Each of `threads` has its own `SO_REUSEPORT` socket per listener: the kernel spreads
+    /// connections over them. Another process of the same user could bind the port too and
+    /// take a share of them (SECURITY.md), so this is only for several threads.
+    PerThread { threads: usize },
+    /// `threads` share one plain socket per listener: nothing else can bind the port; every
+    /// idle thread is woken for each new connection and one of them accepts it.
+    Shared { threads: usize },
+}
+
+impl Sockets {
+    /// One thread needs no port sharing, whatever `reuse_port` says.
+    pub fn for_threads(threads: usize, reuse_port: bool) -> Self {
+        if threads > 1 && reuse_port {
+            Sockets::PerThread { threads }
+        } else {
+            Sockets::Shared { threads }
+        }
+    }
+}
+
+/// Binds the listeners' sockets for the proxy threads before the server starts, so a listener
+/// that cannot be bound is a start error naming its address and a client that connects once
+/// tokenward is up waits in the accept queue, not on a refused port.
 pub fn bind(
     listeners: &[SocketAddr],
-    threads: usize,
+    sockets: Sockets,
     app: impl Fn(SocketAddr) -> ListenerApp,
 ) -> anyhow::Result<Vec<ThreadListeners>> {
+    let (threads, reuse_port) = match sockets {
+        Sockets::PerThread { threads } => (threads, true),
+        Sockets::Shared { threads } => (threads, false),
+    };
+    let shared = if reuse_port {
+        Vec::new()
+    } else {
+        listeners
+            .iter()
+            .map(|addr| listening_socket(*addr, false))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     (0..threads)
         .map(|_| {
             listeners
                 .iter()
-                .map(|addr| Ok((reuseport_socket(*addr)?, app(*addr))))
+                .enumerate()
+                .map(|(i, addr)| {
+                    let socket = if reuse_port {
+                        listening_socket(*addr, true)?
+                    } else {
+                        shared[i]
+                            .try_clone()
+                            .with_context(|| format!("cannot share the socket of {addr}"))?
+                    };
+                    Ok((socket, app(*addr)))
+                })
                 .collect::<anyhow::Result<_>>()
                 .map(ThreadListeners)
         })
         .collect()
 }
 
-fn reuseport_socket(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+fn listening_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let bound = (|| {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
+        socket.set_reuse_port(reuse_port)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(BACKLOG)?;

@@ -90,6 +90,7 @@ impl Shared {
                 "server.http1_fast_path",
                 new.http1_fast_path != old.http1_fast_path,
             ),
+            ("server.reuse_port", new.reuse_port != old.reuse_port),
             // pingora's own shutdown wait is fixed at start, so a new grace period could not be
             // honoured; the formatter is fixed at start too.
             ("server.grace_period", new.grace_period != old.grace_period),
@@ -102,7 +103,7 @@ impl Shared {
             .collect();
         if !changed.is_empty() {
             return Err(format!(
-                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, state.previous_encryption_keys, state.chain_ttl, server.threads, server.upstream_keepalive_pool_size, server.http1_fast_path, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
+                "{}: {} changed, but admin.listen, state.dir, state.redis, state.redis_username, state.redis_password, state.encryption_key, state.previous_encryption_keys, state.chain_ttl, server.threads, server.upstream_keepalive_pool_size, server.http1_fast_path, server.reuse_port, server.grace_period and log.format take effect only at start; restart tokenward to apply them",
                 old.source.display(),
                 changed.join(", ")
             ));

@@ -216,8 +216,9 @@ fn check(path: &std::path::Path, skip_secrets: bool) -> ExitCode {
         }
     }
     println!(
-        "server    {} threads per listener, {}s grace period",
-        config.threads,
+        "server    {}, {}s grace period",
+        crate::server::proxy_threads::Sockets::for_threads(config.threads, config.reuse_port)
+            .describe(),
         config.grace_period.as_secs()
     );
     for r in &config.routes {

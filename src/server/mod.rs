@@ -31,7 +31,7 @@ use crate::token::refresher::Refresher;
 use crate::token::{Credential, TokenStore};
 
 mod client_stream;
-mod proxy_threads;
+pub mod proxy_threads;
 mod reload;
 
 /// What the proxy, admin and background services share. Readers load each part lock-free;

@@ -58,6 +58,19 @@ impl Sockets {
             Sockets::Shared { threads }
         }
     }
+
+    /// For `tokenward check`: whether another process of the same user could join a port.
+    pub fn describe(&self) -> String {
+        match self {
+            Sockets::PerThread { threads } => format!(
+                "{threads} proxy threads, a SO_REUSEPORT socket each per listener (a process of the same user can bind the port too; server.reuse_port = false closes it)"
+            ),
+            Sockets::Shared { threads: 1 } => "1 proxy thread, one socket per listener".to_string(),
+            Sockets::Shared { threads } => {
+                format!("{threads} proxy threads sharing one socket per listener")
+            }
+        }
+    }
 }
 
 /// Binds the listeners' sockets for the proxy threads before the server starts, so a listener

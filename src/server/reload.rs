@@ -4,6 +4,7 @@
 //! one keeps serving; credentials whose settings did not change keep their tokens, upstreams
 //! their resolved addresses, and `log.level` applies at once.
 
+use super::proxy_threads::Sockets;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,7 +91,12 @@ impl Shared {
                 "server.http1_fast_path",
                 new.http1_fast_path != old.http1_fast_path,
             ),
-            ("server.reuse_port", new.reuse_port != old.reuse_port),
+            // With one thread the setting changes nothing.
+            (
+                "server.reuse_port",
+                Sockets::for_threads(new.threads, new.reuse_port)
+                    != Sockets::for_threads(old.threads, old.reuse_port),
+            ),
             // pingora's own shutdown wait is fixed at start, so a new grace period could not be
             // honoured; the formatter is fixed at start too.
             ("server.grace_period", new.grace_period != old.grace_period),

@@ -131,7 +131,7 @@ fn listening_socket(addr: SocketAddr, reuse_port: bool) -> anyhow::Result<std::n
 }
 
 /// The pingora service that starts the proxy threads and hands them the server's shutdown
-/// signal. Its own runtime only waits for that signal.
+/// signal; its own one-thread runtime has nothing else to do.
 pub struct ProxyThreads {
     threads: Vec<ThreadListeners>,
 }

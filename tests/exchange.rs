@@ -394,8 +394,22 @@ async fn each_caller_gets_its_own_token_with_one_exchange_per_caller() {
         1000,
         "{status}"
     );
-    let mut secrets = subjects.clone();
+    assert_no_exchange_leaks(&tw, subjects.clone(), &provider, None).await;
+}
+
+/// The leak check every exchange test ends with: the callers' subject tokens (and whatever else
+/// `secrets` holds), every token the exchange minted and, with an actor, every actor token
+/// appear in no log line, admin answer or metric.
+async fn assert_no_exchange_leaks(
+    tw: &Tokenward,
+    mut secrets: Vec<String>,
+    provider: &FakeExchange,
+    actor: Option<&FakeProvider>,
+) {
     secrets.extend(provider.minted());
+    if let Some(actor) = actor {
+        secrets.extend(actor.issued());
+    }
     tw.assert_no_leaks(&secrets).await;
 }
 
@@ -675,10 +689,7 @@ async fn the_actor_credentials_current_token_goes_with_each_exchange() {
             assert!(!seen.headers.iter().any(|(_, v)| v.contains(a.as_str())));
         }
     }
-    let mut secrets = subjects;
-    secrets.extend(provider.minted());
-    secrets.extend(actor.issued());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, subjects, &provider, Some(&actor)).await;
 }
 
 #[tokio::test]
@@ -720,10 +731,7 @@ async fn an_actor_without_a_token_is_a_503_and_no_exchange() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut secrets = vec![s];
-    secrets.extend(provider.minted());
-    secrets.extend(actor.issued());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![s], &provider, Some(&actor)).await;
 }
 
 #[test]
@@ -994,8 +1002,7 @@ async fn subject_tokens_that_fail_local_validation_never_reach_the_provider() {
             >= 10,
         "{status}"
     );
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, secrets, &provider, None).await;
 }
 
 #[tokio::test]
@@ -1066,9 +1073,7 @@ async fn entra_on_behalf_of_sends_the_jwt_bearer_form_and_maps_its_refusals_to_4
         "the consent case is not named"
     );
     assert_eq!(upstream.seen().len(), 2);
-    let mut secrets = vec![alice, bad, consent];
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![alice, bad, consent], &provider, None).await;
 }
 
 // ---- an upstream that rejects every exchanged token ----
@@ -1097,9 +1102,7 @@ async fn an_upstream_rejecting_every_exchanged_token_costs_at_most_two_exchanges
     let other = subject(2);
     assert_eq!(call(&tw, &other).await.0, 401);
     assert_eq!(provider.calls().len(), 4);
-    let mut secrets = vec![s, other];
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![s, other], &provider, None).await;
 }
 
 // ---- memory: bytes per entry and entries ----
@@ -1132,9 +1135,7 @@ async fn an_oversized_exchanged_token_is_refused_and_not_cached() {
     // A token within the bound is served as usual.
     provider.state.pad.store(16 * 1024, Ordering::SeqCst);
     assert_eq!(call(&tw, &subject(2)).await.0, 200);
-    let mut secrets = vec![s];
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![s], &provider, None).await;
 }
 
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -1370,10 +1371,7 @@ async fn a_refused_actor_token_is_the_credentials_fault_and_is_replaced() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    let mut secrets = callers;
-    secrets.extend(provider.minted());
-    secrets.extend(actor.issued());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, callers, &provider, Some(&actor)).await;
 }
 
 /// Defect 5, by reload: a new actor credential means tokens exchanged under the old one are
@@ -1481,9 +1479,7 @@ async fn invalidate_drops_every_callers_token_or_one_by_its_subject_hash() {
         vec![a.clone(), b.clone(), a.clone(), a.clone(), b.clone()],
         "every caller is exchanged again"
     );
-    let mut secrets = vec![a, b];
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![a, b], &provider, None).await;
 }
 
 /// Defect 4: a subject the provider answers 500 for, and one it answers with an unusable
@@ -1531,9 +1527,7 @@ async fn one_callers_failures_do_not_back_off_the_other_callers() {
         failing <= 10,
         "{failing} exchanges for the two failing callers"
     );
-    let mut secrets = vec![boom, zero];
-    secrets.extend(provider.minted());
-    tw.assert_no_leaks(&secrets).await;
+    assert_no_exchange_leaks(&tw, vec![boom, zero], &provider, None).await;
 }
 
 /// One hostile caller holding four subjects the provider answers 500 for, sent again and

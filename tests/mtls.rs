@@ -479,6 +479,13 @@ fn write_config(dir: &Path, admin: SocketAddr, routes: &str, credential: &str) -
     path
 }
 
+/// One route named `api` on `proxy` to the plain-HTTP `upstream`, with the credential `api`.
+fn api_route(proxy: SocketAddr, upstream: SocketAddr) -> String {
+    format!(
+        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{upstream}\"\ncredential = \"api\"\n"
+    )
+}
+
 fn mtls_credential(token_url: &str, auth: &str, cert: &Path, key: &Path, ca: &Path) -> String {
     format!(
         "dialect = \"oauth2\"\ntoken_url = \"{token_url}\"\nclient_auth = \"{auth}\"\nclient_id = \"{MTLS_CLIENT_ID}\"\n\
@@ -702,10 +709,7 @@ async fn self_signed_tls_client_auth_is_accepted_by_its_pinned_certificate() {
     let (cert, key) = leaf.install(dir.path(), "client");
     let upstream = FakeUpstream::start().await;
     let (proxy, admin) = (free_port(), free_port());
-    let routes = format!(
-        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
-        upstream.addr()
-    );
+    let routes = api_route(proxy, upstream.addr());
     let credential = mtls_credential(
         &idp.url("/token"),
         "self_signed_tls_client_auth",
@@ -1130,10 +1134,7 @@ async fn the_subject_jwks_is_fetched_without_the_credentials_certificate_or_ca_f
 
     let upstream = FakeUpstream::start().await;
     let (proxy, admin) = (free_port(), free_port());
-    let routes = format!(
-        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
-        upstream.addr()
-    );
+    let routes = api_route(proxy, upstream.addr());
     let credential = format!(
         "{}grant = \"token_exchange\"\nsubject_jwks_url = \"{}\"\nsubject_jwks_ca_file = \"{}\"\n\
          subject_issuer = \"{ISSUER}\"\nsubject_audience = \"{SUBJECT_AUD}\"\n",
@@ -1249,10 +1250,7 @@ async fn a_private_key_file_others_can_read_is_warned_about_by_check_and_run() {
     let idp = MtlsServer::start(Role::TokenEndpoint, &ca, Trust::ca(&ca)).await;
     let upstream = FakeUpstream::start().await;
     let (proxy, admin) = (free_port(), free_port());
-    let routes = format!(
-        "[[routes]]\nname = \"api\"\nlisten = \"{proxy}\"\nupstream = \"http://{}\"\ncredential = \"api\"\n",
-        upstream.addr()
-    );
+    let routes = api_route(proxy, upstream.addr());
     let credential = mtls_credential(
         &idp.url("/token"),
         "tls_client_auth",

@@ -1541,13 +1541,16 @@ mod tests {
             ("grant", "token_exchange".into()),
             ("subject_jwks_url", "https://idp.example/jwks".into()),
         ];
-        let d = dialect(&base).unwrap();
-        let v = d
-            .exchange_settings()
-            .unwrap()
-            .subject_validation
-            .clone()
-            .unwrap();
+        let validation = |keys: &[(&str, figment::value::Value)]| {
+            dialect(keys)
+                .unwrap()
+                .exchange_settings()
+                .unwrap()
+                .subject_validation
+                .clone()
+                .unwrap()
+        };
+        let v = validation(&base);
         assert_eq!(v.max_stale, Duration::from_secs(3600));
         assert_eq!(v.transport, crate::config::ProviderTransport::default());
 
@@ -1565,13 +1568,7 @@ mod tests {
             ("subject_jwks_ca_file", ca.display().to_string().into()),
             ("subject_jwks_proxy", "http://proxy.internal:3128".into()),
         ]);
-        let d = dialect(&keys).unwrap();
-        let v = d
-            .exchange_settings()
-            .unwrap()
-            .subject_validation
-            .clone()
-            .unwrap();
+        let v = validation(&keys);
         assert_eq!(v.max_stale, Duration::from_secs(600));
         assert_eq!(v.transport.ca_file.as_deref(), Some(ca.as_path()));
         assert_eq!(

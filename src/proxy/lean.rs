@@ -14,7 +14,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::header;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
-use pingora::connectors::http::v1::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
@@ -28,6 +27,7 @@ use tracing::info;
 
 use super::admission;
 use super::chunk_guard::{Body, Guard, Guarded};
+use super::lean_pool::LeanPool;
 use super::routing::{Route, RouteTable};
 use super::upstream::{FailedAttempt, retry_failed_attempt};
 use super::{
@@ -65,7 +65,7 @@ pub struct ListenerApp {
     in_flight: Arc<InFlight>,
     lean: bool,
     max_attempts: usize,
-    connector: Connector,
+    pool: Arc<LeanPool>,
     full: Arc<HttpProxy<TokenwardProxy>>,
 }
 
@@ -81,8 +81,9 @@ impl ListenerApp {
             in_flight: proxy.in_flight.clone(),
             lean,
             max_attempts: conf.max_retries.max(1),
-            connector: Connector::new(Some(
+            pool: Arc::new(LeanPool::new(
                 pingora::connectors::ConnectorOptions::from_server_conf(conf),
+                conf.upstream_keepalive_pool_size,
             )),
             full: Arc::new(full_path(conf, proxy)),
         }
@@ -381,7 +382,7 @@ impl ListenerApp {
             }
             let (name, value) = token.header();
             request.insert_header(name.clone(), value.clone())?;
-            let (mut upstream, reused) = match self.connector.get_http_session(&peer).await {
+            let (mut upstream, reused) = match self.pool.session(&peer).await {
                 Ok(got) => got,
                 Err(e) => {
                     let mut retry = e.retry;
@@ -461,8 +462,8 @@ impl ListenerApp {
             }
             downstream.finish_body().await.map_err(|e| e.into_down())?;
             if whole && route.upstream.keepalive && upstream.is_body_done() {
-                self.connector
-                    .release_http_session(upstream, &peer, peer.options.idle_timeout)
+                self.pool
+                    .release(upstream, &peer, peer.options.idle_timeout)
                     .await;
             }
             return Ok(());

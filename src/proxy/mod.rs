@@ -6,6 +6,7 @@
 mod admission;
 mod chunk_guard;
 pub mod lean;
+mod lean_pool;
 pub mod metrics;
 pub mod respond;
 pub mod routing;

@@ -1,0 +1,360 @@
+//! The lean path's keep-alive pool of upstream connections. Each proxy thread has its own
+//! (`ListenerApp` is per thread), so parking and taking a connection is a push and a pop under
+//! a lock no other thread takes; one sweeper task per pool closes connections whose idle
+//! timeout passed or that the upstream closed, where pingora-core's pool spawns a watching
+//! task, a lock, a channel and an LRU entry for every connection it parks (benches/README.md,
+//! "Issue 20").
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use pingora::connectors::{ConnectorOptions, TransportConnector};
+use pingora::prelude::*;
+use pingora::protocols::Stream;
+use pingora::protocols::http::v1::client::HttpSession as Upstream;
+use pingora::upstreams::peer::Peer;
+use tokio::io::AsyncReadExt;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long a parked connection the upstream closed may wait for the sweeper at most: the
+/// sweeper looks at least this often while anything is parked. A request never takes such a
+/// connection either way: `take` looks first.
+const LOOK_EVERY: Duration = Duration::from_millis(500);
+
+pub struct LeanPool {
+    transport: TransportConnector,
+    /// Parked connections at most (`server.upstream_keepalive_pool_size`); 0 keeps none.
+    capacity: usize,
+    parked: Mutex<Parked>,
+    /// Wakes the sweeper when a connection is parked in an empty pool.
+    parked_one: Notify,
+    sweeping: AtomicBool,
+}
+
+#[derive(Default)]
+struct Parked {
+    /// By `Peer::reuse_hash`, which covers the address, TLS, SNI, CA bundle and client
+    /// certificate; the newest last, so the connection most likely still open is taken first.
+    by_peer: HashMap<u64, Vec<Idle>>,
+    count: usize,
+}
+
+struct Idle {
+    stream: Stream,
+    parked_at: Instant,
+    until: Option<Instant>,
+}
+
+impl Idle {
+    fn expired(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| until <= now)
+    }
+}
+
+impl LeanPool {
+    /// `capacity` is per pool, so per proxy thread (pingora's `keepalive_pool_size` in
+    /// `options` is the whole process's).
+    pub fn new(options: ConnectorOptions, capacity: usize) -> Self {
+        LeanPool {
+            capacity,
+            transport: TransportConnector::new(Some(options)),
+            parked: Mutex::default(),
+            parked_one: Notify::new(),
+            sweeping: AtomicBool::new(false),
+        }
+    }
+
+    /// An HTTP/1 session to `peer`: on a parked connection that is still open when there is
+    /// one (`true`), else on a new one.
+    pub async fn session<P: Peer + Send + Sync + 'static>(
+        &self,
+        peer: &P,
+    ) -> Result<(Upstream, bool)> {
+        if let Some(stream) = self.take(peer.reuse_hash()) {
+            return Ok((Upstream::new_with_options(stream, peer), true));
+        }
+        let stream = self.transport.new_stream(peer).await?;
+        Ok((Upstream::new_with_options(stream, peer), false))
+    }
+
+    /// Parks the session's connection for `peer` when its exchange left it reusable; closes it
+    /// otherwise. Called from a proxy thread's runtime, where the sweeper starts with the
+    /// first connection parked.
+    pub async fn release<P: Peer>(
+        self: &Arc<Self>,
+        mut session: Upstream,
+        peer: &P,
+        idle_timeout: Option<Duration>,
+    ) {
+        session.respect_keepalive();
+        let Some(stream) = session.reuse().await else {
+            return;
+        };
+        self.park(peer.reuse_hash(), stream, idle_timeout);
+    }
+
+    fn park(self: &Arc<Self>, key: u64, stream: Stream, idle_timeout: Option<Duration>) {
+        if self.capacity == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let idle = Idle {
+            stream,
+            parked_at: now,
+            until: idle_timeout.map(|t| now + t),
+        };
+        let was_empty = {
+            let mut parked = self.lock();
+            let was_empty = parked.count == 0;
+            if parked.count >= self.capacity {
+                parked.drop_oldest();
+            }
+            parked.push(key, idle);
+            was_empty
+        };
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(Arc::clone(self).sweep());
+        } else if was_empty {
+            self.parked_one.notify_one();
+        }
+    }
+
+    fn take(&self, key: u64) -> Option<Stream> {
+        let now = Instant::now();
+        let mut parked = self.lock();
+        let stack = parked.by_peer.get_mut(&key)?;
+        let mut taken = None;
+        let mut dropped = 0;
+        while let Some(mut idle) = stack.pop() {
+            dropped += 1;
+            if !idle.expired(now) && still_open(&mut idle.stream) {
+                taken = Some(idle.stream);
+                break;
+            }
+        }
+        if stack.is_empty() {
+            parked.by_peer.remove(&key);
+        }
+        parked.count -= dropped;
+        taken
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Parked> {
+        // Nothing panics while holding it; a poisoned pool is still a valid pool.
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Closes connections whose idle timeout passed or that the upstream closed, at each
+    /// deadline and at least every `LOOK_EVERY` while anything is parked. Runs for the life
+    /// of the proxy thread's runtime.
+    async fn sweep(self: Arc<Self>) {
+        loop {
+            let next = self.lock().sweep(Instant::now());
+            match next {
+                Some(deadline) => {
+                    tokio::time::sleep_until(deadline.min(Instant::now() + LOOK_EVERY)).await
+                }
+                None => self.parked_one.notified().await,
+            }
+        }
+    }
+}
+
+impl Parked {
+    fn push(&mut self, key: u64, idle: Idle) {
+        self.by_peer.entry(key).or_default().push(idle);
+        self.count += 1;
+    }
+
+    /// Drops what has expired or closed; the earliest deadline left, or `LOOK_EVERY` from now
+    /// when only connections without one are left, or `None` when nothing is.
+    fn sweep(&mut self, now: Instant) -> Option<Instant> {
+        let mut earliest: Option<Instant> = None;
+        let mut count = 0;
+        self.by_peer.retain(|_, stack| {
+            stack.retain_mut(|idle| !idle.expired(now) && still_open(&mut idle.stream));
+            for idle in stack.iter() {
+                let due = idle.until.unwrap_or(now + LOOK_EVERY);
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            }
+            count += stack.len();
+            !stack.is_empty()
+        });
+        self.count = count;
+        earliest
+    }
+
+    /// Closes the connection parked longest, to make room for a newer one.
+    fn drop_oldest(&mut self) {
+        let oldest = self
+            .by_peer
+            .iter()
+            .filter(|(_, stack)| !stack.is_empty())
+            .min_by_key(|(_, stack)| stack[0].parked_at)
+            .map(|(key, _)| *key);
+        if let Some(key) = oldest {
+            if let Some(stack) = self.by_peer.get_mut(&key) {
+                stack.remove(0);
+                self.count -= 1;
+                if stack.is_empty() {
+                    self.by_peer.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// Whether an idle connection can carry a request: no end, error or stray byte from the
+/// upstream since it was parked. A read that would wait says so without a system call unless
+/// something arrived (tokio keeps the socket's readiness), as pingora-core's pool tests it.
+fn still_open(stream: &mut Stream) -> bool {
+    let mut byte = [0u8; 1];
+    // Unconstrained: tokio's cooperative budget must not make a closed connection look open.
+    let read = pin!(tokio::task::unconstrained(stream.read(&mut byte)));
+    read.poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::protocols::l4::stream::Stream as L4Stream;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn new_pool(capacity: usize) -> Arc<LeanPool> {
+        Arc::new(LeanPool::new(ConnectorOptions::new(capacity), capacity))
+    }
+
+    /// A loopback connection: tokenward's end as a pingora stream, and the upstream's end.
+    async fn connection() -> (Stream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, (theirs, _)) = tokio::join!(ours, async { listener.accept().await.unwrap() });
+        (Box::new(L4Stream::from(ours.unwrap())), theirs)
+    }
+
+    /// Waits until the upstream's end reads the connection's end (bounded).
+    async fn closed_by_us(theirs: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 8];
+        matches!(
+            tokio::time::timeout(within, theirs.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_taken_again_by_its_peer_only() {
+        let pool = new_pool(4);
+        let (ours, _theirs) = connection().await;
+        let id = ours.id();
+        pool.park(1, ours, None);
+        assert!(pool.take(2).is_none(), "another peer's connection");
+        let taken = pool.take(1).expect("the parked connection");
+        assert_eq!(taken.id(), id);
+        assert!(pool.take(1).is_none(), "taken once");
+    }
+
+    #[tokio::test]
+    async fn the_newest_connection_is_taken_first() {
+        let pool = new_pool(4);
+        let (older, _a) = connection().await;
+        let (newer, _b) = connection().await;
+        let newer_id = newer.id();
+        pool.park(1, older, None);
+        pool.park(1, newer, None);
+        assert_eq!(pool.take(1).unwrap().id(), newer_id);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_or_wrote_to_is_never_taken() {
+        let pool = new_pool(4);
+        let (closed, theirs) = connection().await;
+        let (chatty, mut talker) = connection().await;
+        pool.park(1, closed, None);
+        pool.park(1, chatty, None);
+        drop(theirs);
+        talker.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        // The bytes and the end reach our sockets (loopback), seen by the next read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(pool.take(1).is_none());
+        assert_eq!(pool.lock().count, 0);
+    }
+
+    #[tokio::test]
+    async fn an_expired_connection_is_closed_at_its_timeout_and_not_taken() {
+        let pool = new_pool(4);
+        let (ours, mut theirs) = connection().await;
+        let parked = std::time::Instant::now();
+        pool.park(1, ours, Some(Duration::from_millis(300)));
+        assert!(
+            closed_by_us(&mut theirs, Duration::from_secs(3)).await,
+            "the sweeper closes it"
+        );
+        let idle = parked.elapsed();
+        assert!(
+            idle >= Duration::from_millis(300) && idle < Duration::from_millis(1000),
+            "closed after {idle:?}"
+        );
+        assert!(pool.take(1).is_none());
+
+        // An expired connection is not taken even before the sweeper comes by.
+        let (ours, _theirs) = connection().await;
+        let now = Instant::now();
+        let idle = Idle {
+            stream: ours,
+            parked_at: now,
+            until: Some(now),
+        };
+        pool.lock().push(2, idle);
+        assert!(pool.take(2).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_closes_what_the_upstream_closed_while_parked() {
+        let pool = new_pool(4);
+        // The first park starts the sweeper, which then waits for the pool to fill again.
+        let (first, _a) = connection().await;
+        pool.park(1, first, None);
+        assert!(pool.take(1).is_some());
+        tokio::task::yield_now().await;
+        let (ours, theirs) = connection().await;
+        pool.park(1, ours, None);
+        drop(theirs);
+        let gone = tokio::time::timeout(Duration::from_secs(3), async {
+            while pool.lock().count > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "still parked after 3 s");
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_closes_its_oldest_connection_and_an_empty_one_keeps_none() {
+        let pool = new_pool(2);
+        let (oldest, mut oldest_upstream) = connection().await;
+        let (b, _b) = connection().await;
+        let (c, _c) = connection().await;
+        let c_id = c.id();
+        pool.park(1, oldest, None);
+        pool.park(2, b, None);
+        pool.park(2, c, None);
+        assert_eq!(pool.lock().count, 2);
+        assert!(closed_by_us(&mut oldest_upstream, Duration::from_secs(2)).await);
+        assert!(pool.take(1).is_none());
+        assert_eq!(pool.take(2).unwrap().id(), c_id);
+
+        let none = new_pool(0);
+        let (ours, mut theirs) = connection().await;
+        none.park(1, ours, None);
+        assert!(closed_by_us(&mut theirs, Duration::from_secs(2)).await);
+        assert!(none.take(1).is_none());
+    }
+}

@@ -1,16 +1,16 @@
 //! The lean path's keep-alive pool of upstream connections. Each proxy thread has its own
 //! (`ListenerApp` is per thread), so parking and taking a connection is a push and a pop under
-//! a lock no other thread takes; one sweeper task per pool closes connections whose idle
-//! timeout passed or that the upstream closed, where pingora-core's pool spawns a watching
-//! task, a lock, a channel and an LRU entry for every connection it parks (benches/README.md,
+//! a lock no other thread takes. One sweeper task per pool watches every parked connection —
+//! the socket's readiness wakes it when the upstream closes one or writes to it — and closes
+//! those, and those whose idle timeout passed; pingora-core's pool spawns a watching task and
+//! makes a lock, a channel and an LRU entry for every connection it parks (benches/README.md,
 //! "Issue 20").
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use pingora::connectors::{ConnectorOptions, TransportConnector};
@@ -19,22 +19,13 @@ use pingora::protocols::Stream;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::upstreams::peer::Peer;
 use tokio::io::AsyncReadExt;
-use tokio::sync::Notify;
-use tokio::time::Instant;
-
-/// How long a parked connection the upstream closed may wait for the sweeper at most: the
-/// sweeper looks at least this often while anything is parked. A request never takes such a
-/// connection either way: `take` looks first.
-const LOOK_EVERY: Duration = Duration::from_millis(500);
+use tokio::time::{Instant, Sleep};
 
 pub struct LeanPool {
     transport: TransportConnector,
     /// Parked connections at most (`server.upstream_keepalive_pool_size`); 0 keeps none.
     capacity: usize,
     parked: Mutex<Parked>,
-    /// Wakes the sweeper when a connection is parked in an empty pool.
-    parked_one: Notify,
-    sweeping: AtomicBool,
 }
 
 #[derive(Default)]
@@ -43,6 +34,11 @@ struct Parked {
     /// certificate; the newest last, so the connection most likely still open is taken first.
     by_peer: HashMap<u64, Vec<Idle>>,
     count: usize,
+    /// The sweeper, once it runs: every parked connection wakes it when it becomes readable.
+    sweeper: Option<Waker>,
+    /// When the sweeper's timer fires next; `None` while it waits for readiness only.
+    next_sweep: Option<Instant>,
+    sweeper_started: bool,
 }
 
 struct Idle {
@@ -65,8 +61,6 @@ impl LeanPool {
             capacity,
             transport: TransportConnector::new(Some(options)),
             parked: Mutex::default(),
-            parked_one: Notify::new(),
-            sweeping: AtomicBool::new(false),
         }
     }
 
@@ -99,30 +93,35 @@ impl LeanPool {
         self.park(peer.reuse_hash(), stream, idle_timeout);
     }
 
-    fn park(self: &Arc<Self>, key: u64, stream: Stream, idle_timeout: Option<Duration>) {
+    fn park(self: &Arc<Self>, key: u64, mut stream: Stream, idle_timeout: Option<Duration>) {
         if self.capacity == 0 {
             return;
         }
         let now = Instant::now();
-        let idle = Idle {
+        let until = idle_timeout.map(|t| now + t);
+        let mut parked = self.lock();
+        if !parked.sweeper_started {
+            parked.sweeper_started = true;
+            // Its first pass registers it with this connection.
+            tokio::spawn(Arc::clone(self).sweep());
+        } else if let Some(sweeper) = &parked.sweeper {
+            if !still_open(&mut stream, sweeper) {
+                return;
+            }
+            if until.is_some_and(|until| parked.next_sweep.is_none_or(|next| until < next)) {
+                // Due before the sweeper's timer: it sets it again.
+                sweeper.wake_by_ref();
+            }
+        }
+        if parked.count >= self.capacity {
+            parked.drop_oldest();
+        }
+        parked.by_peer.entry(key).or_default().push(Idle {
             stream,
             parked_at: now,
-            until: idle_timeout.map(|t| now + t),
-        };
-        let was_empty = {
-            let mut parked = self.lock();
-            let was_empty = parked.count == 0;
-            if parked.count >= self.capacity {
-                parked.drop_oldest();
-            }
-            parked.push(key, idle);
-            was_empty
-        };
-        if !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(Arc::clone(self).sweep());
-        } else if was_empty {
-            self.parked_one.notify_one();
-        }
+            until,
+        });
+        parked.count += 1;
     }
 
     fn take(&self, key: u64) -> Option<Stream> {
@@ -133,7 +132,8 @@ impl LeanPool {
         let mut dropped = 0;
         while let Some(mut idle) = stack.pop() {
             dropped += 1;
-            if !idle.expired(now) && still_open(&mut idle.stream) {
+            // The no-op waker takes the sweeper's place: the connection is no longer its own.
+            if !idle.expired(now) && still_open(&mut idle.stream, Waker::noop()) {
                 taken = Some(idle.stream);
                 break;
             }
@@ -150,43 +150,66 @@ impl LeanPool {
         self.parked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes connections whose idle timeout passed or that the upstream closed, at each
-    /// deadline and at least every `LOOK_EVERY` while anything is parked. Runs for the life
-    /// of the proxy thread's runtime.
+    /// Closes parked connections the upstream ended or wrote to as their readiness wakes it,
+    /// and those whose idle timeout passed at their deadline. Runs for the life of the proxy
+    /// thread's runtime.
     async fn sweep(self: Arc<Self>) {
         loop {
-            let next = self.lock().sweep(Instant::now());
-            match next {
-                Some(deadline) => {
-                    tokio::time::sleep_until(deadline.min(Instant::now() + LOOK_EVERY)).await
-                }
-                None => self.parked_one.notified().await,
+            let next = poll_fn(|cx| Poll::Ready(self.lock().sweep(Instant::now(), cx.waker())));
+            let next = next.await;
+            let timer = next.map(tokio::time::sleep_until);
+            NextWake {
+                timer: timer.map(Box::pin),
+                waited: false,
             }
+            .await;
         }
     }
 }
 
-impl Parked {
-    fn push(&mut self, key: u64, idle: Idle) {
-        self.by_peer.entry(key).or_default().push(idle);
-        self.count += 1;
-    }
+/// Ready at the task's next wake-up, whatever woke it: the timer, a parked connection's
+/// readiness, or a park due before the timer.
+struct NextWake {
+    timer: Option<Pin<Box<Sleep>>>,
+    waited: bool,
+}
 
-    /// Drops what has expired or closed; the earliest deadline left, or `LOOK_EVERY` from now
-    /// when only connections without one are left, or `None` when nothing is.
-    fn sweep(&mut self, now: Instant) -> Option<Instant> {
+impl Future for NextWake {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.waited {
+            return Poll::Ready(());
+        }
+        self.waited = true;
+        if let Some(timer) = &mut self.timer {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Parked {
+    /// Drops what has expired or closed, registers `sweeper` with every connection left, and
+    /// returns the earliest deadline among them (`None` when none has one).
+    fn sweep(&mut self, now: Instant, sweeper: &Waker) -> Option<Instant> {
         let mut earliest: Option<Instant> = None;
         let mut count = 0;
         self.by_peer.retain(|_, stack| {
-            stack.retain_mut(|idle| !idle.expired(now) && still_open(&mut idle.stream));
-            for idle in stack.iter() {
-                let due = idle.until.unwrap_or(now + LOOK_EVERY);
-                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            stack.retain_mut(|idle| !idle.expired(now) && still_open(&mut idle.stream, sweeper));
+            for until in stack.iter().filter_map(|idle| idle.until) {
+                earliest = Some(earliest.map_or(until, |e| e.min(until)));
             }
             count += stack.len();
             !stack.is_empty()
         });
         self.count = count;
+        if !self.sweeper.as_ref().is_some_and(|w| w.will_wake(sweeper)) {
+            self.sweeper = Some(sweeper.clone());
+        }
+        self.next_sweep = earliest;
         earliest
     }
 
@@ -211,14 +234,14 @@ impl Parked {
 }
 
 /// Whether an idle connection can carry a request: no end, error or stray byte from the
-/// upstream since it was parked. A read that would wait says so without a system call unless
-/// something arrived (tokio keeps the socket's readiness), as pingora-core's pool tests it.
-fn still_open(stream: &mut Stream) -> bool {
+/// upstream since it was parked. A read that would wait leaves `waker` to be woken when
+/// something arrives, and costs no system call unless something did (tokio keeps the
+/// socket's readiness), as pingora-core's pool tests a connection.
+fn still_open(stream: &mut Stream, waker: &Waker) -> bool {
     let mut byte = [0u8; 1];
     // Unconstrained: tokio's cooperative budget must not make a closed connection look open.
     let read = pin!(tokio::task::unconstrained(stream.read(&mut byte)));
-    read.poll(&mut Context::from_waker(Waker::noop()))
-        .is_pending()
+    read.poll(&mut Context::from_waker(waker)).is_pending()
 }
 
 #[cfg(test)]
@@ -306,13 +329,7 @@ mod tests {
 
         // An expired connection is not taken even before the sweeper comes by.
         let (ours, _theirs) = connection().await;
-        let now = Instant::now();
-        let idle = Idle {
-            stream: ours,
-            parked_at: now,
-            until: Some(now),
-        };
-        pool.lock().push(2, idle);
+        pool.park(2, ours, Some(Duration::ZERO));
         assert!(pool.take(2).is_none());
     }
 

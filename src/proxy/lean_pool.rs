@@ -182,10 +182,10 @@ impl Future for NextWake {
             return Poll::Ready(());
         }
         self.waited = true;
-        if let Some(timer) = &mut self.timer {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(());
-            }
+        if let Some(timer) = &mut self.timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(());
         }
         Poll::Pending
     }
@@ -221,13 +221,13 @@ impl Parked {
             .filter(|(_, stack)| !stack.is_empty())
             .min_by_key(|(_, stack)| stack[0].parked_at)
             .map(|(key, _)| *key);
-        if let Some(key) = oldest {
-            if let Some(stack) = self.by_peer.get_mut(&key) {
-                stack.remove(0);
-                self.count -= 1;
-                if stack.is_empty() {
-                    self.by_peer.remove(&key);
-                }
+        if let Some(key) = oldest
+            && let Some(stack) = self.by_peer.get_mut(&key)
+        {
+            stack.remove(0);
+            self.count -= 1;
+            if stack.is_empty() {
+                self.by_peer.remove(&key);
             }
         }
     }

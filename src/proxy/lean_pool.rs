@@ -73,7 +73,9 @@ impl LeanPool {
         if let Some(stream) = self.take(peer.reuse_hash()) {
             return Ok((Upstream::new_with_options(stream, peer), true));
         }
-        let stream = self.transport.new_stream(peer).await?;
+        // Boxed: connecting (TCP and TLS) is an 8 KiB state machine that every request's
+        // future would otherwise carry, and move into its box, for the few that connect.
+        let stream = Box::pin(self.transport.new_stream(peer)).await?;
         Ok((Upstream::new_with_options(stream, peer), false))
     }
 

@@ -347,3 +347,78 @@ async fn a_post_the_upstream_read_is_never_sent_twice() {
         "{requests:?}"
     );
 }
+
+/// An upstream that reads each request head and then answers per connection: the first
+/// connection never, the others with a head and 3 of the 10 body bytes it announces.
+async fn stalling_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                if n > 0 {
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+                        .await;
+                }
+                // Holds the connection open, silent, until tokenward gives up on it.
+                let _ = conn.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_upstream_is_given_up_at_the_route_read_timeout() {
+    let upstream = stalling_upstream().await;
+    let provider = FakeProvider::start(300, false, None).await;
+    let tw = start_with_route_setting(upstream, &provider, "read_timeout = \"1s\"");
+    tw.wait_ready().await;
+    // Bounded: without the read timeout these would wait for ever.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+
+    // No answer head: a JSON 502 naming the timeout, after the route's read timeout.
+    let asked = Instant::now();
+    let r = client.get(tw.url("/head")).send().await.unwrap();
+    let waited = asked.elapsed();
+    assert_eq!(r.status(), 502);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("ReadTimedout"), "{body}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "gave up after {waited:?}"
+    );
+
+    // The head came, the body stalls: the answer is cut (its length was promised) once the
+    // upstream has been silent for the read timeout.
+    let asked = Instant::now();
+    let r = client.get(tw.url("/body")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await;
+    let waited = asked.elapsed();
+    assert!(
+        body.is_err(),
+        "a cut answer must not read as whole: {body:?}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "cut after {waited:?}"
+    );
+    let logs = tw.logs();
+    assert!(logs.contains("ReadTimedout"), "{logs}");
+}

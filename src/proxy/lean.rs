@@ -1,7 +1,7 @@
 //! The lean HTTP/1 path: plain keep-alive HTTP/1 requests, on listeners whose routes all forward
-//! plainly, served on pingora-core's own pieces (its HTTP/1 server session, HTTP/1 connector and
-//! keep-alive pool) without pingora-proxy's per-request orchestration, which costs about a third
-//! of a proxied request's CPU (benches/README.md). Everything else — HTTP/2, upgrades, per-caller
+//! plainly, served on pingora-core's HTTP/1 sessions and connector, with a keep-alive pool of
+//! its own (`lean_pool`), without pingora-proxy's per-request orchestration, which costs about
+//! a third of a proxied request's CPU (benches/README.md). Everything else — HTTP/2, upgrades, per-caller
 //! exchange, signed requests, DPoP — goes to the `ProxyHttp` path. Both share the route table,
 //! the token engine, the JSON answers and the replay and resend rules.
 

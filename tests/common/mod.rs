@@ -34,28 +34,49 @@ pub const CLIENT_SECRET: &str = "client-secret-7f3a9c";
 /// listeners, nginx). It is drawn below the kernel's ephemeral range (32768 and up), from which
 /// every `bind(0)` and outgoing connection of the parallel test processes takes its ports: a
 /// port from that range, released here and bound by tokenward a moment later, could meanwhile
-/// go to another test's fake server, and this test would talk to that one (a 404 in CI). Ports
-/// given out in this process are never given again (a proxy and its admin once got the same).
+/// go to another test's fake server, and this test would talk to that one (a 404 in CI). A
+/// port is leased to this test process for its whole life (`lease_port`), so no other test
+/// process gets it either: not between this check and the server's bind, and not while a test
+/// restarts its tokenward on the same ports (a SIGKILL restart once found its admin port taken).
 pub fn free_port() -> SocketAddr {
     use std::hash::{BuildHasher, RandomState};
     const LOW: u16 = 20_000;
     const HIGH: u16 = 32_000;
-    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
     let seed = RandomState::new();
     for attempt in 0u32.. {
         let port =
             LOW + (seed.hash_one((std::process::id(), attempt)) % u64::from(HIGH - LOW)) as u16;
-        if given.contains(&port) {
-            continue;
-        }
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            given.push(port);
-            return l.local_addr().unwrap();
+        if lease_port(port) {
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().unwrap();
+            }
         }
         assert!(attempt < 10_000, "no free loopback port in {LOW}..{HIGH}");
     }
     unreachable!()
+}
+
+/// Takes `port` for the life of this process unless another test process (or this one)
+/// holds it: an exclusive lock on a file per port under the temporary directory, which the
+/// kernel releases when the holder exits, however it exits.
+fn lease_port(port: u16) -> bool {
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("tokenward-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(port.to_string()))
+    else {
+        return false;
+    };
+    // A second lock on the same file conflicts within one process too (another open file).
+    if file.try_lock().is_err() {
+        return false;
+    }
+    HELD.lock().unwrap().push(file);
+    true
 }
 
 async fn serve(router: Router) -> SocketAddr {

@@ -1,9 +1,9 @@
 //! The lean HTTP/1 path: plain keep-alive HTTP/1 requests, on listeners whose routes all forward
 //! plainly, served on pingora-core's HTTP/1 sessions and connector, with a keep-alive pool of
 //! its own (`lean_pool`), without pingora-proxy's per-request orchestration, which costs about
-//! a third of a proxied request's CPU (benches/README.md). Everything else — HTTP/2, upgrades, per-caller
-//! exchange, signed requests, DPoP — goes to the `ProxyHttp` path. Both share the route table,
-//! the token engine, the JSON answers and the replay and resend rules.
+//! a third of a proxied request's CPU (benches/README.md). Everything else — HTTP/2, upgrades,
+//! per-caller exchange, signed requests, DPoP — goes to the `ProxyHttp` path. Both share the
+//! route table, the token engine, the JSON answers and the replay and resend rules.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -660,7 +660,7 @@ async fn read_answer_head(
 /// One read from the upstream within `limit`, timed on this proxy thread's tokio timer, with
 /// the error pingora-core's client session gives for its own `read_timeout` (left unset on
 /// this path): pingora-core registers each such read with one timer for the whole process,
-/// which cost 2 % of a request's instructions (benches/README.md, "Issue 20").
+/// which cost 2 % of a request's instructions (benches/README.md, "The per-request floor").
 async fn upstream_read<T>(
     limit: Option<Duration>,
     read: impl Future<Output = Result<T>>,

@@ -4,7 +4,7 @@
 //! the socket's readiness wakes it when the upstream closes one or writes to it — and closes
 //! those, and those whose idle timeout passed; pingora-core's pool spawns a watching task and
 //! makes a lock, a channel and an LRU entry for every connection it parks (benches/README.md,
-//! "Issue 20").
+//! "The per-request floor").
 
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};

@@ -422,3 +422,53 @@ async fn a_silent_upstream_is_given_up_at_the_route_read_timeout() {
     let logs = tw.logs();
     assert!(logs.contains("ReadTimedout"), "{logs}");
 }
+
+/// An upstream that answers each request with its head one byte every 50 ms (2 s in all),
+/// then a 2-byte body.
+async fn trickling_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => head.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Slow: yes\r\n\r\n";
+                for byte in answer {
+                    if conn.write_all(&[*byte]).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let _ = conn.write_all(b"ok").await;
+                let _ = conn.read(&mut buf).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_timeout_limits_each_read_not_a_head_that_keeps_arriving() {
+    // As pingora-proxy and nginx's proxy_read_timeout: the limit is on the time between two
+    // reads. A head that takes 2 s, a byte every 50 ms, passes a 1 s read timeout.
+    let upstream = trickling_upstream().await;
+    let provider = FakeProvider::start(300, false, None).await;
+    let tw = start_with_route_setting(upstream, &provider, "read_timeout = \"1s\"");
+    tw.wait_ready().await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let asked = Instant::now();
+    let r = client.get(tw.url("/slow")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    assert_eq!(r.text().await.unwrap(), "ok");
+    assert!(asked.elapsed() >= Duration::from_millis(1500));
+}

@@ -366,7 +366,6 @@ impl ListenerApp {
             continue_asked,
             http11,
             websocket,
-            read_timeout: Some(route.upstream.read_timeout),
         };
         let (mut replayed, mut resent) = (false, false);
         let mut attempts = 0;
@@ -394,7 +393,7 @@ impl ListenerApp {
                     return Err(e.into_up());
                 }
             };
-            // The read timeout is `upstream_read`'s, on this thread's timer (see there).
+            upstream.read_timeout = peer.options.read_timeout;
             upstream.write_timeout = peer.options.write_timeout;
             let whole = match send(downstream, &mut upstream, request, &exchange).await {
                 Ok(whole) => whole,
@@ -449,16 +448,9 @@ impl ListenerApp {
             if downstream.was_upgraded() {
                 // The 101 ends the client connection's HTTP/1 life too (pingora-core's
                 // `prepare_response_header` turns its keep-alive off).
-                return tunnel(downstream, &mut upstream, exchange.read_timeout).await;
+                return tunnel(downstream, &mut upstream).await;
             }
-            while let Some(chunk) = upstream_read(
-                exchange.read_timeout,
-                upstream.read_body_bytes(),
-                "reading body",
-            )
-            .await
-            .map_err(|e| e.into_up())?
-            {
+            while let Some(chunk) = upstream.read_body_bytes().await.map_err(|e| e.into_up())? {
                 // As for the request body in `relay_body`: an empty read is not the end.
                 if chunk.is_empty() {
                     continue;
@@ -496,8 +488,6 @@ struct Exchange {
     http11: bool,
     /// A WebSocket upgrade without a body: a 101 is its answer.
     websocket: bool,
-    /// The route's limit on each read from the upstream (`read_timeout`).
-    read_timeout: Option<Duration>,
 }
 
 /// The status of the final answer written to the client, 0 when none was (a 1xx is not one).
@@ -612,13 +602,7 @@ async fn read_answer_head(
 ) -> Result<()> {
     let mut informational = 0;
     loop {
-        upstream_read(
-            exchange.read_timeout,
-            upstream.read_response(),
-            "while reading response headers",
-        )
-        .await
-        .map_err(|e| e.into_up())?;
+        upstream.read_response().await.map_err(|e| e.into_up())?;
         let Some(response) = upstream.resp_header() else {
             return Err(
                 Error::explain(ErrorType::InvalidHTTPHeader, "no response header").into_up(),
@@ -657,32 +641,10 @@ async fn read_answer_head(
     }
 }
 
-/// One read from the upstream within `limit`, timed on this proxy thread's tokio timer, with
-/// the error pingora-core's client session gives for its own `read_timeout` (left unset on
-/// this path): pingora-core registers each such read with one timer for the whole process,
-/// which cost 2 % of a request's instructions (benches/README.md, "The per-request floor").
-async fn upstream_read<T>(
-    limit: Option<Duration>,
-    read: impl Future<Output = Result<T>>,
-    reading: &'static str,
-) -> Result<T> {
-    let Some(limit) = limit else {
-        return read.await;
-    };
-    match tokio::time::timeout(limit, read).await {
-        Ok(read) => read,
-        Err(_) => Error::e_explain(ErrorType::ReadTimedout, reading),
-    }
-}
-
 /// Carries bytes both ways between the client and the upstream after a 101, until either side
 /// ends (as pingora-proxy ends an upgraded request). Bytes that came with either side's head
 /// are the first carried: pingora-core's body readers turn them into the upgraded body.
-async fn tunnel(
-    downstream: &mut Downstream,
-    upstream: &mut Upstream,
-    read_timeout: Option<Duration>,
-) -> Result<()> {
+async fn tunnel(downstream: &mut Downstream, upstream: &mut Upstream) -> Result<()> {
     upstream.maybe_upgrade_body_writer();
     enum Read {
         FromClient(Option<Bytes>),
@@ -693,7 +655,7 @@ async fn tunnel(
         // waiting, and otherwise waits in one `read_buf`.
         let read = tokio::select! {
             read = downstream.read_body_bytes() => Read::FromClient(read.map_err(|e| e.into_down())?),
-            read = upstream_read(read_timeout, upstream.read_body_bytes(), "reading body") => Read::FromUpstream(read.map_err(|e| e.into_up())?),
+            read = upstream.read_body_bytes() => Read::FromUpstream(read.map_err(|e| e.into_up())?),
         };
         match read {
             Read::FromClient(Some(bytes)) if !bytes.is_empty() => {
@@ -772,7 +734,6 @@ pub(crate) async fn relay_one_request(client: Stream, upstream: Stream) -> Resul
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
         http11,
         websocket: false,
-        read_timeout: None,
     };
     let request = unrouted_request(client, has_body)?;
     let mut upstream = Upstream::new(upstream);

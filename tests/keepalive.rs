@@ -359,13 +359,11 @@ async fn stalling_upstream() -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => head.extend_from_slice(&buf[..k]),
-                    }
+                if read_request_head(&mut conn, &mut Vec::new())
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 if n > 0 {
                     let _ = conn
@@ -373,7 +371,7 @@ async fn stalling_upstream() -> SocketAddr {
                         .await;
                 }
                 // Holds the connection open, silent, until tokenward gives up on it.
-                let _ = conn.read(&mut buf).await;
+                let _ = conn.read(&mut [0u8; 1]).await;
             });
         }
     });
@@ -431,13 +429,11 @@ async fn trickling_upstream() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => head.extend_from_slice(&buf[..k]),
-                    }
+                if read_request_head(&mut conn, &mut Vec::new())
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
                 let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Slow: yes\r\n\r\n";
                 for byte in answer {
@@ -447,7 +443,7 @@ async fn trickling_upstream() -> SocketAddr {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 let _ = conn.write_all(b"ok").await;
-                let _ = conn.read(&mut buf).await;
+                let _ = conn.read(&mut [0u8; 1]).await;
             });
         }
     });

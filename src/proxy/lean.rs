@@ -22,6 +22,7 @@ use pingora::protocols::http::v1::client::HttpSession as Upstream;
 use pingora::protocols::http::v1::server::HttpSession as Downstream;
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::Peer;
 use serde_json::json;
 use tracing::info;
 
@@ -372,6 +373,7 @@ impl ListenerApp {
         loop {
             attempts += 1;
             let peer = route.peer_for(Some(&token))?;
+            let pool_key = peer.reuse_hash();
             let mut request = upstream_request(downstream.req_header(), route, has_body)?;
             if websocket {
                 // As pingora-proxy does for the upgrades it passes (`sanitize_h1_upstream_request`).
@@ -382,7 +384,7 @@ impl ListenerApp {
             }
             let (name, value) = token.header();
             request.insert_header(name.clone(), value.clone())?;
-            let (mut upstream, reused) = match self.pool.session(&peer).await {
+            let (mut upstream, reused) = match self.pool.session(&peer, pool_key).await {
                 Ok(got) => got,
                 Err(e) => {
                     let mut retry = e.retry;
@@ -463,7 +465,7 @@ impl ListenerApp {
             downstream.finish_body().await.map_err(|e| e.into_down())?;
             if whole && route.upstream.keepalive && upstream.is_body_done() {
                 self.pool
-                    .release(upstream, &peer, peer.options.idle_timeout)
+                    .release(upstream, pool_key, peer.options.idle_timeout)
                     .await;
             }
             return Ok(());

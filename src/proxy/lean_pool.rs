@@ -64,13 +64,15 @@ impl LeanPool {
         }
     }
 
-    /// An HTTP/1 session to `peer`: on a parked connection that is still open when there is
-    /// one (`true`), else on a new one.
+    /// An HTTP/1 session to `peer`, whose `reuse_hash` is `key` (hashed once per request by
+    /// the caller, for this and `release`): on a parked connection that is still open when
+    /// there is one (`true`), else on a new one.
     pub async fn session<P: Peer + Send + Sync + 'static>(
         &self,
         peer: &P,
+        key: u64,
     ) -> Result<(Upstream, bool)> {
-        if let Some(stream) = self.take(peer.reuse_hash()) {
+        if let Some(stream) = self.take(key) {
             return Ok((Upstream::new_with_options(stream, peer), true));
         }
         // Boxed: connecting (TCP and TLS) is an 8 KiB state machine that every request's
@@ -79,20 +81,20 @@ impl LeanPool {
         Ok((Upstream::new_with_options(stream, peer), false))
     }
 
-    /// Parks the session's connection for `peer` when its exchange left it reusable; closes it
-    /// otherwise. Called from a proxy thread's runtime, where the sweeper starts with the
-    /// first connection parked.
-    pub async fn release<P: Peer>(
+    /// Parks the session's connection under `key` (its peer's `reuse_hash`) when its exchange
+    /// left it reusable; closes it otherwise. Called from a proxy thread's runtime, where the
+    /// sweeper starts with the first connection parked.
+    pub async fn release(
         self: &Arc<Self>,
         mut session: Upstream,
-        peer: &P,
+        key: u64,
         idle_timeout: Option<Duration>,
     ) {
         session.respect_keepalive();
         let Some(stream) = session.reuse().await else {
             return;
         };
-        self.park(peer.reuse_hash(), stream, idle_timeout);
+        self.park(key, stream, idle_timeout);
     }
 
     fn park(self: &Arc<Self>, key: u64, mut stream: Stream, idle_timeout: Option<Duration>) {

@@ -298,9 +298,13 @@ async fn a_post_after_the_upstream_closed_the_pooled_connection_succeeds() {
 async fn a_post_the_upstream_read_is_never_sent_twice() {
     let upstream = RawUpstream::start(None, Second::ResetAfterRead).await;
     let provider = FakeProvider::start(300, false, None).await;
-    let tw = Tokenward::start(
+    // One proxy thread: each has its own upstream pool, and the client may send a request on
+    // a new connection (hyper returns one to its pool a moment after the answer), which on
+    // two threads could reach the thread whose pool holds nothing to reuse.
+    let tw = Tokenward::start_in_env(
         &format!("http://{}", upstream.addr),
         &oauth2_keys(&provider, ""),
+        &[("TOKENWARD_SERVER__THREADS", "1")],
     );
     tw.wait_ready().await;
     let client = reqwest::Client::new();
@@ -316,7 +320,13 @@ async fn a_post_the_upstream_read_is_never_sent_twice() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 502);
+    assert_eq!(
+        r.status(),
+        502,
+        "upstream saw {:?}; tokenward logged:\n{}",
+        upstream.requests(),
+        tw.logs()
+    );
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"], "upstream_unavailable");
     let requests = upstream.requests();
